@@ -1,0 +1,133 @@
+"""Sliding-window tokenisation of (question, context) pairs into model features.
+
+A context longer than one window is split into overlapping windows (``max_length`` tokens each,
+consecutive windows sharing ``stride`` tokens, only the context is truncated). Every window is a
+*feature*; one example can give several.
+
+Training features carry ``start_positions``/``end_positions``: the token span of the answer, or
+``(0, 0)`` (the [CLS] token) when the answer is not wholly inside that window.
+
+Evaluation features carry ``example_id`` and ``offset_mapping``: per token the ``(start, end)``
+character span in the context, or ``(-1, -1)`` for tokens that are not context (question, special,
+padding) so decoding can never pick them. We use -1 rather than ``None`` because Arrow (Ray Data,
+``datasets``) turns ``None`` inside nested lists into empty lists.
+
+Every array is padded to ``max_length`` so features stack into fixed-shape tensors; the training
+loop trims the padding per batch (:func:`trim_padding`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from qa_common.config import QAConfig
+
+
+def truncate_questions(questions: Sequence[str], tokenizer, max_question_length: int) -> list[str]:
+    """Strip leading spaces and cut questions to at most ``max_question_length`` tokens.
+
+    A question that fills the window leaves no room for the context, and ``only_second`` truncation
+    then fails for the whole batch; cutting the rare very long question keeps the batch alive.
+    """
+    questions = [question.lstrip() for question in questions]
+    # A WordPiece/BPE token covers at least one character, so only longer strings can be too long.
+    long_ones = [i for i, question in enumerate(questions) if len(question) > max_question_length]
+    if long_ones:
+        encoded = tokenizer(
+            [questions[i] for i in long_ones], add_special_tokens=False, return_offsets_mapping=True
+        )
+        for i, offsets in zip(long_ones, encoded["offset_mapping"]):
+            if len(offsets) > max_question_length:
+                questions[i] = questions[i][: offsets[max_question_length - 1][1]]
+    return questions
+
+
+def tokenize_windows(tokenizer, questions: Sequence[str], contexts: Sequence[str], config: QAConfig):
+    """Tokenise pairs into windows; returns the tokenizer's BatchEncoding and the context-token mask."""
+    encoding = tokenizer(
+        truncate_questions(questions, tokenizer, config.max_question_length),
+        list(contexts),
+        truncation="only_second",
+        max_length=config.max_length,
+        stride=config.stride,
+        return_overflowing_tokens=True,
+        return_offsets_mapping=True,
+        padding="max_length",
+    )
+    # sequence_ids is 0 for question tokens, 1 for context tokens, None for special and padding
+    # tokens; numpy turns None into NaN, which compares unequal to 1.
+    sequence_ids = np.array([e.sequence_ids for e in encoding.encodings], dtype=np.float32)
+    return encoding, sequence_ids == 1
+
+
+def _model_inputs(encoding, tokenizer) -> dict[str, np.ndarray]:
+    return {
+        name: np.asarray(encoding[name], dtype=np.int32)
+        for name in tokenizer.model_input_names
+        if name in encoding
+    }
+
+
+def prepare_train_features(
+    questions: Sequence[str],
+    contexts: Sequence[str],
+    answer_starts: Sequence[int],
+    answer_texts: Sequence[str],
+    tokenizer,
+    config: QAConfig,
+) -> dict[str, np.ndarray]:
+    """Training features with answer-span labels (one answer per example, as in SQuAD train)."""
+    encoding, is_context = tokenize_windows(tokenizer, questions, contexts, config)
+    sample = np.asarray(encoding["overflow_to_sample_mapping"])
+    offsets = np.asarray(encoding["offset_mapping"], dtype=np.int64)
+    token_starts, token_ends = offsets[..., 0], offsets[..., 1]
+    answer_start_chars = np.asarray(answer_starts, dtype=np.int64)[sample]
+    answer_end_chars = answer_start_chars + np.array([len(t) for t in answer_texts], dtype=np.int64)[sample]
+
+    positions = np.arange(is_context.shape[1])
+    first_context = np.argmax(is_context, axis=1)
+    last_context = is_context.shape[1] - 1 - np.argmax(is_context[:, ::-1], axis=1)
+    rows = np.arange(len(sample))
+    inside = (token_starts[rows, first_context] <= answer_start_chars) & (
+        token_ends[rows, last_context] >= answer_end_chars
+    )
+    # Start: the last context token starting at or before the answer's first character.
+    # End: the first context token ending at or after the answer's last character.
+    # Context offsets increase along the window, so both are well defined when `inside`.
+    starts_before = is_context & (token_starts <= answer_start_chars[:, None])
+    start_positions = np.max(np.where(starts_before, positions, -1), axis=1)
+    ends_after = is_context & (token_ends >= answer_end_chars[:, None])
+    end_positions = np.min(np.where(ends_after, positions, is_context.shape[1]), axis=1)
+
+    features = _model_inputs(encoding, tokenizer)
+    features["start_positions"] = np.where(inside, start_positions, 0).astype(np.int32)
+    features["end_positions"] = np.where(inside, end_positions, 0).astype(np.int32)
+    return features
+
+
+def prepare_eval_features(
+    example_ids: Sequence[str],
+    questions: Sequence[str],
+    contexts: Sequence[str],
+    tokenizer,
+    config: QAConfig,
+) -> dict[str, np.ndarray]:
+    """Evaluation/inference features: model inputs, ``example_id`` and context-masked offsets."""
+    encoding, is_context = tokenize_windows(tokenizer, questions, contexts, config)
+    sample = np.asarray(encoding["overflow_to_sample_mapping"])
+    offsets = np.asarray(encoding["offset_mapping"], dtype=np.int32)
+    features = _model_inputs(encoding, tokenizer)
+    features["example_id"] = np.asarray(example_ids, dtype=object)[sample]
+    features["offset_mapping"] = np.where(is_context[..., None], offsets, -1).astype(np.int32)
+    return features
+
+
+def trim_padding(batch: dict, length_key: str = "attention_mask") -> dict:
+    """Cut a batch of padded features to its longest real sequence (saves attention work)."""
+    longest = int(batch[length_key].sum(axis=1).max())
+    return {
+        name: value[:, :longest] if getattr(value, "ndim", 0) >= 2 else value
+        for name, value in batch.items()
+    }

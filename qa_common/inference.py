@@ -1,0 +1,77 @@
+"""Answer questions with a loaded model: features -> one batched forward pass -> span decoding.
+
+The same functions serve the HTTP service, the demos and evaluation, so an answer is decoded the
+same way everywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from qa_common.config import QAConfig
+from qa_common.decoding import decode_spans
+from qa_common.features import prepare_eval_features, trim_padding
+
+
+@dataclass(frozen=True)
+class Question:
+    question: str
+    context: str
+    top_k: int = 1
+    max_answer_length: int | None = None  # None: the QAConfig's value
+
+
+def predict_logits(model, features: dict, *, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Start and end logits (float32, padded back to the features' length) for every feature."""
+    import torch
+
+    names = [name for name in ("input_ids", "attention_mask", "token_type_ids") if name in features]
+    count, length = features["input_ids"].shape
+    start_logits = np.full((count, length), -np.inf, dtype=np.float32)
+    end_logits = np.full((count, length), -np.inf, dtype=np.float32)
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        for begin in range(0, count, batch_size):
+            batch = trim_padding({name: features[name][begin : begin + batch_size] for name in names})
+            inputs = {name: torch.as_tensor(value, dtype=torch.long, device=device) for name, value in batch.items()}
+            outputs = model(**inputs)
+            width = batch["input_ids"].shape[1]
+            start_logits[begin : begin + batch_size, :width] = outputs.start_logits.float().cpu().numpy()
+            end_logits[begin : begin + batch_size, :width] = outputs.end_logits.float().cpu().numpy()
+    return start_logits, end_logits
+
+
+def answer_questions(
+    model, tokenizer, questions: Sequence[Question], config: QAConfig, *, batch_size: int = 64
+) -> list[list[dict]]:
+    """For each question, its ``top_k`` answers ``{"answer", "score", "start", "end"}``.
+
+    All questions are tokenised together and their windows run through the model in shared
+    batches, which is what makes dynamic batching in the server pay off.
+    """
+    if not questions:
+        return []
+    features = prepare_eval_features(
+        [str(i) for i in range(len(questions))],
+        [q.question for q in questions],
+        [q.context for q in questions],
+        tokenizer,
+        config,
+    )
+    start_logits, end_logits = predict_logits(model, features, batch_size=batch_size)
+    feature_rows = features["example_id"].astype(int)
+    results = []
+    for index, question in enumerate(questions):
+        rows = np.flatnonzero(feature_rows == index)
+        results.append(
+            decode_spans(
+                start_logits[rows], end_logits[rows], features["offset_mapping"][rows], question.context,
+                n_best=config.n_best,
+                max_answer_length=question.max_answer_length or config.max_answer_length,
+                top_k=question.top_k,
+            )
+        )
+    return results

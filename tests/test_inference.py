@@ -1,0 +1,60 @@
+import numpy as np
+import pytest
+
+from qa_common import (
+    QAConfig, Question, answer_questions, decode_spans, load_model_and_tokenizer, predict_logits,
+    prepare_eval_features, resolve_model_path,
+)
+
+
+def test_answers_point_into_their_own_context(tiny_model_and_tokenizer, fixture_records, small_config):
+    model, tokenizer = tiny_model_and_tokenizer
+    questions = [Question(r["question"], r["context"], top_k=3) for r in fixture_records]
+    results = answer_questions(model, tokenizer, questions, small_config, batch_size=4)
+    assert len(results) == len(questions)
+    for question, answers in zip(questions, results):
+        assert 1 <= len(answers) <= 3
+        for answer in answers:
+            assert set(answer) == {"answer", "score", "start", "end"}
+            assert question.context[answer["start"] : answer["end"]] == answer["answer"]
+            assert 0.0 <= answer["score"] <= 1.0
+
+
+def test_batched_answers_equal_one_at_a_time_decoding(tiny_model_and_tokenizer, fixture_records, small_config):
+    model, tokenizer = tiny_model_and_tokenizer
+    records = fixture_records[:5]
+    together = answer_questions(
+        model, tokenizer, [Question(r["question"], r["context"]) for r in records], small_config
+    )
+    for record, answers in zip(records, together):
+        features = prepare_eval_features([record["id"]], [record["question"]], [record["context"]], tokenizer, small_config)
+        start, end = predict_logits(model, features)
+        alone = decode_spans(start, end, features["offset_mapping"], record["context"])
+        assert answers[0]["answer"] == alone[0]["answer"]
+        assert answers[0]["score"] == pytest.approx(alone[0]["score"], rel=1e-4)
+
+
+def test_max_answer_length_per_question_is_respected(tiny_model_and_tokenizer, fixture_records):
+    model, tokenizer = tiny_model_and_tokenizer
+    record = fixture_records[5]
+    [answers] = answer_questions(
+        model, tokenizer, [Question(record["question"], record["context"], top_k=5, max_answer_length=1)], QAConfig()
+    )
+    for answer in answers:
+        assert len(tokenizer(answer["answer"], add_special_tokens=False)["input_ids"]) == 1
+
+
+def test_local_model_directory_loads_and_missing_paths_say_so(tiny_model_dir, tmp_path):
+    model, tokenizer = load_model_and_tokenizer(str(tiny_model_dir))
+    assert model.config.num_hidden_layers == 2 and tokenizer.is_fast
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_model_and_tokenizer(str(tmp_path / "no-model"))
+    with pytest.raises(FileNotFoundError, match="holds no config.json"):
+        resolve_model_path(str(tmp_path))
+
+
+def test_logits_of_padding_are_never_decoded(tiny_model_and_tokenizer, small_config):
+    model, tokenizer = tiny_model_and_tokenizer
+    features = prepare_eval_features(["a"], ["short?"], ["Tiny context."], tokenizer, small_config)
+    start, _ = predict_logits(model, features)
+    assert np.isneginf(start[0, features["attention_mask"][0].sum():]).all()

@@ -1,0 +1,149 @@
+"""The one typed configuration of a training run: presets, command-line flags, validation."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from qa_common import MINILM, QAConfig
+
+DATA_DIR = Path(__file__).parent / "data"
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def _flag(help: str, **kwargs):
+    return field(metadata={"help": help}, **kwargs)
+
+
+@dataclass
+class TrainConfig:
+    model: str = _flag("Hub name or local directory of the model to fine-tune", default=MINILM)
+    dataset: str | None = _flag("Hub data set name (e.g. squad); instead of --train-file/--validation-file", default=None)
+    train_file: str | None = _flag("SQuAD-format training file (.json, .jsonl, .parquet, optionally .gz)", default=None)
+    validation_file: str | None = _flag("SQuAD-format validation file", default=None)
+    output_dir: str = _flag("where the model directory, metrics.json and predictions.json go", default="runs/quickstart")
+    storage_path: str | None = _flag(
+        "Ray Train storage for checkpoints: a shared path or URI on a multi-node cluster "
+        "(default: OUTPUT_DIR/checkpoints)", default=None)
+    run_name: str = _flag("name of the Ray Train run; re-running with the same name and storage resumes it", default="train")
+    num_workers: int = _flag("Ray Train workers (data-parallel replicas)", default=1)
+    use_gpu: bool = _flag("one GPU per worker", default=False)
+    cpus_per_worker: float = _flag("CPUs reserved for each worker", default=1.0)
+    epochs: int = _flag("training epochs", default=2)
+    learning_rate: float = _flag("peak AdamW learning rate", default=1e-4)
+    weight_decay: float = _flag("AdamW weight decay (not applied to biases and LayerNorm)", default=0.01)
+    warmup_ratio: float = _flag("fraction of steps spent warming the learning rate up linearly", default=0.1)
+    per_device_batch_size: int = _flag("training features per worker per step", default=16)
+    eval_batch_size: int = _flag("features per forward pass during evaluation", default=64)
+    precision: str = _flag("fp32, bf16 (autocast) or fp16 (autocast + loss scaling; GPU only)", default="fp32")
+    max_length: int = _flag("tokens per window", default=384)
+    stride: int = _flag("tokens shared by consecutive windows of one context", default=128)
+    max_question_length: int = _flag("questions are cut to this many tokens", default=64)
+    max_answer_length: int = _flag("longest answer, in tokens, that evaluation may predict", default=30)
+    seed: int = _flag("random seed (model head, shuffling)", default=42)
+    max_train_samples: int | None = _flag("use only the first N training questions", default=None)
+    max_eval_samples: int | None = _flag("use only the first N validation questions", default=None)
+    max_failures: int = _flag("worker failures to recover from (resuming from the last checkpoint)", default=2)
+    checkpoints_to_keep: int = _flag("checkpoints kept, the best by validation F1", default=2)
+    push_to_hub: str | None = _flag("Hub repository to upload the exported model to (skipped when offline)", default=None)
+    address: str | None = _flag("Ray cluster address (default: RAY_ADDRESS, else start Ray locally)", default=None)
+
+    def qa_config(self) -> QAConfig:
+        return QAConfig(max_length=self.max_length, stride=self.stride,
+                        max_question_length=self.max_question_length, max_answer_length=self.max_answer_length)
+
+    def validate(self) -> "TrainConfig":
+        """Raise ValueError naming the flag to fix; returns self."""
+        self.qa_config()  # validates the windowing numbers
+        positive = ["num_workers", "epochs", "per_device_batch_size", "eval_batch_size", "cpus_per_worker"]
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{_dashed(name)} must be positive, got {getattr(self, name)}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"--learning-rate must be positive, got {self.learning_rate}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.weight_decay < 0 or self.max_failures < 0 or self.checkpoints_to_keep < 1:
+            raise ValueError("--weight-decay and --max-failures must be >= 0, --checkpoints-to-keep >= 1")
+        for name in ("max_train_samples", "max_eval_samples"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"--{_dashed(name)} must be positive")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.precision == "fp16" and not self.use_gpu:
+            raise ValueError("--precision fp16 needs --use-gpu (on CPU use bf16 or fp32)")
+        if self.dataset and (self.train_file or self.validation_file):
+            raise ValueError("give either --dataset or --train-file/--validation-file, not both")
+        if not self.dataset and not (self.train_file and self.validation_file):
+            raise ValueError("give --dataset, or both --train-file and --validation-file")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+PRESETS: dict[str, dict] = {
+    # Runs offline on a laptop CPU in a few minutes: the packaged MiniLM and our clinical sample.
+    "quickstart": {
+        "model": MINILM,
+        "train_file": str(DATA_DIR / "quickstart-train.jsonl"),
+        "validation_file": str(DATA_DIR / "quickstart-validation.jsonl"),
+        "output_dir": "runs/quickstart",
+        "epochs": 3,
+        "learning_rate": 1e-4,
+        "max_length": 256,
+        "stride": 96,
+    },
+    # The seed notebook's recipe: bert-base-cased on SQuAD v1.1 from the Hub, mixed precision on GPUs.
+    "squad-bert-base": {
+        "model": "bert-base-cased",
+        "dataset": "squad",
+        "output_dir": "runs/squad-bert-base",
+        "epochs": 3,
+        "learning_rate": 2e-5,
+        "weight_decay": 0.01,
+        "warmup_ratio": 0.0,
+        "per_device_batch_size": 32,
+        "eval_batch_size": 256,
+        "precision": "bf16",
+        "use_gpu": True,
+    },
+}
+
+
+def _dashed(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field, all defaulting to None so presets can fill the gaps."""
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="quickstart",
+                        help="starting values, overridden flag by flag (default: quickstart)")
+    for f in fields(TrainConfig):
+        flag = f"--{_dashed(f.name)}"
+        default = f.default
+        if f.type in ("bool",):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                                help=f"{f.metadata['help']} (default: {default})")
+            continue
+        kind = {"int": int, "float": float, "int | None": int}.get(f.type, str)
+        parser.add_argument(flag, type=kind, default=None, metavar=f.name.upper(),
+                            help=f"{f.metadata['help']} (default: {default})")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    values = dict(PRESETS[args.preset])
+    explicit = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name) is not None}
+    if "dataset" in explicit:  # an explicit data source replaces the preset's
+        values.pop("train_file", None), values.pop("validation_file", None)
+    if "train_file" in explicit or "validation_file" in explicit:
+        values.pop("dataset", None)
+    values.update(explicit)
+    return TrainConfig(**values).validate()
+
+
+def save_config(config: TrainConfig, path: Path) -> None:
+    path.write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")

@@ -1,0 +1,72 @@
+"""Driver-side data: read and validate the questions, then Ray Data turns them into features."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from qa_common import QAConfig, load_hub_squad, load_tokenizer, prepare_eval_features, prepare_train_features, read_squad
+from train_job.config import TrainConfig
+
+
+def load_splits(config: TrainConfig) -> tuple[list[dict], list[dict]]:
+    """Training and validation records, validated before any worker starts."""
+    if config.dataset:
+        train = load_hub_squad(config.dataset, "train")
+        validation = load_hub_squad(config.dataset, "validation")
+    else:
+        train, validation = read_squad(config.train_file), read_squad(config.validation_file)
+    return train[: config.max_train_samples], validation[: config.max_eval_samples]
+
+
+class TrainFeaturizer:
+    """Ray Data UDF: question batches -> training features. The tokenizer loads once per actor."""
+
+    def __init__(self, model: str, qa_config: QAConfig):
+        self.tokenizer, self.qa_config = load_tokenizer(model), qa_config
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return prepare_train_features(
+            batch["question"], batch["context"], batch["answer_start"], batch["answer_text"],
+            self.tokenizer, self.qa_config,
+        )
+
+
+class EvalFeaturizer:
+    """Ray Data UDF: question batches -> evaluation features, keeping each feature's example index."""
+
+    def __init__(self, model: str, qa_config: QAConfig):
+        self.tokenizer, self.qa_config = load_tokenizer(model), qa_config
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        features = prepare_eval_features(
+            batch["example_index"], batch["question"], batch["context"], self.tokenizer, self.qa_config
+        )
+        features["example_index"] = features.pop("example_id").astype(np.int64)
+        return features
+
+
+def feature_datasets(config: TrainConfig, train: list[dict], validation: list[dict], *, concurrency: int = 2):
+    """Materialised Ray Datasets of training and validation features.
+
+    Sliding windows turn one question into one or more features, hence
+    ``udf_modifying_row_count=True``. Validation features keep the index of their question, which
+    decides the worker that evaluates it (all windows of a question on one worker).
+    """
+    import ray.data
+
+    train_rows = [
+        {"question": r["question"], "context": r["context"],
+         "answer_start": r["answers"]["answer_start"][0], "answer_text": r["answers"]["text"][0]}
+        for r in train
+    ]
+    validation_rows = [
+        {"example_index": i, "question": r["question"], "context": r["context"]} for i, r in enumerate(validation)
+    ]
+    featurize = {"fn_constructor_kwargs": {"model": config.model, "qa_config": config.qa_config()},
+                 "batch_size": 256, "batch_format": "numpy", "concurrency": concurrency,
+                 "udf_modifying_row_count": True}
+    train_features = ray.data.from_items(train_rows).map_batches(TrainFeaturizer, **featurize).materialize()
+    validation_features = (
+        ray.data.from_items(validation_rows).map_batches(EvalFeaturizer, **featurize).materialize()
+    )
+    return train_features, validation_features

@@ -1,0 +1,114 @@
+"""Turn the best checkpoint into the run's output: a Hugging Face model dir, metrics and a model card."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from train_job.config import TrainConfig
+from train_job.loop import PREDICTIONS
+
+METRIC_NAMES = ("exact_match", "f1", "precision", "recall")
+
+
+def export_run(checkpoint, checkpoint_metrics: dict, config: TrainConfig, output_dir: Path, extra: dict) -> dict:
+    """Write ``model/`` (+ ``model/README.md``), ``metrics.json`` and ``predictions.json``; return the metrics."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model_dir = output_dir / "model"
+    with checkpoint.as_directory() as directory:
+        if model_dir.exists():
+            shutil.rmtree(model_dir)
+        shutil.copytree(Path(directory) / "model", model_dir)
+        shutil.copyfile(Path(directory) / PREDICTIONS, output_dir / PREDICTIONS)
+    metrics = {
+        **{name: checkpoint_metrics[name] for name in METRIC_NAMES},
+        "train_samples_per_second": checkpoint_metrics["train_samples_per_second"],
+        "train_runtime_s": checkpoint_metrics["train_runtime_s"],
+        "train_loss": checkpoint_metrics["train_loss"],
+        "epochs": config.epochs,
+        "best_epoch": checkpoint_metrics["epoch"],
+        "learning_rate": config.learning_rate,
+        "num_workers": config.num_workers,
+        "per_device_batch_size": config.per_device_batch_size,
+        "training_precision": config.precision,
+        "model": config.model,
+        "dataset": config.dataset or {"train": config.train_file, "validation": config.validation_file},
+        **extra,
+    }
+    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    (model_dir / "README.md").write_text(model_card(metrics, config), encoding="utf-8")
+    return metrics
+
+
+def model_card(metrics: dict, config: TrainConfig) -> str:
+    dataset = config.dataset or f"{Path(config.train_file).name} (train), {Path(config.validation_file).name} (validation)"
+    return f"""---
+library_name: transformers
+pipeline_tag: question-answering
+base_model: {config.model}
+tags: [question-answering, extractive-qa, squad, ray]
+---
+
+# Extractive QA model fine-tuned from `{config.model}`
+
+Fine-tuned with Ray Train ({config.num_workers} worker(s), {config.precision}) by this project's `train_job`.
+Given a question and a passage, it returns the span of the passage that answers the question.
+
+## Results
+
+Validation set: {metrics['eval_examples']} questions, all of them, SQuAD v1.1 metric (percent):
+
+| exact match | F1 | precision | recall |
+|---|---|---|---|
+| {metrics['exact_match']:.2f} | {metrics['f1']:.2f} | {metrics['precision']:.2f} | {metrics['recall']:.2f} |
+
+Best of {config.epochs} epoch(s): epoch {metrics['best_epoch']}.
+
+## Training
+
+- Data: {dataset}; {metrics['train_examples']} training questions ({metrics['train_features']} windows)
+- Learning rate {config.learning_rate:g} (linear schedule, warm-up ratio {config.warmup_ratio}), weight decay
+  {config.weight_decay}, {config.per_device_batch_size} windows per worker per step, seed {config.seed}
+- Windows of {config.max_length} tokens with a stride of {config.stride}; answers of at most
+  {config.max_answer_length} tokens
+- {metrics['train_samples_per_second']:.1f} training windows/s, {metrics['train_runtime_s']:.0f} s of training
+
+## Use
+
+```python
+from qa_common import QAConfig, Question, answer_questions, load_model_and_tokenizer
+model, tokenizer = load_model_and_tokenizer("path/to/this/model")
+answer_questions(model, tokenizer, [Question("What is the target INR?", "The target INR is 2 to 3.")], QAConfig())
+```
+
+or serve it: `python -m serve_app --model path/to/this/model`.
+
+## Intended use
+
+Finding the passage span that answers a question in the user's own documents, with a person reading
+the answer in its context. It is not a medical device and must not be the only basis of a clinical
+decision.
+
+## Bias, risks and limitations
+
+Like the BERT model it starts from, this model can reflect the biases of its pre-training text
+(books and English Wikipedia) and of its fine-tuning data; the predictions may include harmful
+stereotypes across protected classes, identity characteristics and sensitive groups. It only ever
+copies a span of the given passage, which can be wrong, out of date or out of context, and it
+always returns a span, even when the passage does not answer the question. Check answers against
+the source before acting on them.
+"""
+
+
+def push_to_hub(model_dir: Path, repo: str) -> None:
+    """Upload the exported model; any failure (offline, no token) is reported and skipped."""
+    try:
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+        api.create_repo(repo, exist_ok=True)
+        api.upload_folder(folder_path=str(model_dir), repo_id=repo)
+        print(f"[train_job] pushed {model_dir} to the Hub as {repo}")
+    except Exception as error:  # offline, missing token, permissions: the local export stands
+        print(f"[train_job] --push-to-hub {repo} skipped: {type(error).__name__}: {error}")

@@ -30,6 +30,7 @@ def export_run(checkpoint, checkpoint_metrics: dict, config: TrainConfig, output
         "best_epoch": checkpoint_metrics["epoch"],
         "learning_rate": config.learning_rate,
         "num_workers": config.num_workers,
+        "worker_node_ids": checkpoint_metrics["worker_node_ids"],
         "per_device_batch_size": config.per_device_batch_size,
         "training_precision": config.precision,
         "model": config.model,

@@ -34,6 +34,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     rank, world_size = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
     device = ray.train.torch.get_device()
     torch.manual_seed(config.seed)
+    worker_node_ids = gather_objects(ray.get_runtime_context().get_node_id(), world_size)
 
     resumed_from = ray.train.get_checkpoint()
     state = {"epoch": 0, "step": 0, "train_runtime_s": 0.0, "train_features_seen": 0, "history": []}
@@ -117,6 +118,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             "train_features_seen": state["train_features_seen"],
             "train_samples_per_second": float(totals[0]) / epoch_seconds,
             "train_runtime_s": state["train_runtime_s"],
+            "worker_node_ids": worker_node_ids,
             **scores,
         }
         log(rank, "epoch {epoch} done: loss {train_loss:.4f}, EM {exact_match:.2f}, F1 {f1:.2f}, "
@@ -164,10 +166,7 @@ def evaluate(model, validation_features, validation_records, config, autocast, r
     totals = all_reduce_sum(torch.tensor([sums[n] for n in names], dtype=torch.float64))
     scores = {name: 100.0 * float(total) / len(validation_records) for name, total in zip(names, totals)}
     predictions = {validation_records[i]["id"]: answer["answer"] for i, answer in decoded.items()}
-    if dist.is_available() and dist.is_initialized() and world_size > 1:
-        gathered = [None] * world_size
-        dist.all_gather_object(gathered, predictions)
-        predictions = {k: v for part in gathered for k, v in part.items()}
+    predictions = {k: v for part in gather_objects(predictions, world_size) for k, v in part.items()}
     return predictions, scores
 
 
@@ -184,6 +183,15 @@ def report_with_checkpoint(metrics, model, tokenizer, optimizer, scheduler, scal
             (Path(directory) / HISTORY).write_text(json.dumps(state["history"]), encoding="utf-8")
             checkpoint = ray.train.Checkpoint.from_directory(directory)
         ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def gather_objects(value, world_size: int) -> list:
+    """``value`` of every worker, in rank order."""
+    if world_size == 1:
+        return [value]
+    gathered = [None] * world_size
+    dist.all_gather_object(gathered, value)
+    return gathered
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:

@@ -131,3 +131,17 @@ def trim_padding(batch: dict, length_key: str = "attention_mask") -> dict:
         name: value[:, :longest] if getattr(value, "ndim", 0) >= 2 else value
         for name, value in batch.items()
     }
+
+
+def length_grouped_batches(big_batches, batch_size: int, rng: np.random.Generator, length_key: str = "attention_mask"):
+    """Re-cut large batches into ``batch_size`` batches of similar length, in random order.
+
+    Each large batch (say 32 batches' worth of shuffled features) is sorted by real length and cut
+    into batches, so :func:`trim_padding` removes most of the padding; shuffling the order of the
+    batches keeps the short ones and the long ones interleaved across steps.
+    """
+    for big in big_batches:
+        order = np.argsort(np.asarray(big[length_key]).sum(axis=1), kind="stable")
+        chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        for chunk_index in rng.permutation(len(chunks)):
+            yield {name: values[chunks[chunk_index]] for name, values in big.items()}

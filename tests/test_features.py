@@ -104,3 +104,22 @@ def test_trim_padding_cuts_to_the_longest_row():
 def test_config_rejects_impossible_values(kwargs, message):
     with pytest.raises(ValueError, match=message):
         QAConfig(**kwargs)
+
+
+def test_length_grouped_batches_keep_every_row_and_group_similar_lengths():
+    from qa_common import length_grouped_batches
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 40, size=64)
+    big = {"attention_mask": (np.arange(40)[None, :] < lengths[:, None]).astype(np.int32), "row": np.arange(64)}
+    batches = list(length_grouped_batches([big, big], 8, np.random.default_rng(1)))
+    assert len(batches) == 16
+    rows = np.concatenate([b["row"] for b in batches])
+    assert sorted(rows.tolist()) == sorted(list(range(64)) * 2)
+    padded_width = sum(trim_padding(b)["attention_mask"].size for b in batches)
+    naive_width = sum(trim_padding({k: v[i:i + 8] for k, v in big.items()})["attention_mask"].size
+                      for _ in range(2) for i in range(0, 64, 8))
+    assert padded_width < 0.8 * naive_width
+    sorted_slices = [np.sort(lengths)[i:i + 8].tolist() for i in range(0, 64, 8)]
+    for batch in batches:  # each batch is one run of neighbours in length order
+        assert sorted(batch["attention_mask"].sum(axis=1).tolist()) in sorted_slices

@@ -38,6 +38,8 @@ class TrainConfig:
     warmup_ratio: float = _flag("fraction of steps spent warming the learning rate up linearly", default=0.1)
     per_device_batch_size: int = _flag("training features per worker per step", default=16)
     eval_batch_size: int = _flag("features per forward pass during evaluation", default=64)
+    group_by_length: bool = _flag("batch windows of similar length together so less padding is computed", default=True)
+    compile: bool = _flag("torch.compile the model (pays off on GPUs for long runs; slow start)", default=False)
     precision: str = _flag("fp32, bf16 (autocast) or fp16 (autocast + loss scaling; GPU only)", default="fp32")
     max_length: int = _flag("tokens per window", default=384)
     stride: int = _flag("tokens shared by consecutive windows of one context", default=128)

@@ -11,24 +11,25 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import ray.data
 import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from qa_common import decode_predictions, load_model_and_tokenizer, predict_logits, score_answer, trim_padding
+from qa_common import (
+    decode_predictions, length_grouped_batches, load_model_and_tokenizer, predict_logits, score_answer, trim_padding,
+)
 from train_job.config import TrainConfig
 
 TRAINING_STATE = "training_state.pt"
 PREDICTIONS = "predictions.json"
 HISTORY = "history.json"
+GROUP_BATCHES = 32  # length grouping sorts this many batches' worth of features at a time
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
     config = TrainConfig(**loop_config["train_config"])
-    ray.data.DataContext.get_current().enable_progress_bars = False  # one progress line per step is ours
     steps_per_epoch = loop_config["steps_per_epoch"]
     validation_records = ray.get(loop_config["validation_records"])
     rank, world_size = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
@@ -46,6 +47,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     else:
         model, tokenizer = load_model_and_tokenizer(config.model)
     model = ray.train.torch.prepare_model(model)
+    if config.compile:
+        model = torch.compile(model)
 
     decay = [p for n, p in model.named_parameters() if not n.endswith("bias") and "LayerNorm" not in n]
     no_decay = [p for n, p in model.named_parameters() if n.endswith("bias") or "LayerNorm" in n]
@@ -74,16 +77,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
         model.train()
         started, features_seen, step_in_epoch = time.perf_counter(), 0, 0
         loss_sum = torch.zeros((), device=device)
-        batches = train_shard.iter_torch_batches(
-            batch_size=config.per_device_batch_size, dtypes=torch.long,
-            local_shuffle_buffer_size=4 * config.per_device_batch_size, local_shuffle_seed=config.seed + epoch,
-        )
+        batches = training_batches(train_shard, config, epoch, device)
         # Shards differ by at most one feature, so workers may take different numbers of steps; DDP's
         # join lets the workers that finish first take part in the others' gradient all-reduce.
         with model.join() if world_size > 1 else contextlib.nullcontext():
             for step_in_epoch, batch in enumerate(batches, start=1):
                 with autocast:
-                    loss = model(**trim_padding(batch)).loss
+                    loss = model(**batch).loss
                 scaler.scale(loss).backward()
                 scaler.unscale_(optimizer)
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -128,6 +128,20 @@ def train_loop_per_worker(loop_config: dict) -> None:
         report_with_checkpoint(metrics, model, tokenizer, optimizer, scheduler, scaler, state, predictions, rank)
         if loop_config.get("fault_after_epoch") == epoch + 1 and not resumed_from:
             raise RuntimeError(f"injected fault after epoch {epoch + 1} (TRAIN_JOB_FAULT_AFTER_EPOCH)")
+
+
+def training_batches(train_shard, config: TrainConfig, epoch: int, device):
+    """Shuffled training batches, padding trimmed; length-grouped unless turned off."""
+    group = GROUP_BATCHES if config.group_by_length else 1
+    batches = train_shard.iter_batches(
+        batch_size=group * config.per_device_batch_size, batch_format="numpy",
+        local_shuffle_buffer_size=4 * group * config.per_device_batch_size, local_shuffle_seed=config.seed + epoch,
+    )
+    if config.group_by_length:
+        batches = length_grouped_batches(batches, config.per_device_batch_size, np.random.default_rng(config.seed + epoch))
+    for batch in batches:
+        yield {name: torch.as_tensor(values, dtype=torch.long, device=device)
+               for name, values in trim_padding(batch).items()}
 
 
 def evaluate(model, validation_features, validation_records, config, autocast, rank, world_size):

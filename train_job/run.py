@@ -27,6 +27,8 @@ class PreparedData:
             config, self.train_records, self.validation_records
         )
         self.train_feature_count = self.train_features.count()
+        for dataset in (self.train_features, self.validation_features):  # the loop logs its own progress
+            dataset.context.enable_progress_bars = False
         self.validation_ref = ray.put(self.validation_records)
         print(f"[train_job] {len(self.train_records)} training questions -> {self.train_feature_count} windows, "
               f"{len(self.validation_records)} validation questions; prepared in {time.perf_counter() - started:.1f} s",

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -41,3 +43,18 @@ class QAConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+QA_CONFIG_FILE = "qa_config.json"  # in a model directory: the settings it was trained and evaluated with
+
+
+def save_qa_config(config: QAConfig, model_dir: str | Path) -> None:
+    (Path(model_dir) / QA_CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+
+def load_qa_config(model_dir: str | Path, **overrides) -> QAConfig:
+    """The model directory's saved QAConfig (defaults when it has none), with ``overrides`` applied."""
+    path = Path(model_dir) / QA_CONFIG_FILE
+    saved = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    known = {f.name for f in fields(QAConfig)}
+    return QAConfig(**{k: v for k, v in {**saved, **overrides}.items() if k in known and v is not None})

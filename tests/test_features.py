@@ -123,3 +123,12 @@ def test_length_grouped_batches_keep_every_row_and_group_similar_lengths():
     sorted_slices = [np.sort(lengths)[i:i + 8].tolist() for i in range(0, 64, 8)]
     for batch in batches:  # each batch is one run of neighbours in length order
         assert sorted(batch["attention_mask"].sum(axis=1).tolist()) in sorted_slices
+
+
+def test_qa_config_round_trips_through_a_model_directory(tmp_path):
+    from qa_common import load_qa_config, save_qa_config
+
+    assert load_qa_config(tmp_path) == QAConfig()
+    save_qa_config(QAConfig(max_length=256, stride=96), tmp_path)
+    assert load_qa_config(tmp_path) == QAConfig(max_length=256, stride=96)
+    assert load_qa_config(tmp_path, max_answer_length=5, stride=None).max_answer_length == 5

@@ -39,7 +39,8 @@ def test_two_workers_train_evaluate_and_export(local_ray, tiny_model_dir, tmp_pa
     history = metrics["history"]
     assert [h["epoch"] for h in history] == [1, 2, 3]
     assert history[-1]["train_loss"] < history[0]["train_loss"]
-    for name in ("metrics.json", "predictions.json", "train_config.json", "model/README.md", "model/config.json"):
+    for name in ("metrics.json", "predictions.json", "train_config.json", "model/README.md", "model/config.json",
+                 "model/qa_config.json"):
         assert (tmp_path / name).is_file(), name
 
     saved = json.loads((tmp_path / "metrics.json").read_text())

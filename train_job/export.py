@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+from qa_common import save_qa_config
 from train_job.config import TrainConfig
 from train_job.loop import PREDICTIONS
 
@@ -39,6 +40,7 @@ def export_run(checkpoint, checkpoint_metrics: dict, config: TrainConfig, output
     }
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     (model_dir / "README.md").write_text(model_card(metrics, config), encoding="utf-8")
+    save_qa_config(config.qa_config(), model_dir)  # serving decodes as training evaluated
     return metrics
 
 

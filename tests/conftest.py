@@ -67,3 +67,13 @@ def small_config():
     from qa_common import QAConfig
 
     return QAConfig(max_length=48, stride=16, max_question_length=20)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray instance for one test module (4 logical CPUs: 2 training workers plus Ray Data)."""
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()

@@ -8,18 +8,10 @@ import pytest
 
 from conftest import FIXTURES
 
-ray = pytest.importorskip("ray")
 
-from qa_common import QAConfig, Question, answer_questions, load_model_and_tokenizer, read_squad, squad_metrics  # noqa: E402
-from train_job.config import TrainConfig  # noqa: E402
-from train_job.run import run  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+from qa_common import QAConfig, Question, answer_questions, load_model_and_tokenizer, read_squad, squad_metrics
+from train_job.config import TrainConfig
+from train_job.run import run
 
 
 def tiny_config(model_dir, output_dir, **overrides) -> TrainConfig:

@@ -6,17 +6,9 @@ import pytest
 
 from conftest import FIXTURES
 
-ray = pytest.importorskip("ray")
 
-from qa_common import load_model_and_tokenizer  # noqa: E402
-from train_job import tune as lr_search  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+from qa_common import load_model_and_tokenizer
+from train_job import tune as lr_search
 
 
 def test_search_ranks_trials_fails_the_diverging_one_and_exports_the_best(local_ray, tiny_model_dir, tmp_path, capsys):

@@ -7,8 +7,6 @@ import sys
 import pytest
 
 from conftest import FIXTURES
-
-
 from qa_common import QAConfig, Question, answer_questions, load_model_and_tokenizer, read_squad, squad_metrics
 from train_job.config import TrainConfig
 from train_job.run import run

@@ -5,8 +5,6 @@ import json
 import pytest
 
 from conftest import FIXTURES
-
-
 from qa_common import load_model_and_tokenizer
 from train_job import tune as lr_search
 

@@ -1,0 +1,124 @@
+"""The HTTP API's request and response shapes, and the application builder's arguments."""
+
+from typing import Annotated, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+
+MAX_QUESTION_CHARS = 1_000
+MAX_TOP_K = 20
+MAX_ANSWER_TOKENS = 512
+MAX_QUESTIONS_PER_REQUEST = 64
+
+REQUEST_SHAPE = (
+    '{"question": str, "context": str, "top_k"?: int 1-20, "max_answer_length"?: int 1-512}, '
+    f"or a list of 1 to {MAX_QUESTIONS_PER_REQUEST} such objects"
+)
+
+
+class AnswerRequest(BaseModel):
+    """One question about one context (a document of any length: it is read in overlapping windows)."""
+
+    # Strict: "3" is not an int and 3 is not a string; unknown fields are typos, not extras.
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    question: str = Field(min_length=1, max_length=MAX_QUESTION_CHARS, examples=["Which drug was stopped?"])
+    context: str = Field(min_length=1, examples=["Warfarin was stopped on admission because of bleeding."])
+    top_k: int = Field(1, ge=1, le=MAX_TOP_K, description="How many answers; more than 1 returns a list.")
+    max_answer_length: int | None = Field(
+        None, ge=1, le=MAX_ANSWER_TOKENS, description="Longest answer in tokens; default: the service's setting."
+    )
+
+    @field_validator("question", "context")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must contain some text, not only whitespace")
+        return value
+
+    @field_validator("context")
+    @classmethod
+    def _within_context_cap(cls, value: str, info: ValidationInfo) -> str:
+        cap = (info.context or {}).get("max_context_chars")
+        if cap is not None and len(value) > cap:
+            raise ValueError(
+                f"has {len(value):,} characters, more than this service's limit of {cap:,}; send a shorter document"
+            )
+        return value
+
+
+class Answer(BaseModel):
+    answer: str = Field(description="The answer text, exactly context[start:end]; empty when there is none.")
+    score: float = Field(description="Probability of this span, in [0, 1].")
+    start: int = Field(description="Start offset in the context, in characters (Unicode code points).")
+    end: int = Field(description="End offset in the context (exclusive).")
+
+
+AnswerOrAnswers = Answer | list[Answer]
+AnswerResponse = AnswerOrAnswers | list[AnswerOrAnswers]
+
+_QUESTION_LIST = TypeAdapter(
+    Annotated[list[AnswerRequest], Field(min_length=1, max_length=MAX_QUESTIONS_PER_REQUEST)]
+)
+
+
+class InvalidRequest(ValueError):
+    """The request body does not describe questions we can answer; the message says what to fix."""
+
+
+def parse_questions(payload, *, max_context_chars: int) -> tuple[list[AnswerRequest], bool]:
+    """``(questions, is_list)`` from a decoded JSON body, or :class:`InvalidRequest`."""
+    context = {"max_context_chars": max_context_chars}
+    try:
+        if isinstance(payload, dict):
+            return [AnswerRequest.model_validate(payload, context=context)], False
+        if isinstance(payload, list):
+            return _QUESTION_LIST.validate_python(payload, context=context), True
+    except ValidationError as error:
+        raise InvalidRequest(describe_validation_errors(error.errors())) from None
+    raise InvalidRequest(
+        f"the body must be a JSON object or a list, got {type(payload).__name__}; send {REQUEST_SHAPE}"
+    )
+
+
+def describe_validation_errors(errors) -> str:
+    """One readable line per problem, e.g. ``[2].top_k: Input should be less than or equal to 20``."""
+    problems = []
+    for error in errors:
+        where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in error["loc"]).lstrip(".")
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = "unknown field"
+        elif error["type"] == "model_type":
+            message = "must be a JSON object"
+        problems.append(f"{where}: {message}" if where else message)
+    return "; ".join(problems) + f". Expected {REQUEST_SHAPE}"
+
+
+class ServeArgs(BaseModel):
+    """Arguments of the application builder (``args:`` in the Serve config, ``key=value`` on ``serve run``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="Model directory written by train_job, or any HF QA model dir / Hub name.")
+    max_batch_size: int = Field(8, ge=1, description="Most questions answered in one model call.")
+    batch_wait_timeout_s: float = Field(0.02, ge=0, description="How long a batch waits to fill up.")
+    forward_batch_size: int = Field(64, ge=1, description="Windows per forward pass inside one model call.")
+    max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest accepted request body.")
+    max_context_chars: int = Field(100_000, ge=1, description="Longest accepted context.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights' dtype; auto: bfloat16 on a GPU, float32 on CPU."
+    )
+    # QAConfig fields; unset ones come from the model directory's qa_config.json, else QAConfig's defaults.
+    max_length: int | None = None
+    stride: int | None = None
+    max_question_length: int | None = None
+    n_best: int | None = None
+    max_answer_length: int | None = None

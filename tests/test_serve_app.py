@@ -1,0 +1,258 @@
+"""The QA service (serve_app) on a private local Ray with the tiny model.
+
+One Ray + Serve for the module: answers and their offsets, equality with qa_common's own decoding,
+dynamic batching, input validation, the page and docs, scale to zero; plus the config handling of
+the CLI and the application builder, which need no Ray.
+"""
+
+import concurrent.futures
+import json
+
+import httpx
+import pytest
+from serve_helpers import SMALL_QA, free_port, local_serve, replica_counts, service_config, wait_until
+
+from qa_common import QAConfig, Question, answer_questions, prepare_eval_features
+from serve_app.__main__ import configure, parse_args
+from serve_app.app import build_app, deployment_options, load_serve_config
+
+MAX_BODY_BYTES = 65_536
+MAX_CONTEXT_CHARS = 20_000
+
+
+@pytest.fixture(scope="module")
+def service(tiny_model_dir):
+    config = service_config(
+        tiny_model_dir, free_port(),
+        # A long batch wait so that concurrent requests reliably land in shared batches.
+        batch_wait_timeout_s=0.3, max_body_bytes=MAX_BODY_BYTES, max_context_chars=MAX_CONTEXT_CHARS,
+    )
+    with local_serve(config) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(service):
+    with httpx.Client(base_url=service, timeout=60) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def decode_directly(tiny_model_and_tokenizer):
+    """qa_common's answers for the same questions with the service's settings."""
+    model, tokenizer = tiny_model_and_tokenizer
+    return lambda questions: answer_questions(model, tokenizer, questions, QAConfig(**SMALL_QA))
+
+
+def assert_same_answer(served: dict, expected: dict, context: str) -> None:
+    assert set(served) == {"answer", "score", "start", "end"}
+    assert context[served["start"] : served["end"]] == served["answer"]
+    assert 0.0 <= served["score"] <= 1.0
+    assert [served[key] for key in ("answer", "start", "end")] == [expected[key] for key in ("answer", "start", "end")]
+    assert served["score"] == pytest.approx(expected["score"], rel=1e-4, abs=1e-7)
+
+
+# --- configuration, no Ray needed -------------------------------------------------------------
+
+
+def test_packaged_config_is_a_valid_serve_config_that_scales_to_zero():
+    from ray.serve.schema import ServeDeploySchema
+
+    config = load_serve_config()
+    ServeDeploySchema.model_validate(config)
+    [app] = config["applications"]
+    assert app["import_path"] == "serve_app.app:app_builder"
+    model = deployment_options(app)["QAModel"]
+    assert model["autoscaling_config"]["min_replicas"] == 0
+    assert model["autoscaling_config"]["downscale_to_zero_delay_s"] == 3600
+    assert model["max_ongoing_requests"] >= app["args"]["max_batch_size"]
+    assert model["max_ongoing_requests"] > model["autoscaling_config"]["target_ongoing_requests"]
+
+
+def test_cli_flags_override_the_config(tiny_model_dir):
+    flags = parse_args([
+        "--model", str(tiny_model_dir), "--host", "0.0.0.0", "--port", "9001", "--max-batch-size", "16",
+        "--downscale-to-zero-delay-s", "60", "--num-gpus", "1", "--dtype", "float16",
+    ])
+    config = configure(load_serve_config(), flags)
+    [app] = config["applications"]
+    model = deployment_options(app)["QAModel"]
+    assert config["http_options"]["host"] == "0.0.0.0" and config["http_options"]["port"] == 9001
+    assert app["args"]["model"] == str(tiny_model_dir.resolve())
+    assert app["args"]["max_batch_size"] == 16 and app["args"]["dtype"] == "float16"
+    assert model["autoscaling_config"]["downscale_to_zero_delay_s"] == 60
+    assert model["autoscaling_config"]["min_replicas"] == 0  # untouched keys stay
+    assert model["ray_actor_options"] == {"num_cpus": 1, "num_gpus": 1}
+
+
+def test_without_a_model_the_cli_says_to_train_first(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="python -m train_job"):
+        configure(load_serve_config(), parse_args([]))
+
+
+def test_builder_rejects_a_missing_model_and_batches_that_cannot_fill(tiny_model_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="train_job"):
+        build_app({"model": str(tmp_path / "nothing-here")}, {})
+    with pytest.raises(ValueError, match="max_ongoing_requests"):
+        build_app({"model": str(tiny_model_dir), "max_batch_size": 16}, {"QAModel": {"max_ongoing_requests": 8}})
+
+
+# --- the running service ----------------------------------------------------------------------
+
+
+def test_answers_have_offsets_into_the_context_and_equal_qa_common(client, fixture_records, decode_directly,
+                                                                    tiny_model_and_tokenizer):
+    records = fixture_records[:4]
+    _, tokenizer = tiny_model_and_tokenizer
+    first = records[0]
+    windows = prepare_eval_features(["0"], [first["question"]], [first["context"]], tokenizer, QAConfig(**SMALL_QA))
+    assert len(windows["input_ids"]) > 1, "the test needs a context that spans several windows"
+
+    expected = decode_directly([Question(r["question"], r["context"], top_k=3) for r in records])
+    for record, expected_answers in zip(records, expected):
+        single = client.post("/v1/answer", json={"question": record["question"], "context": record["context"]})
+        assert single.status_code == 200, single.text
+        assert_same_answer(single.json(), expected_answers[0], record["context"])
+
+        top = client.post("/v1/answer", json={"question": record["question"], "context": record["context"], "top_k": 3})
+        assert top.status_code == 200, top.text
+        assert isinstance(top.json(), list) and len(top.json()) == len(expected_answers)
+        for served, wanted in zip(top.json(), expected_answers):
+            assert_same_answer(served, wanted, record["context"])
+
+
+def test_a_list_of_questions_is_answered_in_order(client, fixture_records, decode_directly):
+    records = fixture_records[4:7]
+    payload = [{"question": r["question"], "context": r["context"], "top_k": k} for r, k in zip(records, (1, 2, 1))]
+    payload[2]["max_answer_length"] = 2
+    response = client.post("/v1/answer", json=payload)
+    assert response.status_code == 200, response.text
+    served = response.json()
+    expected = decode_directly(
+        [Question(p["question"], p["context"], p["top_k"], p.get("max_answer_length")) for p in payload]
+    )
+    assert len(served) == 3 and isinstance(served[0], dict) and isinstance(served[1], list)
+    assert_same_answer(served[0], expected[0][0], payload[0]["context"])
+    for answer, wanted in zip(served[1], expected[1]):
+        assert_same_answer(answer, wanted, payload[1]["context"])
+    assert_same_answer(served[2], expected[2][0], payload[2]["context"])
+
+
+def test_concurrent_requests_share_model_calls(client, service, fixture_records, decode_directly):
+    records = fixture_records[:8]
+    calls_before = client.get("/v1/model").json()["model_calls"]
+
+    def ask(record):
+        body = {"question": record["question"], "context": record["context"]}
+        return httpx.post(f"{service}/v1/answer", json=body, timeout=60)
+
+    with concurrent.futures.ThreadPoolExecutor(len(records)) as pool:
+        responses = list(pool.map(ask, records))
+    calls = client.get("/v1/model").json()["model_calls"] - calls_before
+
+    expected = decode_directly([Question(r["question"], r["context"]) for r in records])
+    for record, response, wanted in zip(records, responses, expected):
+        assert response.status_code == 200, response.text
+        assert_same_answer(response.json(), wanted[0], record["context"])
+    assert 1 <= calls < len(records), f"{len(records)} concurrent requests took {calls} model calls"
+
+
+def test_health_and_model_description(client, tiny_model_dir):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    info = client.get("/v1/model").json()
+    assert info["model"] == str(tiny_model_dir)
+    assert info["max_length"] == SMALL_QA["max_length"] and info["stride"] == SMALL_QA["stride"]
+    assert info["max_answer_length"] == QAConfig().max_answer_length
+    assert len(info["version"]) == 12 and info["device"] == "cpu" and info["dtype"] == "float32"
+    assert isinstance(info["model_calls"], int)
+
+
+CONTEXT = "Warfarin was stopped on admission because of bleeding."
+OK = {"question": "Which drug was stopped?", "context": CONTEXT}
+OVERSIZED = json.dumps({**OK, "context": "x " * MAX_BODY_BYTES})
+
+
+def _chunks(data: bytes):
+    yield from (data[i : i + 4096] for i in range(0, len(data), 4096))
+
+
+BAD_REQUESTS = {
+    "missing question": (json.dumps({"context": CONTEXT}), 422, "question: Field required"),
+    "missing context": (json.dumps({"question": "Why?"}), 422, "context: Field required"),
+    "empty question": (json.dumps({**OK, "question": ""}), 422, "question:"),
+    "blank context": (json.dumps({**OK, "context": " \n\t "}), 422, "context: must contain some text"),
+    "question not a string": (json.dumps({**OK, "question": 42}), 422, "question: Input should be a valid string"),
+    "top_k as a string": (json.dumps({**OK, "top_k": "3"}), 422, "top_k: Input should be a valid integer"),
+    "top_k too large": (json.dumps({**OK, "top_k": 21}), 422, "top_k: Input should be less than or equal to 20"),
+    "top_k a boolean": (json.dumps({**OK, "top_k": True}), 422, "top_k"),
+    "max_answer_length zero": (json.dumps({**OK, "max_answer_length": 0}), 422, "max_answer_length"),
+    # "\ud800" is half a UTF-16 pair: valid JSON, but no text the tokenizer could take.
+    "unpaired surrogate": ('{"question": "Why\\ud800?", "context": "x"}', 422, "question: Input should be a valid"),
+    "unknown field": (json.dumps({**OK, "topk": 2}), 422, "topk: unknown field"),
+    "question too long": (json.dumps({**OK, "question": "why " * 300}), 422, "question: String should have at most"),
+    "context over the cap": (json.dumps({**OK, "context": "x" * (MAX_CONTEXT_CHARS + 1)}), 422, "limit of 20,000"),
+    "body a JSON string": (json.dumps("Which drug?"), 422, "must be a JSON object or a list"),
+    "empty list": ("[]", 422, "at least 1 item"),
+    "list item not an object": (json.dumps([OK, 7]), 422, "[1]: must be a JSON object"),
+    "list item invalid": (json.dumps([OK, {**OK, "top_k": 0}]), 422, "[1].top_k"),
+    "too many questions": (json.dumps([OK] * 65), 422, "at most 64 items"),
+    "malformed JSON": ('{"question": "Why?", ', 400, "not valid JSON"),
+    "empty body": ("", 400, "body is empty"),
+    "not UTF-8": (b'{"question": "caf\xe9?", "context": "x"}', 400, "not UTF-8"),
+    "oversized body": (OVERSIZED, 413, "limit of 65,536 bytes"),
+    # Streamed without a Content-Length header: the cap holds on the bytes actually read.
+    "oversized streamed body": (_chunks(OVERSIZED.encode()), 413, "limit of 65,536 bytes"),
+}
+
+
+@pytest.mark.parametrize("body, status, message", BAD_REQUESTS.values(), ids=BAD_REQUESTS.keys())
+def test_bad_requests_get_a_json_4xx_and_the_service_still_answers(client, body, status, message):
+    response = client.post("/v1/answer", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == status, response.text
+    assert message in response.json()["error"]
+    assert client.post("/v1/answer", json=OK).status_code == 200
+
+
+def test_bad_requests_never_restarted_a_replica(client):
+    assert replica_counts("qa", "QAModel") == {"RUNNING": 1}
+    assert replica_counts("qa", "QAIngress") == {"RUNNING": 1}
+
+
+def test_unknown_paths_and_methods_get_json_errors(client):
+    missing = client.get("/v2/answer")
+    assert missing.status_code == 404 and "/docs" in missing.json()["error"]
+    assert client.get("/v1/answer").status_code == 405 and "error" in client.get("/v1/answer").json()
+
+
+def test_page_and_api_docs_are_served(client):
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert 'id="document"' in page.text and 'id="question"' in page.text
+    assert "http://" not in page.text and "https://" not in page.text  # nothing from a CDN
+    assert client.get("/docs").status_code == 200
+    answer_route = client.get("/openapi.json").json()["paths"]["/v1/answer"]["post"]
+    assert "question" in json.dumps(answer_route["requestBody"])
+
+
+def test_model_scales_to_zero_and_a_request_wakes_it(service, tiny_model_dir):
+    from ray import serve
+
+    [app] = service_config(tiny_model_dir, port=0)["applications"]
+    options = deployment_options(app)
+    options["QAModel"]["autoscaling_config"] = {
+        "min_replicas": 0, "initial_replicas": 1, "max_replicas": 1, "upscale_delay_s": 0,
+        "downscale_delay_s": 1, "downscale_to_zero_delay_s": 2,
+    }
+    serve.run(build_app(app["args"], options), name="zero", route_prefix="/zero")
+    try:
+        assert replica_counts("zero", "QAModel") == {"RUNNING": 1}
+        wait_until(lambda: replica_counts("zero", "QAModel") == {}, timeout_s=90, what="the idle model to stop")
+        assert replica_counts("zero", "QAIngress") == {"RUNNING": 1}
+
+        response = httpx.post(f"{service}/zero/v1/answer", json=OK, timeout=90)
+        assert response.status_code == 200, response.text
+        assert CONTEXT[response.json()["start"] : response.json()["end"]] == response.json()["answer"]
+        assert replica_counts("zero", "QAModel").get("RUNNING", 0) >= 1
+    finally:
+        serve.delete("zero")

@@ -68,7 +68,7 @@ def search(config: TrainConfig, args) -> dict:
     trainable = tune.with_parameters(run_trial, base_config=trial_base, data=data, storage_path=storage_path)
     # The trial driver only coordinates; its workers hold the real resources.
     trainable = tune.with_resources(trainable, {"CPU": 0.1})
-    experiment = str(Path(storage_path) / args.name)
+    experiment = f"{storage_path.rstrip('/')}/{args.name}"  # a path or a URI (s3://, gs://)
     if tune.Tuner.can_restore(experiment):
         print(f"[train_job.tune] resuming the search in {experiment}")
         tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=False)
@@ -94,7 +94,9 @@ def search(config: TrainConfig, args) -> dict:
     best_config = dataclasses.replace(config, learning_rate=best["learning_rate"])
     from ray.train import Checkpoint
 
-    metrics = export_run(Checkpoint(best["best_checkpoint_path"]), best["best_metrics"], best_config, output_dir,
+    # Checkpoint paths come without the URI scheme; the experiment's filesystem resolves them.
+    best_checkpoint = Checkpoint(best["best_checkpoint_path"], filesystem=results.filesystem)
+    metrics = export_run(best_checkpoint, best["best_metrics"], best_config, output_dir,
                          {**data.summary(), "tuned_over": len(trials)})
     summary = {"metric": args.metric, "mode": args.mode, "best": {k: v for k, v in best.items() if k != "best_metrics"},
                "trials": [{k: v for k, v in t.items() if k != "best_metrics"} for t in trials],
@@ -140,7 +142,10 @@ def summarize_trials(results, max_epochs: int, metric: str, mode: str) -> list[d
 
 def trial_params(result) -> dict:
     # A restored trial that failed before reporting anything comes back without its config.
-    return result.config or json.loads((Path(result.path) / "params.json").read_text(encoding="utf-8"))
+    if result.config:
+        return result.config
+    with result.filesystem.open_input_stream(f"{result.path}/params.json") as file:
+        return json.loads(file.read())
 
 
 def _is_number(value) -> bool:

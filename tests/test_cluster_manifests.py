@@ -1,0 +1,448 @@
+"""The cluster configs of cluster/ parse and validate; no Kubernetes or cloud account needed.
+
+- KubeRay manifests (RayJob for train and tune, RayService for serve_app): the key structure of
+  the ray.io/v1 CRDs, checked with JSON schemas written here; parameters are envsubst placeholders;
+  the job entry points parse with our own command-line parsers.
+- The RayService's serveConfigV2 validates with Ray Serve's own schema and carries the same
+  applications, args and autoscaling (scale to zero) as serve_app/config.yaml.
+- The cluster launcher YAML validates with Ray's own cluster-config schema and defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import re
+import shlex
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER = ROOT / "cluster"
+KUBERAY = CLUSTER / "kuberay"
+SERVE_CONFIG = ROOT / "serve_app" / "config.yaml"
+
+# The parameters of the manifests, with example values (what cluster/README.md exports).
+PARAMETERS = {
+    "IMAGE": "registry.example.com/ray-extractive-qa:0.1.0",
+    "MODEL": "bert-base-cased",
+    "SHARED_PVC": "qa-shared",
+    "STORAGE_PATH": "s3://my-bucket/qa/checkpoints",
+}
+PLACEHOLDER = re.compile(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?")
+DNS_1123 = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+
+
+def envsubst(text: str, values: dict[str, str]) -> str:
+    """What `envsubst '$IMAGE $MODEL ...'` does: replace $NAME and ${NAME} for the listed names only."""
+    return PLACEHOLDER.sub(lambda m: values.get(m.group(1), m.group(0)), text)
+
+
+def load_manifest(name: str, **overrides) -> dict:
+    text = envsubst((KUBERAY / name).read_text(encoding="utf-8"), {**PARAMETERS, **overrides})
+    [document] = list(yaml.safe_load_all(text))
+    return document
+
+
+def installed_ray_version() -> str:
+    ray = pytest.importorskip("ray")
+    return ray.__version__
+
+
+# --- JSON schemas of the parts of the KubeRay CRDs (ray.io/v1) and Serve config we rely on ----------
+
+QUANTITY = {"anyOf": [{"type": "string", "minLength": 1}, {"type": "number", "exclusiveMinimum": 0}]}
+RESOURCES = {
+    "type": "object",
+    "required": ["requests", "limits"],
+    "properties": {
+        "requests": {"type": "object", "required": ["cpu", "memory"], "additionalProperties": QUANTITY},
+        "limits": {"type": "object", "required": ["cpu", "memory"], "additionalProperties": QUANTITY},
+    },
+}
+CONTAINER = {
+    "type": "object",
+    "required": ["name", "image", "resources"],
+    "properties": {
+        "name": {"type": "string", "pattern": DNS_1123},
+        "image": {"type": "string", "minLength": 1},
+        "resources": RESOURCES,
+        "ports": {"type": "array", "items": {"type": "object", "required": ["containerPort"]}},
+        "volumeMounts": {"type": "array", "items": {"type": "object", "required": ["name", "mountPath"]}},
+    },
+}
+POD_TEMPLATE = {
+    "type": "object",
+    "required": ["spec"],
+    "properties": {
+        "spec": {
+            "type": "object",
+            "required": ["containers"],
+            "properties": {
+                "containers": {"type": "array", "minItems": 1, "items": CONTAINER},
+                "volumes": {"type": "array", "items": {"type": "object", "required": ["name"]}},
+            },
+        }
+    },
+}
+STRING_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
+RAY_CLUSTER_SPEC = {
+    "type": "object",
+    "required": ["rayVersion", "headGroupSpec", "workerGroupSpecs"],
+    "properties": {
+        "rayVersion": {"type": "string", "pattern": r"^\d+\.\d+\.\d+$"},
+        "enableInTreeAutoscaling": {"type": "boolean"},
+        "autoscalerOptions": {"type": "object"},
+        "headGroupSpec": {
+            "type": "object",
+            "required": ["rayStartParams", "template"],
+            "properties": {"rayStartParams": STRING_MAP, "template": POD_TEMPLATE},
+        },
+        "workerGroupSpecs": {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "required": ["groupName", "replicas", "minReplicas", "maxReplicas", "rayStartParams", "template"],
+                "properties": {
+                    "groupName": {"type": "string", "pattern": DNS_1123},
+                    "replicas": {"type": "integer", "minimum": 0},
+                    "minReplicas": {"type": "integer", "minimum": 0},
+                    "maxReplicas": {"type": "integer", "minimum": 1},
+                    "rayStartParams": STRING_MAP,
+                    "template": POD_TEMPLATE,
+                },
+            },
+        },
+    },
+}
+METADATA = {
+    "type": "object",
+    "required": ["name"],
+    "properties": {"name": {"type": "string", "pattern": DNS_1123, "maxLength": 63}, "labels": STRING_MAP},
+}
+RAY_JOB = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "ray.io/v1"},
+        "kind": {"const": "RayJob"},
+        "metadata": METADATA,
+        "spec": {
+            "type": "object",
+            "required": ["entrypoint", "rayClusterSpec"],
+            "properties": {
+                "entrypoint": {"type": "string", "minLength": 1},
+                "runtimeEnvYAML": {"type": "string"},
+                "shutdownAfterJobFinishes": {"type": "boolean"},
+                "ttlSecondsAfterFinished": {"type": "integer", "minimum": 0},
+                "activeDeadlineSeconds": {"type": "integer", "minimum": 1},
+                "backoffLimit": {"type": "integer", "minimum": 0},
+                "rayClusterSpec": RAY_CLUSTER_SPEC,
+            },
+        },
+    },
+}
+RAY_SERVICE = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "ray.io/v1"},
+        "kind": {"const": "RayService"},
+        "metadata": METADATA,
+        "spec": {
+            "type": "object",
+            "required": ["serveConfigV2", "rayClusterConfig"],
+            "properties": {
+                "serveConfigV2": {"type": "string", "minLength": 1},
+                "upgradeStrategy": {
+                    "type": "object",
+                    "properties": {"type": {"enum": ["NewCluster", "NewClusterWithIncrementalUpgrade", "None"]}},
+                },
+                "rayClusterConfig": RAY_CLUSTER_SPEC,
+            },
+        },
+    },
+}
+SERVE_CONFIG_KEYS = {
+    "type": "object",
+    "required": ["http_options", "applications"],
+    "properties": {
+        "http_options": {"type": "object", "required": ["host", "port"]},
+        "applications": {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "required": ["name", "import_path", "args", "deployments"],
+                "properties": {
+                    "deployments": {"type": "array", "items": {"type": "object", "required": ["name"]}},
+                },
+            },
+        },
+    },
+}
+CLUSTER_LAUNCHER_KEYS = {
+    "type": "object",
+    "required": ["cluster_name", "max_workers", "provider", "available_node_types", "head_node_type",
+                 "setup_commands", "file_mounts"],
+    "properties": {
+        "cluster_name": {"type": "string", "minLength": 1},
+        "max_workers": {"type": "integer", "minimum": 1},
+        "provider": {"type": "object", "required": ["type"]},
+        "docker": {"type": "object", "required": ["image"]},
+        "available_node_types": {
+            "type": "object",
+            "minProperties": 2,
+            "additionalProperties": {"type": "object", "required": ["resources", "node_config"]},
+        },
+        "head_node_type": {"type": "string"},
+        "setup_commands": {"type": "array", "minItems": 1, "items": {"type": "string"}},
+    },
+}
+
+RAY_JOBS = ["rayjob-train.yaml", "rayjob-tune.yaml"]
+ALL_MANIFESTS = [*RAY_JOBS, "rayservice.yaml"]
+
+
+# --- every manifest --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ALL_MANIFESTS)
+def test_parameters_are_the_documented_envsubst_placeholders(name):
+    raw = (KUBERAY / name).read_text(encoding="utf-8")
+    used = set(PLACEHOLDER.findall(raw))
+    assert used, f"{name} has no parameters; image and model location must not be hard-coded"
+    assert used <= set(PARAMETERS), f"{name}: undocumented placeholders {sorted(used - set(PARAMETERS))}"
+    assert {"IMAGE", "MODEL"} <= used
+    # The envsubst command shown in the manifest's header substitutes exactly what it uses.
+    [shown] = re.findall(r"envsubst '([^']*)' < cluster/kuberay/" + re.escape(name), raw)
+    assert set(PLACEHOLDER.findall(shown)) == used
+    # ...and cluster/README.md documents every parameter.
+    readme = (CLUSTER / "README.md").read_text(encoding="utf-8")
+    for parameter in used:
+        assert f"`{parameter}`" in readme, f"cluster/README.md does not describe {parameter}"
+    # After substitution nothing shell-like is left for kubectl to choke on.
+    assert "$" not in envsubst(raw, PARAMETERS).split("\napiVersion:", 1)[1]
+
+
+@pytest.mark.parametrize("name", ALL_MANIFESTS)
+def test_every_pod_runs_the_image_parameter_with_a_matching_ray_version(name):
+    manifest = load_manifest(name)
+    spec = manifest["spec"]
+    cluster = spec.get("rayClusterSpec") or spec["rayClusterConfig"]
+    # The client (pyproject pins it) and the cluster must run the same Ray.
+    assert cluster["rayVersion"] == installed_ray_version()
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    for group in groups:
+        for container in group["template"]["spec"]["containers"]:
+            assert container["image"] == PARAMETERS["IMAGE"]
+        mounts = {m["name"]: m["mountPath"] for c in group["template"]["spec"]["containers"] for m in c.get("volumeMounts", [])}
+        volumes = {v["name"]: v for v in group["template"]["spec"].get("volumes", [])}
+        assert set(mounts) <= set(volumes), "a volumeMount without its volume"
+        assert mounts.get("shared") == "/mnt/shared"
+        assert volumes["shared"]["persistentVolumeClaim"]["claimName"] == PARAMETERS["SHARED_PVC"]
+    for group in cluster["workerGroupSpecs"]:
+        assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+    assert len({g["groupName"] for g in cluster["workerGroupSpecs"]}) == len(cluster["workerGroupSpecs"])
+
+
+# --- RayJob: train and tune ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", RAY_JOBS)
+def test_rayjob_has_the_kuberay_structure(name):
+    manifest = load_manifest(name)
+    jsonschema.validate(manifest, RAY_JOB)
+    assert isinstance(yaml.safe_load(manifest["spec"]["runtimeEnvYAML"]), dict)
+
+
+def _train_parser() -> argparse.ArgumentParser:
+    from train_job.config import add_config_flags
+
+    parser = argparse.ArgumentParser(prog="python -m train_job", exit_on_error=False)
+    add_config_flags(parser)
+    return parser
+
+
+@pytest.mark.parametrize("name, module", [("rayjob-train.yaml", "train_job"), ("rayjob-tune.yaml", "train_job.tune")])
+def test_rayjob_entrypoint_parses_with_our_own_flags(name, module, monkeypatch):
+    pytest.importorskip("ray")
+    from train_job.config import config_from_args
+
+    manifest = load_manifest(name)
+    argv = shlex.split(manifest["spec"]["entrypoint"])
+    assert argv[:3] == ["python", "-m", module]
+    flags = argv[3:]
+    if module == "train_job":
+        config = config_from_args(_train_parser().parse_args(flags))
+    else:
+        import train_job.tune as tune_module
+
+        seen = {}
+        monkeypatch.setattr(tune_module, "search", lambda config, args: seen.update(config=config, args=args))
+        assert tune_module.main(flags) == 0
+        config = seen["config"]
+        assert seen["args"].max_concurrent_trials * config.num_workers <= _gpus(manifest)
+    assert config.model == PARAMETERS["MODEL"]
+    assert config.storage_path == PARAMETERS["STORAGE_PATH"]
+    assert config.output_dir.startswith("/mnt/shared/"), "outputs must outlive the cluster: the shared volume"
+    assert config.use_gpu
+    # Every Ray Train worker finds a GPU and its CPUs on a worker pod.
+    groups = manifest["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    assert any(int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"]) >= config.cpus_per_worker
+               for g in groups)
+    if module == "train_job":
+        assert config.num_workers <= _gpus(manifest)
+
+
+def _gpus(manifest: dict) -> int:
+    """GPUs of the RayJob's cluster at its fixed size."""
+    total = 0
+    for group in manifest["spec"]["rayClusterSpec"]["workerGroupSpecs"]:
+        limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+        total += group["replicas"] * int(limits.get("nvidia.com/gpu", 0))
+    return total
+
+
+# --- RayService ------------------------------------------------------------------------------------
+
+def validate_with_ray_serve(config: dict) -> None:
+    """Ray Serve's own schema of a config file (what `serve deploy` and KubeRay submit)."""
+    pytest.importorskip("ray")
+    from ray.serve.schema import ServeDeploySchema
+
+    if hasattr(ServeDeploySchema, "model_validate"):  # pydantic 2
+        ServeDeploySchema.model_validate(config)
+    else:
+        ServeDeploySchema.parse_obj(config)
+
+
+def serve_config_v2() -> dict:
+    return yaml.safe_load(load_manifest("rayservice.yaml")["spec"]["serveConfigV2"])
+
+
+def test_rayservice_has_the_kuberay_structure_and_a_valid_serve_config():
+    jsonschema.validate(load_manifest("rayservice.yaml"), RAY_SERVICE)
+    config = serve_config_v2()
+    jsonschema.validate(config, SERVE_CONFIG_KEYS)
+    validate_with_ray_serve(config)
+    # On Kubernetes the proxy must accept traffic from the Serve service, not only from the pod itself.
+    assert config["http_options"]["host"] == "0.0.0.0"
+    assert config["http_options"]["port"] == 8000
+    [app] = config["applications"]
+    assert app["args"]["model"] == PARAMETERS["MODEL"]
+
+
+def test_rayservice_scales_the_model_and_its_gpu_pods_to_zero():
+    manifest = load_manifest("rayservice.yaml")
+    [app] = serve_config_v2()["applications"]
+    model = next(d for d in app["deployments"] if d["name"] == "QAModel")
+    autoscaling = model["autoscaling_config"]
+    pytest.importorskip("ray")
+    from ray.serve.config import AutoscalingConfig
+
+    # Ray ignores unknown autoscaling keys: a typo would silently fall back to a default.
+    known = set(getattr(AutoscalingConfig, "model_fields", None) or AutoscalingConfig.__fields__)
+    assert set(autoscaling) <= known, f"unknown autoscaling_config keys {sorted(set(autoscaling) - known)}"
+    AutoscalingConfig(**autoscaling)
+    assert autoscaling["min_replicas"] == 0
+    assert autoscaling["downscale_to_zero_delay_s"] > 0
+    # The node level follows: the autoscaler removes GPU pods with no replica and adds them back.
+    cluster = manifest["spec"]["rayClusterConfig"]
+    assert cluster["enableInTreeAutoscaling"] is True
+    gpus_per_replica = model["ray_actor_options"]["num_gpus"]
+    assert gpus_per_replica > 0
+    gpu_groups = [g for g in cluster["workerGroupSpecs"]
+                  if "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["limits"]]
+    assert gpu_groups and all(g["minReplicas"] == 0 for g in gpu_groups)
+    gpu_capacity = sum(g["maxReplicas"] * int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+                       for g in gpu_groups)
+    assert gpu_capacity >= autoscaling["max_replicas"] * gpus_per_replica
+
+
+@pytest.mark.skipif(not SERVE_CONFIG.exists(), reason="serve_app/config.yaml not there yet")
+def test_rayservice_carries_the_serve_app_config():
+    """Same application, args and deployment settings as serve_app/config.yaml. Only the cluster
+    specifics may differ: the model location, the HTTP host and the replicas' GPUs."""
+    local = yaml.safe_load(SERVE_CONFIG.read_text(encoding="utf-8"))
+    remote = serve_config_v2()
+    assert remote["http_options"].get("request_timeout_s") == local["http_options"].get("request_timeout_s")
+    assert remote["http_options"]["port"] == local["http_options"].get("port", 8000)
+    [local_app], [remote_app] = local["applications"], remote["applications"]
+    for key in ("name", "route_prefix", "import_path"):
+        assert remote_app.get(key) == local_app.get(key), key
+    local_args = {k: v for k, v in local_app.get("args", {}).items() if k != "model"}
+    remote_args = {k: v for k, v in remote_app["args"].items() if k != "model"}
+    assert remote_args == local_args
+    local_deployments = {d["name"]: d for d in local_app.get("deployments", [])}
+    remote_deployments = {d["name"]: d for d in remote_app["deployments"]}
+    assert set(remote_deployments) == set(local_deployments)
+    for name, local_deployment in local_deployments.items():
+        remote_deployment = copy.deepcopy(remote_deployments[name])
+        local_deployment = copy.deepcopy(local_deployment)
+        # Config files replace ray_actor_options whole: the cluster's may add GPUs, nothing else.
+        remote_actor = remote_deployment.pop("ray_actor_options", {})
+        local_actor = local_deployment.pop("ray_actor_options", {})
+        assert {k: v for k, v in remote_actor.items() if k != "num_gpus"} == \
+               {k: v for k, v in local_actor.items() if k != "num_gpus"}, name
+        assert remote_deployment == local_deployment, f"{name}: autoscaling/replica settings differ"
+
+
+# --- cluster launcher ------------------------------------------------------------------------------
+
+def load_launcher_config() -> dict:
+    text = (CLUSTER / "ray-cluster.yaml").read_text(encoding="utf-8")
+    assert set(PLACEHOLDER.findall(text)) == {"IMAGE"}
+    assert "envsubst '$IMAGE' < cluster/ray-cluster.yaml" in text
+    return yaml.safe_load(envsubst(text, {"IMAGE": f"rayproject/ray:{installed_ray_version()}-py311-gpu"}))
+
+
+def test_cluster_launcher_config_validates_with_rays_own_schema():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = load_launcher_config()
+    jsonschema.validate(config, CLUSTER_LAUNCHER_KEYS)
+    # What `ray up` does before launching anything: fill in the provider's defaults, then validate
+    # against Ray's cluster-config schema (ray/autoscaler/ray-schema.json).
+    validate_config(prepare_config(copy.deepcopy(config)))
+
+    nodes = config["available_node_types"]
+    assert config["head_node_type"] in nodes
+    workers = {name: node for name, node in nodes.items() if name != config["head_node_type"]}
+    assert workers and all(node.get("min_workers", 0) == 0 for node in workers.values()), "workers should scale to zero"
+    assert sum(node["max_workers"] for node in workers.values()) <= config["max_workers"]
+    assert any(node["node_config"]["InstanceType"].startswith(("g", "p")) for node in workers.values()), \
+        "a GPU worker node type"
+    # The project travels with the cluster: synced from the checkout, installed by setup_commands.
+    [target] = [remote for remote, local in config["file_mounts"].items() if local == "."]
+    assert any(target in command and "pip install" in command for command in config["setup_commands"])
+
+
+def test_dockerfile_and_launcher_use_the_pinned_ray():
+    """Cluster and client run the same Ray (pyproject.toml pins it) on a Python the project supports."""
+    ray_version = installed_ray_version()
+    pinned = re.search(r'"ray\[[^\]]*\]==([0-9.]+)"', (ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    assert pinned and pinned.group(1) == ray_version
+    dockerfile = (CLUSTER / "Dockerfile").read_text(encoding="utf-8")
+    [base] = re.findall(r"^ARG RAY_IMAGE=(\S+)$", dockerfile, flags=re.M)
+    launcher_example = re.search(r"IMAGE=(rayproject/ray:\S+)", (CLUSTER / "ray-cluster.yaml").read_text(encoding="utf-8"))
+    assert launcher_example and launcher_example.group(1) == base
+    match = re.fullmatch(r"rayproject/ray:([0-9.]+)-py3(\d+)-gpu", base)
+    assert match and match.group(1) == ray_version and int(match.group(2)) >= 11
+
+
+@pytest.mark.skipif(not SERVE_CONFIG.exists(), reason="serve_app/config.yaml not there yet")
+def test_readme_sed_edits_of_the_serve_config_still_apply():
+    """cluster/README.md adapts serve_app/config.yaml with sed: each edit must find its text."""
+    readme = (CLUSTER / "README.md").read_text(encoding="utf-8")
+    edits = re.findall(r'"s\|([^|]*)\|([^|]*)\|"', readme)
+    assert len(edits) >= 4
+    original = SERVE_CONFIG.read_text(encoding="utf-8")
+    for pattern, replacement in edits:
+        assert pattern in original, f"README's sed edit {pattern!r} no longer matches serve_app/config.yaml"
+        edited = original.replace(pattern, replacement.replace("$PWD", "/abs"))
+        config = yaml.safe_load(edited)
+        assert config != yaml.safe_load(original)
+        validate_with_ray_serve(config)

@@ -25,7 +25,11 @@ class Question:
 
 
 def predict_logits(model, features: dict, *, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """Start and end logits (float32, padded back to the features' length) for every feature."""
+    """Start and end logits (float32, padded back to the features' length) for every feature.
+
+    Features run shortest first, so each forward batch holds windows of similar length and
+    :func:`trim_padding` cuts most of the padding.
+    """
     import torch
 
     names = [name for name in ("input_ids", "attention_mask", "token_type_ids") if name in features]
@@ -33,14 +37,16 @@ def predict_logits(model, features: dict, *, batch_size: int = 64) -> tuple[np.n
     start_logits = np.full((count, length), -np.inf, dtype=np.float32)
     end_logits = np.full((count, length), -np.inf, dtype=np.float32)
     device = next(model.parameters()).device
+    by_length = np.argsort(np.asarray(features["attention_mask"]).sum(axis=1), kind="stable")
     with torch.inference_mode():
         for begin in range(0, count, batch_size):
-            batch = trim_padding({name: features[name][begin : begin + batch_size] for name in names})
+            rows = by_length[begin : begin + batch_size]
+            batch = trim_padding({name: np.asarray(features[name])[rows] for name in names})
             inputs = {name: torch.as_tensor(value, dtype=torch.long, device=device) for name, value in batch.items()}
             outputs = model(**inputs)
             width = batch["input_ids"].shape[1]
-            start_logits[begin : begin + batch_size, :width] = outputs.start_logits.float().cpu().numpy()
-            end_logits[begin : begin + batch_size, :width] = outputs.end_logits.float().cpu().numpy()
+            start_logits[rows, :width] = outputs.start_logits.float().cpu().numpy()
+            end_logits[rows, :width] = outputs.end_logits.float().cpu().numpy()
     return start_logits, end_logits
 
 

@@ -53,8 +53,12 @@ def save_qa_config(config: QAConfig, model_dir: str | Path) -> None:
 
 
 def load_qa_config(model_dir: str | Path, **overrides) -> QAConfig:
-    """The model directory's saved QAConfig (defaults when it has none), with ``overrides`` applied."""
+    """The model directory's saved QAConfig (defaults when it has none), with ``overrides`` applied.
+
+    Overrides that are None keep the saved value.
+    """
     path = Path(model_dir) / QA_CONFIG_FILE
     saved = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    chosen = {k: v for k, v in overrides.items() if v is not None}
     known = {f.name for f in fields(QAConfig)}
-    return QAConfig(**{k: v for k, v in {**saved, **overrides}.items() if k in known and v is not None})
+    return QAConfig(**{k: v for k, v in {**saved, **chosen}.items() if k in known})

@@ -131,4 +131,5 @@ def test_qa_config_round_trips_through_a_model_directory(tmp_path):
     assert load_qa_config(tmp_path) == QAConfig()
     save_qa_config(QAConfig(max_length=256, stride=96), tmp_path)
     assert load_qa_config(tmp_path) == QAConfig(max_length=256, stride=96)
-    assert load_qa_config(tmp_path, max_answer_length=5, stride=None).max_answer_length == 5
+    overridden = load_qa_config(tmp_path, max_answer_length=5, stride=None)
+    assert (overridden.max_answer_length, overridden.stride, overridden.max_length) == (5, 96, 256)

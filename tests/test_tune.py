@@ -14,7 +14,7 @@ def test_search_ranks_trials_fails_the_diverging_one_and_exports_the_best(local_
         "--model", str(tiny_model_dir), "--train-file", str(FIXTURES / "tiny-squad.jsonl"),
         "--validation-file", str(FIXTURES / "tiny-squad.json"), "--output-dir", str(tmp_path),
         "--epochs", "2", "--per-device-batch-size", "4", "--max-length", "48", "--stride", "16",
-        "--max-question-length", "20", "--warmup-ratio", "0", "--lr-grid", "1e-3,5e-3,1e30",
+        "--max-question-length", "20", "--warmup-ratio", "0", "--cpus-per-worker", "1", "--lr-grid", "1e-3,5e-3,1e30",
     ]
     assert lr_search.main(argv) == 0
     summary = json.loads((tmp_path / "tune_results.json").read_text())

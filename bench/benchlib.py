@@ -1,0 +1,354 @@
+"""Helpers shared by the bench scripts: machine facts, models and data, timing, the table and the JSON.
+
+Nothing here downloads anything: models are either a local directory, the packaged all-MiniLM-L6-v2,
+or a randomly initialised BERT of a named shape (throughput depends on the shape, not the weights)
+saved with MiniLM's tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results"
+SHARED_DATA = REPO.parent / "shared" / "data"
+SQUAD_SAMPLE_TRAIN = SHARED_DATA / "squad-v1.1-sample" / "train-University_of_Notre_Dame.json"
+SQUAD_SAMPLE_DEV = SHARED_DATA / "squad-v1.1-sample" / "dev-Super_Bowl_50.json"
+SQUAD_FULL_TRAIN = SHARED_DATA / "squad-v1.1-full" / "train-v1.1.reconstructed.json.gz"
+QUICKSTART_TRAIN = REPO / "train_job" / "data" / "quickstart-train.jsonl"
+QUICKSTART_VALIDATION = REPO / "train_job" / "data" / "quickstart-validation.jsonl"
+
+# The bench scripts run from anywhere: qa_common, train_job and serve_app come from this checkout, in
+# this process and (through PYTHONPATH, inherited by the local Ray we start) in Ray's workers.
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+if str(REPO) not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+
+# Shapes of randomly initialised BERTs (BertConfig keyword arguments).
+SHAPES = {
+    # google/bert_uncased_L-2_H-128_A-2 ("BERT-tiny"): model time next to nothing, so the serving path shows.
+    "bert-tiny": dict(num_hidden_layers=2, hidden_size=128, num_attention_heads=2, intermediate_size=512),
+    # google/bert_uncased_L-4_H-256_A-4 ("BERT-mini"): the CPU default, minutes on 2 cores.
+    "bert-mini": dict(num_hidden_layers=4, hidden_size=256, num_attention_heads=4, intermediate_size=1024),
+    # all-MiniLM-L6-v2's shape (the quickstart model), random weights.
+    "minilm-shape": dict(num_hidden_layers=6, hidden_size=384, num_attention_heads=12, intermediate_size=1536),
+    # bert-base-cased: BertConfig()'s defaults with the cased vocabulary size.
+    "bert-base": dict(num_hidden_layers=12, hidden_size=768, num_attention_heads=12, intermediate_size=3072,
+                      vocab_size=28996),
+}
+MODEL_HELP = (
+    "a shape to initialise randomly ({}), 'minilm' (the packaged pretrained all-MiniLM-L6-v2), "
+    "or a local model directory".format(", ".join(SHAPES))
+)
+
+
+# --- machine and load --------------------------------------------------------------------------
+
+
+CPU_FLAGS = {"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile"}
+
+
+def load_average() -> list[float]:
+    return [round(value, 2) for value in os.getloadavg()]
+
+
+def machine() -> dict:
+    """What the figures were measured on."""
+    import torch
+
+    cpu_model, cpu_flags = platform.processor() or "unknown", []
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                # the vector/matrix extensions that decide fp32 vs bf16 speed on CPU
+                cpu_flags = sorted({f for f in line.split(":", 1)[1].split() if f in CPU_FLAGS})
+                break
+    except OSError:
+        pass
+    try:
+        mem_kib = int(next(line for line in Path("/proc/meminfo").read_text().splitlines()
+                           if line.startswith("MemTotal")).split()[1])
+        ram_gib = round(mem_kib / 2**20, 1)
+    except (OSError, StopIteration):
+        ram_gib = None
+    info = {
+        "hostname": socket.gethostname(),
+        "nproc": os.cpu_count(),
+        "cpu_model": cpu_model,
+        "cpu_flags": cpu_flags,
+        "ram_gib": ram_gib,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+    }
+    for package in ("ray", "transformers", "tokenizers"):
+        try:
+            info[package] = __import__(package).__version__
+        except ImportError:
+            info[package] = None
+    return info
+
+
+# --- models ------------------------------------------------------------------------------------
+
+
+def prepare_model_dir(model: str, directory: Path, *, seed: int = 0) -> str:
+    """A local model directory for ``model``: a directory as given, else one written to ``directory``.
+
+    ``minilm`` gives the packaged pretrained all-MiniLM-L6-v2 with a fresh QA head; a name from
+    ``SHAPES`` gives a randomly initialised BERT of that shape with MiniLM's (uncased) tokenizer.
+    """
+    import torch
+    from transformers import AutoModelForQuestionAnswering, BertConfig, BertForQuestionAnswering
+
+    from qa_common import MINILM, load_tokenizer, resolve_model_path
+
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return str(path.resolve())
+    if model not in SHAPES and model != "minilm":
+        raise SystemExit(f"--model {model!r}: not a directory; {MODEL_HELP}")
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = load_tokenizer(MINILM)
+    tokenizer.save_pretrained(directory)
+    torch.manual_seed(seed)
+    if model == "minilm":
+        qa_model = AutoModelForQuestionAnswering.from_pretrained(resolve_model_path(MINILM))
+    else:
+        shape = {"vocab_size": len(tokenizer), **SHAPES[model]}
+        shape["vocab_size"] = max(shape["vocab_size"], len(tokenizer))  # every token id must have an embedding
+        qa_model = BertForQuestionAnswering(BertConfig(**shape, max_position_embeddings=512))
+    qa_model.save_pretrained(directory)
+    return str(directory)
+
+
+def model_summary(model_dir: str) -> dict:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir)
+    return {"layers": config.num_hidden_layers, "hidden": config.hidden_size, "heads": config.num_attention_heads,
+            "intermediate": config.intermediate_size, "vocab": config.vocab_size}
+
+
+# --- data --------------------------------------------------------------------------------------
+
+
+def default_train_data() -> Path:
+    """The real SQuAD sample article when the development checkout has ../shared, else the quickstart set."""
+    return SQUAD_SAMPLE_TRAIN if SQUAD_SAMPLE_TRAIN.is_file() else QUICKSTART_TRAIN
+
+
+def default_eval_data() -> Path:
+    return SQUAD_SAMPLE_DEV if SQUAD_SAMPLE_DEV.is_file() else QUICKSTART_VALIDATION
+
+
+def data_label(path: Path) -> str:
+    """A path for the report: relative to the repo's parent when it lies there (never machine-specific)."""
+    path = Path(path).resolve()
+    for base, prefix in ((REPO, ""), (REPO.parent, "../")):
+        try:
+            return prefix + str(path.relative_to(base))
+        except ValueError:
+            continue
+    return str(path)
+
+
+# --- measuring ---------------------------------------------------------------------------------
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """The q-th percentile (0-100) by linear interpolation; None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    if len(ordered) == 1:
+        return ordered[0]
+    rank = (len(ordered) - 1) * q / 100
+    low = int(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if not numerator or not denominator:
+        return None
+    return round(numerator / denominator, 3)
+
+
+class Stopwatch:
+    def __init__(self):
+        self.started = time.perf_counter()
+
+    def __call__(self) -> float:
+        return time.perf_counter() - self.started
+
+
+# --- reporting ---------------------------------------------------------------------------------
+
+
+def print_table(title: str, rows: list[dict], columns: list[str]) -> None:
+    """A plain fixed-width table of ``rows`` (dicts) in ``columns`` order."""
+
+    def show(value) -> str:
+        if value is None:
+            return "-"
+        if isinstance(value, float):
+            return f"{value:,.3f}" if abs(value) < 10 else f"{value:,.1f}"
+        return str(value)
+
+    cells = [[show(row.get(column)) for column in columns] for row in rows]
+    widths = [max(len(column), *(len(line[i]) for line in cells)) if cells else len(column)
+              for i, column in enumerate(columns)]
+    print(f"\n{title}")
+    print("  ".join(column.ljust(width) for column, width in zip(columns, widths)))
+    print("  ".join("-" * width for width in widths))
+    for line in cells:
+        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)))
+    sys.stdout.flush()
+
+
+def write_json(path: str | Path, benchmark: str, ratios: dict, results: dict, settings: dict,
+               load_before: list[float]) -> Path:
+    """The result file: ratios first, then the figures, the settings, the machine and the command."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    document = {
+        "benchmark": benchmark,
+        "ratios": ratios,
+        "results": results,
+        "settings": settings,
+        "machine": machine(),
+        "load_average": {"before": load_before, "after": load_average()},
+        "command": "python " + " ".join(shlex.quote(arg) for arg in [data_label(Path(sys.argv[0])), *sys.argv[1:]]),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    path.write_text(json.dumps(document, indent=2, default=str) + "\n", encoding="utf-8")
+    print(f"\nwrote {path}")
+    return path
+
+
+def quiet_libraries() -> None:
+    """Fewer progress bars and warnings in the benchmark output; no Hub access."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def init_local_ray(num_cpus: int | None = None) -> None:
+    """A private local Ray for this script (never a cluster that happens to run here)."""
+    import ray
+
+    # Workers' logs stay in Ray's log files (BENCH_VERBOSE=1 streams them here): printing them would cost
+    # this process CPU time, and it is the load generator of the serve benchmarks.
+    ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+             log_to_driver=os.environ.get("BENCH_VERBOSE") == "1", logging_level="WARNING")
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+# --- the Serve app ------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def serve_app_config(model_dir: str, port: int, *, max_batch_size: int, replica_cpus: float, gpu: bool = False,
+                     min_replicas: int = 1, max_replicas: int = 1, autoscaling: dict | None = None,
+                     batch_wait_timeout_s: float | None = None, forward_batch_size: int | None = None,
+                     dtype: str | None = None) -> dict:
+    """serve_app's packaged config with its own CLI flags applied (``python -m serve_app`` would do the same),
+    on 127.0.0.1 only; ``autoscaling`` adds QAModel autoscaling keys the CLI has no flag for."""
+    from serve_app.__main__ import configure, parse_args
+    from serve_app.app import load_serve_config
+
+    flags = ["--model", model_dir, "--host", "127.0.0.1", "--port", str(port), "--max-batch-size", str(max_batch_size),
+             "--num-cpus", str(replica_cpus), "--num-gpus", "1" if gpu else "0",
+             "--min-replicas", str(min_replicas), "--max-replicas", str(max_replicas)]
+    if batch_wait_timeout_s is not None:
+        flags += ["--batch-wait-timeout-s", str(batch_wait_timeout_s)]
+    if dtype:
+        flags += ["--dtype", dtype]
+    config = configure(load_serve_config(), parse_args(flags))
+    [app] = config["applications"]
+    if forward_batch_size:
+        app["args"]["forward_batch_size"] = forward_batch_size
+    model = next(d for d in app["deployments"] if d["name"] == "QAModel")
+    # Batches fill only when the replica may hold that many requests (serve_app checks it too).
+    model["max_ongoing_requests"] = max(model.get("max_ongoing_requests", 5), 2 * max_batch_size)
+    model["autoscaling_config"].update(autoscaling or {})
+    if model["autoscaling_config"].get("initial_replicas", 0) > max_replicas:
+        model["autoscaling_config"]["initial_replicas"] = max_replicas
+    return config
+
+
+def replica_counts(app_name: str, deployment: str = "QAModel") -> dict[str, int]:
+    """``{state: count}`` of a deployment's replicas, e.g. ``{"RUNNING": 1}``; ``{}`` when it has none."""
+    from ray import serve
+
+    states = serve.status().applications[app_name].deployments[deployment].replica_states
+    return {getattr(state, "value", state): count for state, count in states.items() if count}
+
+
+def wait_until(condition, *, timeout_s: float, what: str, interval_s: float = 0.2):
+    """Poll ``condition()`` until it returns something truthy; SystemExit after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(interval_s)
+
+
+def question_payloads(path: Path, count: int) -> list[dict]:
+    """``count`` request bodies ``{"question", "context"}`` from a SQuAD-format file, cycling through it."""
+    from qa_common import read_squad
+
+    records = read_squad(path, require_answers=False)
+    return [{"question": records[i % len(records)]["question"], "context": records[i % len(records)]["context"]}
+            for i in range(count)]
+
+
+def windows_per_payload(payloads: list[dict], model_dir: str) -> list[int]:
+    """How many windows each request makes with the model's tokenizer and QAConfig (as the server computes it)."""
+    import numpy as np
+
+    from qa_common import load_qa_config, load_tokenizer, prepare_eval_features
+
+    features = prepare_eval_features([str(i) for i in range(len(payloads))], [p["question"] for p in payloads],
+                                     [p["context"] for p in payloads], load_tokenizer(model_dir), load_qa_config(model_dir))
+    return np.bincount(features["example_id"].astype(int), minlength=len(payloads)).tolist()

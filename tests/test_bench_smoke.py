@@ -1,0 +1,96 @@
+"""The bench scripts run end to end with a tiny model and tiny settings, and write valid JSON.
+
+Each script runs as a subprocess (its own private local Ray, HTTP on 127.0.0.1 only) with a hard
+timeout; the figures themselves are not checked, only that they are there.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import FIXTURES
+
+REPO = Path(__file__).resolve().parent.parent
+SMALL_WINDOWS = ["--max-length", "48", "--stride", "16", "--max-question-length", "20"]
+COMMON_KEYS = {"benchmark", "ratios", "results", "settings", "machine", "load_average", "command", "finished_at"}
+
+
+def run_bench(script: str, out: Path, *flags: str, timeout: int = 240) -> dict:
+    result = subprocess.run(
+        [sys.executable, str(REPO / "bench" / script), "--out", str(out), *flags],
+        cwd=REPO, capture_output=True, text=True, timeout=timeout,
+    )
+    assert result.returncode == 0, f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    document = json.loads(out.read_text(encoding="utf-8"))
+    assert COMMON_KEYS <= document.keys()
+    assert list(document)[:2] == ["benchmark", "ratios"]  # ratios first
+    assert document["machine"]["nproc"] >= 1 and document["machine"]["torch"]
+    assert "Ratios" in result.stdout  # the printed table
+    return document
+
+
+def test_train_throughput(tiny_model_dir, tmp_path):
+    pytest.importorskip("accelerate", reason="the seed recipe's HF Trainer needs accelerate (the dev extra)")
+    document = run_bench(
+        "train_throughput.py", tmp_path / "train.json",
+        "--model", str(tiny_model_dir), "--data", str(FIXTURES / "tiny-squad.jsonl"),
+        "--eval-data", str(FIXTURES / "tiny-squad.json"), *SMALL_WINDOWS, "--batch-size", "4",
+        "--seed-steps", "2", "--warmup-steps", "1", "--epochs", "1", "--eval-questions", "2",
+        "--scaling", "--variants", "--variant-features", "8", "--cpus", "1",
+    )
+    results, ratios = document["results"], document["ratios"]
+    assert results["seed"]["features_per_s"] > 0 and results["ours"]["features_per_s"] > 0
+    assert ratios["ours_vs_seed_features_per_s"] > 0
+    assert [row["workers"] for row in results["scaling"]] == [1, 2]
+    assert ratios["scaling_efficiency_2_workers"] > 0
+    assert len(results["variants"]) >= 5 and all(row["features_per_s"] > 0 for row in results["variants"])
+
+
+def test_preprocess(tiny_model_dir, tmp_path):
+    document = run_bench(
+        "preprocess.py", tmp_path / "preprocess.json",
+        "--data", str(FIXTURES / "tiny-squad.jsonl"), "--examples", "200", "--tokenizer", str(tiny_model_dir),
+        *SMALL_WINDOWS, "--runs", "1", "--cpus", "2", "--concurrency", "2",
+    )
+    runs = document["results"]["runs"]
+    assert [run["method"].split(":")[0] for run in runs] == ["single process", "Ray Data"]
+    assert all(run["examples"] == 200 and run["features"] >= 200 for run in runs)
+    assert runs[0]["features"] == runs[1]["features"]  # the same windows either way
+    assert document["ratios"]["ray_data_best_vs_single_process"] > 0
+
+
+def test_serve_load(tiny_model_dir, tmp_path):
+    document = run_bench(
+        "serve_load.py", tmp_path / "serve.json",
+        "--model", str(tiny_model_dir), "--data", str(FIXTURES / "tiny-squad.jsonl"),
+        "--requests", "24", "--concurrency", "4", "--warmup", "2", "--max-batch-size", "4", "--cpus", "2",
+        "--replica-cpus", "0.5", "--time-limit-s", "90",
+    )
+    modes = {row["mode"]: row for row in document["results"]["modes"]}
+    assert set(modes) == {"batched", "unbatched"}
+    for row in modes.values():
+        assert row["answered"] == 24 and row["errors"] == 0
+        assert row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"]
+        assert row["windows_per_s"] >= row["requests_per_s"] > 0
+    assert modes["unbatched"]["questions_per_model_call"] == 1
+    assert document["ratios"]["batched_vs_unbatched_requests_per_s"] > 0
+
+
+def test_cold_start(tiny_model_dir, tmp_path):
+    document = run_bench(
+        "cold_start.py", tmp_path / "cold.json",
+        "--model", str(tiny_model_dir), "--repeats", "1", "--cpus", "2", "--replica-cpus", "0.5",
+    )
+    [row] = document["results"]["cold_starts"]
+    assert 0 < row["next_request_s"] < row["time_to_first_answer_s"]
+    assert document["ratios"]["cold_start_median_s"] > 0
+
+
+def test_every_script_has_help():
+    for script in ("train_throughput.py", "preprocess.py", "serve_load.py", "cold_start.py"):
+        result = subprocess.run([sys.executable, str(REPO / "bench" / script), "--help"],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0 and "--out" in result.stdout, script

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from qa_common import QAConfig, load_hub_squad, load_tokenizer, prepare_eval_features, prepare_train_features, read_squad
@@ -45,13 +47,14 @@ class EvalFeaturizer:
         return features
 
 
-def feature_datasets(config: TrainConfig, train: list[dict], validation: list[dict], *, concurrency: int = 2):
+def feature_datasets(config: TrainConfig, train: list[dict], validation: list[dict], *, concurrency: int | None = None):
     """Materialised Ray Datasets of training and validation features.
 
     Sliding windows turn one question into one or more features, hence
     ``udf_modifying_row_count=True``. Validation features keep the index of their question, which
     decides the worker that evaluates it (all windows of a question on one worker).
     """
+    import ray
     import ray.data
 
     train_rows = [
@@ -62,11 +65,17 @@ def feature_datasets(config: TrainConfig, train: list[dict], validation: list[di
     validation_rows = [
         {"example_index": i, "question": r["question"], "context": r["context"]} for i, r in enumerate(validation)
     ]
-    featurize = {"fn_constructor_kwargs": {"model": config.model, "qa_config": config.qa_config()},
-                 "batch_size": 256, "batch_format": "numpy", "concurrency": concurrency,
-                 "udf_modifying_row_count": True}
-    train_features = ray.data.from_items(train_rows).map_batches(TrainFeaturizer, **featurize).materialize()
-    validation_features = (
-        ray.data.from_items(validation_rows).map_batches(EvalFeaturizer, **featurize).materialize()
-    )
+
+    def featurize(rows: list[dict], featurizer):
+        # One tokenizer actor per ~2,000 questions, at most one per CPU of the cluster: actors take
+        # seconds to start, so small data sets keep few of them.
+        actors = concurrency or max(1, min(int(ray.cluster_resources().get("CPU", 1)), math.ceil(len(rows) / 2000)))
+        return ray.data.from_items(rows).map_batches(
+            featurizer, fn_constructor_kwargs={"model": config.model, "qa_config": config.qa_config()},
+            batch_size=256, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
+            udf_modifying_row_count=True,
+        ).materialize()
+
+    train_features = featurize(train_rows, TrainFeaturizer)
+    validation_features = featurize(validation_rows, EvalFeaturizer)
     return train_features, validation_features

@@ -48,7 +48,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         model, tokenizer = load_model_and_tokenizer(config.model)
     model = ray.train.torch.prepare_model(model)
     if config.compile:
-        model = torch.compile(model)
+        # Trimmed batches change length every step: compile for dynamic shapes once, not per length.
+        model = torch.compile(model, dynamic=True)
 
     decay = [p for n, p in model.named_parameters() if not n.endswith("bias") and "LayerNorm" not in n]
     no_decay = [p for n, p in model.named_parameters() if n.endswith("bias") or "LayerNorm" in n]

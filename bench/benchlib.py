@@ -14,6 +14,8 @@ import shlex
 import socket
 import statistics
 import sys
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -352,3 +354,14 @@ def windows_per_payload(payloads: list[dict], model_dir: str) -> list[int]:
     features = prepare_eval_features([str(i) for i in range(len(payloads))], [p["question"] for p in payloads],
                                      [p["context"] for p in payloads], load_tokenizer(model_dir), load_qa_config(model_dir))
     return np.bincount(features["example_id"].astype(int), minlength=len(payloads)).tolist()
+
+
+def run_in_workdir(measure, args, prefix: str) -> int:
+    """``measure(args, workdir, load_before)`` in a fresh temporary directory, removed afterwards."""
+    quiet_libraries()
+    load_before = load_average()
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        return measure(args, workdir, load_before)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -65,14 +63,7 @@ def timed_post(url: str, timeout_s: float) -> tuple[float, dict]:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    benchlib.quiet_libraries()
-    load_before = benchlib.load_average()
-    workdir = Path(tempfile.mkdtemp(prefix="bench-cold-"))
-    try:
-        return measure(args, workdir, load_before)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    return benchlib.run_in_workdir(measure, parse_args(argv), prefix="bench-cold-")
 
 
 def measure(args, workdir: Path, load_before: list[float]) -> int:

@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import shutil
 import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -170,14 +168,7 @@ def run_mode(mode: str, args, model_dir: str, port: int, payloads, windows) -> d
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    benchlib.quiet_libraries()
-    load_before = benchlib.load_average()
-    workdir = Path(tempfile.mkdtemp(prefix="bench-serve-"))
-    try:
-        return measure(args, workdir, load_before)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    return benchlib.run_in_workdir(measure, parse_args(argv), prefix="bench-serve-")
 
 
 def measure(args, workdir: Path, load_before: list[float]) -> int:

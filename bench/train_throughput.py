@@ -27,9 +27,7 @@ import argparse
 import json
 import math
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -384,14 +382,7 @@ def run_variants(args, model_dir: str, features: dict) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    benchlib.quiet_libraries()
-    load_before = benchlib.load_average()
-    workdir = Path(tempfile.mkdtemp(prefix="bench-train-"))
-    try:
-        return measure(args, workdir, load_before)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    return benchlib.run_in_workdir(measure, parse_args(argv), prefix="bench-train-")
 
 
 def measure(args, workdir: Path, load_before: list[float]) -> int:

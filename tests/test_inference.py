@@ -29,7 +29,7 @@ def test_batched_answers_equal_one_at_a_time_decoding(tiny_model_and_tokenizer, 
     for record, answers in zip(records, together):
         features = prepare_eval_features([record["id"]], [record["question"]], [record["context"]], tokenizer, small_config)
         start, end = predict_logits(model, features)
-        alone = decode_spans(start, end, features["offset_mapping"], record["context"])
+        alone = decode_spans(start, end, features["offset_mapping"], record["context"], small_config)
         assert answers[0]["answer"] == alone[0]["answer"]
         assert answers[0]["score"] == pytest.approx(alone[0]["score"], rel=1e-4)
 

@@ -1,0 +1,51 @@
+"""Command-line flags generated from the typed configs: real types, presets, one validation."""
+
+import argparse
+from dataclasses import dataclass
+
+import pytest
+
+from qa_common import QAConfig
+from qa_common.config import add_dataclass_flags, flag_type, given_flags, setting
+from train_job.config import PRESETS, add_config_flags, config_from_args
+
+
+def test_flag_types_come_from_the_annotations_not_their_spelling():
+    assert flag_type(int) is int and flag_type(float | None) is float and flag_type(bool) is bool
+    with pytest.raises(TypeError, match="no command-line flag"):
+        flag_type(list[int])
+
+    @dataclass
+    class Example:
+        rate: float | None = setting("a rate", default=None)
+        on: bool = setting("a switch", default=False)
+
+    parser = argparse.ArgumentParser()
+    add_dataclass_flags(parser, Example)
+    args = parser.parse_args(["--rate", "2.5", "--on"])
+    assert given_flags(args, Example) == {"rate": 2.5, "on": True}
+    assert given_flags(parser.parse_args([]), Example) == {}
+
+
+def parse_train(argv):
+    parser = argparse.ArgumentParser()
+    add_config_flags(parser)
+    return config_from_args(parser.parse_args(argv))
+
+
+def test_every_qa_setting_is_a_training_flag_over_the_preset():
+    config = parse_train(["--n-best", "7", "--stride", "64"])
+    assert config.qa == QAConfig(**{**PRESETS["quickstart"]["qa"], "n_best": 7, "stride": 64})
+    assert parse_train([]).qa == QAConfig(**PRESETS["quickstart"]["qa"])
+
+
+def test_an_impossible_qa_setting_names_the_flag():
+    with pytest.raises(ValueError, match="--stride"):
+        parse_train(["--stride", "500"])
+
+
+def test_the_train_config_round_trips_through_its_dict():
+    from train_job.config import TrainConfig
+
+    config = parse_train(["--max-answer-length", "12"])
+    assert TrainConfig.from_dict(config.to_dict()) == config

@@ -16,8 +16,8 @@ def tiny_config(model_dir, output_dir, **overrides) -> TrainConfig:
     values = dict(
         model=str(model_dir), train_file=str(FIXTURES / "tiny-squad.jsonl"),
         validation_file=str(FIXTURES / "tiny-squad.json"), output_dir=str(output_dir), num_workers=2,
-        epochs=3, learning_rate=3e-3, warmup_ratio=0.0, per_device_batch_size=4, max_length=48, stride=16, max_question_length=20,
-        max_failures=0,
+        epochs=3, learning_rate=3e-3, warmup_ratio=0.0, per_device_batch_size=4,
+        qa=QAConfig(max_length=48, stride=16, max_question_length=20), max_failures=0,
     )
     values.update(overrides)
     return TrainConfig(**values).validate()
@@ -60,17 +60,19 @@ def test_one_and_two_workers_see_the_same_training_features(local_ray, tiny_mode
     assert seen[1]["train_features_seen"] == seen[2]["train_features_seen"] == metrics["train_features"]
 
 
-def test_a_failed_run_resumes_from_its_last_checkpoint(local_ray, tiny_model_dir, tmp_path, monkeypatch):
+def test_a_failed_run_resumes_from_its_last_checkpoint(local_ray, tiny_model_dir, tmp_path):
     from ray.train import TrainingFailedError
 
+    def fail_after_first_epoch(epoch: int, *, resumed: bool) -> None:  # nested: pickled by value for the workers
+        if epoch == 1 and not resumed:
+            raise RuntimeError("injected fault after epoch 1")
+
     config = tiny_config(tiny_model_dir, tmp_path, epochs=2, num_workers=1)
-    monkeypatch.setenv("TRAIN_JOB_FAULT_AFTER_EPOCH", "1")
     with pytest.raises(TrainingFailedError):
-        run(config)
+        run(config, after_epoch=fail_after_first_epoch)
     assert list((tmp_path / "checkpoints" / "train").glob("checkpoint_*"))
     assert not (tmp_path / "metrics.json").exists()
 
-    monkeypatch.delenv("TRAIN_JOB_FAULT_AFTER_EPOCH")
     metrics = run(config)
     steps_per_epoch = metrics["history"][0]["step"]
     assert [h["epoch"] for h in metrics["history"]] == [1, 2]

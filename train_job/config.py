@@ -5,17 +5,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from qa_common import MINILM, QAConfig
+from qa_common.config import add_dataclass_flags, dashed, given_flags
+from qa_common.config import setting as _flag
 
-DATA_DIR = Path(__file__).parent / "data"
+DATA_DIR = Path(__file__).parent / "quickstart_data"
 PRECISIONS = ("fp32", "bf16", "fp16")
-
-
-def _flag(help: str, **kwargs):
-    return field(metadata={"help": help}, **kwargs)
 
 
 @dataclass
@@ -41,10 +39,6 @@ class TrainConfig:
     group_by_length: bool = _flag("batch windows of similar length together so less padding is computed", default=True)
     compile: bool = _flag("torch.compile the model (pays off on GPUs for long runs; slow start)", default=False)
     precision: str = _flag("fp32, bf16 (autocast) or fp16 (autocast + loss scaling; GPU only)", default="fp32")
-    max_length: int = _flag("tokens per window", default=384)
-    stride: int = _flag("tokens shared by consecutive windows of one context", default=128)
-    max_question_length: int = _flag("questions are cut to this many tokens", default=64)
-    max_answer_length: int = _flag("longest answer, in tokens, that evaluation may predict", default=30)
     seed: int = _flag("random seed (model head, shuffling)", default=42)
     max_train_samples: int | None = _flag("use only the first N training questions", default=None)
     max_eval_samples: int | None = _flag("use only the first N validation questions", default=None)
@@ -52,18 +46,21 @@ class TrainConfig:
     checkpoints_to_keep: int = _flag("checkpoints kept, the best by validation F1", default=2)
     push_to_hub: str | None = _flag("Hub repository to upload the exported model to (skipped when offline)", default=None)
     address: str | None = _flag("Ray cluster address (default: RAY_ADDRESS, else start Ray locally)", default=None)
+    # Windowing and decoding, shared with evaluation and serving (flags from QAConfig's fields).
+    qa: QAConfig = dataclasses.field(default_factory=QAConfig)
 
-    def qa_config(self) -> QAConfig:
-        return QAConfig(max_length=self.max_length, stride=self.stride,
-                        max_question_length=self.max_question_length, max_answer_length=self.max_answer_length)
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        """The inverse of :meth:`to_dict` (``qa`` may be a dict or a QAConfig)."""
+        qa = values.get("qa", {})
+        return cls(**{**values, "qa": qa if isinstance(qa, QAConfig) else QAConfig(**qa)})
 
     def validate(self) -> "TrainConfig":
         """Raise ValueError naming the flag to fix; returns self."""
-        self.qa_config()  # validates the windowing numbers
         positive = ["num_workers", "epochs", "per_device_batch_size", "eval_batch_size", "cpus_per_worker"]
         for name in positive:
             if getattr(self, name) <= 0:
-                raise ValueError(f"--{_dashed(name)} must be positive, got {getattr(self, name)}")
+                raise ValueError(f"{dashed(name)} must be positive, got {getattr(self, name)}")
         if not self.learning_rate > 0:
             raise ValueError(f"--learning-rate must be positive, got {self.learning_rate}")
         if not 0 <= self.warmup_ratio < 1:
@@ -72,7 +69,7 @@ class TrainConfig:
             raise ValueError("--weight-decay and --max-failures must be >= 0, --checkpoints-to-keep >= 1")
         for name in ("max_train_samples", "max_eval_samples"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"--{_dashed(name)} must be positive")
+                raise ValueError(f"{dashed(name)} must be positive")
         if self.precision not in PRECISIONS:
             raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.precision == "fp16" and not self.use_gpu:
@@ -98,8 +95,7 @@ PRESETS: dict[str, dict] = {
         "learning_rate": 3e-4,
         "per_device_batch_size": 8,
         "cpus_per_worker": 2,  # one worker using two cores beats two single-threaded ones on a laptop
-        "max_length": 256,
-        "stride": 96,
+        "qa": {"max_length": 256, "stride": 96},
     },
     # The seed notebook's recipe: bert-base-cased on SQuAD v1.1 from the Hub, mixed precision on GPUs.
     "squad-bert-base": {
@@ -118,34 +114,27 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def _dashed(name: str) -> str:
-    return name.replace("_", "-")
-
-
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field, all defaulting to None so presets can fill the gaps."""
+    """``--preset``, then one flag per TrainConfig and QAConfig field, all defaulting to None so presets fill the gaps."""
     parser.add_argument("--preset", choices=sorted(PRESETS), default="quickstart",
                         help="starting values, overridden flag by flag (default: quickstart)")
-    for f in fields(TrainConfig):
-        flag = f"--{_dashed(f.name)}"
-        default = f.default
-        if f.type in ("bool",):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                                help=f"{f.metadata['help']} (default: {default})")
-            continue
-        kind = {"int": int, "float": float, "int | None": int}.get(f.type, str)
-        parser.add_argument(flag, type=kind, default=None, metavar=f.name.upper(),
-                            help=f"{f.metadata['help']} (default: {default})")
+    add_dataclass_flags(parser, TrainConfig, skip=("qa",))
+    add_dataclass_flags(parser, QAConfig)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    values = dict(PRESETS[args.preset])
-    explicit = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name) is not None}
+    """The preset's values, then every flag given; validated."""
+    values = {**PRESETS[args.preset]}
+    explicit = given_flags(args, TrainConfig, skip=("qa",))
     if "dataset" in explicit:  # an explicit data source replaces the preset's
         values.pop("train_file", None), values.pop("validation_file", None)
     if "train_file" in explicit or "validation_file" in explicit:
         values.pop("dataset", None)
     values.update(explicit)
+    try:
+        values["qa"] = QAConfig(**{**values.get("qa", {}), **given_flags(args, QAConfig)})
+    except ValueError as error:  # name the flags, not the dataclass fields
+        raise ValueError(str(error).replace("QAConfig.", "--").replace("_", "-")) from None
     return TrainConfig(**values).validate()
 
 

@@ -71,7 +71,7 @@ def feature_datasets(config: TrainConfig, train: list[dict], validation: list[di
         # seconds to start, so small data sets keep few of them.
         actors = concurrency or max(1, min(int(ray.cluster_resources().get("CPU", 1)), math.ceil(len(rows) / 2000)))
         return ray.data.from_items(rows).map_batches(
-            featurizer, fn_constructor_kwargs={"model": config.model, "qa_config": config.qa_config()},
+            featurizer, fn_constructor_kwargs={"model": config.model, "qa_config": config.qa},
             batch_size=256, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
             udf_modifying_row_count=True,
         ).materialize()

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 from qa_common import save_qa_config
+from train_job.checkpoint import PREDICTIONS, copy_model_and_predictions
 from train_job.config import TrainConfig
-from train_job.loop import PREDICTIONS
 
 METRIC_NAMES = ("exact_match", "f1", "precision", "recall")
 
@@ -18,10 +17,7 @@ def export_run(checkpoint, checkpoint_metrics: dict, config: TrainConfig, output
     output_dir.mkdir(parents=True, exist_ok=True)
     model_dir = output_dir / "model"
     with checkpoint.as_directory() as directory:
-        if model_dir.exists():
-            shutil.rmtree(model_dir)
-        shutil.copytree(Path(directory) / "model", model_dir)
-        shutil.copyfile(Path(directory) / PREDICTIONS, output_dir / PREDICTIONS)
+        copy_model_and_predictions(directory, model_dir, output_dir / PREDICTIONS)
     metrics = {
         **{name: checkpoint_metrics[name] for name in METRIC_NAMES},
         "train_samples_per_second": checkpoint_metrics["train_samples_per_second"],
@@ -40,7 +36,7 @@ def export_run(checkpoint, checkpoint_metrics: dict, config: TrainConfig, output
     }
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     (model_dir / "README.md").write_text(model_card(metrics, config), encoding="utf-8")
-    save_qa_config(config.qa_config(), model_dir)  # serving decodes as training evaluated
+    save_qa_config(config.qa, model_dir)  # serving decodes as training evaluated
     return metrics
 
 
@@ -73,8 +69,8 @@ Best of {config.epochs} epoch(s): epoch {metrics['best_epoch']}.
 - Data: {dataset}; {metrics['train_examples']} training questions ({metrics['train_features']} windows)
 - Learning rate {config.learning_rate:g} (linear schedule, warm-up ratio {config.warmup_ratio}), weight decay
   {config.weight_decay}, {config.per_device_batch_size} windows per worker per step, seed {config.seed}
-- Windows of {config.max_length} tokens with a stride of {config.stride}; answers of at most
-  {config.max_answer_length} tokens
+- Windows of {config.qa.max_length} tokens with a stride of {config.qa.stride}; answers of at most
+  {config.qa.max_answer_length} tokens
 - {metrics['train_samples_per_second']:.1f} training windows/s, {metrics['train_runtime_s']:.0f} s of training
 
 ## Use

@@ -18,7 +18,7 @@ from qa_common import SquadFormatError, load_tokenizer
 from train_job.config import TrainConfig, add_config_flags, config_from_args
 from train_job.data import load_splits
 from train_job.export import export_run
-from train_job.run import PreparedData, build_trainer, init_ray
+from train_job.driver import PreparedData, build_trainer, init_ray
 
 
 def run_trial(trial_config: dict, base_config: TrainConfig, data: PreparedData, storage_path: str) -> None:

@@ -1,0 +1,64 @@
+"""The optimisation recipe, plain PyTorch (no Ray): AdamW, the learning-rate schedule, one training step.
+
+The Ray Train loop (``train_job.loop``) and the throughput benchmark (``bench.train_throughput``)
+both use these functions, so the benchmark times exactly the step that training runs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def build_optimizer(model: torch.nn.Module, *, learning_rate: float, weight_decay: float,
+                    fused: bool | None = None) -> torch.optim.AdamW:
+    """AdamW with weight decay on the weight matrices only: biases and LayerNorm are not decayed (as BERT).
+
+    ``fused`` (one kernel for all parameters) defaults to on for a model on a GPU.
+    """
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        (no_decay if name.endswith("bias") or "LayerNorm" in name else decay).append(parameter)
+    if fused is None:
+        fused = next(model.parameters()).device.type == "cuda"
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=learning_rate, fused=fused,
+    )
+
+
+def linear_warmup_decay(step: int, *, warmup_steps: int, total_steps: int) -> float:
+    """The learning-rate multiplier at ``step``: 0 -> 1 linearly over the warm-up, then 1 -> 0 linearly.
+
+    The schedule of BERT and of Hugging Face's ``get_linear_schedule_with_warmup``; step 0 already
+    gets ``1 / warmup_steps`` so the first update is not wasted.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    return max(0.0, (total_steps - step) / max(total_steps - warmup_steps, 1))
+
+
+def build_scheduler(optimizer, *, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: linear_warmup_decay(step, warmup_steps=warmup_steps, total_steps=total_steps)
+    )
+
+
+def train_step(model, batch: dict, *, optimizer, scheduler, scaler, autocast, max_grad_norm: float = 1.0):
+    """Forward, backward, clip, update; returns the loss (a tensor, not synchronised to the host).
+
+    With a loss scaler (fp16) a non-finite gradient makes the scaler skip the update; without one it
+    raises FloatingPointError before the weights are touched. Under DDP the clipped norm is that of
+    the all-reduced gradients, the same on every worker, so all workers stop together.
+    """
+    with autocast:
+        loss = model(**batch).loss
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    if not scaler.is_enabled() and not torch.isfinite(grad_norm):
+        raise FloatingPointError(f"loss {loss.item():.4g}, gradient norm {grad_norm.item():.4g}")
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()

@@ -14,12 +14,15 @@ from pathlib import Path
 import ray
 from ray import serve
 
-from serve_app.app import DEFAULT_CONFIG, load_serve_config, run_config
+from qa_common import QAConfig
+from qa_common.config import add_dataclass_flags, given_flags
+from qa_common.modeling import SERVING_DTYPES
+from serve_app.app import DEFAULT_CONFIG, MODEL_DEPLOYMENT, load_serve_config, run_config
 
 QUICKSTART_MODEL = Path("runs/quickstart/model")
 
 # flag -> (section, key) of the config it overrides; section "args", "http_options",
-# "autoscaling_config" (QAModel's) or "ray_actor_options" (QAModel's).
+# "autoscaling_config" (QAModel's) or "ray_actor_options" (QAModel's). QAConfig's flags go to args.qa.
 OVERRIDES = {
     "host": ("http_options", "host"),
     "port": ("http_options", "port"),
@@ -48,21 +51,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-batch-size", type=int, help="most questions answered in one model call")
     parser.add_argument("--batch-wait-timeout-s", type=float, help="how long a batch waits to fill up")
     parser.add_argument("--max-body-bytes", type=int, help="larger request bodies get HTTP 413")
-    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="auto: bfloat16 on a GPU")
+    parser.add_argument("--dtype", choices=SERVING_DTYPES, help="auto: bfloat16 on a GPU")
     parser.add_argument("--min-replicas", type=int, help="model replicas when idle; 0 lets the model scale to zero")
     parser.add_argument("--max-replicas", type=int, help="most model replicas under load")
     parser.add_argument("--downscale-to-zero-delay-s", type=float, help="idle seconds before the last replica stops")
     parser.add_argument("--num-cpus", type=float, help="CPUs per model replica")
     parser.add_argument("--num-gpus", type=float, help="GPUs per model replica")
+    add_dataclass_flags(parser, QAConfig, defaults={f: "the model's qa_config.json" for f in QAConfig.__dataclass_fields__})
     return parser.parse_args(argv)
 
 
 def configure(config: dict, flags: argparse.Namespace) -> dict:
     """``config`` with the model and the flags that were given written into it."""
     [app_config] = config["applications"]
-    model_options = next((d for d in app_config.setdefault("deployments", []) if d.get("name") == "QAModel"), None)
+    model_options = next((d for d in app_config.setdefault("deployments", []) if d.get("name") == MODEL_DEPLOYMENT), None)
     if model_options is None:
-        model_options = {"name": "QAModel"}
+        model_options = {"name": MODEL_DEPLOYMENT}
         app_config["deployments"].append(model_options)
     sections = {
         "args": app_config.setdefault("args", {}),
@@ -73,6 +77,9 @@ def configure(config: dict, flags: argparse.Namespace) -> dict:
     for flag, (section, key) in OVERRIDES.items():
         if getattr(flags, flag) is not None:
             sections[section][key] = getattr(flags, flag)
+    qa_flags = given_flags(flags, QAConfig)
+    if qa_flags:
+        sections["args"]["qa"] = {**sections["args"].get("qa", {}), **qa_flags}
     sections["args"]["model"] = model_to_serve(flags.model or sections["args"].get("model") or str(QUICKSTART_MODEL))
     return config
 

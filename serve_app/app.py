@@ -11,7 +11,6 @@ Deployment options (replicas, autoscaling, CPUs/GPUs) are data: ``config.yaml`` 
 """
 
 import asyncio
-import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -28,27 +27,23 @@ from starlette.exceptions import HTTPException
 from qa_common import (
     QAConfig, Question, answer_questions, load_model_and_tokenizer, load_qa_config, resolve_model_path,
 )
+from qa_common.modeling import torch_dtype
 from serve_app.schemas import (
     REQUEST_SHAPE, AnswerRequest, AnswerResponse, InvalidRequest, ServeArgs, parse_questions,
 )
 
 DEFAULT_CONFIG = Path(__file__).with_name("config.yaml")
 INDEX_PAGE = Path(__file__).with_name("static") / "index.html"
-DEPLOYMENT_NAMES = ("QAIngress", "QAModel")
+INGRESS_DEPLOYMENT, MODEL_DEPLOYMENT = "QAIngress", "QAModel"  # the deployments' names, as in config.yaml
 
 
-@serve.deployment
+@serve.deployment(name=MODEL_DEPLOYMENT)
 class QAModel:
     """One copy of the model; answers questions in dynamic batches."""
 
     def __init__(self, model_path: str, qa_config: QAConfig, args: ServeArgs):
-        import torch  # here, not at the top: the ingress imports this module too and needs no torch
-
         device = "cuda" if ray.get_gpu_ids() else "cpu"
-        dtype = {
-            "auto": torch.bfloat16 if device == "cuda" else torch.float32,
-            "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-        }[args.dtype]
+        dtype = torch_dtype(args.dtype, device)
         model, self.tokenizer = load_model_and_tokenizer(model_path, dtype=dtype)
         self.model = model.to(device).eval()
         self.qa_config = qa_config
@@ -143,7 +138,7 @@ async def _crash_as_json(request: Request, error: Exception) -> JSONResponse:
     )
 
 
-@serve.deployment
+@serve.deployment(name=INGRESS_DEPLOYMENT)
 @serve.ingress(api)
 class QAIngress:
     """The HTTP side: the page, validation, and one ``QAModel.answer`` call per question."""
@@ -204,8 +199,8 @@ def model_version(model_path: str) -> str:
 
 
 def resolve_qa_config(model_path: str, args: ServeArgs) -> QAConfig:
-    """The builder's QAConfig fields over the model directory's ``qa_config.json`` over the defaults."""
-    return load_qa_config(model_path, **{f.name: getattr(args, f.name) for f in dataclasses.fields(QAConfig)})
+    """The builder's ``qa`` overrides over the model directory's ``qa_config.json`` over the defaults."""
+    return load_qa_config(model_path, **args.qa)
 
 
 def load_serve_config(path: str | Path = DEFAULT_CONFIG) -> dict:
@@ -223,9 +218,9 @@ def deployment_options(app_config: dict) -> dict[str, dict]:
     for entry in app_config.get("deployments", []):
         entry = dict(entry)
         name = entry.pop("name", None)
-        if name not in DEPLOYMENT_NAMES:
+        if name not in (INGRESS_DEPLOYMENT, MODEL_DEPLOYMENT):
             raise ValueError(
-                f"the config names deployment {name!r}; this application has {' and '.join(DEPLOYMENT_NAMES)}"
+                f"the config names deployment {name!r}; this application has {INGRESS_DEPLOYMENT} and {MODEL_DEPLOYMENT}"
             )
         options[name] = entry
     return options
@@ -239,14 +234,15 @@ def build_app(args: ServeArgs | dict, options: dict[str, dict]) -> Application:
         raise FileNotFoundError(
             f"{error}; train one with `python -m train_job`, or pass another model directory (--model / args.model)"
         ) from None
-    model_options, ingress_options = options.get("QAModel", {}), options.get("QAIngress", {})
+    qa_config = resolve_qa_config(model_path, args)
+    model_options, ingress_options = options.get(MODEL_DEPLOYMENT, {}), options.get(INGRESS_DEPLOYMENT, {})
     max_ongoing = model_options.get("max_ongoing_requests", 5)  # Serve's default
     if max_ongoing < args.max_batch_size:
         raise ValueError(
             f"QAModel max_ongoing_requests ({max_ongoing}) is below max_batch_size ({args.max_batch_size}): a replica "
             "never holds more requests than that at once, so its batches could not fill; raise it"
         )
-    model = QAModel.options(**model_options).bind(model_path, resolve_qa_config(model_path, args), args)
+    model = QAModel.options(**model_options).bind(model_path, qa_config, args)
     return QAIngress.options(**ingress_options).bind(model, args.max_body_bytes, args.max_context_chars)
 
 

@@ -12,6 +12,9 @@ from pydantic import (
     field_validator,
 )
 
+from qa_common.config import checked_overrides
+from qa_common.modeling import SERVING_DTYPES
+
 MAX_QUESTION_CHARS = 1_000
 MAX_TOP_K = 20
 MAX_ANSWER_TOKENS = 512
@@ -113,12 +116,16 @@ class ServeArgs(BaseModel):
     forward_batch_size: int = Field(64, ge=1, description="Windows per forward pass inside one model call.")
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest accepted request body.")
     max_context_chars: int = Field(100_000, ge=1, description="Longest accepted context.")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+    dtype: Literal[SERVING_DTYPES] = Field(
         "auto", description="Weights' dtype; auto: bfloat16 on a GPU, float32 on CPU."
     )
-    # QAConfig fields; unset ones come from the model directory's qa_config.json, else QAConfig's defaults.
-    max_length: int | None = None
-    stride: int | None = None
-    max_question_length: int | None = None
-    n_best: int | None = None
-    max_answer_length: int | None = None
+    qa: dict[str, int] = Field(
+        default_factory=dict,
+        description="QAConfig overrides (e.g. {max_length: 256}); unset ones come from the model directory's "
+        "qa_config.json, else QAConfig's defaults.",
+    )
+
+    @field_validator("qa")
+    @classmethod
+    def _known_qa_settings(cls, value: dict[str, int]) -> dict[str, int]:
+        return checked_overrides(value)

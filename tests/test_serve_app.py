@@ -10,11 +10,13 @@ import json
 
 import httpx
 import pytest
-from serve_helpers import SMALL_QA, free_port, local_serve, replica_counts, service_config, wait_until
+from serve_helpers import SMALL_QA, service_config
+
+from serve_app.local import free_port, local_serve, replica_counts, wait_until
 
 from qa_common import QAConfig, Question, answer_questions, prepare_eval_features
 from serve_app.__main__ import configure, parse_args
-from serve_app.app import build_app, deployment_options, load_serve_config
+from serve_app.app import INGRESS_DEPLOYMENT, MODEL_DEPLOYMENT, build_app, deployment_options, load_serve_config
 
 MAX_BODY_BYTES = 65_536
 MAX_CONTEXT_CHARS = 20_000
@@ -62,7 +64,7 @@ def test_packaged_config_is_a_valid_serve_config_that_scales_to_zero():
     ServeDeploySchema.model_validate(config)
     [app] = config["applications"]
     assert app["import_path"] == "serve_app.app:app_builder"
-    model = deployment_options(app)["QAModel"]
+    model = deployment_options(app)[MODEL_DEPLOYMENT]
     assert model["autoscaling_config"]["min_replicas"] == 0
     assert model["autoscaling_config"]["downscale_to_zero_delay_s"] == 3600
     assert model["max_ongoing_requests"] >= app["args"]["max_batch_size"]
@@ -72,14 +74,16 @@ def test_packaged_config_is_a_valid_serve_config_that_scales_to_zero():
 def test_cli_flags_override_the_config(tiny_model_dir):
     flags = parse_args([
         "--model", str(tiny_model_dir), "--host", "0.0.0.0", "--port", "9001", "--max-batch-size", "16",
-        "--downscale-to-zero-delay-s", "60", "--num-gpus", "1", "--dtype", "float16",
+        "--downscale-to-zero-delay-s", "60", "--num-gpus", "1", "--dtype", "float16", "--max-length", "256",
+        "--n-best", "5",
     ])
     config = configure(load_serve_config(), flags)
     [app] = config["applications"]
-    model = deployment_options(app)["QAModel"]
+    model = deployment_options(app)[MODEL_DEPLOYMENT]
     assert config["http_options"]["host"] == "0.0.0.0" and config["http_options"]["port"] == 9001
     assert app["args"]["model"] == str(tiny_model_dir.resolve())
     assert app["args"]["max_batch_size"] == 16 and app["args"]["dtype"] == "float16"
+    assert app["args"]["qa"] == {"max_length": 256, "n_best": 5}  # QA flags are QAConfig overrides
     assert model["autoscaling_config"]["downscale_to_zero_delay_s"] == 60
     assert model["autoscaling_config"]["min_replicas"] == 0  # untouched keys stay
     assert model["ray_actor_options"] == {"num_cpus": 1, "num_gpus": 1}
@@ -91,11 +95,18 @@ def test_without_a_model_the_cli_says_to_train_first(tmp_path, monkeypatch):
         configure(load_serve_config(), parse_args([]))
 
 
+def test_builder_rejects_unknown_or_impossible_qa_settings(tiny_model_dir):
+    with pytest.raises(ValueError, match="unknown QA setting"):
+        build_app({"model": str(tiny_model_dir), "qa": {"window": 3}}, {})
+    with pytest.raises(ValueError, match="stride"):
+        build_app({"model": str(tiny_model_dir), "qa": {"stride": 400}}, {})
+
+
 def test_builder_rejects_a_missing_model_and_batches_that_cannot_fill(tiny_model_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="train_job"):
         build_app({"model": str(tmp_path / "nothing-here")}, {})
     with pytest.raises(ValueError, match="max_ongoing_requests"):
-        build_app({"model": str(tiny_model_dir), "max_batch_size": 16}, {"QAModel": {"max_ongoing_requests": 8}})
+        build_app({"model": str(tiny_model_dir), "max_batch_size": 16}, {MODEL_DEPLOYMENT: {"max_ongoing_requests": 8}})
 
 
 # --- the running service ----------------------------------------------------------------------
@@ -215,8 +226,8 @@ def test_bad_requests_get_a_json_4xx_and_the_service_still_answers(client, body,
 
 
 def test_bad_requests_never_restarted_a_replica(client):
-    assert replica_counts("qa", "QAModel") == {"RUNNING": 1}
-    assert replica_counts("qa", "QAIngress") == {"RUNNING": 1}
+    assert replica_counts("qa", MODEL_DEPLOYMENT) == {"RUNNING": 1}
+    assert replica_counts("qa", INGRESS_DEPLOYMENT) == {"RUNNING": 1}
 
 
 def test_unknown_paths_and_methods_get_json_errors(client):
@@ -240,19 +251,19 @@ def test_model_scales_to_zero_and_a_request_wakes_it(service, tiny_model_dir):
 
     [app] = service_config(tiny_model_dir, port=0)["applications"]
     options = deployment_options(app)
-    options["QAModel"]["autoscaling_config"] = {
+    options[MODEL_DEPLOYMENT]["autoscaling_config"] = {
         "min_replicas": 0, "initial_replicas": 1, "max_replicas": 1, "upscale_delay_s": 0,
         "downscale_delay_s": 1, "downscale_to_zero_delay_s": 2,
     }
     serve.run(build_app(app["args"], options), name="zero", route_prefix="/zero")
     try:
-        assert replica_counts("zero", "QAModel") == {"RUNNING": 1}
-        wait_until(lambda: replica_counts("zero", "QAModel") == {}, timeout_s=90, what="the idle model to stop")
-        assert replica_counts("zero", "QAIngress") == {"RUNNING": 1}
+        assert replica_counts("zero", MODEL_DEPLOYMENT) == {"RUNNING": 1}
+        wait_until(lambda: replica_counts("zero", MODEL_DEPLOYMENT) == {}, timeout_s=90, what="the idle model to stop")
+        assert replica_counts("zero", INGRESS_DEPLOYMENT) == {"RUNNING": 1}
 
         response = httpx.post(f"{service}/zero/v1/answer", json=OK, timeout=90)
         assert response.status_code == 200, response.text
         assert CONTEXT[response.json()["start"] : response.json()["end"]] == response.json()["answer"]
-        assert replica_counts("zero", "QAModel").get("RUNNING", 0) >= 1
+        assert replica_counts("zero", MODEL_DEPLOYMENT).get("RUNNING", 0) >= 1
     finally:
         serve.delete("zero")

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from serve_helpers import SMALL_QA, free_port, local_serve, service_config, wait_until
+from serve_helpers import SMALL_QA, service_config
+
+from serve_app.local import free_port, local_serve, wait_until
 
 from qa_common import QAConfig, Question, answer_questions
 

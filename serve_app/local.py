@@ -1,0 +1,53 @@
+"""Run the service on a private local Ray and watch it: shared by the tests and the benchmarks."""
+
+from __future__ import annotations
+
+import socket
+import time
+from contextlib import contextmanager
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextmanager
+def local_serve(config: dict, *, num_cpus: int = 4, log_to_driver: bool = False):
+    """A fresh local Ray (never a cluster that happens to run here) serving ``config``; yields its URL.
+
+    Replica logs stay in Ray's session directory unless ``log_to_driver``.
+    """
+    import ray
+    from ray import serve
+
+    from serve_app.app import run_config
+
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver,
+             logging_level="WARNING")
+    try:
+        yield run_config(config).rstrip("/")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def wait_until(condition, *, timeout_s: float, what: str, interval_s: float = 0.2):
+    """Poll ``condition()`` until it returns something truthy; TimeoutError after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(interval_s)
+
+
+def replica_counts(app_name: str, deployment: str) -> dict[str, int]:
+    """``{state: count}`` of a deployment's replicas, e.g. ``{"RUNNING": 1}``; ``{}`` when it has none."""
+    from ray import serve
+
+    states = serve.status().applications[app_name].deployments[deployment].replica_states
+    return {getattr(state, "value", state): count for state, count in states.items() if count}

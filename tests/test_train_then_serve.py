@@ -1,0 +1,50 @@
+"""A trained and exported model, served with no QA overrides, decodes with the settings it was trained with."""
+
+import json
+
+import httpx
+import pytest
+from serve_helpers import service_config
+from test_train_job import tiny_config
+
+from qa_common import Question, answer_questions, load_model_and_tokenizer, load_qa_config, read_squad
+from conftest import FIXTURES
+from serve_app.local import free_port, local_serve
+
+
+@pytest.fixture(scope="module")
+def exported_model(tiny_model_dir, tmp_path_factory):
+    import ray
+
+    from qa_common import QAConfig
+    from train_job.run import run
+
+    output = tmp_path_factory.mktemp("trained")
+    # Not QAConfig's defaults, so that serving the defaults would show.
+    qa = QAConfig(max_length=40, stride=12, max_question_length=16, n_best=5, max_answer_length=6)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        run(tiny_config(tiny_model_dir, output, num_workers=1, epochs=1, qa=qa))
+    finally:
+        ray.shutdown()
+    return output / "model", qa
+
+
+def test_serving_an_exported_model_uses_its_trained_qa_config(exported_model):
+    model_dir, trained_qa = exported_model
+    assert json.loads((model_dir / "qa_config.json").read_text()) == trained_qa.to_dict()
+
+    records = read_squad(FIXTURES / "tiny-squad.json")[:3]
+    model, tokenizer = load_model_and_tokenizer(str(model_dir))
+    expected = answer_questions(model, tokenizer, [Question(r["question"], r["context"], top_k=2) for r in records],
+                                load_qa_config(model_dir))
+    with local_serve(service_config(model_dir, free_port(), qa={})) as url:
+        info = httpx.get(f"{url}/v1/model", timeout=60).json()
+        assert {name: info[name] for name in trained_qa.to_dict()} == trained_qa.to_dict()
+        for record, wanted in zip(records, expected):
+            body = {"question": record["question"], "context": record["context"], "top_k": 2}
+            served = httpx.post(f"{url}/v1/answer", json=body, timeout=60).json()
+            assert [(a["answer"], a["start"], a["end"]) for a in served] == [
+                (a["answer"], a["start"], a["end"]) for a in wanted
+            ]
+            assert [a["score"] for a in served] == pytest.approx([a["score"] for a in wanted], rel=1e-4)

@@ -25,15 +25,8 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 SQUAD_SAMPLE_TRAIN = SHARED_DATA / "squad-v1.1-sample" / "train-University_of_Notre_Dame.json"
 SQUAD_SAMPLE_DEV = SHARED_DATA / "squad-v1.1-sample" / "dev-Super_Bowl_50.json"
 SQUAD_FULL_TRAIN = SHARED_DATA / "squad-v1.1-full" / "train-v1.1.reconstructed.json.gz"
-QUICKSTART_TRAIN = REPO / "train_job" / "data" / "quickstart-train.jsonl"
-QUICKSTART_VALIDATION = REPO / "train_job" / "data" / "quickstart-validation.jsonl"
-
-# The bench scripts run from anywhere: qa_common, train_job and serve_app come from this checkout, in
-# this process and (through PYTHONPATH, inherited by the local Ray we start) in Ray's workers.
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-if str(REPO) not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+QUICKSTART_TRAIN = REPO / "train_job" / "quickstart_data" / "quickstart-train.jsonl"
+QUICKSTART_VALIDATION = REPO / "train_job" / "quickstart_data" / "quickstart-validation.jsonl"
 
 # Shapes of randomly initialised BERTs (BertConfig keyword arguments).
 SHAPES = {
@@ -237,7 +230,7 @@ def write_json(path: str | Path, benchmark: str, ratios: dict, results: dict, se
         "settings": settings,
         "machine": machine(),
         "load_average": {"before": load_before, "after": load_average()},
-        "command": "python " + " ".join(shlex.quote(arg) for arg in [data_label(Path(sys.argv[0])), *sys.argv[1:]]),
+        "command": " ".join(["python -m bench." + Path(sys.argv[0]).stem, *map(shlex.quote, sys.argv[1:])]),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     path.write_text(json.dumps(document, indent=2, default=str) + "\n", encoding="utf-8")
@@ -281,12 +274,6 @@ def init_local_ray(num_cpus: int | None = None) -> None:
 # --- the Serve app ------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def serve_app_config(model_dir: str, port: int, *, max_batch_size: int, replica_cpus: float, gpu: bool = False,
                      min_replicas: int = 1, max_replicas: int = 1, autoscaling: dict | None = None,
                      batch_wait_timeout_s: float | None = None, forward_batch_size: int | None = None,
@@ -294,7 +281,7 @@ def serve_app_config(model_dir: str, port: int, *, max_batch_size: int, replica_
     """serve_app's packaged config with its own CLI flags applied (``python -m serve_app`` would do the same),
     on 127.0.0.1 only; ``autoscaling`` adds QAModel autoscaling keys the CLI has no flag for."""
     from serve_app.__main__ import configure, parse_args
-    from serve_app.app import load_serve_config
+    from serve_app.app import MODEL_DEPLOYMENT, load_serve_config
 
     flags = ["--model", model_dir, "--host", "127.0.0.1", "--port", str(port), "--max-batch-size", str(max_batch_size),
              "--num-cpus", str(replica_cpus), "--num-gpus", "1" if gpu else "0",
@@ -307,33 +294,13 @@ def serve_app_config(model_dir: str, port: int, *, max_batch_size: int, replica_
     [app] = config["applications"]
     if forward_batch_size:
         app["args"]["forward_batch_size"] = forward_batch_size
-    model = next(d for d in app["deployments"] if d["name"] == "QAModel")
+    model = next(d for d in app["deployments"] if d["name"] == MODEL_DEPLOYMENT)
     # Batches fill only when the replica may hold that many requests (serve_app checks it too).
     model["max_ongoing_requests"] = max(model.get("max_ongoing_requests", 5), 2 * max_batch_size)
     model["autoscaling_config"].update(autoscaling or {})
     if model["autoscaling_config"].get("initial_replicas", 0) > max_replicas:
         model["autoscaling_config"]["initial_replicas"] = max_replicas
     return config
-
-
-def replica_counts(app_name: str, deployment: str = "QAModel") -> dict[str, int]:
-    """``{state: count}`` of a deployment's replicas, e.g. ``{"RUNNING": 1}``; ``{}`` when it has none."""
-    from ray import serve
-
-    states = serve.status().applications[app_name].deployments[deployment].replica_states
-    return {getattr(state, "value", state): count for state, count in states.items() if count}
-
-
-def wait_until(condition, *, timeout_s: float, what: str, interval_s: float = 0.2):
-    """Poll ``condition()`` until it returns something truthy; SystemExit after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise SystemExit(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(interval_s)
 
 
 def question_payloads(path: Path, count: int) -> list[dict]:

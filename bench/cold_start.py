@@ -1,7 +1,7 @@
 """Cold start: from zero model replicas to the first answer, with a local model directory.
 
-    python bench/cold_start.py                 # CPU: pretrained MiniLM saved to a local directory
-    python bench/cold_start.py --gpu           # bert-base shape on one GPU
+    python -m bench.cold_start                 # CPU: pretrained MiniLM saved to a local directory
+    python -m bench.cold_start --gpu           # bert-base shape on one GPU
 
 Starts serve_app (packaged config, its own CLI flags, 127.0.0.1, a free port) on a fresh local Ray
 with ``min_replicas 0`` and short downscale delays, waits until the model deployment has 0
@@ -18,8 +18,10 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import benchlib  # noqa: E402
+from bench import benchlib
+from serve_app.app import MODEL_DEPLOYMENT
+from serve_app.local import free_port, replica_counts, wait_until
+from qa_common.modeling import SERVING_DTYPES
 
 DEFAULT_OUT = benchlib.RESULTS / "cold_start.json"
 APP = "qa"
@@ -27,14 +29,14 @@ QUESTION = {"question": "Which drug was stopped?", "context": "Warfarin was stop
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python bench/cold_start.py", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m bench.cold_start", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gpu", action="store_true", help="the replica on one GPU, bert-base shape")
     parser.add_argument("--model", help=f"{benchlib.MODEL_HELP} (default: minilm on CPU, bert-base with --gpu)")
     parser.add_argument("--repeats", type=int, default=2, help="cold starts to time (default: %(default)s)")
     parser.add_argument("--downscale-to-zero-delay-s", type=float, default=2.0,
                         help="idle seconds before the last replica stops (default: %(default)s)")
-    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=None,
+    parser.add_argument("--dtype", choices=SERVING_DTYPES, default=None,
                         help="the model's weights (serve_app's --dtype; default: its config, auto)")
     parser.add_argument("--replica-cpus", type=float, default=1, help="CPUs of the model replica (default: %(default)s)")
     parser.add_argument("--cpus", type=int, default=os.cpu_count(), help="CPUs of the local Ray (default: %(default)s)")
@@ -76,7 +78,7 @@ def measure(args, workdir: Path, load_before: list[float]) -> int:
     autoscaling = {"min_replicas": 0, "initial_replicas": 1, "max_replicas": 1, "upscale_delay_s": 0,
                    "downscale_delay_s": 1, "downscale_to_zero_delay_s": args.downscale_to_zero_delay_s,
                    "look_back_period_s": 2}  # else a request keeps the replica up for Serve's default 30 s
-    config = benchlib.serve_app_config(model_dir, benchlib.free_port(), max_batch_size=8, replica_cpus=args.replica_cpus,
+    config = benchlib.serve_app_config(model_dir, free_port(), max_batch_size=8, replica_cpus=args.replica_cpus,
                                        gpu=args.gpu, min_replicas=0, max_replicas=1, autoscaling=autoscaling,
                                        dtype=args.dtype)
     benchlib.init_local_ray(args.cpus)
@@ -88,7 +90,7 @@ def measure(args, workdir: Path, load_before: list[float]) -> int:
         print(f"[bench] deployed in {deploy_s:.1f} s (one warm replica first, to check the model loads)", flush=True)
         for repeat in range(1, args.repeats + 1):
             clock = benchlib.Stopwatch()
-            benchlib.wait_until(lambda: benchlib.replica_counts(APP) == {}, timeout_s=args.zero_timeout_s,
+            wait_until(lambda: replica_counts(APP, MODEL_DEPLOYMENT) == {}, timeout_s=args.zero_timeout_s,
                                 what="the idle model deployment to reach 0 replicas")
             to_zero_s = clock()
             time.sleep(1.0)  # settled at zero

@@ -1,7 +1,7 @@
 """Preprocessing throughput: SQuAD questions to training windows, Ray Data against one process.
 
-    python bench/preprocess.py                  # the quickstart questions replicated to 10,000
-    python bench/preprocess.py --full           # the full SQuAD v1.1 train set (../shared, ~88k questions)
+    python -m bench.preprocess                  # the quickstart questions replicated to 10,000
+    python -m bench.preprocess --full           # the full SQuAD v1.1 train set (../shared, ~88k questions)
 
 - ray-data: the featurisation of ``train_job`` — ``ray.data.from_items`` of the question rows, then
   ``map_batches(train_job.data.TrainFeaturizer, batch_size=256, concurrency=C,
@@ -20,26 +20,24 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import benchlib  # noqa: E402
+from bench import benchlib
+from qa_common import QAConfig
+from qa_common.config import add_dataclass_flags, given_flags
 
 DEFAULT_OUT = benchlib.RESULTS / "preprocess.json"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python bench/preprocess.py", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m bench.preprocess", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full", action="store_true",
                         help=f"the full SQuAD v1.1 train set ({benchlib.data_label(benchlib.SQUAD_FULL_TRAIN)})")
     parser.add_argument("--data", type=Path, default=None,
-                        help="SQuAD-format questions (default: train_job/data/quickstart-train.jsonl)")
+                        help="SQuAD-format questions (default: train_job/quickstart_data/quickstart-train.jsonl)")
     parser.add_argument("--examples", type=int, default=None,
                         help="replicate (or cut) the questions to N (default: 10,000; all of them with --full)")
     parser.add_argument("--tokenizer", default="sentence-transformers/all-MiniLM-L6-v2",
                         help="tokenizer: a local model directory or the packaged MiniLM (default: %(default)s)")
-    parser.add_argument("--max-length", type=int, default=384, help="tokens per window (default: %(default)s)")
-    parser.add_argument("--stride", type=int, default=128, help="window overlap (default: %(default)s)")
-    parser.add_argument("--max-question-length", type=int, default=64, help="question tokens kept (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=256, help="questions per map_batches call (default: %(default)s)")
     parser.add_argument("--concurrency", type=int, default=os.cpu_count(),
                         help="featurising actors (default: every CPU, %(default)s)")
@@ -47,7 +45,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=2, help="Ray Data runs in the same Ray (default: %(default)s)")
     parser.add_argument("--skip-baseline", action="store_true", help="skip the single-process baseline")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON result file (default: %(default)s)")
+    add_dataclass_flags(parser, QAConfig)
     args = parser.parse_args(argv)
+    args.qa = QAConfig(**given_flags(args, QAConfig))
     if args.full:
         if args.data:
             parser.error("give --full or --data, not both")
@@ -116,10 +116,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     benchlib.quiet_libraries()
     load_before = benchlib.load_average()
-    from qa_common import QAConfig, resolve_model_path
+    from qa_common import resolve_model_path
 
     args.tokenizer = resolve_model_path(args.tokenizer)
-    qa_config = QAConfig(max_length=args.max_length, stride=args.stride, max_question_length=args.max_question_length)
+    qa_config = args.qa
     clock = benchlib.Stopwatch()
     rows = question_rows(args)
     read_s = clock()

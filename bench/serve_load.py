@@ -1,7 +1,7 @@
 """Serving under concurrent HTTP load: dynamic batching on against off, same model, same requests.
 
-    python bench/serve_load.py                 # CPU: pretrained MiniLM (6 layers), 1 replica on 1 CPU
-    python bench/serve_load.py --gpu           # bert-base shape on one GPU, bfloat16, larger batches and load
+    python -m bench.serve_load                 # CPU: pretrained MiniLM (6 layers), 1 replica on 1 CPU
+    python -m bench.serve_load --gpu           # bert-base shape on one GPU, bfloat16, larger batches and load
 
 Starts serve_app (its packaged config and its own CLI flags, on 127.0.0.1 and a free port) on a fresh
 local Ray with ONE model replica, and for each mode sends ``--requests`` POST /v1/answer requests
@@ -25,21 +25,22 @@ import time
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import benchlib  # noqa: E402
+from bench import benchlib
+from serve_app.local import free_port
+from qa_common.modeling import SERVING_DTYPES
 
 DEFAULT_OUT = benchlib.RESULTS / "serve_load.json"
 APP = "qa"  # serve_app's application name
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python bench/serve_load.py", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m bench.serve_load", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gpu", action="store_true", help="one GPU replica, bert-base shape, bigger batches and load")
     parser.add_argument("--model", help=f"{benchlib.MODEL_HELP} (default: minilm on CPU, bert-base with --gpu)")
     parser.add_argument("--data", type=Path, default=None,
                         help="questions to ask (default: ../shared SQuAD sample dev article if present, "
-                             "else train_job/data/quickstart-validation.jsonl)")
+                             "else train_job/quickstart_data/quickstart-validation.jsonl)")
     parser.add_argument("--requests", type=int, default=None, help="timed requests per mode (default 200 CPU, 4000 GPU)")
     parser.add_argument("--concurrency", type=int, default=None, help="concurrent clients (default 16 CPU, 128 GPU)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed requests first (default: the concurrency)")
@@ -48,7 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="how long a batch waits to fill (default: serve_app's config)")
     parser.add_argument("--forward-batch-size", type=int, default=None,
                         help="windows per forward pass (default: serve_app's, 64; 256 with --gpu)")
-    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=None,
+    parser.add_argument("--dtype", choices=SERVING_DTYPES, default=None,
                         help="the model's weights (serve_app's --dtype; default: its config, auto)")
     parser.add_argument("--replica-cpus", type=float, default=None, help="CPUs of the model replica (default 1)")
     parser.add_argument("--cpus", type=int, default=os.cpu_count(), help="CPUs of the local Ray (default: %(default)s)")
@@ -181,7 +182,7 @@ def measure(args, workdir: Path, load_before: list[float]) -> int:
     print(f"[bench] {args.requests} timed requests ({sum(windows[args.warmup:])} windows) from "
           f"{benchlib.data_label(args.data)}; model {benchlib.model_summary(model_dir)}", flush=True)
     benchlib.init_local_ray(args.cpus)
-    port = benchlib.free_port()
+    port = free_port()
     rows = []
     try:
         for mode in args.modes:

@@ -1,10 +1,10 @@
 """Training throughput: the seed recipe (HF Trainer) against our Ray Train loop, in one run.
 
-    python bench/train_throughput.py                      # CPU: BERT-mini shape, seq 384, minutes on 2 cores
-    python bench/train_throughput.py --scaling            # + 1 vs 2 Ray Train CPU workers
-    python bench/train_throughput.py --ablate             # + our loop again with length grouping off, compile flipped
-    python bench/train_throughput.py --variants           # + the loop's step in-process, each speed feature on/off
-    python bench/train_throughput.py --gpu                # bert-base-cased shape, seq 384, fp16 seed / bf16 ours
+    python -m bench.train_throughput                      # CPU: BERT-mini shape, seq 384, minutes on 2 cores
+    python -m bench.train_throughput --scaling            # + 1 vs 2 Ray Train CPU workers
+    python -m bench.train_throughput --ablate             # + our loop again with length grouping off, compile flipped
+    python -m bench.train_throughput --variants           # + the loop's step in-process, each speed feature on/off
+    python -m bench.train_throughput --gpu                # bert-base-cased shape, seq 384, fp16 seed / bf16 ours
 
 Both recipes train the same model (same shape, same initial weights) on the same training windows
 (``qa_common.prepare_train_features`` of the same questions):
@@ -31,15 +31,16 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import benchlib  # noqa: E402
+from bench import benchlib
+from qa_common import QAConfig
+from qa_common.config import add_dataclass_flags, given_flags
 
 DEFAULT_OUT = benchlib.RESULTS / "train_throughput.json"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python bench/train_throughput.py", description=__doc__,
+        prog="python -m bench.train_throughput", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--gpu", action="store_true",
@@ -47,7 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--model", help=f"{benchlib.MODEL_HELP} (default: bert-mini on CPU, bert-base with --gpu)")
     parser.add_argument("--data", type=Path, default=None,
                         help="SQuAD-format training questions (default: ../shared SQuAD sample article if present, "
-                             "else train_job/data/quickstart-train.jsonl)")
+                             "else train_job/quickstart_data/quickstart-train.jsonl)")
     parser.add_argument("--eval-data", type=Path, default=None,
                         help="validation questions for our loop's per-epoch evaluation (default: the matching dev file)")
     parser.add_argument("--eval-questions", type=int, default=16,
@@ -55,9 +56,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-train-samples", type=int, default=None, help="use only the first N training questions")
     parser.add_argument("--repeat", type=int, default=None,
                         help="replicate the training questions N times (default 1 on CPU, 30 with --gpu)")
-    parser.add_argument("--max-length", type=int, default=384, help="tokens per window (default: %(default)s)")
-    parser.add_argument("--stride", type=int, default=128, help="window overlap (default: %(default)s)")
-    parser.add_argument("--max-question-length", type=int, default=64, help="question tokens kept (default: %(default)s)")
     parser.add_argument("--seed-batch-size", type=int, default=8, help="HF Trainer per-device batch (seed: 8)")
     parser.add_argument("--seed-steps", type=int, default=None,
                         help="timed HF Trainer steps after the warm-up (default 10 on CPU, 60 with --gpu)")
@@ -85,7 +83,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="include torch.compile among the in-process variants (slow to compile on CPU)")
     parser.add_argument("--skip-compare", action="store_true", help="skip the seed-vs-ours comparison")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON result file (default: %(default)s)")
+    add_dataclass_flags(parser, QAConfig)
     args = parser.parse_args(argv)
+    args.qa = QAConfig(**given_flags(args, QAConfig))
     args.model = args.model or ("bert-base" if args.gpu else "bert-mini")
     args.data = args.data or benchlib.default_train_data()
     if args.eval_data is None:
@@ -167,7 +167,7 @@ def run_seed(args, model_dir: str, features: dict, workdir: Path) -> dict:
         "recipe": "seed: HF Trainer",
         "precision": "fp16" if args.gpu else "fp32",
         "batch_size": args.seed_batch_size,
-        "padding": f"every window to {args.max_length}",
+        "padding": f"every window to {args.qa.max_length}",
         "optimizer": training_args.optim.value if hasattr(training_args.optim, "value") else str(training_args.optim),
         "timed_steps": timed_steps,
         "features_per_s": timed_steps * args.seed_batch_size / steady_s,
@@ -189,8 +189,7 @@ def train_config(args, model_dir: str, workdir: Path, train_file: Path, label: s
         model=model_dir, train_file=str(train_file), validation_file=str(args.eval_data),
         output_dir=str(workdir / label), num_workers=1, use_gpu=args.gpu,
         cpus_per_worker=min(8, args.cpus) if args.gpu else args.cpus, epochs=args.epochs,
-        per_device_batch_size=args.batch_size, precision=args.precision, max_length=args.max_length,
-        stride=args.stride, max_question_length=args.max_question_length, max_eval_samples=args.eval_questions,
+        per_device_batch_size=args.batch_size, precision=args.precision, qa=args.qa, max_eval_samples=args.eval_questions,
         max_failures=0, checkpoints_to_keep=1, warmup_ratio=0.0, group_by_length=args.group_by_length,
         compile=args.compile,
     )
@@ -201,7 +200,7 @@ def train_config(args, model_dir: str, workdir: Path, train_file: Path, label: s
 def run_ours(config, label: str, data=None) -> dict:
     """Fit ``config`` with Ray Train; features/s of the last epoch and the overhead around it."""
     from train_job.data import load_splits
-    from train_job.run import PreparedData, build_trainer, epoch_history
+    from train_job.driver import PreparedData, build_trainer, epoch_history
 
     clock = benchlib.Stopwatch()
     data = data or PreparedData(config, *load_splits(config))
@@ -264,21 +263,22 @@ def random_batches(features: dict, batch_size: int, rng) -> list[dict]:
 
 def time_variant(model_dir: str, batches: list[dict], warmup: list[dict], *, device, precision: str, trim: bool,
                  attention: str, fused: bool, compile_model: str | None) -> dict:
-    """Run the loop's step (autocast, backward, clip, AdamW, schedule) over ``batches``; features/s."""
+    """Run the loop's step (``train_job.optim.train_step``) over ``batches``; features/s."""
     import torch
     from transformers import AutoModelForQuestionAnswering
 
     from qa_common import trim_padding
+    from train_job.loop import AUTOCAST_DTYPES
+    from train_job.optim import build_optimizer, build_scheduler, train_step
 
     torch.manual_seed(0)
     model = AutoModelForQuestionAnswering.from_pretrained(model_dir, attn_implementation=attention).to(device).train()
-    decay = [p for n, p in model.named_parameters() if not n.endswith("bias") and "LayerNorm" not in n]
-    no_decay = [p for n, p in model.named_parameters() if n.endswith("bias") or "LayerNorm" in n]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=1e-4, fused=fused)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    optimizer = build_optimizer(model, learning_rate=1e-4, weight_decay=0.01, fused=fused)
+    total_steps = len(warmup) + len(batches)
+    scheduler = build_scheduler(optimizer, warmup_steps=0, total_steps=total_steps + 1)
+    dtype = AUTOCAST_DTYPES.get(precision)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
     # "auto": torch.compile's defaults (a dimension seen changing is recompiled as dynamic); "dynamic": dynamic=True
     forward = model
     if compile_model:
@@ -287,16 +287,7 @@ def time_variant(model_dir: str, batches: list[dict], warmup: list[dict], *, dev
     def step(batch):
         batch = trim_padding(batch) if trim else batch
         inputs = {name: torch.as_tensor(values, dtype=torch.long).to(device, non_blocking=True) for name, values in batch.items()}
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = forward(**inputs).loss
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss
+        return train_step(forward, inputs, optimizer=optimizer, scheduler=scheduler, scaler=scaler, autocast=autocast)
 
     def synchronize():
         if device.type == "cuda":
@@ -386,17 +377,16 @@ def main(argv=None) -> int:
 
 
 def measure(args, workdir: Path, load_before: list[float]) -> int:
-    from qa_common import QAConfig, load_tokenizer, read_squad
+    from qa_common import load_tokenizer, read_squad
 
     model_dir = benchlib.prepare_model_dir(args.model, workdir / "model")
     records = training_records(args)
     train_file = workdir / "train.jsonl"
     train_file.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     read_squad(args.eval_data)  # fail early on a bad file
-    qa_config = QAConfig(max_length=args.max_length, stride=args.stride, max_question_length=args.max_question_length)
-    features = training_features(records, load_tokenizer(model_dir), qa_config)
+    features = training_features(records, load_tokenizer(model_dir), args.qa)
     lengths = features["attention_mask"].sum(axis=1)
-    print(f"[bench] {len(records)} training questions -> {len(lengths)} windows of {args.max_length} tokens, "
+    print(f"[bench] {len(records)} training questions -> {len(lengths)} windows of {args.qa.max_length} tokens, "
           f"mean real length {lengths.mean():.0f}; model {benchlib.model_summary(model_dir)}", flush=True)
 
     results, ratios, rows = {}, {}, []

@@ -20,7 +20,7 @@ COMMON_KEYS = {"benchmark", "ratios", "results", "settings", "machine", "load_av
 
 def run_bench(script: str, out: Path, *flags: str, timeout: int = 240) -> dict:
     result = subprocess.run(
-        [sys.executable, str(REPO / "bench" / script), "--out", str(out), *flags],
+        [sys.executable, "-m", f"bench.{script}", "--out", str(out), *flags],
         cwd=REPO, capture_output=True, text=True, timeout=timeout,
     )
     assert result.returncode == 0, f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
@@ -35,7 +35,7 @@ def run_bench(script: str, out: Path, *flags: str, timeout: int = 240) -> dict:
 def test_train_throughput(tiny_model_dir, tmp_path):
     pytest.importorskip("accelerate", reason="the seed recipe's HF Trainer needs accelerate (the dev extra)")
     document = run_bench(
-        "train_throughput.py", tmp_path / "train.json",
+        "train_throughput", tmp_path / "train.json",
         "--model", str(tiny_model_dir), "--data", str(FIXTURES / "tiny-squad.jsonl"),
         "--eval-data", str(FIXTURES / "tiny-squad.json"), *SMALL_WINDOWS, "--batch-size", "4",
         "--seed-steps", "2", "--warmup-steps", "1", "--epochs", "1", "--eval-questions", "2",
@@ -51,7 +51,7 @@ def test_train_throughput(tiny_model_dir, tmp_path):
 
 def test_preprocess(tiny_model_dir, tmp_path):
     document = run_bench(
-        "preprocess.py", tmp_path / "preprocess.json",
+        "preprocess", tmp_path / "preprocess.json",
         "--data", str(FIXTURES / "tiny-squad.jsonl"), "--examples", "200", "--tokenizer", str(tiny_model_dir),
         *SMALL_WINDOWS, "--runs", "1", "--cpus", "2", "--concurrency", "2",
     )
@@ -64,7 +64,7 @@ def test_preprocess(tiny_model_dir, tmp_path):
 
 def test_serve_load(tiny_model_dir, tmp_path):
     document = run_bench(
-        "serve_load.py", tmp_path / "serve.json",
+        "serve_load", tmp_path / "serve.json",
         "--model", str(tiny_model_dir), "--data", str(FIXTURES / "tiny-squad.jsonl"),
         "--requests", "24", "--concurrency", "4", "--warmup", "2", "--max-batch-size", "4", "--cpus", "2",
         "--replica-cpus", "0.5", "--time-limit-s", "90",
@@ -81,7 +81,7 @@ def test_serve_load(tiny_model_dir, tmp_path):
 
 def test_cold_start(tiny_model_dir, tmp_path):
     document = run_bench(
-        "cold_start.py", tmp_path / "cold.json",
+        "cold_start", tmp_path / "cold.json",
         "--model", str(tiny_model_dir), "--repeats", "1", "--cpus", "2", "--replica-cpus", "0.5",
     )
     [row] = document["results"]["cold_starts"]
@@ -90,7 +90,7 @@ def test_cold_start(tiny_model_dir, tmp_path):
 
 
 def test_every_script_has_help():
-    for script in ("train_throughput.py", "preprocess.py", "serve_load.py", "cold_start.py"):
-        result = subprocess.run([sys.executable, str(REPO / "bench" / script), "--help"],
-                                capture_output=True, text=True, timeout=60)
+    for script in ("train_throughput", "preprocess", "serve_load", "cold_start"):
+        result = subprocess.run([sys.executable, "-m", f"bench.{script}", "--help"],
+                                cwd=REPO, capture_output=True, text=True, timeout=60)
         assert result.returncode == 0 and "--out" in result.stdout, script

@@ -9,6 +9,9 @@ from pathlib import Path
 
 # Short windows so the fixture contexts span several overlapping windows (as `small_config`).
 SMALL_QA = {"max_length": 48, "stride": 16, "max_question_length": 20}
+# The API token the test services accept (they are given only its hash).
+TOKEN = "test-token-not-a-secret"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 def free_port() -> int:
@@ -17,14 +20,24 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def token_hashes_file(directory: Path) -> Path:
+    """A token hashes file in ``directory`` that accepts :data:`TOKEN`."""
+    from serve_app.auth import hash_token
+
+    path = directory / "api-token-hashes.txt"
+    path.write_text(f"# the test token\n{hash_token(TOKEN)}\n", encoding="utf-8")
+    return path
+
+
 def service_config(model_dir: Path, port: int, **args) -> dict:
-    """The packaged Serve config, made small: one model replica on half a CPU, the tiny model."""
+    """The packaged Serve config, made small: one model replica on half a CPU, the tiny model, a token."""
     from serve_app.app import load_serve_config
 
     config = load_serve_config()
     config["http_options"] = {"host": "127.0.0.1", "port": port, "request_timeout_s": 60}
     [app] = config["applications"]
-    app["args"] = {**app["args"], "model": str(model_dir), **SMALL_QA, **args}
+    hashes = str(token_hashes_file(model_dir.parent))
+    app["args"] = {**app["args"], "model": str(model_dir), **SMALL_QA, "token_hashes_file": hashes, **args}
     for deployment in app["deployments"]:
         deployment["ray_actor_options"] = {**deployment["ray_actor_options"], "num_cpus": 0.1}
         if deployment["name"] == "QAModel":
@@ -34,16 +47,22 @@ def service_config(model_dir: Path, port: int, **args) -> dict:
 
 
 @contextmanager
-def local_serve(config: dict):
-    """A fresh local Ray (never a cluster that happens to run here) serving ``config``; yields its URL."""
+def local_serve(config: dict, *, metrics_export_port: int | None = None):
+    """A fresh local Ray (never a cluster that happens to run here) serving ``config``; yields its URL.
+
+    With ``metrics_export_port``, Ray exports its Prometheus metrics there every second.
+    """
     import ray
     from ray import serve
 
     from serve_app.app import run_config
 
+    metrics = {}
+    if metrics_export_port:
+        metrics = {"_metrics_export_port": metrics_export_port, "_system_config": {"metrics_report_interval_ms": 1000}}
     # Replica logs stay in Ray's session directory (/tmp/ray/session_latest/logs/serve) instead of
     # interleaving with pytest's output.
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, **metrics)
     try:
         yield run_config(config).rstrip("/")
     finally:

@@ -282,6 +282,9 @@ def test_fuzzed_bodies_all_get_a_json_4xx_and_the_service_keeps_answering(client
 def test_killing_the_model_replica_under_load_loses_no_request(service, client):
     import ray
 
+    # Questions that keep the replica busy, so that some are in flight when it dies.
+    busy_request = [{**OK, "context": " ".join([CONTEXT] * 8)}] * 4
+
     [replica] = [a for a in ray.util.list_named_actors(all_namespaces=True) if "#QAModel#" in a["name"]
                  and a["name"].startswith("SERVE_REPLICA::qa#")]
     statuses, stop = [], threading.Event()
@@ -289,7 +292,7 @@ def test_killing_the_model_replica_under_load_loses_no_request(service, client):
     def ask_until_stopped():
         with httpx.Client(base_url=service, timeout=60, headers=AUTH) as own:
             while not stop.is_set():
-                statuses.append(own.post("/v1/answer", json=OK).status_code)
+                statuses.append(own.post("/v1/answer", json=busy_request).status_code)
 
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         workers = [pool.submit(ask_until_stopped) for _ in range(8)]

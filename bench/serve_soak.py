@@ -50,6 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--cpus", type=int, default=os.cpu_count(), help="CPUs of the local Ray (default: %(default)s)")
     parser.add_argument("--drain-s", type=float, default=None, help="wait this long for open requests after the load "
                         "(default: the deadline + 10)")
+    parser.add_argument("--ignore-retry-after", dest="honour_retry_after", action="store_false",
+                        help="send the next request at once after a 503 (default: wait Retry-After, as a good client does)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON result file (default: %(default)s)")
     args = parser.parse_args(argv)
     args.data = args.data or benchlib.default_eval_data()
@@ -110,6 +112,10 @@ async def soak(base_url: str, token: str, short: list[dict], long: list[dict], a
                     if response.status_code == 200:
                         answer = response.json()
                         record["offsets_match"] = body["context"][answer["start"]:answer["end"]] == answer["answer"]
+                    elif response.status_code == 503 and args.honour_retry_after:
+                        records.append(record)
+                        await asyncio.sleep(float(response.headers.get("retry-after", 1)))
+                        continue
                 except (httpx.HTTPError, ValueError) as error:
                     record.update(status=type(error).__name__, latency_s=time.monotonic() - sent)
                 records.append(record)
@@ -208,6 +214,8 @@ def measure(args, workdir: Path, load_before: list[float]) -> int:
         "offset_mismatches": summary["offset_mismatches"],
         "p99_within_deadline": summary["p99_within_deadline"],
     }
+    benchlib.print_table("Ratios (targets: 0, 0, 0, True)", [{"ratio": k, "value": v} for k, v in targets.items()],
+                         ["ratio", "value"])
     settings = {key: (benchlib.data_label(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
     settings.update(model_shape=benchlib.model_summary(model_dir), deadline_s=deadline_s)
     settings.pop("out")

@@ -26,6 +26,7 @@ from collections import Counter
 from pathlib import Path
 
 from bench import benchlib
+from serve_app.app import MODEL_DEPLOYMENT
 from serve_app.local import free_port
 from qa_common.modeling import SERVING_DTYPES
 
@@ -112,10 +113,11 @@ async def send_load(base_url: str, payloads: list[dict], windows: list[int], *, 
     return {"latencies": latencies, "errors": dict(errors), "wall_s": wall_s, "answered_windows": answered_windows}
 
 
-def model_calls(base_url: str) -> int:
-    import httpx
+def model_calls() -> int:
+    """Model calls the replica has run (asked through Serve: the HTTP API does not show them)."""
+    from ray import serve
 
-    return httpx.get(f"{base_url}/v1/model", timeout=60).json()["model_calls"]
+    return serve.get_deployment_handle(MODEL_DEPLOYMENT, APP).describe.remote().result()["model_calls"]
 
 
 def run_mode(mode: str, args, model_dir: str, port: int, payloads, windows) -> dict:
@@ -135,12 +137,12 @@ def run_mode(mode: str, args, model_dir: str, port: int, payloads, windows) -> d
         if warm:
             asyncio.run(send_load(base_url, warm, windows, concurrency=args.concurrency,
                                   time_limit_s=args.time_limit_s, timeout_s=args.request_timeout_s))
-        calls_before = model_calls(base_url)
+        calls_before = model_calls()
         load_before = benchlib.load_average()
         timed = payloads[args.warmup :]
         result = asyncio.run(send_load(base_url, timed, windows[args.warmup :], concurrency=args.concurrency,
                                        time_limit_s=args.time_limit_s, timeout_s=args.request_timeout_s))
-        calls = model_calls(base_url) - calls_before
+        calls = model_calls() - calls_before
     finally:
         serve.delete(APP)
     latencies = result["latencies"]

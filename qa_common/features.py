@@ -62,6 +62,24 @@ def tokenize_windows(tokenizer, questions: Sequence[str], contexts: Sequence[str
     return encoding, sequence_ids == 1
 
 
+def count_windows(tokenizer, questions: Sequence[str], contexts: Sequence[str], config: QAConfig) -> list[int]:
+    """How many windows :func:`tokenize_windows` makes of each (question, context) pair, without making them.
+
+    Tokenises each side once (no padding, no offsets) and applies the sliding window's arithmetic:
+    a window holds ``max_length - question tokens - 3`` context tokens and consecutive windows share
+    ``stride`` of them. Cheap enough to bound a request's work before it reaches the model.
+    """
+    questions = truncate_questions(questions, tokenizer, config.max_question_length)
+    question_tokens = tokenizer(questions, add_special_tokens=False, verbose=False)["input_ids"]
+    context_tokens = tokenizer(list(contexts), add_special_tokens=False, verbose=False)["input_ids"]
+    counts = []
+    for question, context in zip(question_tokens, context_tokens):
+        room = config.max_length - len(question) - 3  # [CLS] question [SEP] context [SEP]
+        overflow = len(context) - room
+        counts.append(1 if overflow <= 0 else 1 + -(-overflow // (room - config.stride)))
+    return counts
+
+
 def _model_inputs(encoding, tokenizer) -> dict[str, np.ndarray]:
     return {
         name: np.asarray(encoding[name], dtype=np.int32)

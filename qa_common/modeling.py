@@ -13,15 +13,20 @@ MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 SERVING_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-def torch_dtype(name: str, device: str):
-    """The torch dtype for one of :data:`SERVING_DTYPES` on ``device`` ("cuda" or "cpu")."""
-    import torch
-
+def dtype_name(name: str, device: str) -> str:
+    """The dtype one of :data:`SERVING_DTYPES` means on ``device`` ("cuda" or "cpu"), "auto" resolved."""
     if name not in SERVING_DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(SERVING_DTYPES)}, got {name!r}")
     if name == "auto":
-        return torch.bfloat16 if device == "cuda" else torch.float32
-    return getattr(torch, name)
+        return "bfloat16" if device == "cuda" else "float32"
+    return name
+
+
+def torch_dtype(name: str, device: str):
+    """The torch dtype of :func:`dtype_name`."""
+    import torch
+
+    return getattr(torch, dtype_name(name, device))
 
 
 def resolve_model_path(name_or_path: str) -> str:

@@ -1,9 +1,12 @@
 """Serve a QA model over HTTP with Ray Serve, scaling to zero when idle.
 
     python -m serve_app --model DIR
+    python -m serve_app --model DIR --host 0.0.0.0 --token-hashes-file token-hashes.txt
 
 loads the Serve config (serve_app/config.yaml unless --config), applies the flags given, runs the
 application on a new local Ray (or the cluster at --address), prints its URL and serves until Ctrl-C.
+On 127.0.0.1 it may run without tokens; on any other address it needs API tokens (make one with
+`python -m serve_app.tokens new --append token-hashes.txt`).
 """
 
 import argparse
@@ -30,6 +33,11 @@ OVERRIDES = {
     "batch_wait_timeout_s": ("args", "batch_wait_timeout_s"),
     "max_body_bytes": ("args", "max_body_bytes"),
     "dtype": ("args", "dtype"),
+    "token_hashes_file": ("args", "token_hashes_file"),
+    "insecure_no_auth": ("args", "insecure_no_auth"),
+    "audit_log": ("args", "audit_log"),
+    "max_windows_per_request": ("args", "max_windows_per_request"),
+    "request_deadline_s": ("args", "request_deadline_s"),
     "min_replicas": ("autoscaling_config", "min_replicas"),
     "max_replicas": ("autoscaling_config", "max_replicas"),
     "downscale_to_zero_delay_s": ("autoscaling_config", "downscale_to_zero_delay_s"),
@@ -51,6 +59,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-batch-size", type=int, help="most questions answered in one model call")
     parser.add_argument("--batch-wait-timeout-s", type=float, help="how long a batch waits to fill up")
     parser.add_argument("--max-body-bytes", type=int, help="larger request bodies get HTTP 413")
+    parser.add_argument("--token-hashes-file", help="file of the SHA-256 hashes of the accepted API tokens "
+                        "(also read: $QA_TOKEN_HASHES); see python -m serve_app.tokens")
+    parser.add_argument("--insecure-no-auth", action="store_true", default=None,
+                        help="serve without tokens on a non-loopback address (never with patient data)")
+    parser.add_argument("--audit-log", help="append the JSON audit lines to this file (default: standard error)")
+    parser.add_argument("--max-windows-per-request", type=int, help="requests needing more model windows get 413")
+    parser.add_argument("--request-deadline-s", type=float, help="requests not answered within this get 503")
     parser.add_argument("--dtype", choices=SERVING_DTYPES, help="auto: bfloat16 on a GPU")
     parser.add_argument("--min-replicas", type=int, help="model replicas when idle; 0 lets the model scale to zero")
     parser.add_argument("--max-replicas", type=int, help="most model replicas under load")
@@ -81,6 +96,9 @@ def configure(config: dict, flags: argparse.Namespace) -> dict:
     if qa_flags:
         sections["args"]["qa"] = {**sections["args"].get("qa", {}), **qa_flags}
     sections["args"]["model"] = model_to_serve(flags.model or sections["args"].get("model") or str(QUICKSTART_MODEL))
+    for key in ("token_hashes_file", "audit_log"):  # relative to here, not to the Ray worker's directory
+        if sections["args"].get(key):
+            sections["args"][key] = str(Path(sections["args"][key]).expanduser().resolve())
     return config
 
 

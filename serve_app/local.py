@@ -14,18 +14,23 @@ def free_port() -> int:
 
 
 @contextmanager
-def local_serve(config: dict, *, num_cpus: int = 4, log_to_driver: bool = False):
+def local_serve(config: dict, *, num_cpus: int = 4, log_to_driver: bool = False,
+                metrics_export_port: int | None = None):
     """A fresh local Ray (never a cluster that happens to run here) serving ``config``; yields its URL.
 
-    Replica logs stay in Ray's session directory unless ``log_to_driver``.
+    Replica logs stay in Ray's session directory unless ``log_to_driver``. With
+    ``metrics_export_port``, Ray exports its Prometheus metrics there every second.
     """
     import ray
     from ray import serve
 
     from serve_app.app import run_config
 
+    metrics = {}
+    if metrics_export_port:
+        metrics = {"_metrics_export_port": metrics_export_port, "_system_config": {"metrics_report_interval_ms": 1000}}
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver,
-             logging_level="WARNING")
+             logging_level="WARNING", **metrics)
     try:
         yield run_config(config).rstrip("/")
     finally:

@@ -32,8 +32,15 @@ class AnswerRequest(BaseModel):
     # Strict: "3" is not an int and 3 is not a string; unknown fields are typos, not extras.
     model_config = ConfigDict(strict=True, extra="forbid")
 
-    question: str = Field(min_length=1, max_length=MAX_QUESTION_CHARS, examples=["Which drug was stopped?"])
-    context: str = Field(min_length=1, examples=["Warfarin was stopped on admission because of bleeding."])
+    # The pattern documents the "not only whitespace" check below for clients generated from the schema.
+    question: str = Field(
+        min_length=1, max_length=MAX_QUESTION_CHARS, json_schema_extra={"pattern": r"\S"},
+        examples=["Which drug was stopped?"],
+    )
+    context: str = Field(
+        min_length=1, json_schema_extra={"pattern": r"\S"},
+        examples=["Warfarin was stopped on admission because of bleeding."],
+    )
     top_k: int = Field(1, ge=1, le=MAX_TOP_K, description="How many answers; more than 1 returns a list.")
     max_answer_length: int | None = Field(
         None, ge=1, le=MAX_ANSWER_TOKENS, description="Longest answer in tokens; default: the service's setting."
@@ -64,12 +71,24 @@ class Answer(BaseModel):
     end: int = Field(description="End offset in the context (exclusive).")
 
 
+class ErrorResponse(BaseModel):
+    error: str = Field(description="What went wrong and what to do; never quotes the request's text.")
+
+
 AnswerOrAnswers = Answer | list[Answer]
 AnswerResponse = AnswerOrAnswers | list[AnswerOrAnswers]
 
 _QUESTION_LIST = TypeAdapter(
     Annotated[list[AnswerRequest], Field(min_length=1, max_length=MAX_QUESTIONS_PER_REQUEST)]
 )
+
+
+def request_body_schema(max_context_chars: int) -> dict:
+    """The JSON schema of ``/v1/answer``'s body with every bound the validator enforces."""
+    one = AnswerRequest.model_json_schema()
+    one["properties"]["context"]["maxLength"] = max_context_chars
+    many = {"type": "array", "items": one, "minItems": 1, "maxItems": MAX_QUESTIONS_PER_REQUEST}
+    return {"anyOf": [one, many]}
 
 
 class InvalidRequest(ValueError):
@@ -118,6 +137,29 @@ class ServeArgs(BaseModel):
     max_context_chars: int = Field(100_000, ge=1, description="Longest accepted context.")
     dtype: Literal[SERVING_DTYPES] = Field(
         "auto", description="Weights' dtype; auto: bfloat16 on a GPU, float32 on CPU."
+    )
+    model_name: str | None = Field(
+        None, description="Name shown by /v1/model; default: the Hub name or the model directory's name."
+    )
+    token_hashes_file: str | None = Field(
+        None, description="File of SHA-256 hashes of the accepted API tokens (also read: $QA_TOKEN_HASHES)."
+    )
+    insecure_no_auth: bool = Field(
+        False, description="Serve without tokens on a non-loopback address (never with patient data)."
+    )
+    max_windows_per_request: int = Field(
+        256, ge=1, description="Most model windows one request may need (413 beyond); 100k characters of "
+        "prose make about 85 windows of 384 tokens.",
+    )
+    max_windows_per_call: int = Field(
+        64, ge=1, description="Most windows a model replica runs in one call; the deadline is checked between calls."
+    )
+    request_deadline_s: float = Field(
+        30, gt=0, description="A request not answered within this gets 503 with Retry-After; work for it stops."
+    )
+    retry_after_s: int = Field(2, ge=1, description="The Retry-After of a 503 (busy or past the deadline).")
+    audit_log: str | None = Field(
+        None, description="File the JSON audit lines are appended to; default: the ingress's standard error."
     )
     qa: dict[str, int] = Field(
         default_factory=dict,

@@ -89,8 +89,21 @@ def test_cold_start(tiny_model_dir, tmp_path):
     assert document["ratios"]["cold_start_median_s"] > 0
 
 
+def test_serve_soak(tiny_model_dir, tmp_path):
+    document = run_bench(
+        "serve_soak", tmp_path / "soak.json",
+        "--model", str(tiny_model_dir), "--data", str(FIXTURES / "tiny-squad.jsonl"), "--clients", "4",
+        "--duration-s", "8", "--long-every", "3", "--long-chars", "2000", "--kill-at-s", "3", "--cpus", "2",
+        "--replica-cpus", "0.5",
+    )
+    soak = document["results"]["soak"]
+    assert soak["answered"] > 0 and soak["answered_long"] > 0 and soak["killed_at_s"] >= 3
+    assert soak["outside_200_503"] == 0 and soak["offset_mismatches"] == 0
+    assert soak["replicas_after"] == {"RUNNING": 1}
+
+
 def test_every_script_has_help():
-    for script in ("train_throughput", "preprocess", "serve_load", "cold_start"):
+    for script in ("train_throughput", "preprocess", "serve_load", "cold_start", "serve_soak"):
         result = subprocess.run([sys.executable, "-m", f"bench.{script}", "--help"],
                                 cwd=REPO, capture_output=True, text=True, timeout=60)
         assert result.returncode == 0 and "--out" in result.stdout, script

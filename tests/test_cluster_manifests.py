@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import re
 import shlex
 from pathlib import Path
@@ -446,3 +447,68 @@ def test_readme_sed_edits_of_the_serve_config_still_apply():
         config = yaml.safe_load(edited)
         assert config != yaml.safe_load(original)
         validate_with_ray_serve(config)
+
+
+# --- security: API tokens, Ray's token authentication, the NetworkPolicy ----------------------------
+
+def _containers(cluster: dict) -> list[dict]:
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    return [c for g in groups for c in g["template"]["spec"]["containers"]]
+
+
+@pytest.mark.parametrize("name", ALL_MANIFESTS)
+def test_ray_token_authentication_guards_the_dashboard_and_jobs_api(name):
+    spec = load_manifest(name)["spec"]
+    cluster = spec.get("rayClusterSpec") or spec["rayClusterConfig"]
+    assert cluster["authOptions"] == {"mode": "token"}
+    # KubeRay's authOptions needs Ray 2.52 or later.
+    assert tuple(int(part) for part in cluster["rayVersion"].split(".")) >= (2, 52, 0)
+
+
+def test_rayservice_reads_the_api_token_hashes_from_a_secret():
+    """Every pod (wherever the application builder runs) gets $QA_TOKEN_HASHES from the Secret, never a literal."""
+    from serve_app.auth import TOKEN_HASHES_ENV
+
+    cluster = load_manifest("rayservice.yaml")["spec"]["rayClusterConfig"]
+    for container in _containers(cluster):
+        [variable] = [e for e in container.get("env", []) if e["name"] == TOKEN_HASHES_ENV]
+        assert "value" not in variable
+        assert variable["valueFrom"]["secretKeyRef"] == {"name": "qa-serve-api-tokens", "key": "token-hashes"}
+    [app] = serve_config_v2()["applications"]
+    assert not app["args"].get("insecure_no_auth")
+    # The README's command creates that Secret.
+    text = (KUBERAY / "rayservice.yaml").read_text(encoding="utf-8")
+    assert "kubectl create secret generic qa-serve-api-tokens --from-file=token-hashes=" in text
+
+
+def test_rayservice_sheds_load_with_503_and_retry_after():
+    [app] = serve_config_v2()["applications"]
+    for deployment in app["deployments"]:
+        assert deployment["max_queued_requests"] > 0, deployment["name"]
+    ingress = next(d for d in app["deployments"] if d["name"] == "QAIngress")
+    assert ingress["backpressure_config"]["retry_after_s"] >= 1
+    assert app["args"]["request_deadline_s"] < yaml.safe_load(load_manifest("rayservice.yaml")["spec"]["serveConfigV2"])[
+        "http_options"]["request_timeout_s"]
+
+
+def test_networkpolicy_opens_only_serve_to_others():
+    [policy] = list(yaml.safe_load_all((KUBERAY / "networkpolicy.yaml").read_text(encoding="utf-8")))
+    assert policy["apiVersion"] == "networking.k8s.io/v1" and policy["kind"] == "NetworkPolicy"
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    # It selects every pod of the RayService's cluster.
+    selected = policy["spec"]["podSelector"]["matchLabels"]
+    cluster = load_manifest("rayservice.yaml")["spec"]["rayClusterConfig"]
+    for group in (cluster["headGroupSpec"], *cluster["workerGroupSpecs"]):
+        assert selected.items() <= group["template"]["metadata"]["labels"].items()
+    ray_ports = {6379, 8265, 10001}
+    for rule in policy["spec"]["ingress"]:
+        ports = {p["port"] for p in rule.get("ports", [])}
+        sources = rule.get("from", [])
+        if not sources:  # open to anyone: the Serve port only
+            assert ports == {8000}, rule
+        elif not ports:  # every port: the cluster's own pods only
+            assert sources == [{"podSelector": {"matchLabels": selected}}], rule
+        else:  # the operator: the dashboard API only
+            assert ports == {8265} and all("kuberay-operator" in json.dumps(s) for s in sources), rule
+    open_to_all = {p["port"] for r in policy["spec"]["ingress"] if not r.get("from") for p in r["ports"]}
+    assert not open_to_all & ray_ports

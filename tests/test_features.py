@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from qa_common import QAConfig, prepare_eval_features, prepare_train_features, trim_padding
+from qa_common import QAConfig, count_windows, prepare_eval_features, prepare_train_features, trim_padding
 
 
 def _train_features(records, tokenizer, config):
@@ -133,3 +133,20 @@ def test_qa_config_round_trips_through_a_model_directory(tmp_path):
     assert load_qa_config(tmp_path) == QAConfig(max_length=256, stride=96)
     overridden = load_qa_config(tmp_path, max_answer_length=5, stride=None)
     assert (overridden.max_answer_length, overridden.stride, overridden.max_length) == (5, 96, 256)
+
+
+@pytest.mark.parametrize("config", [
+    QAConfig(max_length=48, stride=16, max_question_length=20),
+    QAConfig(max_length=32, stride=4, max_question_length=8),
+    QAConfig(),
+])
+def test_count_windows_equals_the_windows_actually_made(fixture_records, tiny_model_and_tokenizer, config):
+    _, tokenizer = tiny_model_and_tokenizer
+    questions = [r["question"] for r in fixture_records] + ["why " * 40, "why"]
+    # Short, exactly-one-window and many-window contexts, including a long question that gets cut.
+    contexts = [r["context"] * (1 + i % 3) for i, r in enumerate(fixture_records)] + ["x", fixture_records[0]["context"] * 9]
+    features = prepare_eval_features([str(i) for i in range(len(questions))], questions, contexts, tokenizer, config)
+    made = np.bincount(features["example_id"].astype(int), minlength=len(questions))
+    counted = count_windows(tokenizer, questions, contexts, config)
+    assert counted == made.tolist()
+    assert max(counted) > 1 and min(counted) == 1

@@ -7,10 +7,11 @@ the CLI and the application builder, which need no Ray.
 
 import concurrent.futures
 import json
+import time
 
 import httpx
 import pytest
-from serve_helpers import SMALL_QA, service_config
+from serve_helpers import AUTH, SMALL_QA, service_config
 
 from serve_app.local import free_port, local_serve, replica_counts, wait_until
 
@@ -35,7 +36,7 @@ def service(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def client(service):
-    with httpx.Client(base_url=service, timeout=60) as client:
+    with httpx.Client(base_url=service, timeout=60, headers=AUTH) as client:
         yield client
 
 
@@ -150,17 +151,23 @@ def test_a_list_of_questions_is_answered_in_order(client, fixture_records, decod
     assert_same_answer(served[2], expected[2][0], payload[2]["context"])
 
 
+def model_calls() -> int:
+    from ray import serve
+
+    return serve.get_deployment_handle("QAModel", "qa").describe.remote().result()["model_calls"]
+
+
 def test_concurrent_requests_share_model_calls(client, service, fixture_records, decode_directly):
     records = fixture_records[:8]
-    calls_before = client.get("/v1/model").json()["model_calls"]
+    calls_before = model_calls()
 
     def ask(record):
         body = {"question": record["question"], "context": record["context"]}
-        return httpx.post(f"{service}/v1/answer", json=body, timeout=60)
+        return httpx.post(f"{service}/v1/answer", json=body, timeout=60, headers=AUTH)
 
     with concurrent.futures.ThreadPoolExecutor(len(records)) as pool:
         responses = list(pool.map(ask, records))
-    calls = client.get("/v1/model").json()["model_calls"] - calls_before
+    calls = model_calls() - calls_before
 
     expected = decode_directly([Question(r["question"], r["context"]) for r in records])
     for record, response, wanted in zip(records, responses, expected):
@@ -172,11 +179,13 @@ def test_concurrent_requests_share_model_calls(client, service, fixture_records,
 def test_health_and_model_description(client, tiny_model_dir):
     assert client.get("/healthz").json() == {"status": "ok"}
     info = client.get("/v1/model").json()
-    assert info["model"] == str(tiny_model_dir)
+    # The model's name and version, never where it lives on the server.
+    assert info["name"] == tiny_model_dir.name and str(tiny_model_dir) not in json.dumps(info)
+    assert "/" not in json.dumps(info)
     assert info["max_length"] == SMALL_QA["max_length"] and info["stride"] == SMALL_QA["stride"]
     assert info["max_answer_length"] == QAConfig().max_answer_length
     assert len(info["version"]) == 12 and info["device"] == "cpu" and info["dtype"] == "float32"
-    assert isinstance(info["model_calls"], int)
+    assert info["limits"]["context_chars"] == MAX_CONTEXT_CHARS and info["limits"]["questions_per_request"] == 64
 
 
 CONTEXT = "Warfarin was stopped on admission because of bleeding."
@@ -261,7 +270,13 @@ def test_model_scales_to_zero_and_a_request_wakes_it(service, tiny_model_dir):
         wait_until(lambda: replica_counts("zero", MODEL_DEPLOYMENT) == {}, timeout_s=90, what="the idle model to stop")
         assert replica_counts("zero", INGRESS_DEPLOYMENT) == {"RUNNING": 1}
 
-        response = httpx.post(f"{service}/zero/v1/answer", json=OK, timeout=90)
+        # Loading the page and asking for the model's description do not wake it.
+        assert httpx.get(f"{service}/zero/").status_code == 200
+        assert httpx.get(f"{service}/zero/v1/model", headers=AUTH).json()["name"] == tiny_model_dir.name
+        time.sleep(2)
+        assert replica_counts("zero", "QAModel") == {}
+
+        response = httpx.post(f"{service}/zero/v1/answer", json=OK, timeout=90, headers=AUTH)
         assert response.status_code == 200, response.text
         assert CONTEXT[response.json()["start"] : response.json()["end"]] == response.json()["answer"]
         assert replica_counts("zero", MODEL_DEPLOYMENT).get("RUNNING", 0) >= 1

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from serve_helpers import SMALL_QA, service_config
+from serve_helpers import SMALL_QA, TOKEN, service_config
 
 from serve_app.local import free_port, local_serve, wait_until
 
@@ -121,6 +121,7 @@ def test_ask_on_the_page_and_see_the_answer_highlighted(service, fixture_records
     [expected] = answer_questions(model, tokenizer, [question], QAConfig(**SMALL_QA))
 
     with headless_chromium(service + "/", tmp_path / "profile") as page:
+        page.type_into("#token", TOKEN)
         page.type_into("#document", document)
         page.type_into("#question", record["question"])
         page.click("#ask")
@@ -133,10 +134,36 @@ def test_ask_on_the_page_and_see_the_answer_highlighted(service, fixture_records
             answer: document.getElementById('answer-text').textContent,
             score: document.getElementById('answer-score').textContent,
             candidates: document.querySelectorAll('#answers li').length,
+            token: sessionStorage.getItem('qa-api-token'),
         })""")
+        wait_until(lambda: page.evaluate("document.getElementById('model-info').textContent"), timeout_s=30,
+                   what="the model's name")
+        footer = page.evaluate("document.getElementById('model-info').textContent")
 
     assert shown["status"] == ""
     assert shown["marked"] == expected[0]["answer"] == shown["answer"]
     assert shown["document"] == document
     assert float(shown["score"].removesuffix("%")) == pytest.approx(100 * expected[0]["score"], abs=0.051)
     assert shown["candidates"] == len(expected)
+    assert shown["token"] == TOKEN  # kept for the tab, so the next question needs no pasting
+    assert footer.startswith("Model ") and "/" not in footer
+
+
+def _ask(page, question: str = "Why?") -> str:
+    page.evaluate("document.getElementById('status').className = ''")
+    page.type_into("#document", "Some document.")
+    page.type_into("#question", question)
+    page.click("#ask")
+    wait_until(lambda: page.evaluate("document.getElementById('status').className == 'error'"), timeout_s=30,
+               what="an error on the page")
+    return page.evaluate("document.getElementById('status').textContent")
+
+
+def test_the_page_asks_for_a_token_and_says_when_the_service_is_busy(service, tmp_path):
+    with headless_chromium(service + "/", tmp_path / "profile") as page:
+        assert "API token" in _ask(page)  # no token: 401
+        # A full queue answers 503 with Retry-After; the page says how long to wait.
+        page.evaluate("""window.fetch = async () => new Response(JSON.stringify({error: "busy"}),
+            {status: 503, headers: {"Retry-After": "7", "Content-Type": "application/json"}})""")
+        page.type_into("#token", TOKEN)
+        assert _ask(page, "Again?") == "The service is busy, try again in 7 s."

@@ -4,7 +4,7 @@ import json
 
 import httpx
 import pytest
-from serve_helpers import service_config
+from serve_helpers import AUTH, service_config
 from test_train_job import tiny_config
 
 from qa_common import Question, answer_questions, load_model_and_tokenizer, load_qa_config, read_squad
@@ -39,11 +39,11 @@ def test_serving_an_exported_model_uses_its_trained_qa_config(exported_model):
     expected = answer_questions(model, tokenizer, [Question(r["question"], r["context"], top_k=2) for r in records],
                                 load_qa_config(model_dir))
     with local_serve(service_config(model_dir, free_port(), qa={})) as url:
-        info = httpx.get(f"{url}/v1/model", timeout=60).json()
+        info = httpx.get(f"{url}/v1/model", headers=AUTH, timeout=60).json()
         assert {name: info[name] for name in trained_qa.to_dict()} == trained_qa.to_dict()
         for record, wanted in zip(records, expected):
             body = {"question": record["question"], "context": record["context"], "top_k": 2}
-            served = httpx.post(f"{url}/v1/answer", json=body, timeout=60).json()
+            served = httpx.post(f"{url}/v1/answer", json=body, headers=AUTH, timeout=60).json()
             assert [(a["answer"], a["start"], a["end"]) for a in served] == [
                 (a["answer"], a["start"], a["end"]) for a in wanted
             ]

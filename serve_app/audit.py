@@ -1,0 +1,99 @@
+"""The ingress's audit trail and request metrics (one of each per ingress process).
+
+The audit log gets one JSON line per HTTP request: when, which request and token (the token's id,
+a prefix of its hash), which route, the status, the latency, how many questions and model windows,
+the model version and how many questions got no answer. Never a question, a context or an answer.
+The same events feed Prometheus metrics through ``ray.serve.metrics`` (Ray exports them on each
+node's metrics export port).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+import uuid
+from datetime import datetime, timezone
+
+from ray.serve.metrics import Counter
+
+AUDIT_LOGGER = "serve_app.audit"
+
+
+class RequestLog:
+    """Where the ingress writes its audit lines and counts its requests."""
+
+    def __init__(self, audit_log: str | None, model_version: str):
+        self.model_version = model_version
+        self.logger = logging.getLogger(AUDIT_LOGGER)
+        self.logger.setLevel(logging.INFO)
+        self.logger.propagate = False  # not into Serve's replica log: this trail has its own format
+        for handler in list(self.logger.handlers):
+            self.logger.removeHandler(handler)
+        handler = logging.FileHandler(audit_log, encoding="utf-8") if audit_log else logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        self.logger.addHandler(handler)
+        self.requests = Counter("qa_requests", "HTTP requests by route and status.", tag_keys=("route", "status"))
+        self.questions = Counter("qa_questions", "Questions accepted for answering.")
+        self.rejections = Counter(
+            "qa_rejections", "Requests turned away with 503: queue full, deadline passed, replica lost.",
+            tag_keys=("reason",),
+        )
+        self.abstentions = Counter("qa_abstentions", "Questions answered with no answer (empty span).")
+
+    def record(self, *, request_id: str, token_id: str | None, route: str, status: int, latency_s: float,
+               questions: int, windows: int, abstained: int) -> None:
+        self.requests.inc(tags={"route": route, "status": str(status)})
+        if abstained:
+            self.abstentions.inc(abstained)
+        self.logger.info(json.dumps({
+            "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+            "request_id": request_id,
+            "token_id": token_id,
+            "route": route,
+            "status": status,
+            "latency_ms": round(1000 * latency_s, 1),
+            "questions": questions,
+            "windows": windows,
+            "model_version": self.model_version,
+            "abstained": abstained,
+        }))
+
+
+_request_log: RequestLog | None = None  # this process's ingress's; set by configure()
+
+
+def configure(audit_log: str | None, model_version: str) -> RequestLog:
+    """Set up this process's audit log and metrics (the ingress calls this when it starts)."""
+    global _request_log
+    _request_log = RequestLog(audit_log, model_version)
+    return _request_log
+
+
+async def audit_requests(request, call_next):
+    """HTTP middleware: one audit line per request, whatever happens to it (a crash is a 500).
+
+    Routes fill in ``request.state.audit`` (token id, questions, windows, abstained) as they go.
+    """
+    started = time.monotonic()
+    request.state.audit = {"token_id": None, "questions": 0, "windows": 0, "abstained": 0}
+    status = 500
+    try:
+        response = await call_next(request)
+        status = response.status_code
+        return response
+    finally:
+        if _request_log is not None:
+            route = getattr(request.scope.get("route"), "path", None) or "unmatched"
+            _request_log.record(
+                request_id=_serve_request_id() or uuid.uuid4().hex, route=route, status=status,
+                latency_s=time.monotonic() - started, **request.state.audit,
+            )
+
+
+def _serve_request_id() -> str:
+    """The id Ray Serve gave this request (it also sends it back as the X-Request-Id header)."""
+    from ray.serve.context import _get_serve_request_context
+
+    return _get_serve_request_context().request_id

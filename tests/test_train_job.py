@@ -74,6 +74,11 @@ def uninterrupted(local_ray, tiny_model_dir, tmp_path_factory):
     return output_dir, run(tiny_config(tiny_model_dir, output_dir, epochs=2, report_to="tensorboard,mlflow"))
 
 
+def checkpoint_dirs(output_dir) -> list:
+    """The run's checkpoints, oldest first (their names hold the time they were written)."""
+    return sorted(p for p in (output_dir / "checkpoints" / "train").glob("checkpoint_*") if p.is_dir())
+
+
 def assert_same_run(resumed: dict, uninterrupted: dict) -> None:
     assert [h["step"] for h in resumed["history"]] == [h["step"] for h in uninterrupted["history"]]
     for ours, theirs in zip(resumed["history"], uninterrupted["history"]):
@@ -93,7 +98,7 @@ def test_a_run_killed_after_an_epoch_resumes_to_the_same_result(uninterrupted, t
     config = tiny_config(tiny_model_dir, tmp_path, epochs=2)
     with pytest.raises(TrainingFailedError):
         run(config, after_epoch=fail_after_first_epoch)
-    assert list((tmp_path / "checkpoints" / "train").glob("checkpoint_*"))
+    assert checkpoint_dirs(tmp_path)
     assert not (tmp_path / "metrics.json").exists()
 
     # Other settings into the same run directory: refused, naming the change.
@@ -117,8 +122,7 @@ def test_a_run_killed_mid_epoch_resumes_from_that_step_to_the_same_result(uninte
     config = tiny_config(tiny_model_dir, tmp_path, epochs=2, checkpoint_every_steps=2)
     with pytest.raises(TrainingFailedError):
         run(config, after_step=fail_in_second_epoch)
-    latest = max((tmp_path / "checkpoints" / "train").glob("checkpoint_*"))
-    state = read_training_state(latest)
+    state = read_training_state(checkpoint_dirs(tmp_path)[-1])
     assert (state["epoch"], state["step_in_epoch"]) == (1, 2) and len(state["rng"]) == 2
 
     assert_same_run(run(config), uninterrupted[1])

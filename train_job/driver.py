@@ -84,7 +84,7 @@ def build_trainer(config: TrainConfig, data: PreparedData, *, name: str, storage
             name=name,
             storage_path=storage_path,
             failure_config=FailureConfig(max_failures=config.max_failures, controller_failure_limit=0),
-            # Mid-epoch checkpoints have no F1 (NaN): they rank last, but the latest is always kept.
+            # Mid-epoch checkpoints have no F1 (Ray logs that it is missing): they rank last, but the latest is always kept.
             checkpoint_config=CheckpointConfig(
                 num_to_keep=config.checkpoints_to_keep, checkpoint_score_attribute="f1", checkpoint_score_order="max"
             ),

@@ -173,7 +173,8 @@ def train_epoch(worker: Worker, train_features: dict, lengths: np.ndarray, epoch
                     and step_in_epoch < common_steps:
                 state["epoch_so_far"] = {"loss_sum": loss_sum.item(), "features": features_seen,
                                          "seconds": time.perf_counter() - started}
-                report_with_checkpoint(worker, {"epoch": epoch, "step": state["step"], "f1": math.nan}, None)
+                # No F1 yet: not even NaN, which Ray's checkpoint manager stores as null and cannot rank on restore.
+                report_with_checkpoint(worker, {"epoch": epoch, "step": state["step"]}, None)
             if after_step is not None:
                 after_step(epoch + 1, step_in_epoch, resumed=worker.resumed)
     if progress is not None:

@@ -25,27 +25,53 @@ import numpy as np
 from qa_common.config import QAConfig
 
 
+class UnsupportedTokenizerError(ValueError):
+    """The tokenizer breaks an assumption of the windowing (right padding, room for the context)."""
+
+
+def check_tokenizer(tokenizer, config: QAConfig) -> None:
+    """Raise UnsupportedTokenizerError unless the windows below work with ``tokenizer``.
+
+    They need right padding (features are trimmed from the right, the question comes first) and
+    room for more than ``stride`` context tokens once the question and the special tokens the
+    tokenizer adds to a pair are in (QAConfig assumes BERT's 3; RoBERTa-style tokenizers add 4).
+    """
+    name = f"{type(tokenizer).__name__} ({getattr(tokenizer, 'name_or_path', '') or 'unnamed'})"
+    if getattr(tokenizer, "padding_side", "right") != "right":
+        raise UnsupportedTokenizerError(
+            f"tokenizer {name} pads on the {tokenizer.padding_side}; QA windows need right padding"
+        )
+    special = tokenizer.num_special_tokens_to_add(pair=True)
+    context_room = config.max_length - config.max_question_length - special
+    if context_room <= config.stride:
+        raise UnsupportedTokenizerError(
+            f"tokenizer {name} adds {special} special tokens to a question-context pair, leaving {context_room} "
+            f"context tokens per window (max_length {config.max_length} - max_question_length "
+            f"{config.max_question_length} - {special}), which must exceed stride {config.stride}; lower stride or "
+            "max_question_length, or raise max_length"
+        )
+
+
 def truncate_questions(questions: Sequence[str], tokenizer, max_question_length: int) -> list[str]:
     """Strip leading spaces and cut questions to at most ``max_question_length`` tokens.
 
     A question that fills the window leaves no room for the context, and ``only_second`` truncation
-    then fails for the whole batch; cutting the rare very long question keeps the batch alive.
+    then fails for the whole batch; cutting the rare very long question keeps the batch alive. Every
+    question is measured in tokens: a byte-level BPE can turn a short string into many tokens.
     """
     questions = [question.lstrip() for question in questions]
-    # A WordPiece/BPE token covers at least one character, so only longer strings can be too long.
-    long_ones = [i for i, question in enumerate(questions) if len(question) > max_question_length]
-    if long_ones:
-        encoded = tokenizer(
-            [questions[i] for i in long_ones], add_special_tokens=False, return_offsets_mapping=True
-        )
-        for i, offsets in zip(long_ones, encoded["offset_mapping"]):
-            if len(offsets) > max_question_length:
-                questions[i] = questions[i][: offsets[max_question_length - 1][1]]
+    if not questions:
+        return questions
+    encoded = tokenizer(questions, add_special_tokens=False, return_offsets_mapping=True)
+    for i, offsets in enumerate(encoded["offset_mapping"]):
+        if len(offsets) > max_question_length:
+            questions[i] = questions[i][: offsets[max_question_length - 1][1]]
     return questions
 
 
 def tokenize_windows(tokenizer, questions: Sequence[str], contexts: Sequence[str], config: QAConfig):
     """Tokenise pairs into windows; returns the tokenizer's BatchEncoding and the context-token mask."""
+    check_tokenizer(tokenizer, config)
     encoding = tokenizer(
         truncate_questions(questions, tokenizer, config.max_question_length),
         list(contexts),

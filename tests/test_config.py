@@ -49,3 +49,18 @@ def test_the_train_config_round_trips_through_its_dict():
 
     config = parse_train(["--max-answer-length", "12"])
     assert TrainConfig.from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize("preset, shown", [
+    ("quickstart", ["peak AdamW learning rate (default: 0.0003)", "(default: auto:", "(default: 256)"]),
+    ("squad-bert-base", ["peak AdamW learning rate (default: 2e-05)", "reserved for each worker (default: 1.0)",
+                         "(default: 384)", "(default: True)"]),
+])
+def test_help_shows_the_defaults_of_the_chosen_preset(preset, shown, capsys):
+    from train_job.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main(["--preset", preset, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for expected in shown:
+        assert expected in text

@@ -150,3 +150,49 @@ def test_count_windows_equals_the_windows_actually_made(fixture_records, tiny_mo
     counted = count_windows(tokenizer, questions, contexts, config)
     assert counted == made.tolist()
     assert max(counted) > 1 and min(counted) == 1
+def byte_level_bpe_tokenizer(pair_template: str = "<s> $A </s> $B:1 </s>:1"):
+    """A byte-level BPE tokenizer (GPT-2/RoBERTa style) trained on the fixture text: characters it
+    never saw, such as emoji, become one token per byte."""
+    from tokenizers import ByteLevelBPETokenizer
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+
+    from conftest import FIXTURES
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([(FIXTURES / "tiny-squad.jsonl").read_text(encoding="utf-8")], vocab_size=400,
+                            special_tokens=["<s>", "</s>", "<pad>"])
+    bpe = bpe._tokenizer  # the tokenizers.Tokenizer inside the trainer's wrapper
+    bpe.post_processor = TemplateProcessing(
+        single="<s> $A </s>", pair=pair_template,
+        special_tokens=[("<s>", bpe.token_to_id("<s>")), ("</s>", bpe.token_to_id("</s>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def test_short_questions_are_bounded_by_tokens_not_characters():
+    from qa_common.features import truncate_questions
+
+    tokenizer = byte_level_bpe_tokenizer()
+    question = "🩺" * 8  # 8 characters, 32 bytes: 32 byte tokens
+    assert len(tokenizer(question, add_special_tokens=False)["input_ids"]) > 20
+    [cut] = truncate_questions([question], tokenizer, max_question_length=20)
+    assert 0 < len(cut) < len(question) and question.startswith(cut)
+    assert len(tokenizer(cut, add_special_tokens=False)["input_ids"]) <= 20
+    config = QAConfig(max_length=64, stride=16, max_question_length=20)
+    features = prepare_eval_features(["q"], [question], ["The patient was seen in clinic today."], tokenizer, config)
+    assert features["input_ids"].shape[1] == 64
+
+
+def test_the_special_tokens_and_padding_side_come_from_the_tokenizer():
+    from qa_common.features import UnsupportedTokenizerError, check_tokenizer
+
+    config = QAConfig(max_length=48, stride=24, max_question_length=20)  # room for 25 - 1 context tokens with 4 specials
+    check_tokenizer(byte_level_bpe_tokenizer(), config)  # 3 special tokens, as QAConfig assumes
+    four = byte_level_bpe_tokenizer(pair_template="<s> $A </s> </s> $B:1 </s>:1")  # RoBERTa's pair layout
+    assert four.num_special_tokens_to_add(pair=True) == 4
+    with pytest.raises(UnsupportedTokenizerError, match="adds 4 special tokens .* leaving 24 context tokens"):
+        check_tokenizer(four, config)
+    left = byte_level_bpe_tokenizer()
+    left.padding_side = "left"
+    with pytest.raises(UnsupportedTokenizerError, match=r"tokenizer \w+ \(unnamed\) pads on the left"):
+        prepare_eval_features(["q"], ["Why?"], ["Because."], left, config)

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -51,32 +52,118 @@ def test_two_workers_train_evaluate_and_export(local_ray, tiny_model_dir, tmp_pa
     assert record["context"][answers[0]["start"]:answers[0]["end"]] == answers[0]["answer"]
 
 
-def test_one_and_two_workers_see_the_same_training_features(local_ray, tiny_model_dir, tmp_path):
-    seen = {}
-    for workers in (1, 2):
-        metrics = run(tiny_config(tiny_model_dir, tmp_path / str(workers), num_workers=workers, epochs=1))
-        seen[workers] = metrics["history"][-1]
-        assert metrics["train_features"] > 0
-    assert seen[1]["train_features_seen"] == seen[2]["train_features_seen"] == metrics["train_features"]
+def test_three_workers_with_two_validation_questions_report_what_one_worker_does(local_ray, tiny_model_dir, tmp_path):
+    # One worker evaluates no question: it must neither hang the others nor change the scores. A
+    # negligible learning rate keeps the two runs' models (and so their answers) the same.
+    runs = {}
+    for workers in (1, 3):
+        runs[workers] = run(tiny_config(tiny_model_dir, tmp_path / str(workers), num_workers=workers, epochs=1,
+                                        learning_rate=1e-9, max_eval_samples=2))
+        assert runs[workers]["history"][-1]["train_features_seen"] == runs[workers]["train_features"]
+    assert runs[1]["eval_examples"] == runs[3]["eval_examples"] == 2
+    for name in ("exact_match", "f1", "precision", "recall"):
+        assert runs[3][name] == pytest.approx(runs[1][name])
+    assert (json.loads((tmp_path / "3" / "predictions.json").read_text())
+            == json.loads((tmp_path / "1" / "predictions.json").read_text()))
 
 
-def test_a_failed_run_resumes_from_its_last_checkpoint(local_ray, tiny_model_dir, tmp_path):
+@pytest.fixture(scope="module")
+def uninterrupted(local_ray, tiny_model_dir, tmp_path_factory):
+    """Two epochs on two workers without a failure, with both trackers on: what resumed runs must match."""
+    output_dir = tmp_path_factory.mktemp("uninterrupted")
+    return output_dir, run(tiny_config(tiny_model_dir, output_dir, epochs=2, report_to="tensorboard,mlflow"))
+
+
+def checkpoint_dirs(output_dir) -> list:
+    """The run's checkpoints, oldest first (their names hold the time they were written)."""
+    return sorted(p for p in (output_dir / "checkpoints" / "train").glob("checkpoint_*") if p.is_dir())
+
+
+def assert_same_run(resumed: dict, uninterrupted: dict) -> None:
+    assert [h["step"] for h in resumed["history"]] == [h["step"] for h in uninterrupted["history"]]
+    for ours, theirs in zip(resumed["history"], uninterrupted["history"]):
+        for name in ("train_loss", "exact_match", "f1"):
+            assert ours[name] == pytest.approx(theirs[name], rel=1e-5, abs=1e-5), name
+
+
+def test_a_run_killed_after_an_epoch_resumes_to_the_same_result(uninterrupted, tiny_model_dir, tmp_path):
     from ray.train import TrainingFailedError
+
+    from train_job.config import TrainJobError
 
     def fail_after_first_epoch(epoch: int, *, resumed: bool) -> None:  # nested: pickled by value for the workers
         if epoch == 1 and not resumed:
             raise RuntimeError("injected fault after epoch 1")
 
-    config = tiny_config(tiny_model_dir, tmp_path, epochs=2, num_workers=1)
+    config = tiny_config(tiny_model_dir, tmp_path, epochs=2)
     with pytest.raises(TrainingFailedError):
         run(config, after_epoch=fail_after_first_epoch)
-    assert list((tmp_path / "checkpoints" / "train").glob("checkpoint_*"))
+    assert checkpoint_dirs(tmp_path)
     assert not (tmp_path / "metrics.json").exists()
 
-    metrics = run(config)
-    steps_per_epoch = metrics["history"][0]["step"]
-    assert [h["epoch"] for h in metrics["history"]] == [1, 2]
-    assert metrics["history"][1]["step"] == 2 * steps_per_epoch  # continued, not restarted at step 0
+    # Other settings into the same run directory: refused, naming the change.
+    with pytest.raises(TrainJobError, match=r"settings.learning_rate: 0.003 -> 7e-05.*--overwrite"):
+        run(tiny_config(tiny_model_dir, tmp_path, epochs=2, learning_rate=7e-5))
+
+    metrics = run(tiny_config(tiny_model_dir, tmp_path, epochs=2, resume=True))
+    assert_same_run(metrics, uninterrupted[1])
+    assert metrics["learning_rate"] == 3e-3 and metrics["fingerprint"]["settings"]["learning_rate"] == 3e-3
+
+
+def test_a_run_killed_mid_epoch_resumes_from_that_step_to_the_same_result(uninterrupted, tiny_model_dir, tmp_path):
+    from ray.train import TrainingFailedError
+
+    from train_job.checkpoint import read_training_state
+
+    def fail_in_second_epoch(epoch: int, step_in_epoch: int, *, resumed: bool) -> None:
+        if (epoch, step_in_epoch) == (2, 3) and not resumed:
+            raise RuntimeError("injected fault at epoch 2 step 3")
+
+    config = tiny_config(tiny_model_dir, tmp_path, epochs=2, checkpoint_every_steps=2)
+    with pytest.raises(TrainingFailedError):
+        run(config, after_step=fail_in_second_epoch)
+    state = read_training_state(checkpoint_dirs(tmp_path)[-1])
+    assert (state["epoch"], state["step_in_epoch"]) == (1, 2) and len(state["rng"]) == 2
+
+    assert_same_run(run(config), uninterrupted[1])
+
+
+def test_trackers_record_the_runs_scalars(uninterrupted):
+    import sqlite3
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    output_dir, metrics = uninterrupted
+    events = EventAccumulator(str(output_dir / "tensorboard" / "train"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    for tag in ("train/loss", "train/learning_rate", "train/windows_per_s", "eval/exact_match", "eval/f1"):
+        assert tag in tags, tag
+    assert [e.step for e in events.Scalars("eval/f1")] == [h["step"] for h in metrics["history"]]
+    assert events.Scalars("eval/f1")[-1].value == pytest.approx(metrics["history"][-1]["f1"])
+
+    pytest.importorskip("mlflow")
+    with sqlite3.connect(output_dir / "mlflow.db") as db:
+        params = dict(db.execute("select key, value from params"))
+        f1 = [row[0] for row in db.execute("select value from metrics where key = 'eval_f1' order by step")]
+    assert float(params["learning_rate"]) == 3e-3 and params["max_length"] == "48"
+    assert f1 == pytest.approx([h["f1"] for h in metrics["history"]])
+
+
+def test_workers_that_cannot_start_fail_the_run_with_the_reason(local_ray, tmp_path):
+    import ray.data
+    from ray.train import TrainingFailedError
+
+    from train_job.driver import build_trainer, startup_failure
+
+    config = tiny_config(tmp_path, tmp_path, num_workers=5, worker_start_timeout_s=2)  # 5 CPUs on a 4-CPU Ray
+    data = SimpleNamespace(train_feature_count=10, train_features_ref=None, validation_ref=None,
+                           validation_features=ray.data.from_items([{"x": 1}]))
+    trainer = build_trainer(config, data, name="never-starts", storage_path=str(tmp_path))
+    with pytest.raises(TrainingFailedError) as failure:
+        trainer.fit()
+    reason = startup_failure(failure.value, config)
+    assert reason is not None and "could not start within --worker-start-timeout-s 2" in str(reason)
 
 
 @pytest.mark.parametrize(

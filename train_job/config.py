@@ -14,6 +14,13 @@ from qa_common.config import setting as _flag
 
 DATA_DIR = Path(__file__).parent / "quickstart_data"
 PRECISIONS = ("fp32", "bf16", "fp16")
+TRACKERS = ("tensorboard", "mlflow")
+AUTO_CPUS = "auto: the cluster's CPUs shared by the workers (less a Tune trial driver's 0.1), at most 2 each"
+
+
+class TrainJobError(Exception):
+    """A problem the user fixes (resources, a run directory holding another run, ...): the command
+    prints the message and exits with status 2."""
 
 
 @dataclass
@@ -27,9 +34,16 @@ class TrainConfig:
         "Ray Train storage for checkpoints: a shared path or URI on a multi-node cluster "
         "(default: OUTPUT_DIR/checkpoints)", default=None)
     run_name: str = _flag("name of the Ray Train run; re-running with the same name and storage resumes it", default="train")
+    resume: bool = _flag("insist on resuming the run in the storage (fail when there is none or its settings or data "
+                         "differ); without --resume a run with the same settings resumes and one with others is refused",
+                         default=False)
+    overwrite: bool = _flag("delete the run in the storage (and the export in OUTPUT_DIR) and train anew", default=False)
     num_workers: int = _flag("Ray Train workers (data-parallel replicas)", default=1)
     use_gpu: bool = _flag("one GPU per worker", default=False)
-    cpus_per_worker: float = _flag("CPUs reserved for each worker", default=1.0)
+    cpus_per_worker: float | None = _flag("CPUs reserved for each worker", default=1.0)
+    worker_start_timeout_s: float = _flag(
+        "seconds the workers may wait for their resources (e.g. while an autoscaler adds nodes) before the run fails",
+        default=600.0)
     epochs: int = _flag("training epochs", default=2)
     learning_rate: float = _flag("peak AdamW learning rate", default=1e-4)
     weight_decay: float = _flag("AdamW weight decay (not applied to biases and LayerNorm)", default=0.01)
@@ -43,8 +57,17 @@ class TrainConfig:
     max_train_samples: int | None = _flag("use only the first N training questions", default=None)
     max_eval_samples: int | None = _flag("use only the first N validation questions", default=None)
     max_failures: int = _flag("worker failures to recover from (resuming from the last checkpoint)", default=2)
-    checkpoints_to_keep: int = _flag("checkpoints kept, the best by validation F1", default=2)
-    push_to_hub: str | None = _flag("Hub repository to upload the exported model to (skipped when offline)", default=None)
+    checkpoints_to_keep: int = _flag("checkpoints kept, the best by validation F1 (and always the latest)", default=2)
+    checkpoint_every_steps: int | None = _flag(
+        "also checkpoint every N steps within an epoch, so a lost worker costs minutes, not an epoch "
+        "(train_job only; Tune trials checkpoint every epoch)", default=None)
+    report_to: str | None = _flag("comma-separated trackers: tensorboard (event files in OUTPUT_DIR/tensorboard), "
+                                  "mlflow (the local store OUTPUT_DIR/mlflow.db, or --mlflow-tracking-uri)", default=None)
+    mlflow_tracking_uri: str | None = _flag("MLflow tracking URI (default: sqlite:///OUTPUT_DIR/mlflow.db)", default=None)
+    push_to_hub: str | None = _flag("Hub repository to upload the exported model to, private unless --hub-public "
+                                    "(skipped when offline)", default=None)
+    hub_public: bool = _flag("make the --push-to-hub repository public: fine-tuned models can memorise training text",
+                             default=False)
     address: str | None = _flag("Ray cluster address (default: RAY_ADDRESS, else start Ray locally)", default=None)
     # Windowing and decoding, shared with evaluation and serving (flags from QAConfig's fields).
     qa: QAConfig = dataclasses.field(default_factory=QAConfig)
@@ -57,10 +80,16 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Raise ValueError naming the flag to fix; returns self."""
-        positive = ["num_workers", "epochs", "per_device_batch_size", "eval_batch_size", "cpus_per_worker"]
+        positive = ["num_workers", "epochs", "per_device_batch_size", "eval_batch_size", "cpus_per_worker",
+                    "worker_start_timeout_s", "checkpoint_every_steps"]
         for name in positive:
-            if getattr(self, name) <= 0:
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"{dashed(name)} must be positive, got {getattr(self, name)}")
+        if self.resume and self.overwrite:
+            raise ValueError("give --resume or --overwrite, not both")
+        unknown = set(self.trackers) - set(TRACKERS)
+        if unknown:
+            raise ValueError(f"--report-to takes {', '.join(TRACKERS)}; got {', '.join(sorted(unknown))}")
         if not self.learning_rate > 0:
             raise ValueError(f"--learning-rate must be positive, got {self.learning_rate}")
         if not 0 <= self.warmup_ratio < 1:
@@ -80,6 +109,10 @@ class TrainConfig:
             raise ValueError("give --dataset, or both --train-file and --validation-file")
         return self
 
+    @property
+    def trackers(self) -> tuple[str, ...]:
+        return tuple(name.strip() for name in (self.report_to or "").split(",") if name.strip())
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -94,7 +127,9 @@ PRESETS: dict[str, dict] = {
         "epochs": 3,
         "learning_rate": 3e-4,
         "per_device_batch_size": 8,
-        "cpus_per_worker": 2,  # one worker using two cores beats two single-threaded ones on a laptop
+        # One worker using every core (up to 2) beats single-threaded ones on a laptop; "auto" also
+        # leaves a Tune trial driver its 0.1 CPU, so the tune example runs on a 2-core machine.
+        "cpus_per_worker": None,
         "qa": {"max_length": 256, "stride": 96},
     },
     # The seed notebook's recipe: bert-base-cased on SQuAD v1.1 from the Hub, mixed precision on GPUs.
@@ -114,17 +149,27 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """``--preset``, then one flag per TrainConfig and QAConfig field, all defaulting to None so presets fill the gaps."""
+def preset_values(preset: str, overrides: dict | None = None) -> dict:
+    """A preset's values with the command's own ``overrides`` (e.g. the search's output dir) on top."""
+    return {**PRESETS[preset], **(overrides or {})}
+
+
+def add_config_flags(parser: argparse.ArgumentParser, preset: str = "quickstart", overrides: dict | None = None) -> None:
+    """``--preset``, then one flag per TrainConfig and QAConfig field, all defaulting to None so presets fill the gaps.
+
+    The help shows the defaults ``preset`` applies (what ``--help`` after ``--preset NAME`` prints).
+    """
     parser.add_argument("--preset", choices=sorted(PRESETS), default="quickstart",
                         help="starting values, overridden flag by flag (default: quickstart)")
-    add_dataclass_flags(parser, TrainConfig, skip=("qa",))
-    add_dataclass_flags(parser, QAConfig)
+    values = preset_values(preset, overrides)
+    shown = {**values, "cpus_per_worker": AUTO_CPUS} if values.get("cpus_per_worker", 1) is None else values
+    add_dataclass_flags(parser, TrainConfig, defaults=shown, skip=("qa",))
+    add_dataclass_flags(parser, QAConfig, defaults=values.get("qa"))
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The preset's values, then every flag given; validated."""
-    values = {**PRESETS[args.preset]}
+def config_from_args(args: argparse.Namespace, overrides: dict | None = None) -> TrainConfig:
+    """The preset's values (with ``overrides``), then every flag given; validated."""
+    values = preset_values(args.preset, overrides)
     explicit = given_flags(args, TrainConfig, skip=("qa",))
     if "dataset" in explicit:  # an explicit data source replaces the preset's
         values.pop("train_file", None), values.pop("validation_file", None)

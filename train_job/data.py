@@ -6,7 +6,10 @@ import math
 
 import numpy as np
 
-from qa_common import QAConfig, load_hub_squad, load_tokenizer, prepare_eval_features, prepare_train_features, read_squad
+from qa_common import (
+    QAConfig, length_grouped_batches, load_hub_squad, load_tokenizer, prepare_eval_features, prepare_train_features,
+    read_squad,
+)
 from train_job.config import TrainConfig
 
 
@@ -79,3 +82,39 @@ def feature_datasets(config: TrainConfig, train: list[dict], validation: list[di
     train_features = featurize(train_rows, TrainFeaturizer)
     validation_features = featurize(validation_rows, EvalFeaturizer)
     return train_features, validation_features
+
+
+def feature_columns(dataset) -> dict[str, np.ndarray]:
+    """A materialised Ray Dataset as one array per column (to ``ray.put`` once and index per epoch)."""
+    blocks = list(dataset.iter_batches(batch_size=None, batch_format="numpy"))
+    return {name: np.concatenate([block[name] for block in blocks]) for name in blocks[0]}
+
+
+def epoch_shard(num_features: int, num_workers: int, rank: int, epoch: int, seed: int) -> np.ndarray:
+    """The indices of the training windows worker ``rank`` trains on in ``epoch``.
+
+    Each epoch draws one seeded permutation of *all* windows (the same on every worker: it depends
+    on the seed and the epoch only) and each worker takes its contiguous slice of it, the slices'
+    sizes differing by at most one. So every epoch each worker sees a new uniform sample of the
+    whole set, and together the workers see every window exactly once: the guarantee of Ray Data's
+    ``random_shuffle`` followed by an exact split, without a shuffle job per epoch competing with
+    the workers for CPUs. The windows sit in the object store once (``ray.put``), an epoch's order is
+    a permutation of indices, and a run resumed mid-epoch recomputes the same order.
+    """
+    order = np.random.default_rng([seed, epoch]).permutation(num_features)
+    return order[num_features * rank // num_workers : num_features * (rank + 1) // num_workers]
+
+
+def epoch_batches(shard: np.ndarray, lengths: np.ndarray, batch_size: int, rng: np.random.Generator,
+                  group_batches: int = 1) -> list[np.ndarray]:
+    """``shard`` cut into batches of indices; with ``group_batches`` > 1, windows of similar length
+    (``lengths``: real tokens per window) are batched together within each run of ``group_batches``
+    batches of the shuffled shard (:func:`qa_common.length_grouped_batches`), so the padding trimmed
+    per batch is mostly removed while the order stays random."""
+    if group_batches == 1:
+        return [shard[i : i + batch_size] for i in range(0, len(shard), batch_size)]
+    group = group_batches * batch_size
+    # length_grouped_batches sorts each group by the row sums of its length key: one column per row.
+    groups = ({"index": shard[i : i + group], "length": lengths[shard[i : i + group], None]}
+              for i in range(0, len(shard), group))
+    return [batch["index"] for batch in length_grouped_batches(groups, batch_size, rng, length_key="length")]

@@ -2,29 +2,44 @@
 
 from __future__ import annotations
 
+import math
 import os
 import time
 
 from train_job import checkpoint
-from train_job.config import TrainConfig
-from train_job.data import feature_datasets
+from train_job.config import TrainConfig, TrainJobError
+from train_job.data import feature_columns, feature_datasets
 from train_job.loop import steps_per_epoch, train_loop_per_worker
+from train_job.resources import ResourceError, check_fits, cluster_capacity, resolve_cpus_per_worker
+
+# Ray Train v2 reads these variables in the process that builds the trainer and passes them on to
+# its controller and workers.
+WORKER_GROUP_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+# Train's print patch sends a worker's print both to the original stdout (Ray's worker stdout is not
+# sys.__stdout__, so it "tees") and to a logger with a console handler: log_to_driver then shows
+# every line twice, and the progress bar's updates twice. Plain print: each line once.
+PRINT_PATCH_ENV = "RAY_TRAIN_ENABLE_PRINT_PATCH"
 
 
 class PreparedData:
-    """Records and materialised feature datasets, shared by a run or by every trial of a search."""
+    """Records and feature data, shared by a run or by every trial of a search.
+
+    The training windows go into the object store once, as one array per column
+    (``train_features_ref``): each worker draws its shuffled share of them every epoch
+    (``train_job.data.epoch_shard``). The validation features stay a Ray Dataset that every worker reads.
+    """
 
     def __init__(self, config: TrainConfig, train_records: list[dict], validation_records: list[dict]):
         import ray
 
         started = time.perf_counter()
         self.train_records, self.validation_records = train_records, validation_records
-        self.train_features, self.validation_features = feature_datasets(
-            config, self.train_records, self.validation_records
-        )
-        self.train_feature_count = self.train_features.count()
-        for dataset in (self.train_features, self.validation_features):  # the loop logs its own progress
-            dataset.context.enable_progress_bars = False
+        train_features, self.validation_features = feature_datasets(config, self.train_records, self.validation_records)
+        self.validation_features.context.enable_progress_bars = False  # the loop shows its own progress
+        columns = feature_columns(train_features)
+        self.train_feature_count = len(columns["input_ids"])
+        self.train_features_ref = ray.put(columns)
+        del columns, train_features
         self.validation_ref = ray.put(self.validation_records)
         print(f"[train_job] {len(self.train_records)} training questions -> {self.train_feature_count} windows, "
               f"{len(self.validation_records)} validation questions; prepared in {time.perf_counter() - started:.1f} s",
@@ -35,20 +50,32 @@ class PreparedData:
                 "eval_examples": len(self.validation_records)}
 
 
-def build_trainer(config: TrainConfig, data: PreparedData, *, name: str, storage_path: str, callbacks=(),
-                  after_epoch=None):
-    """The TorchTrainer of one run. ``after_epoch(epoch, resumed=...)`` runs on every worker after each
-    epoch's report (tests use it to inject a failure)."""
+def build_trainer(config: TrainConfig, data: PreparedData, *, name: str, storage_path: str, fingerprint: dict | None = None,
+                  callbacks=(), after_epoch=None, after_step=None):
+    """The TorchTrainer of one run.
+
+    Test seams, run on every worker: ``after_epoch(epoch, resumed=...)`` after each epoch's report,
+    ``after_step(epoch, step_in_epoch, resumed=...)`` after each training step (and its mid-epoch
+    checkpoint, if any); tests raise in them to inject a failure.
+    """
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    # Workers that cannot be placed within the timeout fail the run (controller_failure_limit=0)
+    # instead of Ray Train retrying the start forever.
+    os.environ[WORKER_GROUP_START_TIMEOUT_ENV] = str(config.worker_start_timeout_s)
+    os.environ.setdefault(PRINT_PATCH_ENV, "0")
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "train_config": config.to_dict(),
+            "run_name": name,
+            "fingerprint": fingerprint,
             "steps_per_epoch": steps_per_epoch(data.train_feature_count, config.num_workers, config.per_device_batch_size),
+            "train_features": data.train_features_ref,
             "validation_records": data.validation_ref,
             "after_epoch": after_epoch,
+            "after_step": after_step,
         },
         scaling_config=ScalingConfig(
             num_workers=config.num_workers, use_gpu=config.use_gpu, resources_per_worker={"CPU": config.cpus_per_worker}
@@ -56,38 +83,44 @@ def build_trainer(config: TrainConfig, data: PreparedData, *, name: str, storage
         run_config=RunConfig(
             name=name,
             storage_path=storage_path,
-            failure_config=FailureConfig(max_failures=config.max_failures),
+            failure_config=FailureConfig(max_failures=config.max_failures, controller_failure_limit=0),
+            # Mid-epoch checkpoints have no F1 (Ray logs that it is missing): they rank last, but the latest is always kept.
             checkpoint_config=CheckpointConfig(
                 num_to_keep=config.checkpoints_to_keep, checkpoint_score_attribute="f1", checkpoint_score_order="max"
             ),
             callbacks=list(callbacks),
         ),
-        datasets={**training_shards(data.train_features, config.num_workers), "validation": data.validation_features},
-        # Each worker reads its own training shard; every worker sees all validation features and
-        # evaluates the questions assigned to it.
+        # Every worker sees all validation features and evaluates the questions assigned to it.
+        datasets={"validation": data.validation_features},
         dataset_config=DataConfig(datasets_to_split=[]),
     )
 
 
-def training_shards(train_features, num_workers: int) -> dict:
-    """``train_<rank>`` datasets whose sizes differ by at most one feature.
+def fit_to_cluster(config: TrainConfig, *, driver_cpus: float = 0.0) -> TrainConfig:
+    """``config`` with "auto" CPUs resolved for the connected cluster; ResourceError if it cannot fit."""
+    capacity = cluster_capacity()
+    config = resolve_cpus_per_worker(config, capacity, driver_cpus=driver_cpus)
+    check_fits(config, capacity, driver_cpus=driver_cpus)
+    return config
 
-    Ray Train's own split (``streaming_split(equal=True)``) drops up to ``num_workers - 1`` features
-    every epoch; splitting exactly keeps every feature, and the loop's DDP ``join`` absorbs the one
-    extra step some workers take.
-    """
-    if num_workers == 1:
-        return {"train_0": train_features}
-    count = train_features.count()
-    bounds = [count * rank // num_workers for rank in range(1, num_workers)]
-    return {f"train_{rank}": shard for rank, shard in enumerate(train_features.split_at_indices(bounds))}
+
+def startup_failure(error: Exception, config: TrainConfig) -> TrainJobError | None:
+    """A ResourceError for a run whose workers could not start in time (else None)."""
+    cause = getattr(error, "controller_failure", None)
+    if type(cause).__name__ != "WorkerGroupStartupTimeoutError":
+        return None
+    return ResourceError(
+        f"the {config.num_workers} worker(s) ({config.cpus_per_worker:g} CPUs{' and a GPU' if config.use_gpu else ''} "
+        f"each) could not start within --worker-start-timeout-s {config.worker_start_timeout_s:g}: the cluster "
+        "lacks free resources for them (other jobs, or nodes the autoscaler could not add)")
 
 
 def best_checkpoint(result):
-    """The reported checkpoint with the highest validation F1."""
-    if not result.best_checkpoints:
-        raise RuntimeError(f"the run at {result.path} reported no checkpoint")
-    return max(result.best_checkpoints, key=lambda pair: pair[1]["f1"])
+    """The end-of-epoch checkpoint with the highest validation F1 (mid-epoch ones have no F1)."""
+    scored = [pair for pair in result.best_checkpoints if not math.isnan(pair[1].get("f1", math.nan))]
+    if not scored:
+        raise RuntimeError(f"the run at {result.path} reported no end-of-epoch checkpoint")
+    return max(scored, key=lambda pair: pair[1]["f1"])
 
 
 def epoch_history(result) -> list[dict]:

@@ -3,21 +3,28 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from qa_common import save_qa_config
-from train_job.checkpoint import PREDICTIONS, copy_model_and_predictions
+from train_job.checkpoint import PREDICTIONS, copy_model_and_predictions, read_train_config
 from train_job.config import TrainConfig
 
 METRIC_NAMES = ("exact_match", "f1", "precision", "recall")
 
 
 def export_run(checkpoint, checkpoint_metrics: dict, config: TrainConfig, output_dir: Path, extra: dict) -> dict:
-    """Write ``model/`` (+ ``model/README.md``), ``metrics.json`` and ``predictions.json``; return the metrics."""
+    """Write ``model/`` (+ ``model/README.md``), ``metrics.json`` and ``predictions.json``; return the metrics.
+
+    The metrics and the card describe the model exported: its settings and fingerprint are read from
+    the checkpoint (``config`` is used only for a checkpoint too old to carry them).
+    """
     output_dir.mkdir(parents=True, exist_ok=True)
     model_dir = output_dir / "model"
     with checkpoint.as_directory() as directory:
         copy_model_and_predictions(directory, model_dir, output_dir / PREDICTIONS)
+        recorded = read_train_config(directory) or {"config": config.to_dict(), "fingerprint": None}
+    config = TrainConfig.from_dict(recorded["config"])
     metrics = {
         **{name: checkpoint_metrics[name] for name in METRIC_NAMES},
         "train_samples_per_second": checkpoint_metrics["train_samples_per_second"],
@@ -32,6 +39,7 @@ def export_run(checkpoint, checkpoint_metrics: dict, config: TrainConfig, output
         "training_precision": config.precision,
         "model": config.model,
         "dataset": config.dataset or {"train": config.train_file, "validation": config.validation_file},
+        "fingerprint": recorded["fingerprint"],
         **extra,
     }
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
@@ -100,14 +108,27 @@ the source before acting on them.
 """
 
 
-def push_to_hub(model_dir: Path, repo: str) -> None:
-    """Upload the exported model; any failure (offline, no token) is reported and skipped."""
+MEMORISATION_WARNING = (
+    "a model fine-tuned on clinical or other personal text can memorise and reproduce parts of it; "
+    "share it only where that text may go"
+)
+
+
+def push_to_hub(model_dir: Path, repo: str, *, public: bool = False) -> None:
+    """Upload the exported model to a private repository (public only when asked); any failure
+    (offline, no token) is reported and skipped. An existing public repository is not uploaded to
+    unless ``public``."""
+    print(f"[train_job] warning: {MEMORISATION_WARNING}", file=sys.stderr)
     try:
         from huggingface_hub import HfApi
 
         api = HfApi()
-        api.create_repo(repo, exist_ok=True)
+        api.create_repo(repo, private=not public, exist_ok=True)
+        if not public and not api.repo_info(repo).private:
+            print(f"[train_job] --push-to-hub {repo} skipped: the repository exists and is public; "
+                  "pass --hub-public to upload to it", file=sys.stderr)
+            return
         api.upload_folder(folder_path=str(model_dir), repo_id=repo)
-        print(f"[train_job] pushed {model_dir} to the Hub as {repo}")
+        print(f"[train_job] pushed {model_dir} to the Hub as {repo} ({'public' if public else 'private'})")
     except Exception as error:  # offline, missing token, permissions: the local export stands
         print(f"[train_job] --push-to-hub {repo} skipped: {type(error).__name__}: {error}")

@@ -20,15 +20,18 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from qa_common import (
-    decode_predictions, length_grouped_batches, load_model_and_tokenizer, predict_logits, score_answer, trim_padding,
-)
+from ray.experimental import tqdm_ray
+
+from qa_common import decode_predictions, load_model_and_tokenizer, predict_logits, score_answer, trim_padding
 from train_job import checkpoint
 from train_job.config import TrainConfig
+from train_job.data import epoch_batches, epoch_shard
 from train_job.optim import build_optimizer, build_scheduler, train_step
+from train_job.tracking import Trackers
 
 GROUP_BATCHES = 32  # length grouping sorts this many batches' worth of features at a time
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+EPOCH_START = {"loss_sum": 0.0, "features": 0, "seconds": 0.0}  # an epoch's running totals, kept mid-epoch
 
 
 @dataclass
@@ -45,45 +48,59 @@ class Worker:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
     autocast: torch.autocast
-    state: dict  # counters and history, saved with every checkpoint
+    state: dict  # counters, history, RNG states: saved with every checkpoint
     resumed: bool
+    loop_config: dict  # what the driver passed: the run's name, fingerprint, test seams
+    trackers: Trackers | None = None  # rank 0, with --report-to
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
     config = TrainConfig.from_dict(loop_config["train_config"])
-    worker = set_up(config, loop_config["steps_per_epoch"])
+    worker = set_up(config, loop_config)
+    # The training windows, shared read-only through the object store (one copy per node).
+    train_features = ray.get(loop_config["train_features"])
+    lengths = train_features["attention_mask"].sum(axis=1)
     validation_records = ray.get(loop_config["validation_records"])
     worker_node_ids = gather_objects(ray.get_runtime_context().get_node_id(), worker.world_size)
-    train_shard = ray.train.get_dataset_shard(f"train_{worker.rank}")
     validation_features = ray.train.get_dataset_shard("validation")
     after_epoch = loop_config.get("after_epoch")  # a test seam: called after each epoch's report
 
     for epoch in range(worker.state["epoch"], config.epochs):
-        train_metrics = train_epoch(worker, train_shard, epoch, loop_config["steps_per_epoch"])
+        train_metrics = train_epoch(worker, train_features, lengths, epoch)
         predictions, scores = evaluate(worker, validation_features, validation_records)
         metrics = {"epoch": epoch + 1, **train_metrics, "worker_node_ids": worker_node_ids, **scores}
         log(worker.rank, "epoch {epoch} done: loss {train_loss:.4f}, EM {exact_match:.2f}, F1 {f1:.2f}, "
-                         "{train_samples_per_second:.1f} features/s".format(**metrics))
+                         "{train_samples_per_second:.1f} windows/s".format(**metrics))
+        if worker.trackers:
+            worker.trackers.scalars({"eval/exact_match": scores["exact_match"], "eval/f1": scores["f1"],
+                                     "eval/precision": scores["precision"], "eval/recall": scores["recall"],
+                                     "train/epoch_loss": train_metrics["train_loss"],
+                                     "train/epoch_windows_per_s": train_metrics["train_samples_per_second"]},
+                                    worker.state["step"])
         worker.state["epoch"] = epoch + 1
         worker.state["history"].append(metrics)
         report_with_checkpoint(worker, metrics, predictions)
         if after_epoch is not None:
             after_epoch(epoch + 1, resumed=worker.resumed)
+    if worker.trackers:
+        worker.trackers.close(finished=True)
 
 
-def set_up(config: TrainConfig, steps_per_epoch: int) -> Worker:
+def set_up(config: TrainConfig, loop_config: dict) -> Worker:
     """Model, optimiser and schedule, from the last checkpoint when Ray Train restarts a failed run."""
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     torch.manual_seed(config.seed)
     resumed_from = ray.train.get_checkpoint()
-    state = {"epoch": 0, "step": 0, "train_runtime_s": 0.0, "train_features_seen": 0, "history": []}
+    state = {"epoch": 0, "step": 0, "step_in_epoch": 0, "epoch_so_far": dict(EPOCH_START), "train_runtime_s": 0.0,
+             "train_features_seen": 0, "history": [], "rng": [], "mlflow_run_id": None}
     if resumed_from:
         with resumed_from.as_directory() as directory:
             model, tokenizer = load_model_and_tokenizer(str(checkpoint.model_dir(directory)))
             state = checkpoint.read_training_state(directory)
-        log(rank, f"resumed from the checkpoint of epoch {state['epoch']} (step {state['step']})")
+        log(rank, f"resumed from the checkpoint of epoch {state['epoch'] + (state['step_in_epoch'] > 0)} "
+                  f"(step {state['step']})")
     else:
         model, tokenizer = load_model_and_tokenizer(config.model)
     model = ray.train.torch.prepare_model(model)
@@ -92,30 +109,51 @@ def set_up(config: TrainConfig, steps_per_epoch: int) -> Worker:
         model = torch.compile(model, dynamic=True)
 
     optimizer = build_optimizer(model, learning_rate=config.learning_rate, weight_decay=config.weight_decay)
-    total_steps = steps_per_epoch * config.epochs
+    total_steps = loop_config["steps_per_epoch"] * config.epochs
     scheduler = build_scheduler(optimizer, warmup_steps=int(config.warmup_ratio * total_steps), total_steps=total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
     if resumed_from:
+        # Popped: the loaded copies (on the CPU) are freed once the optimiser holds its own on the device.
         optimizer.load_state_dict(state.pop("optimizer"))
         scheduler.load_state_dict(state.pop("scheduler"))
         scaler.load_state_dict(state.pop("scaler"))
+        if len(state["rng"]) == world_size:  # last: loading the model above drew random numbers
+            checkpoint.restore_rng_states(state["rng"][rank])
     autocast = torch.autocast(
         device.type, dtype=AUTOCAST_DTYPES.get(config.precision), enabled=config.precision in AUTOCAST_DTYPES
     )
-    return Worker(config, rank, world_size, device, model, tokenizer, optimizer, scheduler, scaler, autocast, state,
-                  resumed=bool(resumed_from))
+    worker = Worker(config, rank, world_size, device, model, tokenizer, optimizer, scheduler, scaler, autocast, state,
+                    resumed=bool(resumed_from), loop_config=loop_config)
+    if rank == 0 and config.trackers:
+        worker.trackers = Trackers(config, loop_config["run_name"], step=state["step"],
+                                   mlflow_run_id=state["mlflow_run_id"])
+        state["mlflow_run_id"] = worker.trackers.mlflow_run_id
+    return worker
 
 
-def train_epoch(worker: Worker, train_shard, epoch: int, steps_per_epoch: int) -> dict:
-    """One pass over this worker's shard; returns the epoch's training metrics, summed over workers."""
-    config, state = worker.config, worker.state
+def train_epoch(worker: Worker, train_features: dict, lengths: np.ndarray, epoch: int) -> dict:
+    """One pass over this worker's share of the epoch (from a mid-epoch checkpoint's step when resuming);
+    returns the epoch's training metrics, summed over workers."""
+    config, state, steps_per_epoch = worker.config, worker.state, worker.loop_config["steps_per_epoch"]
+    after_step = worker.loop_config.get("after_step")
     worker.model.train()
-    started, features_seen, step_in_epoch = time.perf_counter(), 0, 0
-    loss_sum = torch.zeros((), device=worker.device)
+    batches = epoch_batches(
+        epoch_shard(len(lengths), worker.world_size, worker.rank, epoch, config.seed), lengths,
+        config.per_device_batch_size, np.random.default_rng([config.seed, epoch, worker.rank]),
+        GROUP_BATCHES if config.group_by_length else 1,
+    )
+    # Mid-epoch checkpoints come only at steps every worker takes (shards differ by one window at most).
+    common_steps = math.ceil(len(lengths) // worker.world_size / config.per_device_batch_size)
+    so_far, first_step = state["epoch_so_far"], state["step_in_epoch"] + 1
+    loss_sum = torch.tensor(so_far["loss_sum"], device=worker.device)
+    features_seen, started = so_far["features"], time.perf_counter() - so_far["seconds"]
+    progress = progress_bar(worker, epoch, steps_per_epoch, first_step - 1)
     # Shards differ by at most one feature, so workers may take different numbers of steps; DDP's
     # join lets the workers that finish first take part in the others' gradient all-reduce.
     with worker.model.join() if worker.world_size > 1 else contextlib.nullcontext():
-        for step_in_epoch, batch in enumerate(training_batches(train_shard, config, epoch, worker.device), start=1):
+        for step_in_epoch in range(first_step, len(batches) + 1):
+            batch = {name: torch.as_tensor(values, dtype=torch.long, device=worker.device) for name, values in
+                     trim_padding({n: v[batches[step_in_epoch - 1]] for n, v in train_features.items()}).items()}
             try:
                 loss = train_step(worker.model, batch, optimizer=worker.optimizer, scheduler=worker.scheduler,
                                   scaler=worker.scaler, autocast=worker.autocast)
@@ -127,14 +165,26 @@ def train_epoch(worker: Worker, train_shard, epoch: int, steps_per_epoch: int) -
             loss_sum += loss
             features_seen += len(batch["input_ids"])
             state["step"] += 1
-            if step_in_epoch % max(1, steps_per_epoch // 10) == 0 or step_in_epoch == steps_per_epoch:
-                log(worker.rank, f"epoch {epoch + 1}/{config.epochs} step {step_in_epoch}/{steps_per_epoch} "
-                                 f"loss {loss.item():.4f} lr {worker.scheduler.get_last_lr()[0]:.3g} "
-                                 f"{features_seen * worker.world_size / (time.perf_counter() - started):.1f} features/s")
+            state["step_in_epoch"] = step_in_epoch
+            if progress is not None:
+                show_progress(worker, progress, loss, features_seen * worker.world_size / (time.perf_counter() - started),
+                              log_every=max(1, steps_per_epoch // 20))
+            if config.checkpoint_every_steps and step_in_epoch % config.checkpoint_every_steps == 0 \
+                    and step_in_epoch < common_steps:
+                state["epoch_so_far"] = {"loss_sum": loss_sum.item(), "features": features_seen,
+                                         "seconds": time.perf_counter() - started}
+                # No F1 yet: not even NaN, which Ray's checkpoint manager stores as null and cannot rank on restore.
+                report_with_checkpoint(worker, {"epoch": epoch, "step": state["step"]}, None)
+            if after_step is not None:
+                after_step(epoch + 1, step_in_epoch, resumed=worker.resumed)
+    if progress is not None:
+        progress.close()
     epoch_seconds = time.perf_counter() - started
-    totals = all_reduce_sum(torch.tensor([features_seen, loss_sum.item(), step_in_epoch], device=worker.device))
+    steps_taken = len(batches)
+    totals = all_reduce_sum(torch.tensor([features_seen, loss_sum.item(), steps_taken], device=worker.device))
     state["train_runtime_s"] += epoch_seconds
     state["train_features_seen"] += int(totals[0])
+    state["step_in_epoch"], state["epoch_so_far"] = 0, dict(EPOCH_START)
     return {
         "step": state["step"],
         "train_loss": float(totals[1] / totals[2]),
@@ -144,18 +194,28 @@ def train_epoch(worker: Worker, train_shard, epoch: int, steps_per_epoch: int) -
     }
 
 
-def training_batches(train_shard, config: TrainConfig, epoch: int, device):
-    """Shuffled training batches, padding trimmed; length-grouped unless turned off."""
-    group = GROUP_BATCHES if config.group_by_length else 1
-    batches = train_shard.iter_batches(
-        batch_size=group * config.per_device_batch_size, batch_format="numpy",
-        local_shuffle_buffer_size=4 * group * config.per_device_batch_size, local_shuffle_seed=config.seed + epoch,
-    )
-    if config.group_by_length:
-        batches = length_grouped_batches(batches, config.per_device_batch_size, np.random.default_rng(config.seed + epoch))
-    for batch in batches:
-        yield {name: torch.as_tensor(values, dtype=torch.long, device=device)
-               for name, values in trim_padding(batch).items()}
+def progress_bar(worker: Worker, epoch: int, steps_per_epoch: int, done: int):
+    """Rank 0's live bar (drawn by the driver: Ray's distributed tqdm); None on the other ranks."""
+    if worker.rank != 0:
+        return None
+    bar = tqdm_ray.tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{worker.config.epochs}", unit="step")
+    bar.update(done)
+    return bar
+
+
+def show_progress(worker: Worker, bar, loss: torch.Tensor, windows_per_s: float, *, log_every: int) -> None:
+    """Advance the bar; every ``log_every`` steps also show loss and learning rate (reading the loss
+    waits for the device, so not every step) and send them to the trackers."""
+    bar.update(1)
+    step = worker.state["step"]
+    if worker.state["step_in_epoch"] % log_every and worker.state["step_in_epoch"] != bar.total:
+        return
+    lr, loss_value = worker.scheduler.get_last_lr()[0], loss.item()
+    bar.set_description(f"epoch {worker.state['epoch'] + 1}/{worker.config.epochs} loss {loss_value:.4f} "
+                        f"lr {lr:.3g} {windows_per_s:.1f} windows/s")
+    if worker.trackers:
+        worker.trackers.scalars({"train/loss": loss_value, "train/learning_rate": lr,
+                                 "train/windows_per_s": windows_per_s}, step)
 
 
 def evaluate(worker: Worker, validation_features, validation_records):
@@ -202,8 +262,9 @@ def evaluate(worker: Worker, validation_features, validation_records):
     return predictions, scores
 
 
-def report_with_checkpoint(worker: Worker, metrics: dict, predictions: dict) -> None:
-    """Every worker reports (a barrier); rank 0 attaches the checkpoint."""
+def report_with_checkpoint(worker: Worker, metrics: dict, predictions: dict | None) -> None:
+    """Every worker reports (a barrier); rank 0 attaches the checkpoint, with every worker's RNG states."""
+    worker.state["rng"] = gather_objects(checkpoint.rng_states(), worker.world_size)
     with tempfile.TemporaryDirectory() as directory:
         saved = None
         if worker.rank == 0:
@@ -212,8 +273,11 @@ def report_with_checkpoint(worker: Worker, metrics: dict, predictions: dict) -> 
             checkpoint.write_checkpoint(
                 directory, model=getattr(worker.model, "module", worker.model), tokenizer=worker.tokenizer,
                 training_state=training_state, predictions=predictions, history=worker.state["history"],
+                train_config={"config": worker.config.to_dict(), "fingerprint": worker.loop_config["fingerprint"]},
             )
             saved = ray.train.Checkpoint.from_directory(directory)
+            if worker.trackers:
+                worker.trackers.flush()
         ray.train.report(metrics, checkpoint=saved)
 
 

@@ -2,34 +2,52 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from pathlib import Path
 
 from qa_common import load_tokenizer
+from qa_common.features import check_tokenizer
 from train_job.config import TrainConfig, save_config
 from train_job.data import load_splits
-from train_job.driver import PreparedData, best_checkpoint, build_trainer, epoch_history, init_ray
+from train_job.driver import PreparedData, best_checkpoint, build_trainer, epoch_history, fit_to_cluster, init_ray, startup_failure
 from train_job.export import export_run, push_to_hub
+from train_job.fingerprint import claim_run_dir, run_fingerprint
 
 
-def run(config: TrainConfig, *, after_epoch=None) -> dict:
-    """Train, evaluate and export; returns the exported metrics. ``after_epoch``: see ``build_trainer``."""
+def exported_paths(output_dir: Path, run_name: str) -> list[Path]:
+    """What an export (and the trackers) of a run wrote in ``output_dir``: deleted with the run by --overwrite."""
+    return [output_dir / "model", output_dir / "metrics.json", output_dir / "predictions.json",
+            output_dir / "tensorboard" / run_name]
+
+
+def run(config: TrainConfig, *, after_epoch=None, after_step=None) -> dict:
+    """Train, evaluate and export; returns the exported metrics. The seams: see ``build_trainer``."""
     from ray.train import TrainingFailedError
 
     output_dir = Path(config.output_dir).resolve()
+    config = dataclasses.replace(config, output_dir=str(output_dir))  # workers run in other directories
     storage_path = config.storage_path or str(output_dir / "checkpoints")
     started = time.perf_counter()
-    records = load_splits(config)  # bad data and a wrong model name fail here, before Ray starts
-    load_tokenizer(config.model)
+    train, validation = load_splits(config)  # bad data and a wrong model name fail here, before Ray starts
+    check_tokenizer(load_tokenizer(config.model), config.qa)
+    fingerprint = run_fingerprint(config, train, validation)
     init_ray(config.address)
-    data = PreparedData(config, *records)
+    config = fit_to_cluster(config)
+    claim_run_dir(f"{storage_path.rstrip('/')}/{config.run_name}", fingerprint, config,
+                  exported=exported_paths(output_dir, config.run_name))
+    data = PreparedData(config, train, validation)
     output_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, output_dir / "train_config.json")
-    trainer = build_trainer(config, data, name=config.run_name, storage_path=storage_path, after_epoch=after_epoch)
+    trainer = build_trainer(config, data, name=config.run_name, storage_path=storage_path, fingerprint=fingerprint,
+                            after_epoch=after_epoch, after_step=after_step)
     try:
         result = trainer.fit()
     except TrainingFailedError as error:
+        not_started = startup_failure(error, config)
+        if not_started:
+            raise not_started from None
         print(f"[train_job] training failed: {error}\n[train_job] checkpoints are kept in "
               f"{storage_path}/{config.run_name}; run the same command again to resume from the last one.",
               file=sys.stderr)
@@ -40,5 +58,5 @@ def run(config: TrainConfig, *, after_epoch=None) -> dict:
     print(f"[train_job] exported {output_dir / 'model'}: EM {metrics['exact_match']:.2f}, F1 {metrics['f1']:.2f} "
           f"(epoch {metrics['best_epoch']} of {config.epochs})")
     if config.push_to_hub:
-        push_to_hub(output_dir / "model", config.push_to_hub)
+        push_to_hub(output_dir / "model", config.push_to_hub, public=config.hub_public)
     return metrics

@@ -14,14 +14,20 @@ import math
 import sys
 from pathlib import Path
 
-from qa_common import SquadFormatError, load_tokenizer
-from train_job.config import TrainConfig, add_config_flags, config_from_args
+from qa_common import load_tokenizer
+from qa_common.features import check_tokenizer
+from train_job.config import TrainConfig, TrainJobError
 from train_job.data import load_splits
+from train_job.driver import PreparedData, build_trainer, fit_to_cluster, init_ray
 from train_job.export import export_run
-from train_job.driver import PreparedData, build_trainer, init_ray
+from train_job.fingerprint import claim_run_dir, run_fingerprint
+from train_job.resources import TRIAL_DRIVER_CPUS
+
+SEARCH_SETTINGS = ("lr_min", "lr_max", "lr_grid", "num_samples", "scheduler", "grace_period", "metric", "mode")
 
 
-def run_trial(trial_config: dict, base_config: TrainConfig, data: PreparedData, storage_path: str) -> None:
+def run_trial(trial_config: dict, base_config: TrainConfig, data: PreparedData, storage_path: str,
+              fingerprint: dict) -> None:
     """One Tune trial: a whole Ray Train run at the trial's learning rate."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -29,6 +35,7 @@ def run_trial(trial_config: dict, base_config: TrainConfig, data: PreparedData, 
     config = dataclasses.replace(base_config, learning_rate=trial_config["learning_rate"])
     trial_id = tune.get_context().get_trial_id()
     trainer = build_trainer(config, data, name=f"trial-{trial_id}", storage_path=storage_path,
+                            fingerprint={**fingerprint, "learning_rate": config.learning_rate},
                             callbacks=[TuneReportCallback()])
     trainer.fit()
 
@@ -48,8 +55,8 @@ def default_concurrency(config: TrainConfig) -> int:
     resources = ray.cluster_resources()
     if config.use_gpu:
         return max(1, int(resources.get("GPU", 0) // config.num_workers))
-    # Each trial needs its workers' CPUs plus one for its Train controller.
-    return max(1, int(resources.get("CPU", 1) // (config.num_workers * config.cpus_per_worker + 1)))
+    # Each trial needs its workers' CPUs plus its driver's.
+    return max(1, int(resources.get("CPU", 1) // (config.num_workers * config.cpus_per_worker + TRIAL_DRIVER_CPUS)))
 
 
 def search(config: TrainConfig, args) -> dict:
@@ -58,18 +65,27 @@ def search(config: TrainConfig, args) -> dict:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     output_dir = Path(config.output_dir).resolve()
-    records = load_splits(config)
-    load_tokenizer(config.model)
+    config = dataclasses.replace(config, output_dir=str(output_dir))  # trials run in other directories
+    train, validation = load_splits(config)
+    check_tokenizer(load_tokenizer(config.model), config.qa)
+    # The search is identified by the settings it does not search, its search space, and the data.
+    fingerprint = run_fingerprint(config, train, validation, ignore=("learning_rate",),
+                                  extra={"search": {name: getattr(args, name) for name in SEARCH_SETTINGS}})
     init_ray(config.address)
-    data = PreparedData(config, *records)
+    config = fit_to_cluster(config, driver_cpus=TRIAL_DRIVER_CPUS)
     storage_path = config.storage_path or str(output_dir / "tune")
+    experiment = f"{storage_path.rstrip('/')}/{args.name}"  # a path or a URI (s3://, gs://)
+    resuming = claim_run_dir(experiment, fingerprint, config, exported=[
+        output_dir / "model", output_dir / "metrics.json", output_dir / "predictions.json",
+        output_dir / "tune_results.json"])
+    data = PreparedData(config, train, validation)
     # A NaN learning rate is not a transient failure: fail the trial, do not retry it.
     trial_base = dataclasses.replace(config, max_failures=0)
-    trainable = tune.with_parameters(run_trial, base_config=trial_base, data=data, storage_path=storage_path)
+    trainable = tune.with_parameters(run_trial, base_config=trial_base, data=data, storage_path=storage_path,
+                                     fingerprint=fingerprint)
     # The trial driver only coordinates; its workers hold the real resources.
-    trainable = tune.with_resources(trainable, {"CPU": 0.1})
-    experiment = f"{storage_path.rstrip('/')}/{args.name}"  # a path or a URI (s3://, gs://)
-    if tune.Tuner.can_restore(experiment):
+    trainable = tune.with_resources(trainable, {"CPU": TRIAL_DRIVER_CPUS})
+    if resuming and tune.Tuner.can_restore(experiment):
         print(f"[train_job.tune] resuming the search in {experiment}")
         tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=False)
     else:
@@ -89,7 +105,7 @@ def search(config: TrainConfig, args) -> dict:
     trials = summarize_trials(results, config.epochs, args.metric, args.mode)
     ranked = [t for t in trials if t["status"] != "failed" and t[args.metric] is not None]
     if not ranked:
-        raise RuntimeError("every trial failed; see the reasons above and lower the learning rates")
+        raise TrainJobError("every trial failed; see the reasons above (lower the learning rates if they diverged)")
     best = max(ranked, key=lambda t: t[args.metric] if args.mode == "max" else -t[args.metric])
     best_config = dataclasses.replace(config, learning_rate=best["learning_rate"])
     from ray.train import Checkpoint
@@ -173,13 +189,7 @@ def results_table(trials: list[dict], best: dict) -> str:
     return "\n".join(rows)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m train_job.tune",
-        description="Search the learning rate of the train_job recipe with Ray Tune (ASHA early stopping on "
-        "per-epoch validation F1), then export the best trial's model like a train_job run.",
-    )
-    add_config_flags(parser)
+def add_search_flags(parser: argparse.ArgumentParser) -> None:
     search_flags = parser.add_argument_group("search")
     search_flags.add_argument("--lr-min", type=float, default=1e-5, help="log-uniform search: lowest rate (default: 1e-5)")
     search_flags.add_argument("--lr-max", type=float, default=3e-4, help="log-uniform search: highest rate (default: 3e-4)")
@@ -195,25 +205,28 @@ def main(argv: list[str] | None = None) -> int:
     search_flags.add_argument("--mode", choices=("max", "min"), default="max", help="(default: max)")
     search_flags.add_argument("--name", default="lr-search",
                               help="search name; re-running with the same name and output dir resumes it")
-    args = parser.parse_args(argv)
-    if args.output_dir is None:
-        args.output_dir = "runs/tune"
-    try:
-        config = config_from_args(args)
-        if not 0 < args.lr_min < args.lr_max:
-            raise ValueError("--lr-min must be positive and below --lr-max")
-        if args.lr_grid is not None and not all(lr > 0 for lr in args.lr_grid):
-            raise ValueError("--lr-grid rates must be positive")
-        if args.num_samples < 1 or args.grace_period < 1 or (args.max_concurrent_trials or 1) < 1:
-            raise ValueError("--num-samples, --grace-period and --max-concurrent-trials must be positive")
-    except ValueError as error:
-        parser.error(str(error))
-    try:
-        search(config, args)
-    except (SquadFormatError, OSError, RuntimeError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+
+
+def check_search_args(args: argparse.Namespace) -> None:
+    if not 0 < args.lr_min < args.lr_max:
+        raise ValueError("--lr-min must be positive and below --lr-max")
+    if args.lr_grid is not None and not all(lr > 0 for lr in args.lr_grid):
+        raise ValueError("--lr-grid rates must be positive")
+    if args.num_samples < 1 or args.grace_period < 1 or (args.max_concurrent_trials or 1) < 1:
+        raise ValueError("--num-samples, --grace-period and --max-concurrent-trials must be positive")
+    if args.checkpoint_every_steps:
+        raise ValueError("--checkpoint-every-steps is for train_job; Tune trials checkpoint every epoch")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from train_job.cli import run_command
+
+    return run_command(
+        argv, start=search, add_flags=add_search_flags, check_args=check_search_args,
+        preset_overrides={"output_dir": "runs/tune"}, prog="python -m train_job.tune",
+        description="Search the learning rate of the train_job recipe with Ray Tune (ASHA early stopping on "
+        "per-epoch validation F1), then export the best trial's model like a train_job run.",
+    )
 
 
 if __name__ == "__main__":

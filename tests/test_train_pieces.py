@@ -1,0 +1,213 @@
+"""The pieces of a trustworthy run, without Ray: resource fit, fingerprints, epoch order, checkpoints, Hub push."""
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import FIXTURES
+from qa_common import QAConfig
+from train_job import checkpoint
+from train_job.config import TrainConfig, TrainJobError
+from train_job.data import epoch_batches, epoch_shard
+from train_job.fingerprint import changes, claim_run_dir, run_fingerprint
+from train_job.resources import Capacity, ResourceError, check_fits, resolve_cpus_per_worker
+
+
+def config(**overrides) -> TrainConfig:
+    values = dict(model="m", train_file=str(FIXTURES / "tiny-squad.jsonl"), validation_file=str(FIXTURES / "tiny-squad.json"),
+                  qa=QAConfig(max_length=48, stride=16, max_question_length=20))
+    return TrainConfig(**{**values, **overrides}).validate()
+
+
+# --- resources ---------------------------------------------------------------------------------
+
+
+def test_a_trial_that_cannot_fit_says_what_would():
+    with pytest.raises(ResourceError, match=r"each trial needs 2.1 CPUs .*; this cluster has 2: use --cpus-per-worker 1.9"):
+        check_fits(config(cpus_per_worker=2), Capacity(cpus=2, gpus=0, largest_node_cpus=2), driver_cpus=0.1)
+    with pytest.raises(ResourceError, match=r"the run needs 4 CPUs .*this cluster has 2: use --cpus-per-worker 1$"):
+        check_fits(config(num_workers=2, cpus_per_worker=2), Capacity(cpus=2, gpus=0, largest_node_cpus=2))
+    with pytest.raises(ResourceError, match=r"at most 4 on one node: use --cpus-per-worker 3.9"):
+        check_fits(config(cpus_per_worker=6), Capacity(cpus=8, gpus=0, largest_node_cpus=4), driver_cpus=0.1)
+    with pytest.raises(ResourceError, match="can scale to 0: drop --use-gpu|none: drop --use-gpu"):
+        check_fits(config(use_gpu=True), Capacity(cpus=8, gpus=0, largest_node_cpus=8, autoscaling=True))
+    with pytest.raises(ResourceError, match="2 GPU.*has 1: use --num-workers 1"):
+        check_fits(config(use_gpu=True, num_workers=2), Capacity(cpus=8, gpus=1, largest_node_cpus=8))
+    check_fits(config(cpus_per_worker=1.9), Capacity(cpus=2, gpus=0, largest_node_cpus=2), driver_cpus=0.1)
+
+
+def test_auto_cpus_fit_the_machine_and_leave_the_trial_driver_its_share():
+    two_cores = Capacity(cpus=2, gpus=0, largest_node_cpus=2)
+    quickstart = config(cpus_per_worker=None)
+    assert resolve_cpus_per_worker(quickstart, two_cores).cpus_per_worker == 2
+    tuned = resolve_cpus_per_worker(quickstart, two_cores, driver_cpus=0.1)
+    assert tuned.cpus_per_worker == 1.9
+    check_fits(tuned, two_cores, driver_cpus=0.1)
+    assert resolve_cpus_per_worker(quickstart, Capacity(cpus=16, gpus=0, largest_node_cpus=16)).cpus_per_worker == 2
+    assert resolve_cpus_per_worker(config(cpus_per_worker=None, num_workers=2), two_cores).cpus_per_worker == 1
+    assert resolve_cpus_per_worker(config(cpus_per_worker=3), two_cores).cpus_per_worker == 3  # given: kept
+
+
+# --- fingerprints and the run directory ---------------------------------------------------------
+
+
+def records(n=3):
+    return [{"id": f"q{i}"} for i in range(n)]
+
+
+def test_fingerprint_names_what_changed_and_holds_no_text():
+    base = run_fingerprint(config(), records(), records())
+    assert run_fingerprint(config(), records(), records()) == base
+    assert changes(base, run_fingerprint(config(learning_rate=7e-5), records(), records())) == [
+        "settings.learning_rate: 0.0001 -> 7e-05"]
+    fewer = changes(base, run_fingerprint(config(), records(2), records()))
+    assert len(fewer) == 2 and fewer[1] == "data.train.questions: 3 -> 2"
+    # Where the output goes, how many CPUs and how it is logged do not change the model.
+    assert run_fingerprint(config(output_dir="elsewhere", cpus_per_worker=3, report_to="tensorboard"),
+                           records(), records()) == base
+    assert base["data"]["train"]["file"] == "tiny-squad.jsonl" and "context" not in json.dumps(base)
+
+
+def test_a_run_directory_holds_one_run(tmp_path, capsys):
+    run_dir = str(tmp_path / "checkpoints" / "train")
+    fingerprint = run_fingerprint(config(), records(), records())
+    with pytest.raises(TrainJobError, match="no run to resume"):
+        claim_run_dir(run_dir, fingerprint, config(resume=True))
+    assert claim_run_dir(run_dir, fingerprint, config()) is False  # a new run
+    assert claim_run_dir(run_dir, fingerprint, config()) is True  # the same settings: resume
+    assert claim_run_dir(run_dir, fingerprint, config(resume=True)) is True
+    other = run_fingerprint(config(learning_rate=7e-5), records(), records())
+    with pytest.raises(TrainJobError, match=r"other settings or data \(settings.learning_rate: 0.0001 -> 7e-05\).*--overwrite"):
+        claim_run_dir(run_dir, other, config(learning_rate=7e-5))
+
+    (tmp_path / "checkpoints" / "train" / "checkpoint_1").mkdir()
+    exported = tmp_path / "metrics.json"
+    exported.write_text("{}")
+    assert claim_run_dir(run_dir, other, config(learning_rate=7e-5, overwrite=True), exported=[exported]) is False
+    assert not (tmp_path / "checkpoints" / "train" / "checkpoint_1").exists() and not exported.exists()
+    assert claim_run_dir(run_dir, other, config(learning_rate=7e-5)) is True  # the new run is there now
+
+
+# --- the order of the training windows ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_workers", [1, 3])
+def test_every_epoch_is_a_new_uniform_split_of_all_windows(num_workers):
+    count, batch_size = 103, 4
+    lengths = np.random.default_rng(0).integers(10, 48, size=count)
+    orders = {}
+    for epoch in (0, 1):
+        shards = [epoch_shard(count, num_workers, rank, epoch, seed=42) for rank in range(num_workers)]
+        assert sorted(np.concatenate(shards).tolist()) == list(range(count))  # none dropped, none doubled
+        assert max(map(len, shards)) - min(map(len, shards)) <= 1
+        for rank, shard in enumerate(shards):
+            for group in (1, 8):
+                batches = epoch_batches(shard, lengths, batch_size, np.random.default_rng([42, epoch, rank]), group)
+                assert sorted(np.concatenate(batches).tolist()) == sorted(shard.tolist())
+                assert len(batches) == -(-len(shard) // batch_size)  # as many steps as steps_per_epoch counts
+            orders[epoch, rank] = shard
+    for rank in range(num_workers):
+        assert orders[0, rank].tolist() != orders[1, rank].tolist()  # a new order (and sample) every epoch
+    if num_workers > 1:
+        assert set(orders[0, 0].tolist()) != set(orders[1, 0].tolist())
+    np.testing.assert_array_equal(epoch_shard(count, num_workers, 0, 1, seed=42), orders[1, 0])  # reproducible
+
+
+def test_length_grouping_batches_similar_lengths_within_the_shuffled_order():
+    lengths = np.arange(64)
+    shard = np.random.default_rng(1).permutation(64)
+    batches = epoch_batches(shard, lengths, 8, np.random.default_rng(2), group_batches=8)
+    assert all(np.ptp(lengths[b]) == 7 for b in batches)  # one group of 64: sorted, then cut
+
+
+# --- checkpoints ------------------------------------------------------------------------------
+
+
+def test_a_gpu_checkpoint_loads_on_the_cpu(tmp_path, monkeypatch):
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    # Written as a GPU worker writes it: every storage tagged "cuda:0", which torch.load without
+    # map_location refuses on a machine without CUDA.
+    monkeypatch.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+    torch.save({"optimizer": optimizer.state_dict(), "step": 1}, tmp_path / checkpoint.TRAINING_STATE)
+    monkeypatch.undo()
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA"):
+            torch.load(tmp_path / checkpoint.TRAINING_STATE, weights_only=True)
+    state = checkpoint.read_training_state(tmp_path)
+    assert state["step"] == 1 and state["optimizer"]["state"][0]["exp_avg"].device.type == "cpu"
+    resumed = torch.optim.AdamW(torch.nn.Linear(3, 2).parameters())
+    resumed.load_state_dict(state["optimizer"])
+    assert torch.equal(resumed.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
+
+
+class Payload:
+    def __reduce__(self):
+        return (print, ("unpickled!",))
+
+
+def test_a_pickled_object_in_the_training_state_is_refused(tmp_path):
+    torch.save({"step": 1, "payload": Payload()}, tmp_path / checkpoint.TRAINING_STATE)
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        checkpoint.read_training_state(tmp_path)
+
+
+def test_rng_states_survive_a_weights_only_round_trip(tmp_path):
+    import random
+
+    torch.manual_seed(1), np.random.seed(2), random.seed(3)
+    torch.save({"rng": [checkpoint.rng_states()]}, tmp_path / checkpoint.TRAINING_STATE)
+    expected = (torch.rand(3), np.random.rand(3), [random.random() for _ in range(3)])
+    torch.manual_seed(9), np.random.seed(9), random.seed(9)
+    checkpoint.restore_rng_states(checkpoint.read_training_state(tmp_path)["rng"][0])
+    drawn = (torch.rand(3), np.random.rand(3), [random.random() for _ in range(3)])
+    assert torch.equal(drawn[0], expected[0]) and np.array_equal(drawn[1], expected[1]) and drawn[2] == expected[2]
+
+
+# --- pushing to the Hub ---------------------------------------------------------------------------
+
+
+class FakeHub:
+    def __init__(self, *, existing_public=False):
+        self.created, self.uploaded, self.existing_public = [], [], existing_public
+
+    def __call__(self):
+        return self
+
+    def create_repo(self, repo, *, private, exist_ok):
+        self.created.append((repo, private))
+
+    def repo_info(self, repo):
+        return type("Info", (), {"private": not self.existing_public and self.created[-1][1]})()
+
+    def upload_folder(self, *, folder_path, repo_id):
+        self.uploaded.append(repo_id)
+
+
+@pytest.mark.parametrize("public", [False, True])
+def test_push_to_hub_is_private_unless_asked_and_warns_about_memorisation(tmp_path, monkeypatch, capsys, public):
+    import huggingface_hub
+
+    from train_job.export import push_to_hub
+
+    hub = FakeHub()
+    monkeypatch.setattr(huggingface_hub, "HfApi", hub)
+    push_to_hub(tmp_path, "me/model", public=public)
+    assert hub.created == [("me/model", not public)] and hub.uploaded == ["me/model"]
+    assert "memorise" in capsys.readouterr().err
+
+
+def test_push_to_hub_does_not_upload_to_an_existing_public_repository(tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+
+    from train_job.export import push_to_hub
+
+    hub = FakeHub(existing_public=True)
+    monkeypatch.setattr(huggingface_hub, "HfApi", hub)
+    push_to_hub(tmp_path, "me/model")
+    assert hub.uploaded == [] and "is public" in capsys.readouterr().err

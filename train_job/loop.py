@@ -145,8 +145,10 @@ def train_epoch(worker: Worker, train_features: dict, lengths: np.ndarray, epoch
     # Mid-epoch checkpoints come only at steps every worker takes (shards differ by one window at most).
     common_steps = math.ceil(len(lengths) // worker.world_size / config.per_device_batch_size)
     so_far, first_step = state["epoch_so_far"], state["step_in_epoch"] + 1
-    loss_sum = torch.tensor(so_far["loss_sum"], device=worker.device)
-    features_seen, started = so_far["features"], time.perf_counter() - so_far["seconds"]
+    # A mid-epoch checkpoint holds the sums over all workers so far: rank 0 carries them on.
+    carried = so_far if worker.rank == 0 else EPOCH_START
+    loss_sum = torch.tensor(carried["loss_sum"], device=worker.device)
+    features_seen, started = carried["features"], time.perf_counter() - so_far["seconds"]
     progress = progress_bar(worker, epoch, steps_per_epoch, first_step - 1)
     # Shards differ by at most one feature, so workers may take different numbers of steps; DDP's
     # join lets the workers that finish first take part in the others' gradient all-reduce.
@@ -171,7 +173,8 @@ def train_epoch(worker: Worker, train_features: dict, lengths: np.ndarray, epoch
                               log_every=max(1, steps_per_epoch // 20))
             if config.checkpoint_every_steps and step_in_epoch % config.checkpoint_every_steps == 0 \
                     and step_in_epoch < common_steps:
-                state["epoch_so_far"] = {"loss_sum": loss_sum.item(), "features": features_seen,
+                summed = all_reduce_sum(torch.tensor([loss_sum.item(), features_seen], dtype=torch.float64))
+                state["epoch_so_far"] = {"loss_sum": float(summed[0]), "features": int(summed[1]),
                                          "seconds": time.perf_counter() - started}
                 # No F1 yet: not even NaN, which Ray's checkpoint manager stores as null and cannot rank on restore.
                 report_with_checkpoint(worker, {"epoch": epoch, "step": state["step"]}, None)

@@ -256,9 +256,11 @@ def predict(args: argparse.Namespace, plan: dict) -> dict:
     print(f"[predict] {len(inputs)} file(s), {actors} actor(s) with {per_actor['num_cpus']:g} CPU(s) and "
           f"{per_actor['num_gpus']:g} GPU(s) each; model {plan['model_dir']}", flush=True)
     writer = OutputWriter(*plan["output"], args.format, plan["with_answers"])
+    first_block = None  # (seconds, questions) when the first answers arrived: start-up is over
     try:
         for block in answered.iter_batches(batch_size=None, batch_format="pyarrow"):
             writer.write(block)
+            first_block = first_block or (time.perf_counter() - started, writer.questions)
     except BaseException:
         writer.close()
         writer.discard()
@@ -268,8 +270,12 @@ def predict(args: argparse.Namespace, plan: dict) -> dict:
     summary = {"questions": writer.questions, "seconds": round(seconds, 2),
                "questions_per_s": round(writer.questions / seconds, 2), "actors": actors,
                "predictions": writer.location(f"predictions.{args.format}")}
-    print(f"[predict] {writer.questions} questions answered in {seconds:.1f} s ({writer.questions / seconds:.1f}/s) "
-          f"-> {summary['predictions']}", flush=True)
+    if first_block and writer.questions > first_block[1]:
+        summary["first_answers_s"] = round(first_block[0], 2)
+        summary["questions_per_s_after_first_answers"] = round(
+            (writer.questions - first_block[1]) / (seconds - first_block[0]), 2)
+    print(f"[predict] {writer.questions} questions answered in {seconds:.1f} s ({writer.questions / seconds:.1f}/s; "
+          f"first answers after {summary.get('first_answers_s', seconds):.1f} s) -> {summary['predictions']}", flush=True)
     if plan["with_answers"]:
         metrics = {**writer.metrics(), "model": plan["model_dir"], "data": [f.path for f in inputs], **summary}
         with writer.filesystem.open_output_stream(writer.location("metrics.json")) as stream:

@@ -155,14 +155,17 @@ def question_dataset(inputs: list[InputFile], *, with_answers: bool, rows_per_bl
     for path in documents:
         records = read_squad(path, require_answers=False)
         rows = [{PATH_COLUMN: path, **{column: record[column] for column in columns}} for record in records]
-        parts.append(ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // rows_per_block))))
+        parts.append(ray.data.from_items(rows))
     parquet = [f.path for f in inputs if f.path.lower().endswith(".parquet")]
     if parquet:
         parts.append(ray.data.read_parquet(parquet, columns=columns, include_paths=True, num_cpus=0))
     lines = [f.path for f in inputs if f.path.lower().endswith((".jsonl", ".jsonl.gz"))]
     if lines:
         parts.append(ray.data.read_json(lines, include_paths=True, file_extensions=None, num_cpus=0))
-    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    dataset = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    # One read task gives one block per file, and an actor answers a whole block in one task: cut
+    # blocks to a batch each (streaming, no shuffle) so that every actor gets work and answers flow out.
+    return dataset.repartition(target_num_rows_per_block=rows_per_block)
 
 
 def validate_rows(rows: list[dict]) -> list[dict]:

@@ -28,10 +28,14 @@ QUESTION_COLUMNS = ["id", "question", "context"]
 PATH_COLUMN = "path"  # the file each row came from, for error messages
 
 
+GZIP_RATIO = 4  # a guess of how much gzip shrinks JSON Lines, to estimate a .gz file's records
+
+
 @dataclass(frozen=True)
 class InputFile:
     path: str  # a local absolute path or a URI
     has_answers: bool  # its (first) records carry gold answers
+    records: int  # exact for JSON documents and Parquet; estimated from the first records for JSON Lines
 
 
 def resolve_inputs(patterns: list[str]) -> list[str]:
@@ -99,14 +103,16 @@ def check_input(path: str) -> InputFile:
             raise SquadFormatError(f"{path}: a JSON document is read by the driver and must be a local path; "
                                    "convert it to JSON Lines or Parquet to read it from a URI")
         records = read_squad(path, require_answers=False)
+        count = len(records)
     elif path.lower().endswith(".parquet"):
-        records = _parquet_head(path)
+        records, count = _parquet_head(path)
     else:
-        records = _jsonl_head(path)
-    return InputFile(path, has_answers=any(record["answers"]["text"] for record in records))
+        records, count = _jsonl_head(path)
+    return InputFile(path, has_answers=any(record["answers"]["text"] for record in records), records=count)
 
 
-def _jsonl_head(path: str) -> list[dict]:
+def _jsonl_head(path: str) -> tuple[list[dict], int]:
+    """The first records, validated, and an estimate of the file's records from their size."""
     def numbered_records(lines):
         for number, line in lines:
             if not line.strip():
@@ -116,17 +122,28 @@ def _jsonl_head(path: str) -> list[dict]:
             except (json.JSONDecodeError, RecursionError):
                 raise SquadFormatError(f"{path}: line {number}: malformed JSON") from None
 
+    head_bytes = 0
+
+    def counted(lines):
+        nonlocal head_bytes
+        for line in lines:
+            head_bytes += len(line.encode("utf-8"))
+            yield line
+
+    filesystem, inner = _filesystem(path)
+    gzipped = path.lower().endswith(".gz")
     try:
-        filesystem, inner = _filesystem(path)
-        stream = filesystem.open_input_stream(inner, compression="gzip" if path.lower().endswith(".gz") else None)
+        stream = filesystem.open_input_stream(inner, compression="gzip" if gzipped else None)
         with io.TextIOWrapper(stream, encoding="utf-8") as text:
-            pairs = list(itertools.islice(numbered_records(enumerate(text, start=1)), HEAD_RECORDS))
+            pairs = list(itertools.islice(numbered_records(enumerate(counted(text), start=1)), HEAD_RECORDS))
     except UnicodeDecodeError as error:
         raise SquadFormatError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
-    return validate_records(pairs, source=path, require_answers=False)
+    records = validate_records(pairs, source=path, require_answers=False)
+    size = filesystem.get_file_info(inner).size * (GZIP_RATIO if gzipped else 1)
+    return records, max(len(records), round(size * len(records) / max(head_bytes, 1)))
 
 
-def _parquet_head(path: str) -> list[dict]:
+def _parquet_head(path: str) -> tuple[list[dict], int]:
     import pyarrow.parquet as pq
 
     try:
@@ -141,13 +158,23 @@ def _parquet_head(path: str) -> list[dict]:
             raise
         raise SquadFormatError(f"{path}: not a readable Parquet file ({type(error).__name__})") from None
     rows = batch.to_pylist() if batch is not None else []
-    return validate_records([(f"row {i}", row) for i, row in enumerate(rows)], source=path, require_answers=False)
+    records = validate_records([(f"row {i}", row) for i, row in enumerate(rows)], source=path, require_answers=False)
+    return records, file.metadata.num_rows
 
 
 def question_dataset(inputs: list[InputFile], *, with_answers: bool, rows_per_block: int):
     """One Ray Dataset of the question rows of every input (``path``, ``id``, ``question``, ``context``
-    and, ``with_answers``, ``answers``), streamed from the files where the format allows it."""
+    and, ``with_answers``, ``answers``), streamed from the files where the format allows it.
+
+    An actor answers a whole block in one task, so blocks hold about ``rows_per_block`` questions:
+    every actor gets work and answers flow out as they come. The reads are told how many blocks
+    to cut (Ray Data splits each file's records); a repartition would run tasks that need a CPU,
+    which the actors may all hold.
+    """
     import ray.data
+
+    def blocks(files: list[InputFile]) -> int:
+        return max(1, -(-sum(f.records for f in files) // rows_per_block))
 
     columns = QUESTION_COLUMNS + (["answers"] if with_answers else [])
     parts = []
@@ -155,17 +182,17 @@ def question_dataset(inputs: list[InputFile], *, with_answers: bool, rows_per_bl
     for path in documents:
         records = read_squad(path, require_answers=False)
         rows = [{PATH_COLUMN: path, **{column: record[column] for column in columns}} for record in records]
-        parts.append(ray.data.from_items(rows))
-    parquet = [f.path for f in inputs if f.path.lower().endswith(".parquet")]
+        parts.append(ray.data.from_items(rows, override_num_blocks=-(-len(rows) // rows_per_block)))
+    # Reading takes no CPU of its own: the actors may hold every CPU of a small machine.
+    parquet = [f for f in inputs if f.path.lower().endswith(".parquet")]
     if parquet:
-        parts.append(ray.data.read_parquet(parquet, columns=columns, include_paths=True, num_cpus=0))
-    lines = [f.path for f in inputs if f.path.lower().endswith((".jsonl", ".jsonl.gz"))]
+        parts.append(ray.data.read_parquet([f.path for f in parquet], columns=columns, include_paths=True,
+                                           num_cpus=0, override_num_blocks=blocks(parquet)))
+    lines = [f for f in inputs if f.path.lower().endswith((".jsonl", ".jsonl.gz"))]
     if lines:
-        parts.append(ray.data.read_json(lines, include_paths=True, file_extensions=None, num_cpus=0))
-    dataset = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-    # One read task gives one block per file, and an actor answers a whole block in one task: cut
-    # blocks to a batch each (streaming, no shuffle) so that every actor gets work and answers flow out.
-    return dataset.repartition(target_num_rows_per_block=rows_per_block)
+        parts.append(ray.data.read_json([f.path for f in lines], include_paths=True, file_extensions=None,
+                                        num_cpus=0, override_num_blocks=blocks(lines)))
+    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
 
 
 def validate_rows(rows: list[dict]) -> list[dict]:

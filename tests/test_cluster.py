@@ -137,6 +137,23 @@ def two_node_cluster():
         shutil.rmtree(state_dir, ignore_errors=True)
 
 
+def submit(cluster: LocalCluster, submission_id: str, entrypoint: list[str], timeout: float) -> None:
+    """``ray job submit`` the checkout as the working dir, wait, and check that the job succeeded."""
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    runtime_env = {"env_vars": {"HF_HUB_OFFLINE": "1"}, "excludes": [".git"]}
+    command = [ray_cli, "job", "submit", "--address", cluster.dashboard, "--submission-id", submission_id,
+               "--working-dir", ".", "--runtime-env-json", json.dumps(runtime_env), "--", *entrypoint]
+    try:
+        submitted = subprocess.run(command, cwd=ROOT, env=cluster.env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as error:
+        subprocess.run([ray_cli, "job", "stop", "--address", cluster.dashboard, submission_id],
+                       env=cluster.env, capture_output=True, timeout=60)
+        pytest.fail(f"the job did not finish in {error.timeout} s:\n{(error.stdout or b'')[-4000:]!r}")
+    log = submitted.stdout + submitted.stderr
+    assert submitted.returncode == 0, log[-6000:]
+    assert f"Job '{submission_id}' succeeded" in log
+
+
 def test_two_node_cluster_has_a_head_and_a_worker_node_with_their_own_cpus(two_node_cluster):
     nodes = two_node_cluster.state()["nodes"]
     alive = [n for n in nodes if n["state"] == "ALIVE"]
@@ -150,12 +167,7 @@ def test_ray_job_submit_trains_on_workers_spread_over_both_nodes(two_node_cluste
     model_dir = build_tiny_model(cluster.state_dir / "tiny-bert")  # an absolute path every node can read
     output_dir = cluster.state_dir / "out"
     storage = cluster.state_dir / "storage"  # shared by definition on one machine; NFS or s3:// on a real cluster
-    runtime_env = {"env_vars": {"HF_HUB_OFFLINE": "1"}, "excludes": [".git"]}
-    command = [
-        str(Path(sys.executable).parent / "ray"), "job", "submit",
-        "--address", cluster.dashboard, "--submission-id", SUBMISSION_ID,
-        "--working-dir", ".", "--runtime-env-json", json.dumps(runtime_env),
-        "--",
+    entrypoint = [
         "python", "-m", "train_job",
         "--model", str(model_dir),
         # Relative paths: read in the job's working dir, i.e. the uploaded copy of this checkout.
@@ -166,15 +178,7 @@ def test_ray_job_submit_trains_on_workers_spread_over_both_nodes(two_node_cluste
         "--per-device-batch-size", "4", "--max-length", "48", "--stride", "16", "--max-question-length", "20",
     ]
     started = time.monotonic()
-    try:
-        submitted = subprocess.run(command, cwd=ROOT, env=cluster.env, capture_output=True, text=True, timeout=420)
-    except subprocess.TimeoutExpired as error:
-        subprocess.run([command[0], "job", "stop", "--address", cluster.dashboard, SUBMISSION_ID],
-                       env=cluster.env, capture_output=True, timeout=60)
-        pytest.fail(f"the job did not finish in {error.timeout} s:\n{(error.stdout or b'')[-4000:]!r}")
-    log = submitted.stdout + submitted.stderr
-    assert submitted.returncode == 0, log[-6000:]
-    assert f"Job '{SUBMISSION_ID}' succeeded" in log
+    submit(cluster, SUBMISSION_ID, entrypoint, timeout=420)
     print(f"job took {time.monotonic() - started:.0f} s")
 
     state = cluster.state(SUBMISSION_ID)
@@ -209,25 +213,12 @@ def test_ray_job_submit_answers_a_file_and_writes_predictions_and_metrics(two_no
     cluster = two_node_cluster
     model_dir = build_tiny_model(cluster.state_dir / "tiny-bert-predict")
     output_dir = cluster.state_dir / "predict-out"
-    submission_id = "rqa-two-node-predict"
-    command = [
-        str(Path(sys.executable).parent / "ray"), "job", "submit",
-        "--address", cluster.dashboard, "--submission-id", submission_id,
-        "--working-dir", ".", "--runtime-env-json", json.dumps({"env_vars": {"HF_HUB_OFFLINE": "1"}, "excludes": [".git"]}),
-        "--",
+    entrypoint = [
         "python", "-m", "train_job.predict", "--model", str(model_dir),
         "--data", "tests/fixtures/tiny-squad.json",  # a JSON document: read by the driver, in the working dir
         "--output", str(output_dir), "--concurrency", "2", "--batch-size", "4",
     ]
-    try:
-        submitted = subprocess.run(command, cwd=ROOT, env=cluster.env, capture_output=True, text=True, timeout=300)
-    except subprocess.TimeoutExpired as error:
-        subprocess.run([command[0], "job", "stop", "--address", cluster.dashboard, submission_id],
-                       env=cluster.env, capture_output=True, timeout=60)
-        pytest.fail(f"the job did not finish in {error.timeout} s:\n{(error.stdout or b'')[-4000:]!r}")
-    log = submitted.stdout + submitted.stderr
-    assert submitted.returncode == 0, log[-6000:]
-    assert f"Job '{submission_id}' succeeded" in log
+    submit(cluster, "rqa-two-node-predict", entrypoint, timeout=300)
 
     expected_ids = [json.loads(line)["id"] for line in (ROOT / "tests/fixtures/tiny-squad.jsonl").read_text().splitlines()]
     rows = [json.loads(line) for line in (output_dir / "predictions.jsonl").read_text().splitlines()]

@@ -30,6 +30,8 @@ QUICKSTART_VALIDATION = REPO / "train_job" / "quickstart_data" / "quickstart-val
 
 # Shapes of randomly initialised BERTs (BertConfig keyword arguments).
 SHAPES = {
+    # One layer of width 32: the model costs next to nothing, so tokenising, decoding and the pipeline show.
+    "bert-micro": dict(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64),
     # google/bert_uncased_L-2_H-128_A-2 ("BERT-tiny"): model time next to nothing, so the serving path shows.
     "bert-tiny": dict(num_hidden_layers=2, hidden_size=128, num_attention_heads=2, intermediate_size=512),
     # google/bert_uncased_L-4_H-256_A-4 ("BERT-mini"): the CPU default, minutes on 2 cores.

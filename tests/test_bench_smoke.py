@@ -102,8 +102,23 @@ def test_serve_soak(tiny_model_dir, tmp_path):
     assert soak["replicas_after"] == {"RUNNING": 1}
 
 
+def test_predict_throughput(tiny_model_dir, tmp_path):
+    document = run_bench(
+        "predict_throughput", tmp_path / "predict.json",
+        "--model", str(tiny_model_dir), "--data", str(FIXTURES / "tiny-squad.json"), "--long-documents", "2",
+        "--actors", "1", "--cpus", "2", "--memory", "--memory-questions", "30", "--memory-model", str(tiny_model_dir),
+    )
+    runs = document["results"]["runs"]
+    assert [run["method"] for run in runs] == ["single process: answer_questions", "train_job.predict"]
+    assert all(run["questions"] == 13 + 2 and run["windows"] >= run["questions"] for run in runs)
+    assert runs[0]["windows"] == runs[1]["windows"]
+    [memory] = document["results"]["memory"]
+    assert memory["questions"] == 30 and memory["driver_peak_rss_mib"] > 0
+    assert document["ratios"]["pipeline_1_actors_vs_single_process"] > 0
+
+
 def test_every_script_has_help():
-    for script in ("train_throughput", "preprocess", "serve_load", "cold_start", "serve_soak"):
+    for script in ("train_throughput", "preprocess", "serve_load", "cold_start", "serve_soak", "predict_throughput"):
         result = subprocess.run([sys.executable, "-m", f"bench.{script}", "--help"],
                                 cwd=REPO, capture_output=True, text=True, timeout=60)
         assert result.returncode == 0 and "--out" in result.stdout, script

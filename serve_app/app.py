@@ -25,8 +25,9 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 
 from qa_common import (
-    QAConfig, Question, answer_questions, load_model_and_tokenizer, load_qa_config, resolve_model_path,
+    QAConfig, Question, answer_questions, load_qa_config, resolve_model_path,
 )
+from qa_common.backends import ONNX_FILES, load_runner, onnx_file
 from qa_common.modeling import torch_dtype
 from serve_app.schemas import (
     REQUEST_SHAPE, AnswerRequest, AnswerResponse, InvalidRequest, ServeArgs, parse_questions,
@@ -43,9 +44,8 @@ class QAModel:
 
     def __init__(self, model_path: str, qa_config: QAConfig, args: ServeArgs):
         device = "cuda" if ray.get_gpu_ids() else "cpu"
-        dtype = torch_dtype(args.dtype, device)
-        model, self.tokenizer = load_model_and_tokenizer(model_path, dtype=dtype)
-        self.model = model.to(device).eval()
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+        self.runner, self.tokenizer, backend_info = load_model(model_path, args, device=device, threads=max(1, int(cpus)))
         self.qa_config = qa_config
         self.forward_batch_size = args.forward_batch_size
         self.answer.set_max_batch_size(args.max_batch_size)
@@ -53,10 +53,9 @@ class QAModel:
         self.model_calls = 0
         self.info = {
             "model": model_path,
-            "name_or_path": model.config.name_or_path,
+            "name_or_path": self.tokenizer.name_or_path,
             "version": model_version(model_path),
-            "device": device,
-            "dtype": str(dtype).removeprefix("torch."),
+            **backend_info,
             **qa_config.to_dict(),
             "max_batch_size": args.max_batch_size,
             "batch_wait_timeout_s": args.batch_wait_timeout_s,
@@ -67,13 +66,21 @@ class QAModel:
         self.model_calls += 1
         # In a thread, so the replica keeps queueing the next batch while the model runs.
         return await asyncio.to_thread(
-            answer_questions, self.model, self.tokenizer, questions, self.qa_config,
+            answer_questions, self.runner, self.tokenizer, questions, self.qa_config,
             batch_size=self.forward_batch_size,
         )
 
     def describe(self) -> dict:
         """What this replica serves, and how many model calls (batches) it has run."""
         return {**self.info, "model_calls": self.model_calls}
+
+
+def load_model(model_path: str, args: ServeArgs, *, device: str, threads: int) -> tuple:
+    """``(runner, tokenizer, info)`` of a replica: ``args.backend`` (``auto`` reads the model's
+    onnx_export.json) on ``device``, with ``threads`` intra-op threads (one per CPU of the replica)."""
+    runner, tokenizer, info = load_runner(model_path, args.backend, device=device, dtype=torch_dtype(args.dtype, device),
+                                          threads=threads, max_f1_loss=args.max_f1_loss)
+    return runner, tokenizer, {"device": device, "threads": threads, "backend_requested": args.backend, **info}
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -234,6 +241,8 @@ def build_app(args: ServeArgs | dict, options: dict[str, dict]) -> Application:
         raise FileNotFoundError(
             f"{error}; train one with `python -m train_job`, or pass another model directory (--model / args.model)"
         ) from None
+    if args.backend in ONNX_FILES:
+        onnx_file(model_path, args.backend)  # a missing export fails here, naming the command that writes it
     qa_config = resolve_qa_config(model_path, args)
     model_options, ingress_options = options.get(MODEL_DEPLOYMENT, {}), options.get(INGRESS_DEPLOYMENT, {})
     max_ongoing = model_options.get("max_ongoing_requests", 5)  # Serve's default

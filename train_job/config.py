@@ -44,6 +44,9 @@ class TrainConfig:
     max_eval_samples: int | None = _flag("use only the first N validation questions", default=None)
     max_failures: int = _flag("worker failures to recover from (resuming from the last checkpoint)", default=2)
     checkpoints_to_keep: int = _flag("checkpoints kept, the best by validation F1", default=2)
+    export_onnx: bool = _flag(
+        "also write model.onnx and model.int8.onnx (optimised; EM/F1 against PyTorch measured on the validation "
+        "split) for serve_app's ONNX Runtime backends", default=False)
     push_to_hub: str | None = _flag("Hub repository to upload the exported model to (skipped when offline)", default=None)
     address: str | None = _flag("Ray cluster address (default: RAY_ADDRESS, else start Ray locally)", default=None)
     # Windowing and decoding, shared with evaluation and serving (flags from QAConfig's fields).

@@ -34,6 +34,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--model", required=True, help="model directory exported with qa_common.export_onnx --int8")
     parser.add_argument("--eval-data", type=Path, action="append", default=[],
                         help="SQuAD-format file to measure EM/F1 on (repeatable; default: the bundled validation set)")
+    parser.add_argument("--max-eval-questions", type=int, default=None,
+                        help="EM/F1 on the first N questions of each --eval-data file (default: all)")
     parser.add_argument("--data", type=Path, default=None, help="questions for the load (default: bench.serve_load's)")
     parser.add_argument("--requests", type=int, default=160, help="timed batched requests (default: %(default)s)")
     parser.add_argument("--single-requests", type=int, default=40, help="timed single requests (default: %(default)s)")
@@ -62,7 +64,7 @@ def run_script(script: str, out: Path, flags: list[str]) -> dict:
     return json.loads(out.read_text(encoding="utf-8"))
 
 
-def accuracy(model_dir: str, backend: str, dtype: str, eval_data: list[Path]) -> dict:
+def accuracy(model_dir: str, backend: str, dtype: str, eval_data: list[Path], max_questions: int | None) -> dict:
     """EM/F1 per file with the serving code path's windowing and decoding."""
     import torch
 
@@ -75,7 +77,7 @@ def accuracy(model_dir: str, backend: str, dtype: str, eval_data: list[Path]) ->
     config = load_qa_config(model_dir)
     found = {}
     for path in eval_data:
-        records = read_squad(path)
+        records = read_squad(path)[:max_questions]
         features = probe_features(records, tokenizer, config, vocab_size=0)
         result = scores(records, features, predict_logits(runner, features, batch_size=32), config)
         found[benchlib.data_label(path)] = {"exact_match": result["exact_match"], "f1": result["f1"]}
@@ -116,7 +118,7 @@ def measure(args, workdir: Path, load_before: list[float]) -> int:
                "batched_windows_per_s": modes["batched"]["windows_per_s"], "batched_p50_ms": modes["batched"]["p50_ms"],
                "cold_start_s": cold["ratios"]["cold_start_median_s"], "file_mb": file_mb(model_dir, backend),
                "errors": modes["batched"]["errors"] + modes["single"]["errors"]}
-        for data, metrics in accuracy(model_dir, backend, dtype, args.eval_data).items():
+        for data, metrics in accuracy(model_dir, backend, dtype, args.eval_data, args.max_eval_questions).items():
             row[f"EM {Path(data).name}"], row[f"F1 {Path(data).name}"] = metrics["exact_match"], metrics["f1"]
         rows.append(row)
         benchlib.print_table("so far", rows, list(row))

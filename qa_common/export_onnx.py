@@ -154,7 +154,7 @@ def export_onnx(model_dir: str | Path, *, optimize: bool = False, int8: bool = F
         reference = scores(validation_records, features, torch_logits[:2], config)
         record["torch"].update(exact_match=reference["exact_match"], f1=reference["f1"])
 
-    def measure(backend: str, path: Path) -> dict:
+    def measure(path: Path) -> dict:
         *logits, windows_per_s = timed_logits(OnnxRunner(onnx_session(path)), features, batch_size)
         found = {"file": path.name, "bytes": path.stat().st_size, "windows_per_s": windows_per_s,
                  **compare(torch_logits[:2], logits, mask)}
@@ -167,21 +167,21 @@ def export_onnx(model_dir: str | Path, *, optimize: bool = False, int8: bool = F
 
     with tempfile.TemporaryDirectory(prefix="export-onnx-") as scratch:
         scratch = Path(scratch)
-        fp32_path = model_dir / ONNX_FILES["onnx"]
+        fp32_path, int8_path = model_dir / ONNX_FILES["onnx"], model_dir / ONNX_FILES["onnx-int8"]
+        int8_path.unlink(missing_ok=True)  # an int8 file of an earlier export would no longer match the record
         export_torchscript_onnx(model, tokenizer, scratch / "model.onnx")
         if optimize:
             fused = optimize_graph(scratch / "model.onnx", fp32_path, model.config)
         else:
             shutil.copyfile(scratch / "model.onnx", fp32_path)
-        record["onnx"] = {**measure("onnx", fp32_path), "optimized": optimize, **({"fused_operators": fused} if optimize else {})}
+        record["onnx"] = {**measure(fp32_path), "optimized": optimize, **({"fused_operators": fused} if optimize else {})}
         if int8:
             tried = {}
             for name, recipe in INT8_RECIPES.items():
                 candidate = scratch / f"int8-{len(tried)}.onnx"
                 quantize_int8(fp32_path, candidate, recipe)
-                tried[name] = (candidate, measure("onnx-int8", candidate))
+                tried[name] = (candidate, measure(candidate))
             best = max(tried, key=lambda name: int8_quality(tried[name][1]))
-            int8_path = model_dir / ONNX_FILES["onnx-int8"]
             shutil.copyfile(tried[best][0], int8_path)
             record["onnx-int8"] = {**tried[best][1], "file": int8_path.name, "recipe": best,
                                    "recipes_tried": {name: int8_summary(found) for name, (_, found) in tried.items()}}

@@ -63,8 +63,9 @@ def test_export_without_validation_records_agreement_only_and_replaces_the_card_
     directory = tmp_path / "model"
     shutil.copytree(tiny_model_dir, directory)
     (directory / "README.md").write_text("# Card\n\n## Use\n\nAsk it.\n")
-    for _ in range(2):
-        assert export_main([str(directory)]) == 0
+    for flags in (["--int8"], []):
+        assert export_main([str(directory), *flags]) == 0
+    assert not (directory / "model.int8.onnx").exists()  # the earlier int8 file went with its record
     record = json.loads((directory / EXPORT_RECORD_FILE).read_text())
     assert "f1_loss" not in record["onnx"] and record["onnx"]["start_agreement"] == 1.0
     assert not record["onnx"]["optimized"] and "onnx-int8" not in record

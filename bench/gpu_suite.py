@@ -12,17 +12,19 @@ recorded as timed out; the suite goes on):
 2. ``serve``: bench.serve_load --gpu: windows/s and p50/p99 under load, single-question latency;
 3. ``cold``: bench.cold_start --gpu: zero replicas to the first answer;
 4. ``cuda_graph``: bench.cuda_graph_latency --gpu: single question, eager vs CUDA graphs (padded buckets);
-5. ``squad``: python -m train_job: MiniLM fine-tuned on the full SQuAD v1.1 train set, evaluated on
-   all of dev (EM/F1).
+5. ``squad``: bench.squad_finetune --gpu: MiniLM fine-tuned with train_job's recipe (bf16) on the full
+   SQuAD v1.1 train set, evaluated on all of dev (EM/F1); in-process, no Ray.
 
 Writes ``STEP.json`` per step, ``suite.json`` (every step's status, wall time and headline figures)
 and ``suite.md`` (the same as a markdown table) into ``--out-dir``.
 
-Data and model on the GPU machine: only the repository travels there (not ``../shared``), so
-``--prepare`` copies SQuAD v1.1 (``--squad-dir``, default ``../shared/data/squad-v1.1-full``) into
-``.gpu-suite/data/`` and saves the packaged all-MiniLM-L6-v2 in bfloat16 into ``.gpu-suite/minilm/``;
-that ignored folder is then carried (``carry: [".devbundle", ".gpu-suite"]``). ``--data-dir`` and
-``--minilm`` point elsewhere.
+Data and model on the GPU machine: only the repository and the carried paths travel there (not
+``../shared``), at most 64 MiB a call. ``--prepare`` copies SQuAD v1.1 (``--squad-dir``, default
+``../shared/data/squad-v1.1-full``; 8.5 MiB) into ``.gpu-suite/data/``, MiniLM's tokenizer into
+``.gpu-suite/tokenizer/`` and all-MiniLM-L6-v2 in bfloat16 (44 MiB) into ``.gpu-suite/minilm/``. Ray's
+bundle (47 MiB) and MiniLM do not fit one call together, so the suite is two calls on one warm machine
+(bench/gpu_suite.sh shows them): the Ray steps carrying the bundle, data and tokenizer, then the squad
+step (no Ray) carrying .gpu-suite.
 """
 
 from __future__ import annotations
@@ -60,6 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="SQuAD v1.1 train and dev files on the GPU machine (default: .gpu-suite/data)")
     parser.add_argument("--minilm", type=Path, default=SUITE_DIR / "minilm",
                         help="MiniLM model directory for the squad step (default: .gpu-suite/minilm)")
+    parser.add_argument("--tokenizer", type=Path, default=SUITE_DIR / "tokenizer",
+                        help="MiniLM's tokenizer for the other steps' bert-base shape (default: .gpu-suite/tokenizer)")
     parser.add_argument("--squad-epochs", type=int, default=1, help="epochs of the squad step (default: %(default)s)")
     parser.add_argument("--out-dir", type=Path, default=benchlib.RESULTS / "gpu_suite",
                         help="where the JSON files and suite.md go (default: %(default)s)")
@@ -82,7 +86,8 @@ def prepare(args) -> int:
         shutil.copyfile(args.squad_dir / name, args.data_dir / name)
     model = AutoModelForQuestionAnswering.from_pretrained(resolve_model_path(MINILM), dtype=torch.bfloat16)
     model.save_pretrained(args.minilm)
-    load_tokenizer(MINILM).save_pretrained(args.minilm)
+    for directory in (args.minilm, args.tokenizer):
+        load_tokenizer(MINILM).save_pretrained(directory)
     size = sum(path.stat().st_size for path in SUITE_DIR.rglob("*") if path.is_file()) if args.minilm.is_relative_to(SUITE_DIR) else None
     print(f"prepared {args.data_dir} and {args.minilm}" + (f" ({size / 2**20:.1f} MiB in {SUITE_DIR.name}/)" if size else ""))
     return 0
@@ -93,13 +98,12 @@ def suite_model(args, workdir: Path) -> str:
     from .gpu-suite (the GPU machine has no MiniLM package); BERT-tiny for --dry-run."""
     if args.dry_run:
         return benchlib.prepare_model_dir("bert-tiny", workdir / "tiny-model")
-    return benchlib.prepare_model_dir("bert-base", workdir / "bert-base", tokenizer_source=str(args.minilm))
+    return benchlib.prepare_model_dir("bert-base", workdir / "bert-base", tokenizer_source=str(args.tokenizer))
 
 
 def step_commands(args, workdir: Path, model_dir: str) -> dict[str, list[str]]:
     """``{step: python argv}`` for the GPU, or tiny CPU versions for --dry-run."""
     out = {step: ["--out", str(args.out_dir / f"{step}.json")] for step in STEPS}
-    squad_out = workdir / "squad"
     if not args.dry_run:
         train, dev = (args.data_dir / SQUAD_FILES[split] for split in ("train", "dev"))
         bert = ["--model", model_dir]
@@ -111,10 +115,8 @@ def step_commands(args, workdir: Path, model_dir: str) -> dict[str, list[str]]:
             "cold": ["-m", "bench.cold_start", "--gpu", *bert, "--repeats", "2", *out["cold"]],
             "cuda_graph": ["-m", "bench.cuda_graph_latency", "--gpu", *bert, "--data", str(dev), "--questions", "300",
                            *out["cuda_graph"]],
-            "squad": ["-m", "train_job", "--model", str(args.minilm), "--train-file", str(train),
-                      "--validation-file", str(dev), "--output-dir", str(squad_out), "--use-gpu", "--precision", "bf16",
-                      "--epochs", str(args.squad_epochs), "--learning-rate", "1e-4", "--per-device-batch-size", "64",
-                      "--eval-batch-size", "512", "--cpus-per-worker", "8", "--max-length", "384", "--stride", "128"],
+            "squad": ["-m", "bench.squad_finetune", "--gpu", "--model", str(args.minilm), "--train", str(train),
+                      "--dev", str(dev), "--epochs", str(args.squad_epochs), *out["squad"]],
         }
     tiny = model_dir
     fixture = benchlib.QUICKSTART_VALIDATION
@@ -130,24 +132,18 @@ def step_commands(args, workdir: Path, model_dir: str) -> dict[str, list[str]]:
                  *out["cold"]],
         "cuda_graph": ["-m", "bench.cuda_graph_latency", "--model", tiny, "--data", str(fixture), "--questions", "4",
                        "--lengths", "48,96", *windows, *out["cuda_graph"]],
-        "squad": ["-m", "train_job", "--model", tiny, "--train-file", str(benchlib.QUICKSTART_TRAIN),
-                  "--validation-file", str(fixture), "--output-dir", str(squad_out), "--epochs", "1",
-                  "--max-train-samples", "16", "--max-eval-samples", "8", "--per-device-batch-size", "8",
-                  "--cpus-per-worker", "1", *windows],
+        "squad": ["-m", "bench.squad_finetune", "--model", tiny, "--train", str(benchlib.QUICKSTART_TRAIN),
+                  "--dev", str(fixture), "--max-train-samples", "16", "--max-eval-samples", "8", "--batch-size", "8",
+                  *windows, *out["squad"]],
     }
 
 
-def headline(step: str, args, workdir: Path) -> dict:
-    """The step's figures for the summary: its ratios, or the squad run's metrics."""
-    if step == "squad":
-        metrics = json.loads((workdir / "squad" / "metrics.json").read_text(encoding="utf-8"))
-        (args.out_dir / "squad.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
-        return {key: metrics[key] for key in ("exact_match", "f1", "train_samples_per_second", "train_runtime_s",
-                                              "wall_time_s", "epochs", "eval_examples") if key in metrics}
+def headline(step: str, args) -> dict:
+    """The step's figures for the summary: the ratios of its JSON file."""
     return json.loads((args.out_dir / f"{step}.json").read_text(encoding="utf-8"))["ratios"]
 
 
-def run_step(step: str, command: list[str], budget_s: float, args, workdir: Path) -> dict:
+def run_step(step: str, command: list[str], budget_s: float, args) -> dict:
     print(f"[suite] {step}: python {' '.join(command)} (budget {budget_s:.0f} s)", flush=True)
     clock = benchlib.Stopwatch()
     # Its own process group, so that a step over budget is stopped with the Ray processes it started.
@@ -162,7 +158,7 @@ def run_step(step: str, command: list[str], budget_s: float, args, workdir: Path
         return {"step": step, "status": f"timed out after {budget_s:.0f} s", "wall_s": clock(), "log_tail": stdout[-1500:]}
     row = {"step": step, "status": "ok" if process.returncode == 0 else f"exit {process.returncode}", "wall_s": clock()}
     if process.returncode == 0:
-        row["figures"] = headline(step, args, workdir)
+        row["figures"] = headline(step, args)
     else:
         row["log_tail"] = (stdout[-1500:] + "\n" + stderr[-2500:]).strip()
     return row
@@ -187,18 +183,20 @@ def main(argv=None) -> int:
 
 def measure(args, workdir: Path, load_before: list[float]) -> int:
     if not args.dry_run:
-        missing = [str(path) for path in (args.data_dir / SQUAD_FILES["train"], args.minilm / "config.json")
-                   if not path.is_file()]
+        needed = [args.data_dir / SQUAD_FILES["dev"]]
+        needed += [args.minilm / "config.json", args.data_dir / SQUAD_FILES["train"]] if "squad" in args.steps else []
+        needed += [args.tokenizer / "tokenizer.json"] if set(args.steps) - {"squad"} else []
+        missing = [str(path) for path in needed if not path.is_file()]
         if missing:
             raise SystemExit(f"missing {', '.join(missing)}: run `python -m bench.gpu_suite --prepare` in a development "
                              "checkout and carry .gpu-suite, or pass --data-dir / --minilm")
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    commands = step_commands(args, workdir, suite_model(args, workdir))
+    commands = step_commands(args, workdir, suite_model(args, workdir) if args.dry_run or set(args.steps) - {"squad"} else "")
     budgets = DRY_BUDGET_S if args.dry_run else GPU_BUDGET_S
     clock = benchlib.Stopwatch()
     rows = []
     for step in args.steps:
-        rows.append(run_step(step, commands[step], budgets[step], args, workdir))
+        rows.append(run_step(step, commands[step], budgets[step], args))
         print(f"[suite] {step}: {rows[-1]['status']} in {rows[-1]['wall_s']:.0f} s", flush=True)
     document = {"benchmark": "gpu_suite", "dry_run": args.dry_run, "total_s": clock(), "steps": rows,
                 "machine": benchlib.machine(), "load_average": {"before": load_before, "after": benchlib.load_average()},

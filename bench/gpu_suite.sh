@@ -4,11 +4,11 @@
 # Once, in a development checkout (needs ../shared and the packaged MiniLM):
 #   bash ../shared/device/make-ray-bundle.sh          # Ray for the GPU machine's Python -> .devbundle/site.tar.xz
 #   python -m bench.gpu_suite --prepare               # SQuAD v1.1 + MiniLM (bf16) -> .gpu-suite/ (ignored)
-# On the GPU machine (device run, carry [".devbundle", ".gpu-suite"]):
-#   bash bench/gpu_suite.sh --out-dir "$OUT"
-# If both do not fit the 64 MiB carry together, run the squad step in a second call:
-#   carry [".devbundle"]: bash bench/gpu_suite.sh --steps train,serve,cold,cuda_graph --out-dir "$OUT"
-#   carry [".devbundle", ".gpu-suite"] after deleting other carried things: ... --steps squad
+# On the GPU machine, two device runs back to back (Ray's bundle and MiniLM do not fit one 64 MiB carry):
+#   carry [".devbundle", ".gpu-suite/data", ".gpu-suite/tokenizer"]:
+#     bash bench/gpu_suite.sh --steps train,serve,cold,cuda_graph --out-dir "$OUT"      # ~6 min
+#   carry [".gpu-suite"]:
+#     bash bench/gpu_suite.sh --steps squad --out-dir "$OUT"                             # ~3 min, no Ray
 # On CPU, tiny models and settings, a couple of minutes on a quiet machine (checks the whole path):
 #   bash bench/gpu_suite.sh --dry-run --out-dir /tmp/gpu-suite
 set -euo pipefail

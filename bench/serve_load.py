@@ -214,6 +214,7 @@ def measure(args, workdir: Path, load_before: list[float]) -> int:
         ratios["batched_vs_unbatched_p50_latency"] = benchlib.ratio(by_mode["batched"]["p50_ms"], by_mode["unbatched"]["p50_ms"])
     for row in rows:
         ratios[f"{row['mode']}_windows_per_s"] = round(row["windows_per_s"], 1)
+        ratios[f"{row['mode']}_p50_ms"] = round(row["p50_ms"], 1) if row["p50_ms"] else None
         ratios[f"{row['mode']}_errors"] = row["errors"]
     benchlib.print_table("Ratios", [{"ratio": k, "value": v} for k, v in ratios.items()], ["ratio", "value"])
     benchlib.print_table("Serving under load (one model replica)", rows,

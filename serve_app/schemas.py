@@ -161,6 +161,7 @@ class ServeArgs(BaseModel):
     retry_after_s: int = Field(2, ge=1, description="The Retry-After of a 503 (busy or past the deadline).")
     audit_log: str | None = Field(
         None, description="File the JSON audit lines are appended to; default: the ingress's standard error."
+    )
     backend: Literal[BACKENDS] = Field(
         "auto", description="torch, onnx, onnx-int8 (files written by `python -m qa_common.export_onnx`) or auto: "
         "on CPU the fastest exported backend within max_f1_loss of PyTorch's F1, else torch; on a GPU torch.",

@@ -13,7 +13,7 @@ import pytest
 from serve_helpers import AUTH, SMALL_QA, service_config
 
 from conftest import FIXTURES
-from qa_common import QAConfig, Question, answer_questions, load_model_and_tokenizer, predict_logits, prepare_eval_features
+from qa_common import QAConfig, Question, answer_questions, predict_logits, prepare_eval_features
 from qa_common.backends import EXPORT_RECORD_FILE, choose_backend, load_runner
 from qa_common.export_onnx import CARD_HEADING, INT8_RECIPES, main as export_main
 from qa_common.inference import OnnxRunner, TorchRunner

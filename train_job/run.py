@@ -60,7 +60,7 @@ def run(config: TrainConfig, *, after_epoch=None, after_step=None) -> dict:
     if config.export_onnx:
         from qa_common.export_onnx import card_section, export_onnx
 
-        record = export_onnx(output_dir / "model", optimize=True, int8=True, validation_records=records[1],
+        record = export_onnx(output_dir / "model", optimize=True, int8=True, validation_records=validation,
                              validation_name=Path(config.validation_file).name if config.validation_file else config.dataset)
         print(f"[train_job] {card_section(record)}")
     if config.push_to_hub:

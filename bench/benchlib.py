@@ -30,6 +30,8 @@ QUICKSTART_VALIDATION = REPO / "train_job" / "quickstart_data" / "quickstart-val
 
 # Shapes of randomly initialised BERTs (BertConfig keyword arguments).
 SHAPES = {
+    # One layer of width 32: the model costs next to nothing, so tokenising, decoding and the pipeline show.
+    "bert-micro": dict(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64),
     # google/bert_uncased_L-2_H-128_A-2 ("BERT-tiny"): model time next to nothing, so the serving path shows.
     "bert-tiny": dict(num_hidden_layers=2, hidden_size=128, num_attention_heads=2, intermediate_size=512),
     # google/bert_uncased_L-4_H-256_A-4 ("BERT-mini"): the CPU default, minutes on 2 cores.
@@ -99,11 +101,12 @@ def machine() -> dict:
 # --- models ------------------------------------------------------------------------------------
 
 
-def prepare_model_dir(model: str, directory: Path, *, seed: int = 0) -> str:
+def prepare_model_dir(model: str, directory: Path, *, seed: int = 0, tokenizer_source: str | None = None) -> str:
     """A local model directory for ``model``: a directory as given, else one written to ``directory``.
 
     ``minilm`` gives the packaged pretrained all-MiniLM-L6-v2 with a fresh QA head; a name from
-    ``SHAPES`` gives a randomly initialised BERT of that shape with MiniLM's (uncased) tokenizer.
+    ``SHAPES`` gives a randomly initialised BERT of that shape with MiniLM's (uncased) tokenizer, read
+    from ``tokenizer_source`` when given (a machine without the MiniLM package).
     """
     import torch
     from transformers import AutoModelForQuestionAnswering, BertConfig, BertForQuestionAnswering
@@ -116,7 +119,7 @@ def prepare_model_dir(model: str, directory: Path, *, seed: int = 0) -> str:
     if model not in SHAPES and model != "minilm":
         raise SystemExit(f"--model {model!r}: not a directory; {MODEL_HELP}")
     directory.mkdir(parents=True, exist_ok=True)
-    tokenizer = load_tokenizer(MINILM)
+    tokenizer = load_tokenizer(tokenizer_source or MINILM)
     tokenizer.save_pretrained(directory)
     torch.manual_seed(seed)
     if model == "minilm":
@@ -218,6 +221,19 @@ def print_table(title: str, rows: list[dict], columns: list[str]) -> None:
     sys.stdout.flush()
 
 
+def markdown_table(rows: list[dict]) -> str:
+    """``rows`` (dicts, the first one's keys as columns) as a GitHub markdown table, for BENCHMARKS.md."""
+    def show(value) -> str:
+        if value is None:
+            return "-"
+        return f"{value:.1f}" if isinstance(value, float) else str(value)
+
+    columns = list(rows[0])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(show(row.get(column)) for column in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
 def write_json(path: str | Path, benchmark: str, ratios: dict, results: dict, settings: dict,
                load_before: list[float]) -> Path:
     """The result file: ratios first, then the figures, the settings, the machine and the command."""
@@ -277,7 +293,7 @@ def init_local_ray(num_cpus: int | None = None) -> None:
 def serve_app_config(model_dir: str, port: int, *, max_batch_size: int, replica_cpus: float, gpu: bool = False,
                      min_replicas: int = 1, max_replicas: int = 1, autoscaling: dict | None = None,
                      batch_wait_timeout_s: float | None = None, forward_batch_size: int | None = None,
-                     dtype: str | None = None) -> dict:
+                     dtype: str | None = None, backend: str | None = None) -> dict:
     """serve_app's packaged config with its own CLI flags applied (``python -m serve_app`` would do the same),
     on 127.0.0.1 only; ``autoscaling`` adds QAModel autoscaling keys the CLI has no flag for."""
     from serve_app.__main__ import configure, parse_args
@@ -290,6 +306,8 @@ def serve_app_config(model_dir: str, port: int, *, max_batch_size: int, replica_
         flags += ["--batch-wait-timeout-s", str(batch_wait_timeout_s)]
     if dtype:
         flags += ["--dtype", dtype]
+    if backend:
+        flags += ["--backend", backend]
     config = configure(load_serve_config(), parse_args(flags))
     [app] = config["applications"]
     if forward_batch_size:

@@ -21,6 +21,7 @@ from pathlib import Path
 from bench import benchlib
 from serve_app.app import MODEL_DEPLOYMENT
 from serve_app.local import free_port, replica_counts, wait_until
+from qa_common.backends import BACKENDS
 from qa_common.modeling import SERVING_DTYPES
 
 DEFAULT_OUT = benchlib.RESULTS / "cold_start.json"
@@ -38,6 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="idle seconds before the last replica stops (default: %(default)s)")
     parser.add_argument("--dtype", choices=SERVING_DTYPES, default=None,
                         help="the model's weights (serve_app's --dtype; default: its config, auto)")
+    parser.add_argument("--backend", choices=BACKENDS, default=None,
+                        help="serve_app's inference backend (default: its config, auto)")
     parser.add_argument("--replica-cpus", type=float, default=1, help="CPUs of the model replica (default: %(default)s)")
     parser.add_argument("--cpus", type=int, default=os.cpu_count(), help="CPUs of the local Ray (default: %(default)s)")
     parser.add_argument("--zero-timeout-s", type=float, default=120, help="longest wait for 0 replicas (default: %(default)s)")
@@ -80,7 +83,7 @@ def measure(args, workdir: Path, load_before: list[float]) -> int:
                    "look_back_period_s": 2}  # else a request keeps the replica up for Serve's default 30 s
     config = benchlib.serve_app_config(model_dir, free_port(), max_batch_size=8, replica_cpus=args.replica_cpus,
                                        gpu=args.gpu, min_replicas=0, max_replicas=1, autoscaling=autoscaling,
-                                       dtype=args.dtype)
+                                       dtype=args.dtype, backend=args.backend)
     benchlib.init_local_ray(args.cpus)
     rows = []
     try:

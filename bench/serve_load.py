@@ -9,7 +9,12 @@ local Ray with ONE model replica, and for each mode sends ``--requests`` POST /v
 httpx), after ``--warmup`` untimed ones, within a hard ``--time-limit-s``:
 
 - batched:   ``--max-batch-size`` questions per model call (serve_app's @serve.batch);
-- unbatched: ``--max-batch-size 1``: one question per model call, one at a time.
+- unbatched: ``--max-batch-size 1``: one question per model call, one at a time;
+- single:    one client, one question at a time (``--single-requests`` of them): the latency a lone
+  user sees, with no queueing.
+
+``--backend`` picks serve_app's inference backend (torch, onnx, onnx-int8, auto; the ONNX ones need
+a model directory exported with ``python -m qa_common.export_onnx``).
 
 Reports p50/p90/p99 latency, requests/s, windows/s (a long context makes several 384-token
 windows), questions per model call, errors, and the batched/unbatched throughput ratio.
@@ -28,10 +33,12 @@ from pathlib import Path
 from bench import benchlib
 from serve_app.app import MODEL_DEPLOYMENT
 from serve_app.local import free_port
+from qa_common.backends import BACKENDS
 from qa_common.modeling import SERVING_DTYPES
 
 DEFAULT_OUT = benchlib.RESULTS / "serve_load.json"
 APP = "qa"  # serve_app's application name
+MODES = ("batched", "unbatched", "single")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -52,6 +59,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="windows per forward pass (default: serve_app's, 64; 256 with --gpu)")
     parser.add_argument("--dtype", choices=SERVING_DTYPES, default=None,
                         help="the model's weights (serve_app's --dtype; default: its config, auto)")
+    parser.add_argument("--backend", choices=BACKENDS, default=None,
+                        help="serve_app's inference backend (default: its config, auto)")
+    parser.add_argument("--single-requests", type=int, default=50,
+                        help="timed requests of the single mode (default: %(default)s)")
     parser.add_argument("--replica-cpus", type=float, default=None, help="CPUs of the model replica (default 1)")
     parser.add_argument("--cpus", type=int, default=os.cpu_count(), help="CPUs of the local Ray (default: %(default)s)")
     parser.add_argument("--modes", default="batched,unbatched", help="which modes, in order (default: %(default)s)")
@@ -68,8 +79,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.forward_batch_size = args.forward_batch_size or (256 if args.gpu else None)
     args.replica_cpus = args.replica_cpus or 1
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    if not args.modes or set(args.modes) - {"batched", "unbatched"}:
-        parser.error("--modes takes batched and/or unbatched")
+    if not args.modes or set(args.modes) - set(MODES):
+        parser.error(f"--modes takes {', '.join(MODES)}")
     return args
 
 
@@ -113,11 +124,11 @@ async def send_load(base_url: str, payloads: list[dict], windows: list[int], *, 
     return {"latencies": latencies, "errors": dict(errors), "wall_s": wall_s, "answered_windows": answered_windows}
 
 
-def model_calls() -> int:
-    """Model calls the replica has run (asked through Serve: the HTTP API does not show them)."""
+def model_info() -> dict:
+    """What the model replica runs (backend, dtype) and its model calls so far, asked through Serve."""
     from ray import serve
 
-    return serve.get_deployment_handle(MODEL_DEPLOYMENT, APP).describe.remote().result()["model_calls"]
+    return serve.get_deployment_handle(MODEL_DEPLOYMENT, APP).describe.remote().result()
 
 
 def run_mode(mode: str, args, model_dir: str, port: int, payloads, windows) -> dict:
@@ -126,35 +137,38 @@ def run_mode(mode: str, args, model_dir: str, port: int, payloads, windows) -> d
     from serve_app.app import run_config
 
     batch = args.max_batch_size if mode == "batched" else 1
+    concurrency = 1 if mode == "single" else args.concurrency
     config = benchlib.serve_app_config(model_dir, port, max_batch_size=batch, replica_cpus=args.replica_cpus, gpu=args.gpu,
                                        batch_wait_timeout_s=args.batch_wait_timeout_s,
-                                       forward_batch_size=args.forward_batch_size, dtype=args.dtype)
+                                       forward_batch_size=args.forward_batch_size, dtype=args.dtype, backend=args.backend)
     clock = benchlib.Stopwatch()
     base_url = run_config(config).rstrip("/")
     deploy_s = clock()
     try:
         warm = payloads[: args.warmup]
         if warm:
-            asyncio.run(send_load(base_url, warm, windows, concurrency=args.concurrency,
+            asyncio.run(send_load(base_url, warm, windows, concurrency=concurrency,
                                   time_limit_s=args.time_limit_s, timeout_s=args.request_timeout_s))
-        calls_before = model_calls()
+        served = model_info()
         load_before = benchlib.load_average()
-        timed = payloads[args.warmup :]
-        result = asyncio.run(send_load(base_url, timed, windows[args.warmup :], concurrency=args.concurrency,
+        timed = payloads[args.warmup :][: args.single_requests if mode == "single" else None]
+        result = asyncio.run(send_load(base_url, timed, windows[args.warmup :], concurrency=concurrency,
                                        time_limit_s=args.time_limit_s, timeout_s=args.request_timeout_s))
-        calls = model_calls() - calls_before
+        calls = model_info()["model_calls"] - served["model_calls"]
     finally:
         serve.delete(APP)
     latencies = result["latencies"]
     answered = len(latencies)
     return {
         "mode": mode,
+        "backend": served["backend"],
+        "dtype": served["dtype"],
         "max_batch_size": batch,
         "requests": len(timed),
         "answered": answered,
         "errors": sum(result["errors"].values()),
         "error_kinds": result["errors"],
-        "concurrency": args.concurrency,
+        "concurrency": concurrency,
         "wall_s": result["wall_s"],
         "requests_per_s": answered / result["wall_s"],
         "windows_per_s": result["answered_windows"] / result["wall_s"],
@@ -202,10 +216,11 @@ def measure(args, workdir: Path, load_before: list[float]) -> int:
         ratios["batched_vs_unbatched_p50_latency"] = benchlib.ratio(by_mode["batched"]["p50_ms"], by_mode["unbatched"]["p50_ms"])
     for row in rows:
         ratios[f"{row['mode']}_windows_per_s"] = round(row["windows_per_s"], 1)
+        ratios[f"{row['mode']}_p50_ms"] = round(row["p50_ms"], 1) if row["p50_ms"] else None
         ratios[f"{row['mode']}_errors"] = row["errors"]
     benchlib.print_table("Ratios", [{"ratio": k, "value": v} for k, v in ratios.items()], ["ratio", "value"])
     benchlib.print_table("Serving under load (one model replica)", rows,
-                         ["mode", "max_batch_size", "answered", "errors", "requests_per_s", "windows_per_s", "p50_ms",
+                         ["mode", "backend", "max_batch_size", "answered", "errors", "requests_per_s", "windows_per_s", "p50_ms",
                           "p90_ms", "p99_ms", "questions_per_model_call", "load_average"])
     settings = {key: (benchlib.data_label(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
     settings.update(model_shape=benchlib.model_summary(model_dir), timed_windows=sum(windows[args.warmup :]))

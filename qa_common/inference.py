@@ -1,7 +1,10 @@
 """Answer questions with a loaded model: features -> one batched forward pass -> span decoding.
 
 The same functions serve the HTTP service, the demos and evaluation, so an answer is decoded the
-same way everywhere.
+same way everywhere. Only the forward pass depends on the backend: a *runner* takes one batch of
+numpy inputs (the tokenizer's ``input_ids``, ``attention_mask``, ``token_type_ids``; only the
+names in its ``input_names``) and returns float32 start and end logits. :class:`TorchRunner` wraps
+a PyTorch model, :class:`OnnxRunner` an ONNX Runtime session (see :mod:`qa_common.backends`).
 """
 
 from __future__ import annotations
@@ -24,36 +27,71 @@ class Question:
     max_answer_length: int | None = None  # None: the QAConfig's value
 
 
-def predict_logits(model, features: dict, *, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """Start and end logits (float32, padded back to the features' length) for every feature.
+class TorchRunner:
+    """Start and end logits from a PyTorch QA model (on whatever device and dtype it is on)."""
 
-    Features run shortest first, so each forward batch holds windows of similar length and
-    :func:`trim_padding` cuts most of the padding.
-    """
+    input_names = ("input_ids", "attention_mask", "token_type_ids")
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
+        device = next(self.model.parameters()).device
+        with torch.inference_mode():
+            outputs = self.model(**{name: torch.as_tensor(value, dtype=torch.long, device=device)
+                                    for name, value in batch.items()})
+        return outputs.start_logits.float().cpu().numpy(), outputs.end_logits.float().cpu().numpy()
+
+
+class OnnxRunner:
+    """Start and end logits from an ONNX Runtime session of a model written by ``qa_common.export_onnx``."""
+
+    def __init__(self, session):
+        self.session = session
+        self.input_names = tuple(node.name for node in session.get_inputs())
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        start, end = self.session.run(["start_logits", "end_logits"],
+                                      {name: value.astype(np.int64, copy=False) for name, value in batch.items()})
+        return start, end
+
+
+def as_runner(model_or_runner):
+    """A runner for ``model_or_runner``: a PyTorch module is wrapped in :class:`TorchRunner`, a runner kept."""
     import torch
 
-    names = [name for name in ("input_ids", "attention_mask", "token_type_ids") if name in features]
+    return TorchRunner(model_or_runner) if isinstance(model_or_runner, torch.nn.Module) else model_or_runner
+
+
+def predict_logits(runner, features: dict, *, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Start and end logits (float32, padded back to the features' length) for every feature.
+
+    ``runner`` is a :class:`TorchRunner`, an :class:`OnnxRunner` or a PyTorch QA model. Features run
+    shortest first, so each forward batch holds windows of similar length and :func:`trim_padding`
+    cuts most of the padding.
+    """
+    runner = as_runner(runner)
+    names = [name for name in runner.input_names if name in features]
     count, length = features["input_ids"].shape
     start_logits = np.full((count, length), -np.inf, dtype=np.float32)
     end_logits = np.full((count, length), -np.inf, dtype=np.float32)
-    device = next(model.parameters()).device
     by_length = np.argsort(np.asarray(features["attention_mask"]).sum(axis=1), kind="stable")
-    with torch.inference_mode():
-        for begin in range(0, count, batch_size):
-            rows = by_length[begin : begin + batch_size]
-            batch = trim_padding({name: np.asarray(features[name])[rows] for name in names})
-            inputs = {name: torch.as_tensor(value, dtype=torch.long, device=device) for name, value in batch.items()}
-            outputs = model(**inputs)
-            width = batch["input_ids"].shape[1]
-            start_logits[rows, :width] = outputs.start_logits.float().cpu().numpy()
-            end_logits[rows, :width] = outputs.end_logits.float().cpu().numpy()
+    for begin in range(0, count, batch_size):
+        rows = by_length[begin : begin + batch_size]
+        batch = trim_padding({name: np.asarray(features[name])[rows] for name in names})
+        width = batch["input_ids"].shape[1]
+        start_logits[rows, :width], end_logits[rows, :width] = runner(batch)
     return start_logits, end_logits
 
 
 def answer_questions(
-    model, tokenizer, questions: Sequence[Question], config: QAConfig, *, batch_size: int = 64
+    runner, tokenizer, questions: Sequence[Question], config: QAConfig, *, batch_size: int = 64
 ) -> list[list[dict]]:
     """For each question, its ``top_k`` answers ``{"answer", "score", "start", "end"}``.
+
+    ``runner``: see :func:`predict_logits` (a PyTorch model, or a runner of any backend).
 
     All questions are tokenised together and their windows run through the model in shared
     batches, which is what makes dynamic batching in the server pay off.
@@ -67,7 +105,7 @@ def answer_questions(
         tokenizer,
         config,
     )
-    start_logits, end_logits = predict_logits(model, features, batch_size=batch_size)
+    start_logits, end_logits = predict_logits(runner, features, batch_size=batch_size)
     feature_rows = features["example_id"].astype(int)
     results = []
     for index, question in enumerate(questions):

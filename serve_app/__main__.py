@@ -19,6 +19,7 @@ from ray import serve
 
 from qa_common import QAConfig
 from qa_common.config import add_dataclass_flags, given_flags
+from qa_common.backends import BACKENDS
 from qa_common.modeling import SERVING_DTYPES
 from serve_app.app import DEFAULT_CONFIG, MODEL_DEPLOYMENT, load_serve_config, run_config
 
@@ -38,6 +39,7 @@ OVERRIDES = {
     "audit_log": ("args", "audit_log"),
     "max_windows_per_request": ("args", "max_windows_per_request"),
     "request_deadline_s": ("args", "request_deadline_s"),
+    "backend": ("args", "backend"),
     "min_replicas": ("autoscaling_config", "min_replicas"),
     "max_replicas": ("autoscaling_config", "max_replicas"),
     "downscale_to_zero_delay_s": ("autoscaling_config", "downscale_to_zero_delay_s"),
@@ -67,6 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-windows-per-request", type=int, help="requests needing more model windows get 413")
     parser.add_argument("--request-deadline-s", type=float, help="requests not answered within this get 503")
     parser.add_argument("--dtype", choices=SERVING_DTYPES, help="auto: bfloat16 on a GPU")
+    parser.add_argument("--backend", choices=BACKENDS,
+                        help="torch, onnx, onnx-int8 or auto (on CPU: the fastest exported backend within the F1 bound)")
     parser.add_argument("--min-replicas", type=int, help="model replicas when idle; 0 lets the model scale to zero")
     parser.add_argument("--max-replicas", type=int, help="most model replicas under load")
     parser.add_argument("--downscale-to-zero-delay-s", type=float, help="idle seconds before the last replica stops")

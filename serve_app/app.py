@@ -37,9 +37,10 @@ from ray.serve.metrics import Histogram
 from starlette.exceptions import HTTPException
 
 from qa_common import (
-    QAConfig, Question, answer_questions, count_windows, load_model_and_tokenizer, load_qa_config, load_tokenizer,
+    QAConfig, Question, answer_questions, count_windows, load_qa_config, load_tokenizer,
     resolve_model_path,
 )
+from qa_common.backends import ONNX_FILES, load_runner, onnx_file, resolve_backend
 from qa_common.modeling import dtype_name, torch_dtype
 from serve_app import audit
 from serve_app.auth import TokenChecker, is_loopback, load_token_hashes
@@ -60,7 +61,9 @@ class QAModel:
     """One copy of the model; answers questions in dynamic batches, within a window budget per call."""
 
     def __init__(self, model_path: str, qa_config: QAConfig, args: ServeArgs):
-        self.model, self.tokenizer, self.device = self.load_model(model_path, args.dtype)
+        self.device = "cuda" if ray.get_gpu_ids() else "cpu"
+        threads = max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
+        self.runner, self.tokenizer, self.backend = load_model(model_path, args, device=self.device, threads=threads)
         self.qa_config = qa_config
         self.forward_batch_size = args.forward_batch_size
         self.max_windows_per_call = args.max_windows_per_call
@@ -78,13 +81,6 @@ class QAModel:
             boundaries=[0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30],
         )
 
-    @staticmethod
-    def load_model(model_path: str, dtype: str):
-        """``(model, tokenizer, device)``: the model on this replica's device, ready for inference."""
-        device = "cuda" if ray.get_gpu_ids() else "cpu"
-        model, tokenizer = load_model_and_tokenizer(model_path, dtype=torch_dtype(dtype, device))
-        return model.to(device).eval(), tokenizer, device
-
     @serve.batch
     async def answer(self, items: list[WorkItem]) -> list[dict]:
         """Per item ``{"answers": [...]}``, or ``{"error": ...}`` for that item alone (see serve_app.work)."""
@@ -96,7 +92,7 @@ class QAModel:
         started = time.perf_counter()
         # In a thread, so the replica keeps queueing the next batch while the model runs.
         answers = await asyncio.to_thread(
-            answer_questions, self.model, self.tokenizer, [item.question for item in items], self.qa_config,
+            answer_questions, self.runner, self.tokenizer, [item.question for item in items], self.qa_config,
             batch_size=self.forward_batch_size,
         )
         self.call_seconds.observe(time.perf_counter() - started)
@@ -105,11 +101,19 @@ class QAModel:
 
     async def check_health(self) -> None:
         """Serve's health check: a replica that cannot run a forward pass raises, and is replaced."""
-        await asyncio.to_thread(answer_questions, self.model, self.tokenizer, [HEALTH_PROBE], self.qa_config)
+        await asyncio.to_thread(answer_questions, self.runner, self.tokenizer, [HEALTH_PROBE], self.qa_config)
 
     def describe(self) -> dict:
         """How many model calls this replica has run, and where (for operators and tests)."""
-        return {"model_calls": self.model_calls, "device": self.device}
+        return {"model_calls": self.model_calls, "device": self.device, **self.backend}
+
+
+def load_model(model_path: str, args: ServeArgs, *, device: str, threads: int) -> tuple:
+    """``(runner, tokenizer, info)`` of a replica: ``args.backend`` (``auto`` reads the model's
+    onnx_export.json) on ``device``, with ``threads`` intra-op threads (one per CPU of the replica)."""
+    runner, tokenizer, info = load_runner(model_path, args.backend, device=device, dtype=torch_dtype(args.dtype, device),
+                                          threads=threads, max_f1_loss=args.max_f1_loss)
+    return runner, tokenizer, {"threads": threads, "backend_requested": args.backend, **info}
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -373,12 +377,17 @@ def model_name(model: str, model_path: str) -> str:
 
 def model_card(model_path: str, args: ServeArgs, qa_config: QAConfig, model_options: dict) -> dict:
     """What /v1/model shows: the model's name and version, its settings and the request limits."""
-    device = "cuda" if model_options.get("ray_actor_options", {}).get("num_gpus", 0) else "cpu"
+    actor_options = model_options.get("ray_actor_options", {})
+    device = "cuda" if actor_options.get("num_gpus", 0) else "cpu"
+    backend = resolve_backend(model_path, args.backend, device=device, max_f1_loss=args.max_f1_loss)
     return {
         "name": args.model_name or model_name(args.model, model_path),
         "version": model_version(model_path),
         "device": device,
-        "dtype": dtype_name(args.dtype, device),
+        "backend": backend,
+        "backend_requested": args.backend,
+        "dtype": {"onnx": "float32", "onnx-int8": "int8"}.get(backend) or dtype_name(args.dtype, device),
+        "threads": max(1, int(actor_options.get("num_cpus", 1))),  # intra-op threads: one per CPU of a replica
         **qa_config.to_dict(),
         "max_batch_size": args.max_batch_size,
         "limits": {
@@ -455,6 +464,8 @@ def build_app(args: ServeArgs | dict, options: dict[str, dict], *, bind_host: st
         raise FileNotFoundError(
             f"{error}; train one with `python -m train_job`, or pass another model directory (--model / args.model)"
         ) from None
+    if args.backend in ONNX_FILES:
+        onnx_file(model_path, args.backend)  # a missing export fails here, naming the command that writes it
     qa_config = resolve_qa_config(model_path, args)
     model_options, ingress_options = options.get(MODEL_DEPLOYMENT, {}), options.get(INGRESS_DEPLOYMENT, {})
     max_ongoing = model_options.get("max_ongoing_requests", 5)  # Serve's default

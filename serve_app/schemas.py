@@ -12,6 +12,7 @@ from pydantic import (
     field_validator,
 )
 
+from qa_common.backends import BACKENDS, DEFAULT_MAX_F1_LOSS
 from qa_common.config import checked_overrides
 from qa_common.modeling import SERVING_DTYPES
 
@@ -160,6 +161,13 @@ class ServeArgs(BaseModel):
     retry_after_s: int = Field(2, ge=1, description="The Retry-After of a 503 (busy or past the deadline).")
     audit_log: str | None = Field(
         None, description="File the JSON audit lines are appended to; default: the ingress's standard error."
+    )
+    backend: Literal[BACKENDS] = Field(
+        "auto", description="torch, onnx, onnx-int8 (files written by `python -m qa_common.export_onnx`) or auto: "
+        "on CPU the fastest exported backend within max_f1_loss of PyTorch's F1, else torch; on a GPU torch.",
+    )
+    max_f1_loss: float = Field(
+        DEFAULT_MAX_F1_LOSS, ge=0, description="F1 points below PyTorch that backend auto accepts for speed."
     )
     qa: dict[str, int] = Field(
         default_factory=dict,

@@ -102,8 +102,63 @@ def test_serve_soak(tiny_model_dir, tmp_path):
     assert soak["replicas_after"] == {"RUNNING": 1}
 
 
+def test_predict_throughput(tiny_model_dir, tmp_path):
+    document = run_bench(
+        "predict_throughput", tmp_path / "predict.json",
+        "--model", str(tiny_model_dir), "--data", str(FIXTURES / "tiny-squad.json"), "--long-documents", "2",
+        "--actors", "1", "--cpus", "2", "--memory", "--memory-questions", "30", "--memory-model", str(tiny_model_dir),
+    )
+    runs = document["results"]["runs"]
+    assert [run["method"] for run in runs] == ["single process: answer_questions", "train_job.predict"]
+    assert all(run["questions"] == 13 + 2 and run["windows"] >= run["questions"] for run in runs)
+    assert runs[0]["windows"] == runs[1]["windows"]
+    [memory] = document["results"]["memory"]
+    assert memory["questions"] == 30 and memory["driver_peak_rss_mib"] > 0
+    assert document["ratios"]["pipeline_1_actors_vs_single_process"] > 0
+
+
 def test_every_script_has_help():
-    for script in ("train_throughput", "preprocess", "serve_load", "cold_start", "serve_soak"):
+    for script in ("train_throughput", "preprocess", "serve_load", "cold_start", "serve_soak", "predict_throughput",
+                   "cuda_graph_latency", "backends", "gpu_suite", "squad_finetune"):
         result = subprocess.run([sys.executable, "-m", f"bench.{script}", "--help"],
                                 cwd=REPO, capture_output=True, text=True, timeout=60)
         assert result.returncode == 0 and "--out" in result.stdout, script
+
+
+def parse_step(argv: list[str]):
+    """Parse one GPU-suite step's command line with that program's own parser (nothing runs)."""
+    import importlib
+
+    assert argv[0] == "-m" and argv[1].startswith("bench.")
+    return importlib.import_module(argv[1]).parse_args(argv[2:])
+
+
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_gpu_suite_steps_are_valid_command_lines(tmp_path, dry_run):
+    from bench import gpu_suite
+
+    args = gpu_suite.parse_args(["--out-dir", str(tmp_path)] + (["--dry-run"] if dry_run else []))
+    commands = gpu_suite.step_commands(args, tmp_path, str(tmp_path / "model"))
+    assert list(commands) == list(gpu_suite.STEPS)
+    parsed = {step: parse_step(argv) for step, argv in commands.items()}
+    assert parsed["serve"].modes == ["batched", "single"] and parsed["serve"].gpu is not dry_run
+    assert parsed["train"].gpu is not dry_run and parsed["cuda_graph"].gpu is not dry_run
+    assert parsed["squad"].gpu is not dry_run and parsed["squad"].out == tmp_path / "squad.json"
+    if not dry_run:
+        assert parsed["squad"].train.name == gpu_suite.SQUAD_FILES["train"] and parsed["squad"].max_train_samples is None
+        assert sum(gpu_suite.GPU_BUDGET_S.values()) <= 9 * 60
+
+
+def test_gpu_suite_dry_run_writes_the_summary(tmp_path):
+    out = tmp_path / "suite"
+    result = subprocess.run(
+        ["bash", "bench/gpu_suite.sh", "--dry-run", "--steps", "cuda_graph,squad", "--out-dir", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=240,
+    )
+    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    suite = json.loads((out / "suite.json").read_text())
+    cuda_graph, squad = suite["steps"]
+    assert suite["dry_run"] and [cuda_graph["status"], squad["status"]] == ["ok", "ok"]
+    assert cuda_graph["figures"]["same_answers"] == "4/4"  # the padded, compiled runner answers as eager PyTorch
+    assert 0 <= squad["figures"]["f1"] <= 100 and squad["figures"]["train_windows_per_s"] > 0
+    assert "| cuda_graph | same_answers | 4/4 |" in (out / "suite.md").read_text()

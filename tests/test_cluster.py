@@ -1,4 +1,5 @@
-"""A real multi-node Ray cluster on one machine runs a training job submitted with `ray job submit`.
+"""A real multi-node Ray cluster on one machine runs jobs submitted with `ray job submit`: training, and
+batch answering with ``train_job.predict``.
 
 ``cluster/local-cluster.sh`` (what cluster/README.md tells users to run) starts a head node and a
 worker node as two separate ``ray start`` processes, on free ports and in a temp dir of their own.
@@ -136,6 +137,23 @@ def two_node_cluster():
         shutil.rmtree(state_dir, ignore_errors=True)
 
 
+def submit(cluster: LocalCluster, submission_id: str, entrypoint: list[str], timeout: float) -> None:
+    """``ray job submit`` the checkout as the working dir, wait, and check that the job succeeded."""
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    runtime_env = {"env_vars": {"HF_HUB_OFFLINE": "1"}, "excludes": [".git"]}
+    command = [ray_cli, "job", "submit", "--address", cluster.dashboard, "--submission-id", submission_id,
+               "--working-dir", ".", "--runtime-env-json", json.dumps(runtime_env), "--", *entrypoint]
+    try:
+        submitted = subprocess.run(command, cwd=ROOT, env=cluster.env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as error:
+        subprocess.run([ray_cli, "job", "stop", "--address", cluster.dashboard, submission_id],
+                       env=cluster.env, capture_output=True, timeout=60)
+        pytest.fail(f"the job did not finish in {error.timeout} s:\n{(error.stdout or b'')[-4000:]!r}")
+    log = submitted.stdout + submitted.stderr
+    assert submitted.returncode == 0, log[-6000:]
+    assert f"Job '{submission_id}' succeeded" in log
+
+
 def test_two_node_cluster_has_a_head_and_a_worker_node_with_their_own_cpus(two_node_cluster):
     nodes = two_node_cluster.state()["nodes"]
     alive = [n for n in nodes if n["state"] == "ALIVE"]
@@ -149,12 +167,7 @@ def test_ray_job_submit_trains_on_workers_spread_over_both_nodes(two_node_cluste
     model_dir = build_tiny_model(cluster.state_dir / "tiny-bert")  # an absolute path every node can read
     output_dir = cluster.state_dir / "out"
     storage = cluster.state_dir / "storage"  # shared by definition on one machine; NFS or s3:// on a real cluster
-    runtime_env = {"env_vars": {"HF_HUB_OFFLINE": "1"}, "excludes": [".git"]}
-    command = [
-        str(Path(sys.executable).parent / "ray"), "job", "submit",
-        "--address", cluster.dashboard, "--submission-id", SUBMISSION_ID,
-        "--working-dir", ".", "--runtime-env-json", json.dumps(runtime_env),
-        "--",
+    entrypoint = [
         "python", "-m", "train_job",
         "--model", str(model_dir),
         # Relative paths: read in the job's working dir, i.e. the uploaded copy of this checkout.
@@ -165,15 +178,7 @@ def test_ray_job_submit_trains_on_workers_spread_over_both_nodes(two_node_cluste
         "--per-device-batch-size", "4", "--max-length", "48", "--stride", "16", "--max-question-length", "20",
     ]
     started = time.monotonic()
-    try:
-        submitted = subprocess.run(command, cwd=ROOT, env=cluster.env, capture_output=True, text=True, timeout=420)
-    except subprocess.TimeoutExpired as error:
-        subprocess.run([command[0], "job", "stop", "--address", cluster.dashboard, SUBMISSION_ID],
-                       env=cluster.env, capture_output=True, timeout=60)
-        pytest.fail(f"the job did not finish in {error.timeout} s:\n{(error.stdout or b'')[-4000:]!r}")
-    log = submitted.stdout + submitted.stderr
-    assert submitted.returncode == 0, log[-6000:]
-    assert f"Job '{SUBMISSION_ID}' succeeded" in log
+    submit(cluster, SUBMISSION_ID, entrypoint, timeout=420)
     print(f"job took {time.monotonic() - started:.0f} s")
 
     state = cluster.state(SUBMISSION_ID)
@@ -199,3 +204,24 @@ def test_ray_job_submit_trains_on_workers_spread_over_both_nodes(two_node_cluste
     job_workers = [a for a in state["train_workers"] if a["job_id"] == state["job"]["job_id"]]
     assert len(job_workers) == 2
     assert {a["node_id"] for a in job_workers} == {head_id, worker_id}
+
+
+def test_ray_job_submit_answers_a_file_and_writes_predictions_and_metrics(two_node_cluster):
+    """``train_job.predict`` as a submitted job: a pool of two model actors answers the fixture
+    questions (read by the driver from the uploaded working dir); the driver writes predictions and
+    metrics to an absolute path."""
+    cluster = two_node_cluster
+    model_dir = build_tiny_model(cluster.state_dir / "tiny-bert-predict")
+    output_dir = cluster.state_dir / "predict-out"
+    entrypoint = [
+        "python", "-m", "train_job.predict", "--model", str(model_dir),
+        "--data", "tests/fixtures/tiny-squad.json",  # a JSON document: read by the driver, in the working dir
+        "--output", str(output_dir), "--concurrency", "2", "--batch-size", "4",
+    ]
+    submit(cluster, "rqa-two-node-predict", entrypoint, timeout=300)
+
+    expected_ids = [json.loads(line)["id"] for line in (ROOT / "tests/fixtures/tiny-squad.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (output_dir / "predictions.jsonl").read_text().splitlines()]
+    assert sorted(row["id"] for row in rows) == sorted(expected_ids)
+    metrics = json.loads((output_dir / "metrics.json").read_text())
+    assert metrics["total"] == len(expected_ids) and metrics["actors"] == 2

@@ -1,6 +1,6 @@
 """The cluster configs of cluster/ parse and validate; no Kubernetes or cloud account needed.
 
-- KubeRay manifests (RayJob for train and tune, RayService for serve_app): the key structure of
+- KubeRay manifests (RayJob for train, tune and predict, RayService for serve_app): the key structure of
   the ray.io/v1 CRDs, checked with JSON schemas written here; parameters are envsubst placeholders;
   the job entry points parse with our own command-line parsers.
 - The RayService's serveConfigV2 validates with Ray Serve's own schema and carries the same
@@ -32,6 +32,7 @@ PARAMETERS = {
     "MODEL": "bert-base-cased",
     "SHARED_PVC": "qa-shared",
     "STORAGE_PATH": "s3://my-bucket/qa/checkpoints",
+    "DATA": "/mnt/shared/data/questions/*.jsonl",
 }
 PLACEHOLDER = re.compile(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?")
 DNS_1123 = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
@@ -205,7 +206,7 @@ CLUSTER_LAUNCHER_KEYS = {
     },
 }
 
-RAY_JOBS = ["rayjob-train.yaml", "rayjob-tune.yaml"]
+RAY_JOBS = ["rayjob-train.yaml", "rayjob-tune.yaml", "rayjob-predict.yaml"]
 ALL_MANIFESTS = [*RAY_JOBS, "rayservice.yaml"]
 
 
@@ -296,6 +297,24 @@ def test_rayjob_entrypoint_parses_with_our_own_flags(name, module, monkeypatch):
                for g in groups)
     if module == "train_job":
         assert config.num_workers <= _gpus(manifest)
+
+
+def test_predict_rayjob_entrypoint_parses_with_our_own_flags():
+    from train_job.predict import parse_args
+
+    manifest = load_manifest("rayjob-predict.yaml")
+    argv = shlex.split(manifest["spec"]["entrypoint"])
+    assert argv[:3] == ["python", "-m", "train_job.predict"]
+    args = parse_args(argv[3:])
+    assert args.model == PARAMETERS["MODEL"]
+    assert args.data == [PARAMETERS["DATA"]], "the glob reaches train_job.predict unexpanded (quoted)"
+    assert args.output.startswith("/mnt/shared/"), "outputs must outlive the cluster: the shared volume"
+    # One actor per GPU, and each finds its CPUs on a GPU pod.
+    assert args.num_gpus_per_actor > 0
+    assert args.concurrency * args.num_gpus_per_actor <= _gpus(manifest)
+    groups = manifest["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    assert all(int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"]) >= args.cpus_per_actor
+               for g in groups)
 
 
 def _gpus(manifest: dict) -> int:

@@ -25,7 +25,7 @@ def tiny_config(model_dir, output_dir, **overrides) -> TrainConfig:
 
 
 def test_two_workers_train_evaluate_and_export(local_ray, tiny_model_dir, tmp_path):
-    metrics = run(tiny_config(tiny_model_dir, tmp_path))
+    metrics = run(tiny_config(tiny_model_dir, tmp_path, export_onnx=True))
 
     history = metrics["history"]
     assert [h["epoch"] for h in history] == [1, 2, 3]
@@ -44,6 +44,11 @@ def test_two_workers_train_evaluate_and_export(local_ray, tiny_model_dir, tmp_pa
     assert saved["num_workers"] == 2 and saved["eval_examples"] == len(references)
     assert saved["train_samples_per_second"] > 0 and saved["train_runtime_s"] > 0
     assert f"| {saved['exact_match']:.2f} | {saved['f1']:.2f} |" in (tmp_path / "model/README.md").read_text()
+    # --export-onnx: both ONNX files, measured on the run's own validation split, in the card too
+    exported = json.loads((tmp_path / "model/onnx_export.json").read_text())
+    assert exported["validation"]["file"] == "tiny-squad.json" and exported["torch"]["f1"] == pytest.approx(saved["f1"])
+    assert (tmp_path / "model/model.onnx").is_file() and (tmp_path / "model/model.int8.onnx").is_file()
+    assert "## ONNX Runtime backends" in (tmp_path / "model/README.md").read_text()
 
     model, tokenizer = load_model_and_tokenizer(str(tmp_path / "model"))
     record = read_squad(FIXTURES / "tiny-squad.jsonl")[0]

@@ -102,7 +102,8 @@ def set_up(config: TrainConfig, loop_config: dict) -> Worker:
         log(rank, f"resumed from the checkpoint of epoch {state['epoch'] + (state['step_in_epoch'] > 0)} "
                   f"(step {state['step']})")
     else:
-        model, tokenizer = load_model_and_tokenizer(config.model)
+        # fp32 master weights whatever the stored dtype (transformers 5 would keep a bf16 checkpoint in bf16).
+        model, tokenizer = load_model_and_tokenizer(config.model, dtype=torch.float32)
     model = ray.train.torch.prepare_model(model)
     if config.compile:
         # Trimmed batches change length every step: compile for dynamic shapes once, not per length.

@@ -57,6 +57,12 @@ def run(config: TrainConfig, *, after_epoch=None, after_step=None) -> dict:
                          {**data.summary(), "history": epoch_history(result), "wall_time_s": time.perf_counter() - started})
     print(f"[train_job] exported {output_dir / 'model'}: EM {metrics['exact_match']:.2f}, F1 {metrics['f1']:.2f} "
           f"(epoch {metrics['best_epoch']} of {config.epochs})")
+    if config.export_onnx:
+        from qa_common.export_onnx import card_section, export_onnx
+
+        record = export_onnx(output_dir / "model", optimize=True, int8=True, validation_records=validation,
+                             validation_name=Path(config.validation_file).name if config.validation_file else config.dataset)
+        print(f"[train_job] {card_section(record)}")
     if config.push_to_hub:
         push_to_hub(output_dir / "model", config.push_to_hub, public=config.hub_public)
     return metrics

@@ -1,0 +1,201 @@
+"""``python -m train_job.predict``: Ray Data batch answering and evaluation, against qa_common directly.
+
+One local Ray and one tiny model (short windows, so the fixture contexts need several windows each)
+for the module; the bad-input tests fail before Ray is touched.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import FIXTURES, build_tiny_model
+from qa_common import QAConfig, Question, answer_questions, load_model_and_tokenizer, save_qa_config
+from train_job import predict_data
+from train_job.predict import OutputWriter, main, output_directory, question_scores
+
+SMALL_WINDOWS = QAConfig(max_length=48, stride=16, max_question_length=20)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    directory = build_tiny_model(tmp_path_factory.mktemp("predict-model"))
+    save_qa_config(SMALL_WINDOWS, directory)  # the actors read the windows from the model directory
+    return directory
+
+
+@pytest.fixture(scope="module")
+def expected(model_dir, fixture_records):
+    """``{id: best answer}`` from qa_common.answer_questions, one process, all questions together."""
+    model, tokenizer = load_model_and_tokenizer(str(model_dir))
+    answers = answer_questions(model.eval(), tokenizer, [Question(r["question"], r["context"]) for r in fixture_records],
+                               SMALL_WINDOWS)
+    return {record["id"]: best[0] for record, best in zip(fixture_records, answers)}
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def run(capsys, *argv) -> tuple[int, str]:
+    code = main([str(arg) for arg in argv])
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("concurrency, data", [(1, "official nested JSON"), (2, "gzipped JSON Lines")])
+def test_predictions_equal_answer_questions_and_metrics_equal_the_evaluate_cli(
+    local_ray, model_dir, expected, fixture_records, tmp_path, concurrency, data
+):
+    if data == "official nested JSON":
+        path = FIXTURES / "tiny-squad.json"
+    else:
+        path = tmp_path / "questions.jsonl.gz"
+        path.write_bytes(gzip.compress((FIXTURES / "tiny-squad.jsonl").read_bytes()))
+    out = tmp_path / "out"
+    # 4 questions per actor call: several calls, spread over the actors.
+    assert main(["--model", str(model_dir), "--data", str(path), "--output", str(out),
+                 "--concurrency", str(concurrency), "--batch-size", "4"]) == 0
+
+    rows = read_jsonl(out / "predictions.jsonl")
+    ids = [row["id"] for row in rows]
+    assert sorted(ids) == sorted(expected) and len(ids) == len(set(ids)) == len(fixture_records)
+    for row in rows:
+        want = expected[row["id"]]
+        assert set(row) == {"id", *want}
+        assert (row["answer"], row["start"], row["end"]) == (want["answer"], want["start"], want["end"]), row["id"]
+        assert row["score"] == pytest.approx(want["score"], rel=1e-4, abs=1e-7)
+
+    predictions = json.loads((out / "predictions.json").read_text(encoding="utf-8"))
+    assert predictions == {row["id"]: row["answer"] for row in rows}
+    evaluated = subprocess.run([sys.executable, "-m", "qa_common.evaluate", str(path), str(out / "predictions.json")],
+                               capture_output=True, text=True, timeout=120)
+    assert evaluated.returncode == 0, evaluated.stderr
+    official = json.loads(evaluated.stdout)
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    for name in ("exact_match", "f1", "precision", "recall"):
+        assert metrics[name] == pytest.approx(official[name]), name
+    assert metrics["total"] == official["total"] == len(fixture_records) and metrics["missing"] == 0
+    assert metrics["f1"] > 0  # an untrained model still overlaps some gold answers: the sums are not all zero
+
+
+def test_a_file_without_answers_gives_predictions_and_no_metrics(local_ray, model_dir, expected, tmp_path):
+    records = [json.loads(line) for line in (FIXTURES / "tiny-squad.jsonl").read_text().splitlines()]
+    path = tmp_path / "questions.parquet"
+    pq.write_table(pa.Table.from_pylist([{k: r[k] for k in ("id", "question", "context")} for r in records]), path)
+    out = tmp_path / "out"
+    assert main(["--model", str(model_dir), "--data", str(path), "--output", str(out), "--format", "parquet",
+                 "--concurrency", "1"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["predictions.parquet"]
+    table = pq.read_table(out / "predictions.parquet")
+    assert table.column_names == ["id", "answer", "score", "start", "end"]
+    rows = table.to_pylist()
+    assert sorted(row["id"] for row in rows) == sorted(expected)
+    assert all(row["answer"] == expected[row["id"]]["answer"] for row in rows)
+
+
+def test_a_bad_record_past_the_checked_head_fails_in_the_actor_naming_file_and_id(
+    local_ray, model_dir, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setattr(predict_data, "HEAD_RECORDS", 2)  # the driver checks lines 1-2; line 3 is the actors' to find
+    lines = (FIXTURES / "tiny-squad.jsonl").read_text().splitlines()
+    record = json.loads(lines[2])
+    record["question"] = "   "
+    lines[2] = json.dumps(record)
+    path = tmp_path / "late-error.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    code, err = run(capsys, "--model", model_dir, "--data", path, "--output", tmp_path / "out", "--concurrency", "1")
+    assert code == 2
+    assert f"error: {path}: record (id '{record['id']}'): empty question" in err
+    assert not list((tmp_path / "out").iterdir()), "a run that failed leaves no partial predictions"
+
+
+@pytest.mark.parametrize("problem, expected_error", [
+    ("missing field", "{path}: line 3: missing field(s) question"),
+    ("malformed JSON", "{path}: line 2: malformed JSON"),
+    ("answer offset", "{path}: line 1 (id 'hh-1'): answer"),
+])
+def test_a_malformed_file_exits_2_naming_file_and_record_before_ray_starts(
+    model_dir, tmp_path, capsys, monkeypatch, problem, expected_error
+):
+    lines = (FIXTURES / "tiny-squad.jsonl").read_text().splitlines()
+    if problem == "missing field":
+        record = json.loads(lines[2])
+        del record["question"]
+        lines[2] = json.dumps(record)
+    elif problem == "malformed JSON":
+        lines[1] = lines[1][:40]
+    else:
+        record = json.loads(lines[0])
+        record["answers"]["answer_start"] = [5]
+        lines[0] = json.dumps(record)
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    import ray
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("bad input must fail before Ray is used")
+
+    monkeypatch.setattr(ray, "is_initialized", no_ray)
+    monkeypatch.setattr(ray, "init", no_ray)
+    code, err = run(capsys, "--model", model_dir, "--data", path, "--output", tmp_path / "out")
+    assert code == 2
+    assert expected_error.format(path=path) in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_paths_and_model_directories_exit_2(model_dir, tmp_path, capsys):
+    data = FIXTURES / "tiny-squad.json"
+    code, err = run(capsys, "--model", model_dir, "--data", tmp_path / "missing-*.jsonl", "--output", tmp_path / "o")
+    assert code == 2 and "missing-*.jsonl: no such data file" in err
+    (tmp_path / "notes.txt").write_text("x")
+    code, err = run(capsys, "--model", model_dir, "--data", tmp_path / "notes.txt", "--output", tmp_path / "o")
+    assert code == 2 and "notes.txt: unknown data format" in err
+    code, err = run(capsys, "--model", tmp_path / "no-model", "--data", data, "--output", tmp_path / "o")
+    assert code == 2 and "no-model" in err and "does not exist" in err
+    empty = tmp_path / "empty-model"
+    empty.mkdir()
+    (empty / "config.json").write_text((model_dir / "config.json").read_text())
+    code, err = run(capsys, "--model", empty, "--data", data, "--output", tmp_path / "o")
+    assert code == 2 and "holds no model weights" in err
+
+
+def test_inputs_resolve_from_globs_directories_and_file_uris(tmp_path):
+    for name in ("b.jsonl", "a.json", "c.parquet", "skip.txt"):
+        (tmp_path / name).write_text("")
+    expected = [str(tmp_path / name) for name in ("a.json", "b.jsonl", "c.parquet")]
+    assert predict_data.resolve_inputs([str(tmp_path)]) == expected
+    assert predict_data.resolve_inputs([str(tmp_path / "*.json*"), str(tmp_path / "a.json")]) == expected[:2]
+    assert predict_data.resolve_inputs([f"file://{tmp_path}"]) == [f"file://{path}" for path in expected]
+
+
+def test_unanswerable_questions_score_by_the_squad_v2_rule_and_are_reported_apart(tmp_path):
+    assert question_scores("", []) == dict.fromkeys(("exact_match", "f1", "precision", "recall"), 1.0)
+    assert question_scores("the", [])["f1"] == 1.0  # normalises to empty: an abstention
+    assert question_scores("warfarin", [])["exact_match"] == 0.0
+    assert question_scores("Warfarin.", ["warfarin"])["exact_match"] == 1.0
+
+    writer = OutputWriter(*output_directory(str(tmp_path)), "jsonl", with_answers=True)
+    block = pa.Table.from_pylist([
+        {"id": "a", "answer": "x", "score": 0.5, "start": 0, "end": 1, "no_answer_probability": 0.1,
+         **{f"gold_{name}": 1.0 for name in ("exact_match", "f1", "precision", "recall")}, "gold_answerable": True},
+        {"id": "b", "answer": "", "score": 0.0, "start": 0, "end": 0, "no_answer_probability": 0.9,
+         **{f"gold_{name}": 1.0 for name in ("exact_match", "f1", "precision", "recall")}, "gold_answerable": False},
+        {"id": "c", "answer": "y", "score": 0.3, "start": 0, "end": 1, "no_answer_probability": 0.4,
+         **{f"gold_{name}": 0.0 for name in ("exact_match", "f1", "precision", "recall")}, "gold_answerable": False},
+    ])
+    writer.write(block)
+    writer.close()
+    metrics = writer.metrics()
+    assert metrics["total"] == 3 and metrics["exact_match"] == pytest.approx(200 / 3)
+    assert metrics["answerable"]["total"] == 1 and metrics["answerable"]["f1"] == 100.0
+    assert metrics["unanswerable"]["total"] == 2 and metrics["unanswerable"]["exact_match"] == 50.0
+    # Every key of the answers goes out (no_answer_probability included); the per-question scores do not.
+    rows = read_jsonl(tmp_path / "predictions.jsonl")
+    assert rows[1] == {"id": "b", "answer": "", "score": 0.0, "start": 0, "end": 0, "no_answer_probability": 0.9}
+    assert json.loads((tmp_path / "predictions.json").read_text()) == {"a": "x", "b": "", "c": "y"}

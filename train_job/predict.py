@@ -1,0 +1,343 @@
+"""``python -m train_job.predict``: answer files of questions with a trained model over a Ray cluster,
+and evaluate the answers where the files hold gold answers.
+
+Pipeline: Ray Data reads the questions (:mod:`train_job.predict_data`) -> ``map_batches`` on a pool
+of actors, each holding one copy of the model (:class:`BatchAnswerer`: featurise, forward, decode
+whole questions, so every window of a question stays in one actor call and nothing is shuffled)
+-> the driver streams the answers into ``OUTPUT/predictions.jsonl`` (or ``.parquet``) one block at
+a time. With gold answers it also adds up each question's scores (computed in the actors) and
+writes ``OUTPUT/metrics.json`` and ``OUTPUT/predictions.json`` (``{id: answer}``, what the official
+SQuAD script and ``python -m qa_common.evaluate`` read). The driver holds one block at a time,
+never all questions or answers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from qa_common import (
+    Question, SquadFormatError, answer_questions, load_model_and_tokenizer, load_qa_config, load_tokenizer,
+    normalize_answer, resolve_model_path, score_answer,
+)
+from train_job.predict_data import check_input, question_dataset, resolve_inputs, validate_rows
+
+METRIC_NAMES = ("exact_match", "f1", "precision", "recall")
+# Per-question columns the actors add for the metrics; the driver sums them and does not write them out.
+SCORE_PREFIX = "gold_"
+ANSWERABLE = SCORE_PREFIX + "answerable"
+# An actor that finds a bad record answers with this one column: Ray would hand the driver the
+# exception as text only, and the driver must tell bad data (exit 2) from a failure.
+DATA_ERROR = "data_error"
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+FORMATS = ("jsonl", "parquet")
+
+
+def question_scores(prediction: str, golds: list[str]) -> dict[str, float]:
+    """Exact match, F1, precision and recall (0-1) of one predicted answer.
+
+    Answerable questions score as in SQuAD v1.1 (best over the gold answers). A question without
+    gold answers (SQuAD v2's unanswerable) scores 1 when the prediction is empty, else 0, the
+    official v2 rule. This is the one place to switch to qa_common's v2 metric once it exists.
+    """
+    if golds:
+        return score_answer(prediction, golds)
+    return dict.fromkeys(METRIC_NAMES, float(normalize_answer(prediction) == ""))
+
+
+class BatchAnswerer:
+    """Ray Data UDF, one per actor: a batch of questions -> one row per question with its best answer.
+
+    The row is ``{"id", **answer}``: every key of :func:`qa_common.answer_questions`'s best answer
+    (``answer, score, start, end`` and whatever the model adds, such as ``no_answer_probability``).
+    With ``with_answers``, each row also carries that question's scores (``gold_*`` columns).
+    """
+
+    def __init__(self, model_dir: str, *, dtype: str, forward_batch_size: int | None, cpus: float, with_answers: bool):
+        import ray
+        import torch
+
+        device = "cuda" if ray.get_gpu_ids() else "cpu"
+        if device == "cpu":
+            torch.set_num_threads(max(1, int(cpus)))
+        model, self.tokenizer = load_model_and_tokenizer(model_dir, dtype=torch_dtype(dtype, device))
+        self.model = model.to(device).eval()
+        self.qa_config = load_qa_config(model_dir)
+        self.forward_batch_size = forward_batch_size or (256 if device == "cuda" else 64)
+        self.with_answers = with_answers
+
+    def __call__(self, batch):
+        import pyarrow as pa
+
+        try:
+            records = validate_rows(batch.to_pylist())
+        except SquadFormatError as error:
+            return pa.table({DATA_ERROR: [str(error)]})
+        best = answer_questions(self.model, self.tokenizer, [Question(r["question"], r["context"]) for r in records],
+                                self.qa_config, batch_size=self.forward_batch_size)
+        rows = []
+        for record, answers in zip(records, best):
+            row = {"id": record["id"], **answers[0]}
+            if self.with_answers:
+                golds = record["answers"]["text"]
+                scores = question_scores(row["answer"], golds)
+                row.update({SCORE_PREFIX + name: scores[name] for name in METRIC_NAMES}, **{ANSWERABLE: bool(golds)})
+            rows.append(row)
+        return pa.Table.from_pylist(rows)
+
+
+def torch_dtype(name: str, device: str):
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if device == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def check_model(model: str) -> str:
+    """The absolute model directory; raises (FileNotFoundError, OSError, ValueError) when it cannot serve."""
+    from transformers import AutoConfig
+
+    path = resolve_model_path(model)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"--model {model!r}: not a model directory (every actor loads it: use a path "
+                                "on storage every node mounts)")
+    if not any(os.path.isfile(os.path.join(path, name)) for name in WEIGHT_FILES):
+        raise FileNotFoundError(f"{path}: holds no model weights ({' or '.join(WEIGHT_FILES[::2])})")
+    AutoConfig.from_pretrained(path)
+    load_tokenizer(path)
+    load_qa_config(path)
+    return os.path.abspath(path)
+
+
+def actor_pool(args, resources: dict) -> tuple[int, dict]:
+    """``(actors, ray resources per actor)``; ValueError when the cluster cannot hold them."""
+    per_actor = {"num_cpus": args.cpus_per_actor, "num_gpus": args.num_gpus_per_actor}
+    limits = [resources.get("CPU", 0) / args.cpus_per_actor]
+    if args.num_gpus_per_actor:
+        limits.append(resources.get("GPU", 0) / args.num_gpus_per_actor)
+    fits = int(min(limits))
+    actors = args.concurrency or fits
+    if actors < 1 or actors > fits:
+        raise ValueError(
+            f"the cluster ({resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs) holds {fits} actor(s) "
+            f"of {args.cpus_per_actor:g} CPU(s) and {args.num_gpus_per_actor:g} GPU(s), not {actors}; "
+            "lower --concurrency, --cpus-per-actor or --num-gpus-per-actor")
+    return actors, per_actor
+
+
+def output_directory(output: str):
+    """``(pyarrow filesystem, directory)`` of a local directory or URI (``s3://...``), created if need be."""
+    import pyarrow.fs
+
+    filesystem, directory = (pyarrow.fs.FileSystem.from_uri(output) if "://" in output
+                             else (pyarrow.fs.LocalFileSystem(), os.path.abspath(output)))
+    filesystem.create_dir(directory, recursive=True)
+    return filesystem, directory
+
+
+class OutputWriter:
+    """Streams answer blocks to ``predictions.<format>`` and, with gold answers, ``predictions.json``
+    and the metric sums, in ``directory`` of ``filesystem``."""
+
+    def __init__(self, filesystem, directory: str, fmt: str, with_answers: bool):
+        self.filesystem, self.directory = filesystem, directory
+        self.fmt, self.with_answers = fmt, with_answers
+        self.files = [f"predictions.{fmt}"] + (["predictions.json"] if with_answers else [])
+        self.stream = self._open(self.files[0])
+        self.parquet = None
+        self.answers_json = self._open("predictions.json") if with_answers else None
+        self.questions = 0
+        self.sums = {(answerable, name): 0.0 for answerable in (True, False) for name in (*METRIC_NAMES, "total")}
+
+    def _open(self, name: str):
+        return self.filesystem.open_output_stream(f"{self.directory}/{name}")
+
+    def location(self, name: str) -> str:
+        return f"{self.directory}/{name}"
+
+    def write(self, block) -> None:
+        import pyarrow.parquet as pq
+
+        if DATA_ERROR in block.column_names:
+            raise SquadFormatError(block.column(DATA_ERROR)[0].as_py())
+        if not block.num_rows:
+            return
+        scores = [name for name in block.column_names if name.startswith(SCORE_PREFIX)]
+        predictions = block.drop_columns(scores)
+        if self.fmt == "parquet":
+            if self.parquet is None:
+                self.parquet = pq.ParquetWriter(self.stream, predictions.schema)
+            self.parquet.write_table(predictions.cast(self.parquet.schema))
+        else:
+            self.stream.write("".join(json.dumps(row, ensure_ascii=False) + "\n"
+                                      for row in predictions.to_pylist()).encode("utf-8"))
+        if self.with_answers:
+            self._add_gold(block)
+        self.questions += block.num_rows
+
+    def _add_gold(self, block) -> None:
+        separator = "{\n" if self.questions == 0 else ",\n"
+        self.answers_json.write((separator + ",\n".join(
+            f"{json.dumps(i, ensure_ascii=False)}: {json.dumps(a, ensure_ascii=False)}"
+            for i, a in zip(block.column("id").to_pylist(), block.column("answer").to_pylist()))).encode("utf-8"))
+        columns = {name: block.column(SCORE_PREFIX + name).to_pylist() for name in METRIC_NAMES}
+        for row, answerable in enumerate(block.column(ANSWERABLE).to_pylist()):
+            self.sums[answerable, "total"] += 1
+            for name in METRIC_NAMES:
+                self.sums[answerable, name] += columns[name][row]
+
+    def close(self) -> None:
+        if self.parquet is not None:
+            self.parquet.close()
+        self.stream.close()
+        if self.answers_json is not None:
+            self.answers_json.write(("}\n" if self.questions else "{}\n").encode("utf-8"))
+            self.answers_json.close()
+
+    def discard(self) -> None:
+        """Remove the files of a run that did not finish, so that what is there is always complete."""
+        for name in self.files:
+            self.filesystem.delete_file(self.location(name))
+
+    def metrics(self) -> dict:
+        """Corpus metrics in percent, as ``python -m qa_common.evaluate`` prints them; with unanswerable
+        questions also per group (SQuAD v2's HasAns/NoAns)."""
+
+        def percentages(groups) -> dict:
+            total = sum(self.sums[g, "total"] for g in groups)
+            result = {name: 100.0 * sum(self.sums[g, name] for g in groups) / total for name in METRIC_NAMES}
+            return {**result, "total": int(total)}
+
+        metrics = {**percentages((True, False)), "missing": 0}
+        if self.sums[False, "total"]:
+            metrics["answerable"] = percentages((True,)) if self.sums[True, "total"] else None
+            metrics["unanswerable"] = percentages((False,))
+        return metrics
+
+
+def prepare(args: argparse.Namespace) -> dict:
+    """Everything that can fail on bad input, before any actor starts: the files' first records, the
+    model directory, the output directory, whether the actors fit the cluster."""
+    import ray
+
+    inputs = [check_input(path) for path in resolve_inputs(args.data)]
+    with_answers = all(f.has_answers for f in inputs)
+    if not with_answers and any(f.has_answers for f in inputs):
+        print(f"[predict] only {sum(f.has_answers for f in inputs)} of {len(inputs)} files hold gold answers: "
+              "answering without metrics (evaluate the annotated files on their own)", file=sys.stderr)
+    model_dir = check_model(args.model)
+    output = output_directory(args.output)
+    if not ray.is_initialized():
+        ray.init(address=args.address or os.environ.get("RAY_ADDRESS"))
+    actors, per_actor = actor_pool(args, ray.cluster_resources())
+    return {"inputs": inputs, "with_answers": with_answers, "model_dir": model_dir, "output": output,
+            "actors": actors, "per_actor": per_actor}
+
+
+def predict(args: argparse.Namespace, plan: dict) -> dict:
+    """Answer every question of ``args.data`` into ``args.output``; returns the run's summary."""
+    import ray.data
+
+    started = time.perf_counter()
+    inputs, actors, per_actor = plan["inputs"], plan["actors"], plan["per_actor"]
+    dataset = question_dataset(inputs, with_answers=plan["with_answers"], rows_per_block=args.batch_size)
+    answered = dataset.map_batches(
+        BatchAnswerer,
+        fn_constructor_kwargs={"model_dir": plan["model_dir"], "dtype": args.dtype,
+                               "forward_batch_size": args.forward_batch_size, "cpus": args.cpus_per_actor,
+                               "with_answers": plan["with_answers"]},
+        batch_size=args.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=actors),
+        **per_actor,
+    )
+    print(f"[predict] {len(inputs)} file(s), {actors} actor(s) with {per_actor['num_cpus']:g} CPU(s) and "
+          f"{per_actor['num_gpus']:g} GPU(s) each; model {plan['model_dir']}", flush=True)
+    writer = OutputWriter(*plan["output"], args.format, plan["with_answers"])
+    first_block = None  # (seconds, questions) when the first answers arrived: start-up is over
+    try:
+        for block in answered.iter_batches(batch_size=None, batch_format="pyarrow"):
+            writer.write(block)
+            first_block = first_block or (time.perf_counter() - started, writer.questions)
+    except BaseException:
+        writer.close()
+        writer.discard()
+        raise
+    writer.close()
+    seconds = time.perf_counter() - started
+    summary = {"questions": writer.questions, "seconds": round(seconds, 2),
+               "questions_per_s": round(writer.questions / seconds, 2), "actors": actors,
+               "predictions": writer.location(f"predictions.{args.format}")}
+    if first_block and writer.questions > first_block[1]:
+        summary["first_answers_s"] = round(first_block[0], 2)
+        summary["questions_per_s_after_first_answers"] = round(
+            (writer.questions - first_block[1]) / (seconds - first_block[0]), 2)
+    print(f"[predict] {writer.questions} questions answered in {seconds:.1f} s ({writer.questions / seconds:.1f}/s; "
+          f"first answers after {summary.get('first_answers_s', seconds):.1f} s) -> {summary['predictions']}", flush=True)
+    if plan["with_answers"]:
+        metrics = {**writer.metrics(), "model": plan["model_dir"], "data": [f.path for f in inputs], **summary}
+        with writer.filesystem.open_output_stream(writer.location("metrics.json")) as stream:
+            stream.write((json.dumps(metrics, indent=2) + "\n").encode("utf-8"))
+        print_metrics(metrics)
+        summary["metrics"] = metrics
+    return summary
+
+
+def print_metrics(metrics: dict) -> None:
+    rows = [("all questions", metrics)] + [(group, metrics[group]) for group in ("answerable", "unanswerable")
+                                           if metrics.get(group)]
+    print(f"\n{'questions':<16}{'count':>8}" + "".join(f"{name:>13}" for name in METRIC_NAMES))
+    for label, values in rows:
+        print(f"{label:<16}{values['total']:>8}" + "".join(f"{values[name]:>13.2f}" for name in METRIC_NAMES))
+    print(flush=True)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m train_job.predict",
+        description="Answer the questions of SQuAD-format files (or JSONL/Parquet of id, question, context) "
+        "with a trained model on a pool of Ray actors; with gold answers, also evaluate (EM/F1).",
+    )
+    parser.add_argument("--model", required=True, help="model directory (python -m train_job's OUTPUT_DIR/model)")
+    parser.add_argument("--data", required=True, nargs="+", metavar="FILE_OR_GLOB",
+                        help="data files, globs, directories or URIs (s3://, gs://): .json, .jsonl, .parquet, .gz")
+    parser.add_argument("--output", required=True, help="output directory (or URI) for predictions and metrics")
+    parser.add_argument("--format", choices=FORMATS, default="jsonl", help="predictions file format (default: jsonl)")
+    parser.add_argument("--concurrency", type=int, default=None,
+                        help="model actors (default: as many as the cluster holds)")
+    parser.add_argument("--num-gpus-per-actor", type=float, default=0, help="GPUs per actor (default: 0, CPU)")
+    parser.add_argument("--cpus-per-actor", type=float, default=1, help="CPUs per actor (default: 1)")
+    parser.add_argument("--batch-size", type=int, default=256, help="questions per actor call (default: 256)")
+    parser.add_argument("--forward-batch-size", type=int, default=None,
+                        help="windows per forward pass (default: 64 on CPU, 256 on GPU)")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                        help="model weights (default: auto, bfloat16 on GPU and float32 on CPU)")
+    parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    args = parser.parse_args(argv)
+    for name in ("concurrency", "batch_size", "forward_batch_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.cpus_per_actor <= 0 or args.num_gpus_per_actor < 0:
+        parser.error("--cpus-per-actor must be positive and --num-gpus-per-actor not negative")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        plan = prepare(args)
+    except (SquadFormatError, FileNotFoundError, OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    try:
+        predict(args, plan)
+    except SquadFormatError as error:  # a bad record past the first ones, found by an actor
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -22,6 +22,7 @@ class Question:
     context: str
     top_k: int = 1
     max_answer_length: int | None = None  # None: the QAConfig's value
+    allow_no_answer: bool | None = None  # may answer "not in this document"; None: the QAConfig's version_2_with_negative
 
 
 def predict_logits(model, features: dict, *, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
@@ -53,7 +54,10 @@ def predict_logits(model, features: dict, *, batch_size: int = 64) -> tuple[np.n
 def answer_questions(
     model, tokenizer, questions: Sequence[Question], config: QAConfig, *, batch_size: int = 64
 ) -> list[list[dict]]:
-    """For each question, its ``top_k`` answers ``{"answer", "score", "start", "end"}``.
+    """For each question, its ``top_k`` answers ``{"answer", "score", "start", "end", "no_answer_probability"}``.
+
+    The answers are decoded by :func:`qa_common.decoding.decode_spans` (see there for the score and
+    the null answer).
 
     All questions are tokenised together and their windows run through the model in shared
     batches, which is what makes dynamic batching in the server pay off.
@@ -75,7 +79,8 @@ def answer_questions(
         results.append(
             decode_spans(
                 start_logits[rows], end_logits[rows], features["offset_mapping"][rows], question.context,
-                config.replace(max_answer_length=question.max_answer_length),
+                config.replace(max_answer_length=question.max_answer_length,
+                               version_2_with_negative=question.allow_no_answer),
                 top_k=question.top_k,
             )
         )

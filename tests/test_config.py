@@ -49,3 +49,18 @@ def test_the_train_config_round_trips_through_its_dict():
 
     config = parse_train(["--max-answer-length", "12"])
     assert TrainConfig.from_dict(config.to_dict()) == config
+
+
+def test_abstention_settings_are_validated_per_field_and_are_flags():
+    assert QAConfig().version_2_with_negative is False and QAConfig().no_answer_threshold == 0.5
+    for bad in ({"no_answer_threshold": 1.5}, {"no_answer_threshold": -0.1}, {"no_answer_threshold": True},
+                {"version_2_with_negative": 1}, {"n_best": 2.0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            QAConfig(**bad)
+    config = parse_train(["--version-2-with-negative", "--negative-ratio", "1.5"])
+    assert config.qa.version_2_with_negative is True and config.negative_ratio == 1.5
+    with pytest.raises(ValueError, match="--negative-ratio"):
+        parse_train(["--negative-ratio", "-1"])
+    # Training chooses the threshold itself (the best validation F1): no flag to set it there.
+    with pytest.raises(SystemExit):
+        parse_train(["--no-answer-threshold", "0.3"])

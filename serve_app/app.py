@@ -165,8 +165,9 @@ class QAIngress:
         "/v1/answer",
         response_model=AnswerResponse,
         summary="Answer one question, or a list of questions, about a context",
-        description=f"Body: {REQUEST_SHAPE}. Each answer is {{answer, score, start, end}} with "
-        "context[start:end] == answer; top_k > 1 gives a list of answers per question.",
+        description=f"Body: {REQUEST_SHAPE}. Each answer is {{answer, score, start, end, no_answer_probability}} "
+        "with context[start:end] == answer; 'not in this document' is answer \"\" with start = end = -1. "
+        "top_k > 1 gives a list of answers per question, the no-answer one in its ranked place.",
         # The body is read by hand (size cap, UTF-8, JSON, then validation); describe it for /docs.
         openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": {
             "anyOf": [AnswerRequest.model_json_schema(), {"type": "array", "items": AnswerRequest.model_json_schema()}]
@@ -179,7 +180,7 @@ class QAIngress:
         except InvalidRequest as error:
             raise HTTPException(422, str(error)) from None
         results = await asyncio.gather(*(
-            self.model.answer.remote(Question(q.question, q.context, q.top_k, q.max_answer_length))
+            self.model.answer.remote(Question(q.question, q.context, q.top_k, q.max_answer_length, q.allow_no_answer))
             for q in questions
         ))
         shaped = [answers if q.top_k > 1 else answers[0] for q, answers in zip(questions, results)]

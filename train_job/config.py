@@ -42,6 +42,9 @@ class TrainConfig:
     seed: int = _flag("random seed (model head, shuffling)", default=42)
     max_train_samples: int | None = _flag("use only the first N training questions", default=None)
     max_eval_samples: int | None = _flag("use only the first N validation questions", default=None)
+    negative_ratio: float = _flag(
+        "unanswerable questions to synthesise per answerable training question (its question paired with "
+        "another training paragraph holding none of its answers); > 0 trains a model that can abstain", default=0.0)
     max_failures: int = _flag("worker failures to recover from (resuming from the last checkpoint)", default=2)
     checkpoints_to_keep: int = _flag("checkpoints kept, the best by validation F1", default=2)
     push_to_hub: str | None = _flag("Hub repository to upload the exported model to (skipped when offline)", default=None)
@@ -67,6 +70,8 @@ class TrainConfig:
             raise ValueError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.weight_decay < 0 or self.max_failures < 0 or self.checkpoints_to_keep < 1:
             raise ValueError("--weight-decay and --max-failures must be >= 0, --checkpoints-to-keep >= 1")
+        if not self.negative_ratio >= 0:
+            raise ValueError(f"--negative-ratio must be >= 0, got {self.negative_ratio}")
         for name in ("max_train_samples", "max_eval_samples"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{dashed(name)} must be positive")
@@ -115,11 +120,14 @@ PRESETS: dict[str, dict] = {
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """``--preset``, then one flag per TrainConfig and QAConfig field, all defaulting to None so presets fill the gaps."""
+    """``--preset``, then one flag per TrainConfig and QAConfig field, all defaulting to None so presets fill the gaps.
+
+    No ``--no-answer-threshold``: training's evaluation chooses the threshold (the best validation F1).
+    """
     parser.add_argument("--preset", choices=sorted(PRESETS), default="quickstart",
                         help="starting values, overridden flag by flag (default: quickstart)")
     add_dataclass_flags(parser, TrainConfig, skip=("qa",))
-    add_dataclass_flags(parser, QAConfig)
+    add_dataclass_flags(parser, QAConfig, skip=("no_answer_threshold",))
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

@@ -51,7 +51,8 @@ class QAConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"QAConfig.{name} must be a positive integer, got {value!r}")
         if not isinstance(self.version_2_with_negative, bool):
-            raise ValueError(f"QAConfig.version_2_with_negative must be true or false, got {self.version_2_with_negative!r}")
+            raise ValueError(
+                f"QAConfig.version_2_with_negative must be true or false, got {self.version_2_with_negative!r}")
         threshold = self.no_answer_threshold
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
             raise ValueError(f"QAConfig.no_answer_threshold must be a probability in [0, 1], got {threshold!r}")

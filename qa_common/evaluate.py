@@ -37,7 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         records = read_squad(args.data)
         predictions = _read_json_object(args.predictions, str, "answer text")
-        na_probs = _read_json_object(args.na_prob_file, (int, float), "no-answer probability") if args.na_prob_file else None
+        na_probs = None
+        if args.na_prob_file:
+            na_probs = _read_json_object(args.na_prob_file, (int, float), "no-answer probability")
         references = {record["id"]: record["answers"]["text"] for record in records}
         if na_probs is not None or is_version_2(references):
             metrics = squad_v2_metrics(predictions, references, na_probs, args.na_prob_thresh)

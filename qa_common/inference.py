@@ -22,7 +22,7 @@ class Question:
     context: str
     top_k: int = 1
     max_answer_length: int | None = None  # None: the QAConfig's value
-    allow_no_answer: bool | None = None  # may answer "not in this document"; None: the QAConfig's version_2_with_negative
+    allow_no_answer: bool | None = None  # may answer "not in this document"; None: QAConfig.version_2_with_negative
 
 
 def predict_logits(model, features: dict, *, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:

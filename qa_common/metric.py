@@ -144,8 +144,7 @@ def squad_v2_metrics(
         f1_raw[question_id] = 0.0 if prediction is None else max(_v2_f1(g, prediction) for g in golds)
 
     def thresholded(raw: dict) -> dict:
-        return {question_id: float(not has_answer[question_id]) if probabilities[question_id] > na_prob_thresh else score
-                for question_id, score in raw.items()}
+        return {q: float(not has_answer[q]) if probabilities[q] > na_prob_thresh else score for q, score in raw.items()}
 
     exact, f1 = thresholded(exact_raw), thresholded(f1_raw)
 
@@ -192,5 +191,5 @@ def evaluate_answers(
     metrics["exact_match"] = metrics["exact"]  # the headline names are exact_match and f1 for both versions
     if version_2_with_negative:
         metrics["no_answer_threshold"] = threshold
-    predictions = {question_id: "" if na_probs[question_id] > threshold else text for question_id, text in texts.items()}
+    predictions = {q: "" if na_probs[q] > threshold else text for q, text in texts.items()}
     return predictions, metrics

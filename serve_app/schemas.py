@@ -69,7 +69,7 @@ class Answer(BaseModel):
         description="Probability of this answer among all the candidates for the question (the spans, and "
         "'not in this document' when allowed), in [0, 1]; never increases down a top_k list."
     )
-    start: int = Field(description="Start offset in the context, in characters (Unicode code points); -1 for no answer.")
+    start: int = Field(description="Start offset in the context in characters (Unicode code points); -1 for no answer.")
     end: int = Field(description="End offset in the context (exclusive); -1 for no answer.")
     no_answer_probability: float = Field(
         description="Probability that the document does not answer the question, against the best span, in "

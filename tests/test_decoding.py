@@ -121,7 +121,8 @@ def _windows(windows: int):
     threshold=st.floats(0.0, 1.0),
     max_answer_length=st.integers(1, 8),
 )
-def test_scores_are_probabilities_ranked_like_the_answers(windows, data, top_k, abstention, threshold, max_answer_length):
+def test_scores_are_probabilities_ranked_like_the_answers(windows, data, top_k, abstention, threshold,
+                                                          max_answer_length):
     logits = arrays(np.float32, (windows, len(OFFSETS)), elements=st.floats(-20, 20, width=32))
     start, end = data.draw(logits), data.draw(logits)
     offsets = _windows(windows)

@@ -90,7 +90,7 @@ def test_cold_start(tiny_model_dir, tmp_path):
 
 
 def test_every_script_has_help():
-    for script in ("train_throughput", "preprocess", "serve_load", "cold_start"):
+    for script in ("train_throughput", "preprocess", "serve_load", "cold_start", "abstention_accuracy"):
         result = subprocess.run([sys.executable, "-m", f"bench.{script}", "--help"],
                                 cwd=REPO, capture_output=True, text=True, timeout=60)
         assert result.returncode == 0 and "--out" in result.stdout, script

@@ -84,9 +84,10 @@ Best of {config.epochs} epoch(s): epoch {metrics['best_epoch']}.
 ## Use
 
 ```python
-from qa_common import QAConfig, Question, answer_questions, load_model_and_tokenizer
+from qa_common import Question, answer_questions, load_model_and_tokenizer, load_qa_config
 model, tokenizer = load_model_and_tokenizer("path/to/this/model")
-answer_questions(model, tokenizer, [Question("What is the target INR?", "The target INR is 2 to 3.")], QAConfig())
+answer_questions(model, tokenizer, [Question("What is the target INR?", "The target INR is 2 to 3.")],
+                 load_qa_config("path/to/this/model"))  # the windows and the no-answer threshold it was trained with
 ```
 
 or serve it: `python -m serve_app --model path/to/this/model`.

@@ -21,12 +21,16 @@ def setting(help: str, **kwargs):
     return field(metadata={"help": help}, **kwargs)
 
 
+POSITIVE_INTEGERS = ("max_length", "stride", "max_question_length", "n_best", "max_answer_length")
+
+
 @dataclass(frozen=True)
 class QAConfig:
     """Tokenisation and decoding settings; validated at construction.
 
     The defaults are those of Hugging Face's ``run_qa.py`` recipe: 384-token windows that overlap by
-    128 tokens, the 20 best start and end logits per window, answers of at most 30 tokens.
+    128 tokens, the 20 best start and end logits per window, answers of at most 30 tokens, and
+    SQuAD 1.1 decoding (always a span) unless ``version_2_with_negative``.
     """
 
     max_length: int = setting("tokens per window (question, context and special tokens)", default=384)
@@ -34,12 +38,24 @@ class QAConfig:
     max_question_length: int = setting("questions are cut to this many tokens", default=64)
     n_best: int = setting("best start and end logits per window considered when decoding", default=20)
     max_answer_length: int = setting("longest answer, in tokens, that decoding may return", default=30)
+    version_2_with_negative: bool = setting(
+        "SQuAD 2.0 decoding: the answer may be 'not in this document' (on automatically when the training "
+        "data has unanswerable questions)", default=False)
+    no_answer_threshold: float = setting(
+        "answer 'not in this document' when the no-answer probability exceeds this (training stores the "
+        "threshold with the best validation F1; 0.5 is Hugging Face's null_score_diff_threshold 0)", default=0.5)
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            value = getattr(self, f.name)
+        for name in POSITIVE_INTEGERS:
+            value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"QAConfig.{f.name} must be a positive integer, got {value!r}")
+                raise ValueError(f"QAConfig.{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.version_2_with_negative, bool):
+            raise ValueError(
+                f"QAConfig.version_2_with_negative must be true or false, got {self.version_2_with_negative!r}")
+        threshold = self.no_answer_threshold
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
+            raise ValueError(f"QAConfig.no_answer_threshold must be a probability in [0, 1], got {threshold!r}")
         if self.stride >= self.max_length:
             raise ValueError(
                 f"QAConfig.stride ({self.stride}) must be smaller than max_length ({self.max_length}): "

@@ -1,9 +1,13 @@
 """Readers for SQuAD-format question answering data.
 
-Every reader returns a list of flat records, the column layout of the Hugging Face ``squad`` dataset::
+Every reader returns a list of flat records, the column layout of the Hugging Face ``squad`` and
+``squad_v2`` datasets::
 
     {"id": str, "title": str, "context": str, "question": str,
      "answers": {"text": [str, ...], "answer_start": [int, ...]}}
+
+SQuAD 2.0 data is accepted everywhere: an unanswerable question has empty ``answers`` (and may say
+``"is_impossible": true``, as the official v2.0 files do; their ``plausible_answers`` are ignored).
 
 Accepted files (optionally gzipped: ``.json.gz``, ``.jsonl.gz``):
 
@@ -65,7 +69,11 @@ def load_hub_squad(name: str, split: str, *, require_answers: bool = True) -> li
 def validate_records(
     records: Iterable[tuple[str, Any]] | Iterable[Any], *, source: str, require_answers: bool = True
 ) -> list[dict]:
-    """Check and normalise records; ``records`` yields records or ``(where, record)`` pairs."""
+    """Check and normalise records; ``records`` yields records or ``(where, record)`` pairs.
+
+    With ``require_answers`` every record needs an ``answers`` field, which is empty for an
+    unanswerable (SQuAD 2.0) question; without it, records may omit the field (questions to answer).
+    """
     validated, seen_ids = [], set()
     for index, item in enumerate(records):
         where, record = item if isinstance(item, tuple) else (f"record {index}", item)
@@ -83,7 +91,7 @@ def _validate_record(record: Any, where: str, require_answers: bool) -> dict:
     if not isinstance(record, dict):
         raise SquadFormatError(f"{where}: expected an object, got {type(record).__name__}")
     missing = [key for key in ("id", "context", "question") if key not in record]
-    if require_answers and "answers" not in record:
+    if require_answers and record.get("answers") is None and record.get("is_impossible") is not True:
         missing.append("answers")
     if missing:
         raise SquadFormatError(f"{where}: missing field(s) {', '.join(missing)}")
@@ -95,9 +103,12 @@ def _validate_record(record: Any, where: str, require_answers: bool) -> dict:
         raise SquadFormatError(f"{where}: empty context")
     if not record["question"].strip():
         raise SquadFormatError(f"{where}: empty question")
-    texts, starts = _answer_lists(record.get("answers", {"text": [], "answer_start": []}), where)
-    if require_answers and not texts:
-        raise SquadFormatError(f"{where}: no answers")
+    texts, starts = _answer_lists(record.get("answers") or {"text": [], "answer_start": []}, where)
+    impossible = record.get("is_impossible", False)
+    if not isinstance(impossible, bool):
+        raise SquadFormatError(f"{where}: 'is_impossible' must be true or false, got {type(impossible).__name__}")
+    if impossible and texts:
+        raise SquadFormatError(f"{where}: 'is_impossible' is true but the question has answers")
     context = record["context"]
     for text, start in zip(texts, starts):
         if context[start : start + len(text)] != text:

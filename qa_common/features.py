@@ -5,7 +5,8 @@ consecutive windows sharing ``stride`` tokens, only the context is truncated). E
 *feature*; one example can give several.
 
 Training features carry ``start_positions``/``end_positions``: the token span of the answer, or
-``(0, 0)`` (the [CLS] token) when the answer is not wholly inside that window.
+``(0, 0)`` (the [CLS] token) when the answer is not wholly inside that window or the question has
+no answer (SQuAD 2.0: an empty answer text).
 
 Evaluation features carry ``example_id`` and ``offset_mapping``: per token the ``(start, end)``
 character span in the context, or ``(-1, -1)`` for tokens that are not context (question, special,
@@ -122,19 +123,23 @@ def prepare_train_features(
     tokenizer,
     config: QAConfig,
 ) -> dict[str, np.ndarray]:
-    """Training features with answer-span labels (one answer per example, as in SQuAD train)."""
+    """Training features with answer-span labels (one answer per example, as in SQuAD train).
+
+    An unanswerable question has answer text ``""`` (its answer start is ignored).
+    """
     encoding, is_context = tokenize_windows(tokenizer, questions, contexts, config)
     sample = np.asarray(encoding["overflow_to_sample_mapping"])
     offsets = np.asarray(encoding["offset_mapping"], dtype=np.int64)
     token_starts, token_ends = offsets[..., 0], offsets[..., 1]
     answer_start_chars = np.asarray(answer_starts, dtype=np.int64)[sample]
-    answer_end_chars = answer_start_chars + np.array([len(t) for t in answer_texts], dtype=np.int64)[sample]
+    answer_lengths = np.array([len(t) for t in answer_texts], dtype=np.int64)[sample]
+    answer_end_chars = answer_start_chars + answer_lengths
 
     positions = np.arange(is_context.shape[1])
     first_context = np.argmax(is_context, axis=1)
     last_context = is_context.shape[1] - 1 - np.argmax(is_context[:, ::-1], axis=1)
     rows = np.arange(len(sample))
-    inside = (token_starts[rows, first_context] <= answer_start_chars) & (
+    inside = (answer_lengths > 0) & (token_starts[rows, first_context] <= answer_start_chars) & (
         token_ends[rows, last_context] >= answer_end_chars
     )
     # Start: the last context token starting at or before the answer's first character.

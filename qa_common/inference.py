@@ -25,6 +25,7 @@ class Question:
     context: str
     top_k: int = 1
     max_answer_length: int | None = None  # None: the QAConfig's value
+    allow_no_answer: bool | None = None  # may answer "not in this document"; None: QAConfig.version_2_with_negative
 
 
 class TorchRunner:
@@ -89,7 +90,10 @@ def predict_logits(runner, features: dict, *, batch_size: int = 64) -> tuple[np.
 def answer_questions(
     runner, tokenizer, questions: Sequence[Question], config: QAConfig, *, batch_size: int = 64
 ) -> list[list[dict]]:
-    """For each question, its ``top_k`` answers ``{"answer", "score", "start", "end"}``.
+    """For each question, its ``top_k`` answers ``{"answer", "score", "start", "end", "no_answer_probability"}``.
+
+    The answers are decoded by :func:`qa_common.decoding.decode_spans` (see there for the score and
+    the null answer).
 
     ``runner``: see :func:`predict_logits` (a PyTorch model, or a runner of any backend).
 
@@ -113,7 +117,8 @@ def answer_questions(
         results.append(
             decode_spans(
                 start_logits[rows], end_logits[rows], features["offset_mapping"][rows], question.context,
-                config.replace(max_answer_length=question.max_answer_length),
+                config.replace(max_answer_length=question.max_answer_length,
+                               version_2_with_negative=question.allow_no_answer),
                 top_k=question.top_k,
             )
         )

@@ -285,8 +285,9 @@ class QAIngress:
         "/v1/answer",
         response_model=AnswerResponse,
         summary="Answer one question, or a list of questions, about a context",
-        description=f"Body: {REQUEST_SHAPE}. Each answer is {{answer, score, start, end}} with "
-        "context[start:end] == answer; top_k > 1 gives a list of answers per question.",
+        description=f"Body: {REQUEST_SHAPE}. Each answer is {{answer, score, start, end, no_answer_probability}} "
+        "with context[start:end] == answer; 'not in this document' is answer \"\" with start = end = -1. "
+        "top_k > 1 gives a list of answers per question, the no-answer one in its ranked place.",
         responses=error_responses(400, 401, 413, 422, 503, 500),
         openapi_extra={"security": [{"bearer": []}]},
     )
@@ -311,7 +312,7 @@ class QAIngress:
             )
         self.log.questions.inc(len(questions))
         items = [
-            WorkItem(Question(q.question, q.context, q.top_k, q.max_answer_length), count, deadline)
+            WorkItem(Question(q.question, q.context, q.top_k, q.max_answer_length, q.allow_no_answer), count, deadline)
             for q, count in zip(questions, windows)
         ]
         results = await self.ask_model(items, deadline)

@@ -22,8 +22,8 @@ MAX_ANSWER_TOKENS = 512
 MAX_QUESTIONS_PER_REQUEST = 64
 
 REQUEST_SHAPE = (
-    '{"question": str, "context": str, "top_k"?: int 1-20, "max_answer_length"?: int 1-512}, '
-    f"or a list of 1 to {MAX_QUESTIONS_PER_REQUEST} such objects"
+    '{"question": str, "context": str, "top_k"?: int 1-20, "max_answer_length"?: int 1-512, '
+    f'"allow_no_answer"?: bool}}, or a list of 1 to {MAX_QUESTIONS_PER_REQUEST} such objects'
 )
 
 
@@ -46,6 +46,10 @@ class AnswerRequest(BaseModel):
     max_answer_length: int | None = Field(
         None, ge=1, le=MAX_ANSWER_TOKENS, description="Longest answer in tokens; default: the service's setting."
     )
+    allow_no_answer: bool | None = Field(
+        None, description="May the answer be 'not in this document' (an empty answer with start = end = -1)? "
+        "Default: the model's setting, true for a model trained with unanswerable questions.",
+    )
 
     @field_validator("question", "context")
     @classmethod
@@ -66,10 +70,19 @@ class AnswerRequest(BaseModel):
 
 
 class Answer(BaseModel):
-    answer: str = Field(description="The answer text, exactly context[start:end]; empty when there is none.")
-    score: float = Field(description="Probability of this span, in [0, 1].")
-    start: int = Field(description="Start offset in the context, in characters (Unicode code points).")
-    end: int = Field(description="End offset in the context (exclusive).")
+    """One answer. "Not in this document" is ``{"answer": "", "start": -1, "end": -1}``."""
+
+    answer: str = Field(description="The answer text, exactly context[start:end]; empty for 'not in this document'.")
+    score: float = Field(
+        description="Probability of this answer among all the candidates for the question (the spans, and "
+        "'not in this document' when allowed), in [0, 1]; never increases down a top_k list."
+    )
+    start: int = Field(description="Start offset in the context in characters (Unicode code points); -1 for no answer.")
+    end: int = Field(description="End offset in the context (exclusive); -1 for no answer.")
+    no_answer_probability: float = Field(
+        description="Probability that the document does not answer the question, against the best span, in "
+        "[0, 1]; the model abstains when it exceeds its no_answer_threshold."
+    )
 
 
 class ErrorResponse(BaseModel):
@@ -169,7 +182,7 @@ class ServeArgs(BaseModel):
     max_f1_loss: float = Field(
         DEFAULT_MAX_F1_LOSS, ge=0, description="F1 points below PyTorch that backend auto accepts for speed."
     )
-    qa: dict[str, int] = Field(
+    qa: dict[str, bool | int | float] = Field(
         default_factory=dict,
         description="QAConfig overrides (e.g. {max_length: 256}); unset ones come from the model directory's "
         "qa_config.json, else QAConfig's defaults.",
@@ -177,5 +190,5 @@ class ServeArgs(BaseModel):
 
     @field_validator("qa")
     @classmethod
-    def _known_qa_settings(cls, value: dict[str, int]) -> dict[str, int]:
+    def _known_qa_settings(cls, value: dict[str, bool | int | float]) -> dict[str, bool | int | float]:
         return checked_overrides(value)

@@ -64,3 +64,16 @@ def test_help_shows_the_defaults_of_the_chosen_preset(preset, shown, capsys):
     text = " ".join(capsys.readouterr().out.split())
     for expected in shown:
         assert expected in text
+def test_abstention_settings_are_validated_per_field_and_are_flags():
+    assert QAConfig().version_2_with_negative is False and QAConfig().no_answer_threshold == 0.5
+    for bad in ({"no_answer_threshold": 1.5}, {"no_answer_threshold": -0.1}, {"no_answer_threshold": True},
+                {"version_2_with_negative": 1}, {"n_best": 2.0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            QAConfig(**bad)
+    config = parse_train(["--version-2-with-negative", "--negative-ratio", "1.5"])
+    assert config.qa.version_2_with_negative is True and config.negative_ratio == 1.5
+    with pytest.raises(ValueError, match="--negative-ratio"):
+        parse_train(["--negative-ratio", "-1"])
+    # Training chooses the threshold itself (the best validation F1): no flag to set it there.
+    with pytest.raises(SystemExit):
+        parse_train(["--no-answer-threshold", "0.3"])

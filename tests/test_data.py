@@ -59,7 +59,8 @@ def _line(**changes):
         ("bad.jsonl", _line(answers={"text": ["2.5"], "answer_start": [3]}), "does not match the context at answer_start 3.*occurs at 11"),
         ("bad.jsonl", _line(answers={"text": ["9.9"], "answer_start": [0]}), "does not occur in the context"),
         ("bad.jsonl", _line(answers={"text": ["2.5"], "answer_start": ["11"]}), "non-negative integers"),
-        ("bad.jsonl", _line(answers={"text": [], "answer_start": []}), "no answers"),
+        ("bad.jsonl", _line(is_impossible=True), "'is_impossible' is true but the question has answers"),
+        ("bad.jsonl", _line(is_impossible="yes"), "'is_impossible' must be true or false"),
         ("bad.jsonl", _line(answers={"text": ["2.5"]}), "'answers' must be"),
         ("bad.jsonl", _line() + _line(), "line 2: duplicate id 'x1'"),
         ("bad.jsonl", "\n", "holds no question records"),
@@ -93,3 +94,24 @@ def test_questions_without_answers_can_be_read_for_inference(tmp_path):
     path = _write(tmp_path, "questions.jsonl", _line(answers=None))
     records = read_squad(path, require_answers=False)
     assert records[0]["answers"] == {"text": [], "answer_start": []}
+
+
+V2 = FIXTURES / "tiny-squad-v2.json"
+
+
+def test_squad_v2_unanswerable_questions_in_every_format(tmp_path):
+    records = read_squad(V2)
+    unanswerable = [r for r in records if not r["answers"]["text"]]
+    assert len(records) == 18 and len(unanswerable) == 5
+    assert all(r["answers"] == {"text": [], "answer_start": []} for r in unanswerable)
+    # The official v2.0 layout marks them is_impossible (with plausible_answers, ignored); flat files
+    # may have only the empty answers, or only is_impossible.
+    (tmp_path / "flat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    only_flag = [{k: v for k, v in r.items() if k != "answers" or r["answers"]["text"]}
+                 | ({} if r["answers"]["text"] else {"is_impossible": True}) for r in records]
+    (tmp_path / "flag.json").write_text(json.dumps({"data": only_flag}))
+    pq.write_table(pa.Table.from_pylist(records), tmp_path / "data.parquet")
+    with gzip.open(tmp_path / "data.json.gz", "wt") as file:
+        file.write(V2.read_text())
+    for name in ("flat.jsonl", "flag.json", "data.parquet", "data.json.gz"):
+        assert read_squad(tmp_path / name) == records, name

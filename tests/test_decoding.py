@@ -1,4 +1,10 @@
+import math
+
 import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 
 from qa_common import NO_ANSWER, QAConfig, decode_predictions, decode_spans
 
@@ -81,3 +87,122 @@ def test_decode_predictions_groups_features_by_example_in_any_order():
     assert predictions["a"]["answer"] == "Warfarin"
     assert predictions["b"]["answer"] == "body."
     assert predictions["c"] == NO_ANSWER
+
+
+# --- the score: one probability over the question's whole candidate set --------------------------
+
+
+def test_the_top_answer_has_the_highest_score_across_windows():
+    # The issue's reproduction: window 0 flat at 10 (many candidates), window 1 peaked at 9.5 on one token.
+    flat_start, flat_end = np.full((1, len(OFFSETS)), 10.0), np.full((1, len(OFFSETS)), 10.0)
+    peaked_start, peaked_end = _logits({7: 9.5}, {7: 9.5})
+    answers = decode_spans(np.vstack([flat_start, peaked_start]), np.vstack([flat_end, peaked_end]),
+                           np.stack([OFFSETS, OFFSETS]), CONTEXT, QAConfig(), top_k=200)
+    assert answers[0]["score"] == max(a["score"] for a in answers)
+    assert sum(a["score"] for a in answers) == pytest.approx(1.0)
+    # Every distinct span of the flat window ties at 20: each gets the same share.
+    assert answers[0]["score"] == pytest.approx(answers[1]["score"])
+
+
+def _windows(windows: int):
+    """``windows`` windows over CONTEXT, each seeing a different slice of its tokens."""
+    offsets = np.stack([OFFSETS] * windows)
+    for w in range(1, windows):
+        offsets[w, 4 : 4 + w] = -1  # later windows lose the first context tokens
+    return offsets
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    windows=st.integers(1, 3),
+    data=st.data(),
+    top_k=st.integers(1, 12),
+    abstention=st.booleans(),
+    threshold=st.floats(0.0, 1.0),
+    max_answer_length=st.integers(1, 8),
+)
+def test_scores_are_probabilities_ranked_like_the_answers(windows, data, top_k, abstention, threshold,
+                                                          max_answer_length):
+    logits = arrays(np.float32, (windows, len(OFFSETS)), elements=st.floats(-20, 20, width=32))
+    start, end = data.draw(logits), data.draw(logits)
+    offsets = _windows(windows)
+    config = QAConfig(max_answer_length=max_answer_length, version_2_with_negative=abstention,
+                      no_answer_threshold=threshold)
+    answers = decode_spans(start, end, offsets, CONTEXT, config, top_k=top_k)
+    scores = [a["score"] for a in answers]
+    assert 1 <= len(answers) <= top_k
+    assert all(0.0 <= s <= 1.0 for s in scores)
+    assert sum(scores) <= 1.0 + 1e-9
+    assert all(a >= b for a, b in zip(scores, scores[1:]))
+    assert decode_spans(start, end, offsets, CONTEXT, config)[0] == answers[0]
+    p_null = answers[0]["no_answer_probability"]
+    assert 0.0 <= p_null <= 1.0 and all(a["no_answer_probability"] == p_null for a in answers)
+    for answer in answers:
+        if answer["answer"]:
+            assert CONTEXT[answer["start"] : answer["end"]] == answer["answer"]
+    abstained = answers[0]["start"] == -1
+    assert abstained == (abstention and p_null > threshold)
+    # The best span does not depend on abstention: it is the first non-null answer either way.
+    best_span = decode_spans(start, end, offsets, CONTEXT, config.replace(version_2_with_negative=False), top_k=2)[0]
+    spans = [(a["answer"], a["start"], a["end"]) for a in answers if a["start"] != -1]
+    if spans:
+        assert spans[0] == (best_span["answer"], best_span["start"], best_span["end"])
+
+
+# --- the null answer ------------------------------------------------------------------------------
+
+V2 = QAConfig(version_2_with_negative=True)
+
+
+def test_no_answer_probability_is_the_sigmoid_of_null_minus_best_span():
+    start, end = _logits({0: 3.0, 6: 2.0}, {0: 1.0, 7: 1.5})  # null 4.0, best span "blood clotting" 3.5
+    [answer] = decode_spans(start, end, OFFSETS[None], CONTEXT, QAConfig())
+    assert answer["answer"] == "blood clotting"  # SQuAD 1.1 decoding ignores the null score
+    assert answer["no_answer_probability"] == pytest.approx(1 / (1 + math.exp(-0.5)))
+
+
+def test_abstains_when_the_null_score_beats_the_best_span_by_the_threshold():
+    start, end = _logits({0: 3.0, 6: 2.0}, {0: 1.0, 7: 1.5})  # p_no_answer = sigmoid(0.5) = 0.62
+    [abstained] = decode_spans(start, end, OFFSETS[None], CONTEXT, V2)
+    assert (abstained["answer"], abstained["start"], abstained["end"]) == ("", -1, -1)
+    assert abstained["no_answer_probability"] == pytest.approx(0.6225, abs=1e-4)
+    spans = decode_spans(start, end, OFFSETS[None], CONTEXT, V2, top_k=50)[1:]
+    assert abstained["score"] > max(a["score"] for a in spans)
+    [answered] = decode_spans(start, end, OFFSETS[None], CONTEXT, V2.replace(no_answer_threshold=0.7))
+    assert answered["answer"] == "blood clotting"
+    [never] = decode_spans(start, end, OFFSETS[None], CONTEXT, V2.replace(no_answer_threshold=1.0))
+    assert never["answer"] == "blood clotting"
+
+
+def test_the_null_score_is_the_minimum_over_the_windows():
+    # Window 0 is sure the answer is not in it (high [CLS]); window 1 holds it (low [CLS]).
+    start_0, end_0 = _logits({0: 8.0, 4: 1.0}, {0: 8.0, 4: 1.0})
+    start_1, end_1 = _logits({0: -2.0, 6: 3.0}, {0: -2.0, 7: 3.0})
+    [answer] = decode_spans(np.vstack([start_0, start_1]), np.vstack([end_0, end_1]), np.stack([OFFSETS, OFFSETS]),
+                            CONTEXT, V2)
+    assert answer["answer"] == "blood clotting"
+    assert answer["no_answer_probability"] == pytest.approx(1 / (1 + math.exp(6.0 + 4.0)))  # null -4 vs 6
+
+
+def test_with_top_k_the_null_answer_takes_its_ranked_place():
+    # Spans: "blood clotting" 6, "Warfarin slows blood clotting" 3.5, ...; null 4 ranks between them
+    # (threshold 0.5: no shift).
+    start, end = _logits({0: 2.0, 6: 3.0, 4: 0.5}, {0: 2.0, 7: 3.0, 4: 1.0})
+    start[0, 1:4], end[0, 1:4] = 50.0, 50.0  # question tokens never count, not even for the null score
+    answers = decode_spans(start, end, OFFSETS[None], CONTEXT, V2, top_k=4)
+    assert [a["answer"] for a in answers[:2]] == ["blood clotting", ""]
+    assert answers[1]["start"] == answers[1]["end"] == -1
+    assert answers[0]["score"] > answers[1]["score"] >= answers[2]["score"]
+    assert answers[0]["score"] / answers[1]["score"] == pytest.approx(math.exp(2.0), rel=1e-5)
+    # Abstaining (a low threshold), it moves first; the spans keep their order behind it.
+    low = decode_spans(start, end, OFFSETS[None], CONTEXT, V2.replace(no_answer_threshold=0.05), top_k=4)
+    assert low[0]["start"] == -1
+    assert [a["answer"] for a in low[1:]] == [answers[0]["answer"], *(a["answer"] for a in answers[2:])]
+
+
+def test_no_context_at_all_is_no_answer_with_or_without_abstention():
+    start, end = _logits({}, {})
+    no_context = np.full_like(OFFSETS, -1)[None]
+    [answer] = decode_spans(start, end, no_context, CONTEXT, V2)
+    assert (answer["answer"], answer["start"], answer["end"], answer["score"]) == ("", -1, -1, 1.0)
+    assert decode_spans(start, end, no_context, CONTEXT, QAConfig()) == [NO_ANSWER]

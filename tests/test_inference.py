@@ -15,7 +15,7 @@ def test_answers_point_into_their_own_context(tiny_model_and_tokenizer, fixture_
     for question, answers in zip(questions, results):
         assert 1 <= len(answers) <= 3
         for answer in answers:
-            assert set(answer) == {"answer", "score", "start", "end"}
+            assert set(answer) == {"answer", "score", "start", "end", "no_answer_probability"}
             assert question.context[answer["start"] : answer["end"]] == answer["answer"]
             assert 0.0 <= answer["score"] <= 1.0
 

@@ -48,11 +48,12 @@ def decode_directly(tiny_model_and_tokenizer):
 
 
 def assert_same_answer(served: dict, expected: dict, context: str) -> None:
-    assert set(served) == {"answer", "score", "start", "end"}
+    assert set(served) == {"answer", "score", "start", "end", "no_answer_probability"}
     assert context[served["start"] : served["end"]] == served["answer"]
     assert 0.0 <= served["score"] <= 1.0
     assert [served[key] for key in ("answer", "start", "end")] == [expected[key] for key in ("answer", "start", "end")]
-    assert served["score"] == pytest.approx(expected["score"], rel=1e-4, abs=1e-7)
+    for key in ("score", "no_answer_probability"):
+        assert served[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-7)
 
 
 # --- configuration, no Ray needed -------------------------------------------------------------
@@ -134,6 +135,19 @@ def test_answers_have_offsets_into_the_context_and_equal_qa_common(client, fixtu
             assert_same_answer(served, wanted, record["context"])
 
 
+def test_a_model_that_does_not_abstain_answers_as_before(client, fixture_records, decode_directly):
+    # The tiny model's qa_config.json has no abstention: by default, and with allow_no_answer false, it
+    # always returns a span, exactly the SQuAD 1.1 decoding.
+    for record in fixture_records[:3]:
+        body = {"question": record["question"], "context": record["context"], "top_k": 3}
+        [expected] = decode_directly([Question(record["question"], record["context"], top_k=3, allow_no_answer=False)])
+        for served in (client.post("/v1/answer", json=body).json(),
+                       client.post("/v1/answer", json={**body, "allow_no_answer": False}).json()):
+            assert all(answer["start"] >= 0 and answer["answer"] for answer in served)
+            for answer, wanted in zip(served, expected, strict=True):
+                assert_same_answer(answer, wanted, record["context"])
+
+
 def test_a_list_of_questions_is_answered_in_order(client, fixture_records, decode_directly):
     records = fixture_records[4:7]
     payload = [{"question": r["question"], "context": r["context"], "top_k": k} for r, k in zip(records, (1, 2, 1))]
@@ -207,6 +221,7 @@ BAD_REQUESTS = {
     "top_k too large": (json.dumps({**OK, "top_k": 21}), 422, "top_k: Input should be less than or equal to 20"),
     "top_k a boolean": (json.dumps({**OK, "top_k": True}), 422, "top_k"),
     "max_answer_length zero": (json.dumps({**OK, "max_answer_length": 0}), 422, "max_answer_length"),
+    "allow_no_answer a string": (json.dumps({**OK, "allow_no_answer": "yes"}), 422, "allow_no_answer"),
     # "\ud800" is half a UTF-16 pair: valid JSON, but no text the tokenizer could take.
     "unpaired surrogate": ('{"question": "Why\\ud800?", "context": "x"}', 422, "question: Input should be a valid"),
     "unknown field": (json.dumps({**OK, "topk": 2}), 422, "topk: unknown field"),

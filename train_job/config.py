@@ -56,6 +56,9 @@ class TrainConfig:
     seed: int = _flag("random seed (model head, shuffling)", default=42)
     max_train_samples: int | None = _flag("use only the first N training questions", default=None)
     max_eval_samples: int | None = _flag("use only the first N validation questions", default=None)
+    negative_ratio: float = _flag(
+        "unanswerable questions to synthesise per answerable training question (its question paired with "
+        "another training paragraph holding none of its answers); > 0 trains a model that can abstain", default=0.0)
     max_failures: int = _flag("worker failures to recover from (resuming from the last checkpoint)", default=2)
     checkpoints_to_keep: int = _flag("checkpoints kept, the best by validation F1 (and always the latest)", default=2)
     checkpoint_every_steps: int | None = _flag(
@@ -99,6 +102,8 @@ class TrainConfig:
             raise ValueError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.weight_decay < 0 or self.max_failures < 0 or self.checkpoints_to_keep < 1:
             raise ValueError("--weight-decay and --max-failures must be >= 0, --checkpoints-to-keep >= 1")
+        if not self.negative_ratio >= 0:
+            raise ValueError(f"--negative-ratio must be >= 0, got {self.negative_ratio}")
         for name in ("max_train_samples", "max_eval_samples"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{dashed(name)} must be positive")
@@ -160,14 +165,15 @@ def preset_values(preset: str, overrides: dict | None = None) -> dict:
 def add_config_flags(parser: argparse.ArgumentParser, preset: str = "quickstart", overrides: dict | None = None) -> None:
     """``--preset``, then one flag per TrainConfig and QAConfig field, all defaulting to None so presets fill the gaps.
 
-    The help shows the defaults ``preset`` applies (what ``--help`` after ``--preset NAME`` prints).
+    The help shows the defaults ``preset`` applies (what ``--help`` after ``--preset NAME`` prints). No
+    ``--no-answer-threshold``: training's evaluation chooses the threshold (the best validation F1).
     """
     parser.add_argument("--preset", choices=sorted(PRESETS), default="quickstart",
                         help="starting values, overridden flag by flag (default: quickstart)")
     values = preset_values(preset, overrides)
     shown = {**values, "cpus_per_worker": AUTO_CPUS} if values.get("cpus_per_worker", 1) is None else values
     add_dataclass_flags(parser, TrainConfig, defaults=shown, skip=("qa",))
-    add_dataclass_flags(parser, QAConfig, defaults=values.get("qa"))
+    add_dataclass_flags(parser, QAConfig, defaults=values.get("qa"), skip=("no_answer_threshold",))
 
 
 def config_from_args(args: argparse.Namespace, overrides: dict | None = None) -> TrainConfig:

@@ -3,24 +3,41 @@
 from __future__ import annotations
 
 import math
+import random
 
 import numpy as np
 
 from qa_common import (
     QAConfig, length_grouped_batches, load_hub_squad, load_tokenizer, prepare_eval_features, prepare_train_features,
-    read_squad,
+    read_squad, synthesise_negatives,
 )
 from train_job.config import TrainConfig
 
 
 def load_splits(config: TrainConfig) -> tuple[list[dict], list[dict]]:
-    """Training and validation records, validated before any worker starts."""
+    """Training and validation records, validated before any worker starts.
+
+    Adds ``config.negative_ratio`` synthetic unanswerable questions per answerable training question,
+    and turns ``config.qa.version_2_with_negative`` on when the training data then holds unanswerable
+    questions (a model trained on them may answer "not in this document").
+    """
     if config.dataset:
         train = load_hub_squad(config.dataset, "train")
         validation = load_hub_squad(config.dataset, "validation")
     else:
         train, validation = read_squad(config.train_file), read_squad(config.validation_file)
-    return train[: config.max_train_samples], validation[: config.max_eval_samples]
+    train, validation = train[: config.max_train_samples], validation[: config.max_eval_samples]
+    if config.negative_ratio > 0:
+        negatives = synthesise_negatives(train, config.negative_ratio, seed=config.seed)
+        print(f"[train_job] synthesised {len(negatives)} unanswerable questions (--negative-ratio "
+              f"{config.negative_ratio:g})", flush=True)
+        train = train + negatives
+        random.Random(config.seed).shuffle(train)  # negatives spread over the file, not appended at its end
+    if not config.qa.version_2_with_negative and any(not r["answers"]["text"] for r in train):
+        print("[train_job] the training data has unanswerable questions: SQuAD 2.0 decoding and evaluation "
+              "(--version-2-with-negative)", flush=True)
+        config.qa = config.qa.replace(version_2_with_negative=True)
+    return train, validation
 
 
 class TrainFeaturizer:
@@ -60,9 +77,9 @@ def feature_datasets(config: TrainConfig, train: list[dict], validation: list[di
     import ray
     import ray.data
 
-    train_rows = [
+    train_rows = [  # an unanswerable question has answer text "" (labelled at [CLS])
         {"question": r["question"], "context": r["context"],
-         "answer_start": r["answers"]["answer_start"][0], "answer_text": r["answers"]["text"][0]}
+         "answer_start": (r["answers"]["answer_start"] or [0])[0], "answer_text": (r["answers"]["text"] or [""])[0]}
         for r in train
     ]
     validation_rows = [

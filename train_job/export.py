@@ -10,7 +10,11 @@ from qa_common import save_qa_config
 from train_job.checkpoint import PREDICTIONS, copy_model_and_predictions, read_train_config
 from train_job.config import TrainConfig
 
-METRIC_NAMES = ("exact_match", "f1", "precision", "recall")
+METRIC_NAMES = ("exact_match", "f1", "precision", "recall")  # SQuAD 1.1
+V2_METRIC_NAMES = (  # SQuAD 2.0 (the official script's names), and the threshold the export stores
+    "exact", "f1", "total", "HasAns_exact", "HasAns_f1", "HasAns_total", "NoAns_exact", "NoAns_f1", "NoAns_total",
+    "best_exact", "best_exact_thresh", "best_f1", "best_f1_thresh", "no_answer_threshold",
+)
 
 
 def export_run(checkpoint, checkpoint_metrics: dict, config: TrainConfig, output_dir: Path, extra: dict) -> dict:
@@ -26,7 +30,7 @@ def export_run(checkpoint, checkpoint_metrics: dict, config: TrainConfig, output
         recorded = read_train_config(directory) or {"config": config.to_dict(), "fingerprint": None}
     config = TrainConfig.from_dict(recorded["config"])
     metrics = {
-        **{name: checkpoint_metrics[name] for name in METRIC_NAMES},
+        **{name: checkpoint_metrics[name] for name in (*METRIC_NAMES, *V2_METRIC_NAMES) if name in checkpoint_metrics},
         "train_samples_per_second": checkpoint_metrics["train_samples_per_second"],
         "train_runtime_s": checkpoint_metrics["train_runtime_s"],
         "train_loss": checkpoint_metrics["train_loss"],
@@ -44,12 +48,21 @@ def export_run(checkpoint, checkpoint_metrics: dict, config: TrainConfig, output
     }
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     (model_dir / "README.md").write_text(model_card(metrics, config), encoding="utf-8")
-    save_qa_config(config.qa, model_dir)  # serving decodes as training evaluated
+    # Serving decodes as training evaluated, with the no-answer threshold evaluation chose.
+    save_qa_config(config.qa.replace(no_answer_threshold=metrics.get("no_answer_threshold")), model_dir)
     return metrics
 
 
 def model_card(metrics: dict, config: TrainConfig) -> str:
     dataset = config.dataset or f"{Path(config.train_file).name} (train), {Path(config.validation_file).name} (validation)"
+    if config.negative_ratio:
+        dataset += f", plus {config.negative_ratio:g} synthesised unanswerable question(s) per answerable one"
+    abstention = (
+        "it answers \"not in this document\" only when it is fairly sure; it can still return a wrong span for a "
+        "question the passage does not answer, or decline one it does."
+        if config.qa.version_2_with_negative else
+        "it always returns a span, even when the passage does not answer the question."
+    )
     return f"""---
 library_name: transformers
 pipeline_tag: question-answering
@@ -64,12 +77,7 @@ Given a question and a passage, it returns the span of the passage that answers 
 
 ## Results
 
-Validation set: {metrics['eval_examples']} questions, all of them, SQuAD v1.1 metric (percent):
-
-| exact match | F1 | precision | recall |
-|---|---|---|---|
-| {metrics['exact_match']:.2f} | {metrics['f1']:.2f} | {metrics['precision']:.2f} | {metrics['recall']:.2f} |
-
+{results_section(metrics, config)}
 Best of {config.epochs} epoch(s): epoch {metrics['best_epoch']}.
 
 ## Training
@@ -84,9 +92,10 @@ Best of {config.epochs} epoch(s): epoch {metrics['best_epoch']}.
 ## Use
 
 ```python
-from qa_common import QAConfig, Question, answer_questions, load_model_and_tokenizer
+from qa_common import Question, answer_questions, load_model_and_tokenizer, load_qa_config
 model, tokenizer = load_model_and_tokenizer("path/to/this/model")
-answer_questions(model, tokenizer, [Question("What is the target INR?", "The target INR is 2 to 3.")], QAConfig())
+answer_questions(model, tokenizer, [Question("What is the target INR?", "The target INR is 2 to 3.")],
+                 load_qa_config("path/to/this/model"))  # the windows and the no-answer threshold it was trained with
 ```
 
 or serve it: `python -m serve_app --model path/to/this/model`.
@@ -102,9 +111,41 @@ decision.
 Like the BERT model it starts from, this model can reflect the biases of its pre-training text
 (books and English Wikipedia) and of its fine-tuning data; the predictions may include harmful
 stereotypes across protected classes, identity characteristics and sensitive groups. It only ever
-copies a span of the given passage, which can be wrong, out of date or out of context, and it
-always returns a span, even when the passage does not answer the question. Check answers against
-the source before acting on them.
+copies a span of the given passage, which can be wrong, out of date or out of context, and {abstention}
+Check answers against the source before acting on them.
+"""
+
+
+def results_section(metrics: dict, config: TrainConfig) -> str:
+    """The model card's figures: SQuAD 1.1's, or SQuAD 2.0's with whether and when the model abstains."""
+    examples = metrics["eval_examples"]
+    if "HasAns_f1" not in metrics and "NoAns_f1" not in metrics:
+        return f"""Validation set: {examples} questions, all of them, SQuAD v1.1 metric (percent):
+
+| exact match | F1 | precision | recall |
+|---|---|---|---|
+| {metrics['exact_match']:.2f} | {metrics['f1']:.2f} | {metrics['precision']:.2f} | {metrics['recall']:.2f} |
+"""
+    rows = [("all questions", metrics["total"], metrics["exact"], metrics["f1"])]
+    rows += [(f"{label} ({split})", metrics[f"{split}_total"], metrics[f"{split}_exact"], metrics[f"{split}_f1"])
+             for split, label in (("HasAns", "answerable"), ("NoAns", "unanswerable")) if f"{split}_f1" in metrics]
+    table = "\n".join(f"| {name} | {count} | {exact:.2f} | {f1:.2f} |" for name, count, exact, f1 in rows)
+    if config.qa.version_2_with_negative:
+        behaviour = (
+            f"**This model abstains**: it answers \"not in this document\" (an empty answer) when its no-answer "
+            f"probability exceeds **{metrics['no_answer_threshold']:.4f}**, the threshold with the best validation F1 "
+            f"(stored in `qa_config.json`; chosen on this same validation set, so these figures are optimistic). "
+            f"On unanswerable questions, NoAns exact is the share it correctly declined to answer."
+        )
+    else:
+        behaviour = "**This model never abstains**: it always returns a span, so it fails every unanswerable question."
+    return f"""Validation set: {examples} questions, all of them, SQuAD v2.0 metric (percent):
+
+| questions | count | exact | F1 |
+|---|---|---|---|
+{table}
+
+{behaviour}
 """
 
 

@@ -11,7 +11,6 @@ import contextlib
 import math
 import tempfile
 import time
-from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,7 +21,7 @@ import torch.distributed as dist
 
 from ray.experimental import tqdm_ray
 
-from qa_common import decode_predictions, load_model_and_tokenizer, predict_logits, score_answer, trim_padding
+from qa_common import NO_ANSWER, decode_predictions, evaluate_answers, load_model_and_tokenizer, predict_logits, trim_padding
 from train_job import checkpoint
 from train_job.config import TrainConfig
 from train_job.data import epoch_batches, epoch_shard
@@ -69,11 +68,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
         train_metrics = train_epoch(worker, train_features, lengths, epoch)
         predictions, scores = evaluate(worker, validation_features, validation_records)
         metrics = {"epoch": epoch + 1, **train_metrics, "worker_node_ids": worker_node_ids, **scores}
-        log(worker.rank, "epoch {epoch} done: loss {train_loss:.4f}, EM {exact_match:.2f}, F1 {f1:.2f}, "
-                         "{train_samples_per_second:.1f} windows/s".format(**metrics))
+        log(worker.rank, "epoch {epoch} done: loss {train_loss:.4f}, {scores}, {train_samples_per_second:.1f} windows/s"
+            .format(**metrics, scores=describe_scores(scores)))
         if worker.trackers:
-            worker.trackers.scalars({"eval/exact_match": scores["exact_match"], "eval/f1": scores["f1"],
-                                     "eval/precision": scores["precision"], "eval/recall": scores["recall"],
+            worker.trackers.scalars({**{f"eval/{name}": value for name, value in scores.items()
+                                        if isinstance(value, (int, float))},
                                      "train/epoch_loss": train_metrics["train_loss"],
                                      "train/epoch_windows_per_s": train_metrics["train_samples_per_second"]},
                                     worker.state["step"])
@@ -223,12 +222,14 @@ def show_progress(worker: Worker, bar, loss: torch.Tensor, windows_per_s: float,
 
 
 def evaluate(worker: Worker, validation_features, validation_records):
-    """EM/F1/precision/recall over every validation question; each worker takes every n-th question.
+    """The metrics over every validation question (:func:`qa_common.evaluate_answers`); each worker
+    decodes every n-th question.
 
-    All windows of one question go to the same worker, which decodes them together; the sums are
-    then added up across workers and the predictions gathered. The forwards go through the
-    unwrapped model: DDP's forward is a collective (it broadcasts buffers), and workers run
-    different numbers of evaluation forwards.
+    All windows of one question go to the same worker, which decodes them together (the best span
+    and its no-answer probability); the answers are then gathered and every worker computes the
+    same metrics: SQuAD 1.1's, or SQuAD 2.0's (with the chosen no-answer threshold) for v2 data or
+    a model that abstains. The forwards go through the unwrapped model: DDP's forward is a
+    collective (it broadcasts buffers), and workers run different numbers of evaluation forwards.
     """
     config, rank, world_size = worker.config, worker.rank, worker.world_size
     model = getattr(worker.model, "module", worker.model)
@@ -249,21 +250,27 @@ def evaluate(worker: Worker, validation_features, validation_records):
     contexts = {i: validation_records[i]["context"] for i in my_indices}
     if kept["example_index"]:
         arrays = {name: np.concatenate(values) for name, values in kept.items()}
+        # The best span even where the model would abstain: the threshold is chosen afterwards.
         decoded = decode_predictions(
             arrays["example_index"], arrays["start_logits"], arrays["end_logits"], arrays["offset_mapping"],
-            contexts, config.qa,
+            contexts, config.qa.replace(version_2_with_negative=False),
         )
     else:
-        decoded = {i: {"answer": ""} for i in contexts}
-    sums = Counter()
-    for i, answer in decoded.items():
-        sums.update(score_answer(answer["answer"], validation_records[i]["answers"]["text"]))
-    names = ["exact_match", "f1", "precision", "recall"]
-    totals = all_reduce_sum(torch.tensor([sums[n] for n in names], dtype=torch.float64))
-    scores = {name: 100.0 * float(total) / len(validation_records) for name, total in zip(names, totals)}
-    predictions = {validation_records[i]["id"]: answer["answer"] for i, answer in decoded.items()}
-    predictions = {k: v for part in gather_objects(predictions, world_size) for k, v in part.items()}
-    return predictions, scores
+        decoded = {i: dict(NO_ANSWER) for i in contexts}
+    answers = {validation_records[i]["id"]: answer for i, answer in decoded.items()}
+    answers = {k: v for part in gather_objects(answers, world_size) for k, v in part.items()}
+    references = {record["id"]: record["answers"]["text"] for record in validation_records}
+    return evaluate_answers(answers, references, version_2_with_negative=config.qa.version_2_with_negative)
+
+
+def describe_scores(scores: dict) -> str:
+    if "HasAns_f1" in scores or "NoAns_f1" in scores:
+        parts = [f"EM {scores['exact']:.2f}, F1 {scores['f1']:.2f}"]
+        parts += [f"{split} F1 {scores[split + '_f1']:.2f}" for split in ("HasAns", "NoAns") if split + "_f1" in scores]
+        if "no_answer_threshold" in scores:
+            parts.append(f"no-answer threshold {scores['no_answer_threshold']:.3f}")
+        return ", ".join(parts)
+    return f"EM {scores['exact_match']:.2f}, F1 {scores['f1']:.2f}"
 
 
 def report_with_checkpoint(worker: Worker, metrics: dict, predictions: dict | None) -> None:

@@ -1,0 +1,115 @@
+"""A tiny model trained with synthesised negatives says "not in this document": via answer_questions and over HTTP.
+
+Trained once for the module (train_job.run with --negative-ratio, one worker), on the fixture's
+answerable questions, and evaluated on ``tiny-squad-v2.json``: the same questions plus unanswerable
+ones (questions asked of another article's paragraph). Settings sized so that the tiny model learns
+the fixture in a few epochs.
+"""
+
+import json
+
+import httpx
+import pytest
+from serve_helpers import service_config
+
+from conftest import FIXTURES, build_tiny_model
+from qa_common import QAConfig, Question, answer_questions, load_model_and_tokenizer, load_qa_config, read_squad
+from serve_app.local import free_port, local_serve
+
+QA = QAConfig(max_length=160, stride=32, max_question_length=24)  # one window per fixture question
+V2_DATA = FIXTURES / "tiny-squad-v2.json"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    import ray
+
+    from train_job.config import TrainConfig
+    from train_job.run import run
+
+    directory = tmp_path_factory.mktemp("abstaining")
+    model = build_tiny_model(directory / "tiny", hidden=64)
+    config = TrainConfig(
+        model=str(model), train_file=str(FIXTURES / "tiny-squad.jsonl"), validation_file=str(V2_DATA),
+        output_dir=str(directory / "run"), num_workers=1, epochs=12, learning_rate=3e-3, warmup_ratio=0.0,
+        per_device_batch_size=2, negative_ratio=3, max_failures=0, qa=QA,
+    ).validate()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        metrics = run(config)
+    finally:
+        ray.shutdown()
+    return directory / "run", metrics
+
+
+@pytest.fixture(scope="module")
+def records():
+    return read_squad(V2_DATA)
+
+
+def test_training_with_negatives_exports_a_model_that_abstains_at_its_best_threshold(trained):
+    output, metrics = trained
+    assert metrics["train_examples"] > 13  # the synthesised negatives were trained on
+    saved = load_qa_config(output / "model")
+    assert saved.version_2_with_negative is True  # switched on by the negatives, not by a flag
+    assert saved.no_answer_threshold == metrics["no_answer_threshold"] == metrics["best_f1_thresh"]
+    assert metrics["f1"] == pytest.approx(metrics["best_f1"])
+    for name in ("HasAns_f1", "NoAns_f1", "HasAns_total", "NoAns_total"):
+        assert name in metrics
+    assert metrics["NoAns_total"] == 5 and metrics["NoAns_exact"] == 100.0
+    card = (output / "model" / "README.md").read_text()
+    assert "This model abstains" in card and f"{saved.no_answer_threshold:.4f}" in card
+    assert "| unanswerable (NoAns) | 5 |" in card
+
+
+def test_answer_questions_abstains_on_the_unanswerable_questions(trained, records):
+    output, metrics = trained
+    model, tokenizer = load_model_and_tokenizer(str(output / "model"))
+    config = load_qa_config(output / "model")
+    answers = answer_questions(model, tokenizer, [Question(r["question"], r["context"]) for r in records], config)
+    predictions = {record["id"]: best["answer"] for record, [best] in zip(records, answers)}
+    # Decoding with the stored threshold gives exactly what evaluation scored.
+    assert predictions == json.loads((output / "predictions.json").read_text())
+    for record, [best] in zip(records, answers):
+        if not record["answers"]["text"]:
+            assert (best["answer"], best["start"], best["end"]) == ("", -1, -1), record["id"]
+            assert best["no_answer_probability"] > config.no_answer_threshold
+            assert best["score"] > 0
+    assert metrics["HasAns_f1"] > 50  # and it still answers most answerable ones
+
+    # allow_no_answer=False: the spans, ranked as before; the null answer is never among them.
+    unanswerable = next(r for r in records if not r["answers"]["text"])
+    [[with_null], [without_null]] = answer_questions(
+        model, tokenizer, [Question(unanswerable["question"], unanswerable["context"], top_k=1),
+                           Question(unanswerable["question"], unanswerable["context"], top_k=1, allow_no_answer=False)],
+        config,
+    )
+    assert with_null["start"] == -1 and without_null["start"] >= 0
+    assert without_null["no_answer_probability"] == pytest.approx(with_null["no_answer_probability"])
+
+
+def test_served_model_abstains_over_http(trained, records):
+    output, _ = trained
+    unanswerable = [r for r in records if not r["answers"]["text"]]
+    model, tokenizer = load_model_and_tokenizer(str(output / "model"))
+    config = load_qa_config(output / "model")
+    with local_serve(service_config(output / "model", free_port(), qa={}), num_cpus=2) as url:
+        info = httpx.get(f"{url}/v1/model", timeout=60).json()
+        assert info["version_2_with_negative"] is True and info["no_answer_threshold"] == config.no_answer_threshold
+        for record in unanswerable:
+            body = {"question": record["question"], "context": record["context"]}
+            served = httpx.post(f"{url}/v1/answer", json=body, timeout=60).json()
+            assert set(served) == {"answer", "score", "start", "end", "no_answer_probability"}
+            assert (served["answer"], served["start"], served["end"]) == ("", -1, -1)
+            assert served["score"] > 0 and served["no_answer_probability"] > config.no_answer_threshold
+
+            ranked = httpx.post(f"{url}/v1/answer", json={**body, "top_k": 3}, timeout=60).json()
+            [expected] = answer_questions(model, tokenizer, [Question(record["question"], record["context"], top_k=3)],
+                                          config)
+            assert [(a["answer"], a["start"], a["end"]) for a in ranked] == [
+                (a["answer"], a["start"], a["end"]) for a in expected]
+            assert ranked[0]["start"] == -1 and all(a["start"] >= 0 for a in ranked[1:])
+            assert [a["score"] for a in ranked] == sorted((a["score"] for a in ranked), reverse=True)
+
+            spans = httpx.post(f"{url}/v1/answer", json={**body, "allow_no_answer": False}, timeout=60).json()
+            assert spans["start"] >= 0 and record["context"][spans["start"]:spans["end"]] == spans["answer"]

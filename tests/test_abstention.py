@@ -10,7 +10,7 @@ import json
 
 import httpx
 import pytest
-from serve_helpers import service_config
+from serve_helpers import AUTH, service_config
 
 from conftest import FIXTURES, build_tiny_model
 from qa_common import QAConfig, Question, answer_questions, load_model_and_tokenizer, load_qa_config, read_squad
@@ -94,16 +94,16 @@ def test_served_model_abstains_over_http(trained, records):
     model, tokenizer = load_model_and_tokenizer(str(output / "model"))
     config = load_qa_config(output / "model")
     with local_serve(service_config(output / "model", free_port(), qa={}), num_cpus=2) as url:
-        info = httpx.get(f"{url}/v1/model", timeout=60).json()
+        info = httpx.get(f"{url}/v1/model", headers=AUTH, timeout=60).json()
         assert info["version_2_with_negative"] is True and info["no_answer_threshold"] == config.no_answer_threshold
         for record in unanswerable:
             body = {"question": record["question"], "context": record["context"]}
-            served = httpx.post(f"{url}/v1/answer", json=body, timeout=60).json()
+            served = httpx.post(f"{url}/v1/answer", json=body, headers=AUTH, timeout=60).json()
             assert set(served) == {"answer", "score", "start", "end", "no_answer_probability"}
             assert (served["answer"], served["start"], served["end"]) == ("", -1, -1)
             assert served["score"] > 0 and served["no_answer_probability"] > config.no_answer_threshold
 
-            ranked = httpx.post(f"{url}/v1/answer", json={**body, "top_k": 3}, timeout=60).json()
+            ranked = httpx.post(f"{url}/v1/answer", json={**body, "top_k": 3}, headers=AUTH, timeout=60).json()
             [expected] = answer_questions(model, tokenizer, [Question(record["question"], record["context"], top_k=3)],
                                           config)
             assert [(a["answer"], a["start"], a["end"]) for a in ranked] == [
@@ -111,5 +111,5 @@ def test_served_model_abstains_over_http(trained, records):
             assert ranked[0]["start"] == -1 and all(a["start"] >= 0 for a in ranked[1:])
             assert [a["score"] for a in ranked] == sorted((a["score"] for a in ranked), reverse=True)
 
-            spans = httpx.post(f"{url}/v1/answer", json={**body, "allow_no_answer": False}, timeout=60).json()
+            spans = httpx.post(f"{url}/v1/answer", json={**body, "allow_no_answer": False}, headers=AUTH, timeout=60).json()
             assert spans["start"] >= 0 and record["context"][spans["start"]:spans["end"]] == spans["answer"]

@@ -94,7 +94,7 @@ def test_every_backend_answers_in_the_same_format_with_exact_offsets(runners, fi
         for question, answers in zip(questions, answers_per_question):
             assert 1 <= len(answers) <= 3, name
             for answer in answers:
-                assert set(answer) == {"answer", "score", "start", "end"}
+                assert set(answer) == {"answer", "score", "start", "end", "no_answer_probability"}
                 assert isinstance(answer["start"], int) and isinstance(answer["score"], float)
                 assert question.context[answer["start"] : answer["end"]] == answer["answer"]
     for torch_answers, onnx_answers in zip(results["torch"], results["onnx"]):

@@ -93,7 +93,7 @@ def test_a_file_without_answers_gives_predictions_and_no_metrics(local_ray, mode
                  "--concurrency", "1"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["predictions.parquet"]
     table = pq.read_table(out / "predictions.parquet")
-    assert table.column_names == ["id", "answer", "score", "start", "end"]
+    assert table.column_names == ["id", "answer", "score", "start", "end", "no_answer_probability"]
     rows = table.to_pylist()
     assert sorted(row["id"] for row in rows) == sorted(expected)
     assert all(row["answer"] == expected[row["id"]]["answer"] for row in rows)
@@ -118,7 +118,7 @@ def test_a_bad_record_past_the_checked_head_fails_in_the_actor_naming_file_and_i
 @pytest.mark.parametrize("problem, expected_error", [
     ("missing field", "{path}: line 3: missing field(s) question"),
     ("malformed JSON", "{path}: line 2: malformed JSON"),
-    ("answer offset", "{path}: line 1 (id 'hh-1'): answer"),
+    ("answer offset", "{path}: line 1 (id 'hh-1'): the answer"),
 ])
 def test_a_malformed_file_exits_2_naming_file_and_record_before_ray_starts(
     model_dir, tmp_path, capsys, monkeypatch, problem, expected_error

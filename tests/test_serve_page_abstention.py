@@ -4,7 +4,7 @@ Its own module (so its own local Ray and service), driven in headless Chromium l
 """
 
 import pytest
-from serve_helpers import SMALL_QA, service_config
+from serve_helpers import SMALL_QA, TOKEN, service_config
 from test_serve_page import headless_chromium, pytestmark  # noqa: F401 (pytestmark: skipped without Chromium)
 
 from qa_common import QAConfig, Question, answer_questions
@@ -24,6 +24,7 @@ def test_the_page_says_not_found_and_greys_the_best_span_as_a_suggestion(tiny_mo
 
     with local_serve(service_config(tiny_model_dir, free_port(), qa=always_abstains)) as url:
         with headless_chromium(url + "/", tmp_path / "profile") as page:
+            page.type_into("#token", TOKEN)
             page.type_into("#document", record["context"])
             page.type_into("#question", record["question"])
             page.click("#ask")

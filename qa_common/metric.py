@@ -62,12 +62,7 @@ def squad_metrics(predictions: Mapping[str, str], references: Mapping[str, Seque
     A question without a prediction scores 0 and is counted in ``missing``; a prediction for an
     unknown question id is an error.
     """
-    unknown = sorted(set(predictions) - set(references))
-    if unknown:
-        shown = ", ".join(map(repr, unknown[:5])) + (" ..." if len(unknown) > 5 else "")
-        raise ValueError(f"{len(unknown)} prediction id(s) are not in the data: {shown}")
-    if not references:
-        raise ValueError("no reference questions to score")
+    _check_question_ids(predictions, references)
     totals = Counter()
     for question_id, golds in references.items():
         if question_id in predictions:
@@ -128,12 +123,7 @@ def squad_v2_metrics(
     ``best_exact``/``best_f1`` and the thresholds that reach them. A question without a prediction
     scores 0 (counted in ``missing``); a prediction for an unknown question id is an error.
     """
-    unknown = sorted(set(predictions) - set(references))
-    if unknown:
-        shown = ", ".join(map(repr, unknown[:5])) + (" ..." if len(unknown) > 5 else "")
-        raise ValueError(f"{len(unknown)} prediction id(s) are not in the data: {shown}")
-    if not references:
-        raise ValueError("no reference questions to score")
+    _check_question_ids(predictions, references)
     has_answer = {question_id: bool(golds) for question_id, golds in references.items()}
     probabilities = {question_id: (na_probs or {}).get(question_id, 0.0) for question_id in references}
     exact_raw, f1_raw = {}, {}
@@ -193,3 +183,13 @@ def evaluate_answers(
         metrics["no_answer_threshold"] = threshold
     predictions = {q: "" if na_probs[q] > threshold else text for q, text in texts.items()}
     return predictions, metrics
+
+
+def _check_question_ids(predictions: Mapping, references: Mapping) -> None:
+    """Every prediction names a known question, and there is something to score."""
+    unknown = sorted(set(predictions) - set(references))
+    if unknown:
+        shown = ", ".join(map(repr, unknown[:5])) + (" ..." if len(unknown) > 5 else "")
+        raise ValueError(f"{len(unknown)} prediction id(s) are not in the data: {shown}")
+    if not references:
+        raise ValueError("no reference questions to score")

@@ -41,7 +41,8 @@ def question_scores(prediction: str, golds: list[str]) -> dict[str, float]:
 
     Answerable questions score as in SQuAD v1.1 (best over the gold answers). A question without
     gold answers (SQuAD v2's unanswerable) scores 1 when the prediction is empty, else 0, the
-    official v2 rule. This is the one place to switch to qa_common's v2 metric once it exists.
+    official v2 rule, as ``qa_common.squad_v2_metrics`` applies it; per question here, because the
+    driver sums scores block by block instead of holding every prediction.
     """
     if golds:
         return score_answer(prediction, golds)

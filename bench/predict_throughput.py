@@ -131,7 +131,7 @@ def run_single_process(records, model_dir: str, args, windows: int) -> dict:
     import torch
 
     from qa_common import Question, answer_questions, load_model_and_tokenizer, load_qa_config
-    from train_job.predict import torch_dtype
+    from qa_common.modeling import torch_dtype
 
     device = "cuda" if args.gpu else "cpu"
     model, tokenizer = load_model_and_tokenizer(model_dir, dtype=torch_dtype(args.dtype, device))
@@ -156,7 +156,7 @@ def run_pipeline(data: Path, model_dir: str, args, actors: int, windows: int, wo
     cpus_per_actor = max(1, args.cpus // actors) if not args.gpu else max(1, args.cpus - 1)
     flags = ["--model", model_dir, "--data", str(data), "--output", str(workdir / f"out-{actors}"),
              "--concurrency", str(actors), "--cpus-per-actor", str(cpus_per_actor), "--batch-size", str(args.batch_size),
-             "--forward-batch-size", str(args.forward_batch_size), "--dtype", args.dtype]
+             "--forward-batch-size", str(args.forward_batch_size), "--backend", "torch", "--dtype", args.dtype]
     if args.gpu:
         flags += ["--num-gpus-per-actor", "1"]
     predict_args = parse_args(flags)

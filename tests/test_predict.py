@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import shutil
 import subprocess
 import sys
 
@@ -97,6 +98,37 @@ def test_a_file_without_answers_gives_predictions_and_no_metrics(local_ray, mode
     rows = table.to_pylist()
     assert sorted(row["id"] for row in rows) == sorted(expected)
     assert all(row["answer"] == expected[row["id"]]["answer"] for row in rows)
+
+
+def test_the_int8_onnx_backend_answers_as_its_runner_does(
+    local_ray, model_dir, expected, fixture_records, tmp_path, capsys
+):
+    pytest.importorskip("onnx", reason="exporting needs the onnx package (the onnx extra, part of dev)")
+    from qa_common.backends import load_runner
+    from qa_common.export_onnx import main as export_main
+
+    exported = tmp_path / "model"
+    shutil.copytree(model_dir, exported)
+    code, err = run(capsys, "--model", exported, "--data", FIXTURES / "tiny-squad.json", "--output", tmp_path / "o",
+                    "--backend", "onnx-int8")
+    assert code == 2 and "python -m qa_common.export_onnx" in err and "--int8" in err, err
+    assert export_main([str(exported), "--int8"]) == 0
+    runner, tokenizer, _ = load_runner(str(exported), "onnx-int8", threads=1)
+    answers = answer_questions(runner, tokenizer, [Question(r["question"], r["context"]) for r in fixture_records],
+                               SMALL_WINDOWS)
+    want = {record["id"]: best[0] for record, best in zip(fixture_records, answers)}
+
+    out = tmp_path / "out"
+    assert main(["--model", str(exported), "--data", str(FIXTURES / "tiny-squad.json"), "--output", str(out),
+                 "--concurrency", "1", "--backend", "onnx-int8"]) == 0
+    rows = read_jsonl(out / "predictions.jsonl")
+    assert sorted(row["id"] for row in rows) == sorted(want)
+    for row in rows:
+        assert (row["answer"], row["start"], row["end"]) == tuple(want[row["id"]][k] for k in ("answer", "start", "end"))
+        assert row["score"] == pytest.approx(want[row["id"]]["score"], rel=1e-4, abs=1e-7)
+    from_int8 = max(abs(row["score"] - want[row["id"]]["score"]) for row in rows)
+    from_torch = max(abs(row["score"] - expected[row["id"]]["score"]) for row in rows)
+    assert from_torch > 10 * max(from_int8, 1e-7), "the actors ran int8, not PyTorch"
 
 
 def test_a_bad_record_past_the_checked_head_fails_in_the_actor_naming_file_and_id(

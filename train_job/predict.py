@@ -20,9 +20,11 @@ import sys
 import time
 
 from qa_common import (
-    Question, SquadFormatError, answer_questions, load_model_and_tokenizer, load_qa_config, load_tokenizer,
-    normalize_answer, resolve_model_path, score_answer,
+    Question, SquadFormatError, answer_questions, load_qa_config, load_tokenizer, normalize_answer,
+    resolve_model_path, score_answer,
 )
+from qa_common.backends import BACKENDS, DEFAULT_MAX_F1_LOSS, ONNX_FILES, load_runner, onnx_file
+from qa_common.modeling import SERVING_DTYPES, torch_dtype
 from train_job.predict_data import check_input, question_dataset, resolve_inputs, validate_rows
 
 METRIC_NAMES = ("exact_match", "f1", "precision", "recall")
@@ -57,15 +59,13 @@ class BatchAnswerer:
     With ``with_answers``, each row also carries that question's scores (``gold_*`` columns).
     """
 
-    def __init__(self, model_dir: str, *, dtype: str, forward_batch_size: int | None, cpus: float, with_answers: bool):
+    def __init__(self, model_dir: str, *, backend: str, max_f1_loss: float, dtype: str, forward_batch_size: int | None,
+                 cpus: float, with_answers: bool):
         import ray
-        import torch
 
         device = "cuda" if ray.get_gpu_ids() else "cpu"
-        if device == "cpu":
-            torch.set_num_threads(max(1, int(cpus)))
-        model, self.tokenizer = load_model_and_tokenizer(model_dir, dtype=torch_dtype(dtype, device))
-        self.model = model.to(device).eval()
+        self.runner, self.tokenizer, _ = load_runner(model_dir, backend, device=device, dtype=torch_dtype(dtype, device),
+                                                     threads=max(1, int(cpus)), max_f1_loss=max_f1_loss)
         self.qa_config = load_qa_config(model_dir)
         self.forward_batch_size = forward_batch_size or (256 if device == "cuda" else 64)
         self.with_answers = with_answers
@@ -77,7 +77,7 @@ class BatchAnswerer:
             records = validate_rows(batch.to_pylist())
         except SquadFormatError as error:
             return pa.table({DATA_ERROR: [str(error)]})
-        best = answer_questions(self.model, self.tokenizer, [Question(r["question"], r["context"]) for r in records],
+        best = answer_questions(self.runner, self.tokenizer, [Question(r["question"], r["context"]) for r in records],
                                 self.qa_config, batch_size=self.forward_batch_size)
         rows = []
         for record, answers in zip(records, best):
@@ -90,15 +90,7 @@ class BatchAnswerer:
         return pa.Table.from_pylist(rows)
 
 
-def torch_dtype(name: str, device: str):
-    import torch
-
-    if name == "auto":
-        return torch.bfloat16 if device == "cuda" else torch.float32
-    return getattr(torch, name)
-
-
-def check_model(model: str) -> str:
+def check_model(model: str, backend: str) -> str:
     """The absolute model directory; raises (FileNotFoundError, OSError, ValueError) when it cannot serve."""
     from transformers import AutoConfig
 
@@ -111,6 +103,8 @@ def check_model(model: str) -> str:
     AutoConfig.from_pretrained(path)
     load_tokenizer(path)
     load_qa_config(path)
+    if backend in ONNX_FILES:
+        onnx_file(path, backend)  # a missing export fails here, naming the command that writes it
     return os.path.abspath(path)
 
 
@@ -230,7 +224,7 @@ def prepare(args: argparse.Namespace) -> dict:
     if not with_answers and any(f.has_answers for f in inputs):
         print(f"[predict] only {sum(f.has_answers for f in inputs)} of {len(inputs)} files hold gold answers: "
               "answering without metrics (evaluate the annotated files on their own)", file=sys.stderr)
-    model_dir = check_model(args.model)
+    model_dir = check_model(args.model, args.backend)
     output = output_directory(args.output)
     if not ray.is_initialized():
         ray.init(address=args.address or os.environ.get("RAY_ADDRESS"))
@@ -248,7 +242,8 @@ def predict(args: argparse.Namespace, plan: dict) -> dict:
     dataset = question_dataset(inputs, with_answers=plan["with_answers"], rows_per_block=args.batch_size)
     answered = dataset.map_batches(
         BatchAnswerer,
-        fn_constructor_kwargs={"model_dir": plan["model_dir"], "dtype": args.dtype,
+        fn_constructor_kwargs={"model_dir": plan["model_dir"], "backend": args.backend,
+                               "max_f1_loss": args.max_f1_loss, "dtype": args.dtype,
                                "forward_batch_size": args.forward_batch_size, "cpus": args.cpus_per_actor,
                                "with_answers": plan["with_answers"]},
         batch_size=args.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=actors),
@@ -313,8 +308,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=256, help="questions per actor call (default: 256)")
     parser.add_argument("--forward-batch-size", type=int, default=None,
                         help="windows per forward pass (default: 64 on CPU, 256 on GPU)")
-    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-                        help="model weights (default: auto, bfloat16 on GPU and float32 on CPU)")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto",
+                        help="torch, onnx, onnx-int8 (files written by python -m qa_common.export_onnx) or auto "
+                        "(default): on CPU the fastest exported backend within --max-f1-loss of PyTorch's F1, else "
+                        "torch; on a GPU torch")
+    parser.add_argument("--max-f1-loss", type=float, default=DEFAULT_MAX_F1_LOSS,
+                        help=f"F1 points below PyTorch that --backend auto accepts for speed (default: {DEFAULT_MAX_F1_LOSS:g})")
+    parser.add_argument("--dtype", choices=SERVING_DTYPES, default="auto",
+                        help="PyTorch weights (default: auto, bfloat16 on GPU and float32 on CPU)")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     args = parser.parse_args(argv)
     for name in ("concurrency", "batch_size", "forward_batch_size"):

@@ -6,12 +6,21 @@
 Trains the quickstart recipe (packaged all-MiniLM-L6-v2, 256-token windows, stride 96) twice on the
 Notre Dame article of the SQuAD v1.1 sample: once with ``--negative-ratio 1`` (one unanswerable
 question synthesised per answerable one), once without (a model that always answers). The Super
-Bowl article is made SQuAD 2.0-like: half of its questions, chosen with a seed, are paired with a
-Notre Dame paragraph that holds none of their answers and become unanswerable. Its paragraphs are
-split in two halves: the first is the validation set (per-epoch evaluation and the choice of the
-no-answer threshold the export stores), the second the test set, answered with each exported model
-as it would be served (``answer_questions`` with its ``qa_config.json``) and scored with the
-official SQuAD 2.0 metric. Everything is written to a temporary directory and removed.
+Bowl article is made SQuAD 2.0-like: half of its questions, chosen with a seed, are moved onto a
+paragraph that holds none of their answers and become unanswerable. Two ways of choosing that
+paragraph, each a test of its own for the same two models:
+
+- ``notre-dame`` (issue 10's design): a Notre Dame paragraph, i.e. a paragraph the model trained on;
+- ``unseen``: a paragraph of another article of the full SQuAD v1.1 dev set (when
+  ``../shared/data/squad-v1.1-full/`` is there), one the model has never seen.
+
+The Super Bowl paragraphs are split in two halves: the first is the validation set (training's
+per-epoch evaluation and the no-answer threshold the export stores use the ``notre-dame`` one), the
+second the test set. Each model answers as it would be served (``answer_questions`` with its
+``qa_config.json``); for each design the threshold is the one with the best F1 on that design's
+validation half (for ``notre-dame`` this is the exported threshold), and the test half is scored
+with the official SQuAD 2.0 metric. Everything is written to a temporary directory and removed
+(``--keep DIR`` keeps the two model directories).
 """
 
 from __future__ import annotations
@@ -39,6 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray (one worker takes them all)")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--keep", type=Path, default=None, help="copy the two trained model directories here")
     return parser.parse_args(argv)
 
 
@@ -63,19 +73,25 @@ def write_jsonl(records: list[dict], path: Path) -> Path:
     return path
 
 
-def build_eval_files(args, workdir: Path) -> tuple[Path, list[dict]]:
-    """The validation file (first half of the paragraphs) and the test records (second half)."""
+def build_eval_sets(args, workdir: Path) -> tuple[Path, dict[str, tuple[list[dict], list[dict]]]]:
+    """Training's validation file, and ``{design: (validation records, test records)}``."""
     from qa_common import read_squad
 
     notre_dame, super_bowl = read_squad(args.train_data), read_squad(args.eval_data)
-    made = half_unanswerable(super_bowl, notre_dame, args.seed)
+    borrowed = {"notre-dame": notre_dame}
+    if benchlib.SQUAD_FULL_DEV.is_file():
+        titles = {record.get("title") for record in super_bowl}
+        borrowed["unseen"] = [r for r in read_squad(benchlib.SQUAD_FULL_DEV) if r.get("title") not in titles]
     # Split by the original paragraph, so no paragraph's questions are in both halves.
     original_context = {record["id"]: record["context"] for record in super_bowl}
     paragraphs = list(dict.fromkeys(original_context.values()))
     validation_paragraphs = set(paragraphs[: len(paragraphs) // 2])
-    validation = [r for r in made if original_context[r["id"].rsplit("-neg", 1)[0]] in validation_paragraphs]
-    test = [r for r in made if original_context[r["id"].rsplit("-neg", 1)[0]] not in validation_paragraphs]
-    return write_jsonl(validation, workdir / "validation-v2.jsonl"), test
+    sets = {}
+    for design, paragraphs_to_borrow in borrowed.items():
+        made = half_unanswerable(super_bowl, paragraphs_to_borrow, args.seed)
+        in_validation = [original_context[r["id"].rsplit("-neg", 1)[0]] in validation_paragraphs for r in made]
+        sets[design] = ([r for r, v in zip(made, in_validation) if v], [r for r, v in zip(made, in_validation) if not v])
+    return write_jsonl(sets["notre-dame"][0], workdir / "validation-v2.jsonl"), sets
 
 
 def train(args, workdir: Path, validation_file: Path, negative_ratio: float) -> tuple[Path, dict]:
@@ -95,44 +111,73 @@ def train(args, workdir: Path, validation_file: Path, negative_ratio: float) -> 
     return output / "model", metrics
 
 
-def test_scores(model_dir: Path, test: list[dict]) -> dict:
-    """The official SQuAD 2.0 metrics of the served answers (the model's own qa_config.json)."""
+def test_scores(model_dir: Path, validation: list[dict], test: list[dict]) -> dict:
+    """The official SQuAD 2.0 metrics on ``test`` at the threshold with the best F1 on ``validation``.
+
+    A model that abstains answers each question with its best span and that span's no-answer
+    probability, and declines where the probability exceeds the threshold -- what serving does with
+    the exported threshold. A model that always answers is scored as it answers.
+    """
     from qa_common import Question, answer_questions, load_model_and_tokenizer, load_qa_config, squad_v2_metrics
 
     model, tokenizer = load_model_and_tokenizer(str(model_dir))
     config = load_qa_config(model_dir)
-    answers = answer_questions(model.eval(), tokenizer, [Question(r["question"], r["context"]) for r in test], config)
-    predictions = {record["id"]: best["answer"] for record, [best] in zip(test, answers)}
-    scores = squad_v2_metrics(predictions, {record["id"]: record["answers"]["text"] for record in test})
-    return {**scores, "abstains": config.version_2_with_negative, "no_answer_threshold": config.no_answer_threshold,
-            "abstained": sum(1 for text in predictions.values() if not text)}
+
+    def best_spans(records):
+        questions = [Question(r["question"], r["context"], allow_no_answer=False) for r in records]
+        answers = answer_questions(model.eval(), tokenizer, questions, config)
+        return ({r["id"]: best["answer"] for r, [best] in zip(records, answers)},
+                {r["id"]: best["no_answer_probability"] for r, [best] in zip(records, answers)},
+                {r["id"]: r["answers"]["text"] for r in records})
+
+    if not config.version_2_with_negative:
+        texts, _, golds = best_spans(test)
+        return {**squad_v2_metrics(texts, golds), "abstains": False, "abstained": 0}
+    threshold = squad_v2_metrics(*best_spans(validation))["best_f1_thresh"]
+    texts, na_probs, golds = best_spans(test)
+    scores = squad_v2_metrics(texts, golds, na_probs, na_prob_thresh=threshold)
+    return {**scores, "abstains": True, "no_answer_threshold": threshold,
+            "exported_no_answer_threshold": config.no_answer_threshold,
+            "abstained": sum(1 for p in na_probs.values() if p > threshold)}
 
 
 def measure(args, workdir: Path, load_before: list[float]) -> int:
+    import shutil
+
     import ray
 
-    validation_file, test = build_eval_files(args, workdir)
+    validation_file, eval_sets = build_eval_sets(args, workdir)
     benchlib.init_local_ray(args.cpus)
     rows, results = [], {}
     try:
         for label, ratio in (("with negatives", args.negative_ratio), ("without (always answers)", 0.0)):
             model_dir, train_metrics = train(args, workdir, validation_file, ratio)
-            scores = test_scores(model_dir, test)
-            results[label] = {"test": scores, "validation": {k: v for k, v in train_metrics.items() if k != "history"},
+            if args.keep:
+                shutil.copytree(model_dir, args.keep / f"negatives-{ratio:g}", dirs_exist_ok=True)
+            results[label] = {"validation": {k: v for k, v in train_metrics.items() if k != "history"},
                               "history": train_metrics["history"]}
-            rows.append({"model": label, "HasAns F1": scores["HasAns_f1"], "NoAns accuracy": scores["NoAns_exact"],
-                         "F1": scores["f1"], "EM": scores["exact"], "abstained": scores["abstained"],
-                         "threshold": scores["no_answer_threshold"] if scores["abstains"] else "-",
-                         "train s": train_metrics["bench_wall_s"]})
+            for design, (validation, test) in eval_sets.items():
+                scores = test_scores(model_dir, validation, test)
+                results[label][f"test ({design})"] = scores
+                rows.append({"unanswerable on": design, "model": label, "HasAns F1": scores["HasAns_f1"],
+                             "NoAns accuracy": scores.get("NoAns_exact", 0.0), "F1": scores["f1"],
+                             "EM": scores["exact"], "abstained": scores["abstained"],
+                             "threshold": scores["no_answer_threshold"] if scores["abstains"] else "-",
+                             "train s": train_metrics["bench_wall_s"]})
     finally:
         ray.shutdown()
-    title = f"Abstention on {len(test)} test questions (half unanswerable), official SQuAD 2.0 metric, percent"
+    rows.sort(key=lambda row: row["unanswerable on"] != "notre-dame")
+    test_sizes = {design: len(test) for design, (_, test) in eval_sets.items()}
+    title = f"Abstention on {max(test_sizes.values())} test questions (half unanswerable), official SQuAD 2.0 metric, percent"
     benchlib.print_table(title, rows, list(rows[0]))
-    with_negatives, without = (results[label]["test"] for label in results)
-    ratios = {"f1_gain": with_negatives["f1"] - without["f1"],
-              "has_ans_f1_drop": without["HasAns_f1"] - with_negatives["HasAns_f1"]}
+    with_negatives, without = (results[label] for label in results)
+    ratios = {}
+    for design in eval_sets:
+        key = f"test ({design})"
+        ratios[f"f1_gain ({design})"] = with_negatives[key]["f1"] - without[key]["f1"]
+        ratios[f"has_ans_f1_drop ({design})"] = without[key]["HasAns_f1"] - with_negatives[key]["HasAns_f1"]
     settings = {**{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-                "test_questions": len(test), "max_length": 256, "stride": 96, "per_device_batch_size": 8}
+                "test_questions": test_sizes, "max_length": 256, "stride": 96, "per_device_batch_size": 8}
     benchlib.write_json(args.out, "abstention_accuracy", ratios, results, settings, load_before)
     return 0
 

@@ -25,6 +25,7 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 SQUAD_SAMPLE_TRAIN = SHARED_DATA / "squad-v1.1-sample" / "train-University_of_Notre_Dame.json"
 SQUAD_SAMPLE_DEV = SHARED_DATA / "squad-v1.1-sample" / "dev-Super_Bowl_50.json"
 SQUAD_FULL_TRAIN = SHARED_DATA / "squad-v1.1-full" / "train-v1.1.reconstructed.json.gz"
+SQUAD_FULL_DEV = SHARED_DATA / "squad-v1.1-full" / "dev-v1.1.reconstructed.json.gz"
 QUICKSTART_TRAIN = REPO / "train_job" / "quickstart_data" / "quickstart-train.jsonl"
 QUICKSTART_VALIDATION = REPO / "train_job" / "quickstart_data" / "quickstart-validation.jsonl"
 

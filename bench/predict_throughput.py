@@ -9,7 +9,8 @@ Data: the dev sample article (810 questions, one or two 384-token windows each) 
 gold answers shifted to match), written to one JSON Lines file.
 
 - single process: ``qa_common.answer_questions`` over the questions in batches of ``--batch-size``,
-  in this process, the model already loaded (torch on every core).
+  in this process, timed once the model is loaded and warm (torch on every core); the model load
+  (libraries already imported) is reported apart.
 - train_job.predict: ``prepare`` + ``predict`` on a fresh local Ray, for each actor count of
   ``--actors`` (each actor gets CPUs / actors cores). Timed end to end (reading, starting the actors,
   loading the model, answering, writing) and from its first answers on (steady state).
@@ -134,9 +135,11 @@ def run_single_process(records, model_dir: str, args, windows: int) -> dict:
     from qa_common.modeling import torch_dtype
 
     device = "cuda" if args.gpu else "cpu"
+    load_clock = benchlib.Stopwatch()
     model, tokenizer = load_model_and_tokenizer(model_dir, dtype=torch_dtype(args.dtype, device))
     model = model.to(device).eval()
     qa_config = load_qa_config(model_dir)
+    load_s = load_clock()
     questions = [Question(r["question"], r["context"]) for r in records]
     answer_questions(model, tokenizer, questions[:8], qa_config, batch_size=args.forward_batch_size)  # warm-up
     clock = benchlib.Stopwatch()
@@ -147,7 +150,7 @@ def run_single_process(records, model_dir: str, args, windows: int) -> dict:
     return {"method": "single process: answer_questions", "actors": 0, "cpus_per_actor": torch.get_num_threads(),
             "questions": len(questions), "windows": windows, "seconds": seconds,
             "questions_per_s": len(questions) / seconds, "windows_per_s": windows / seconds,
-            "load_average": benchlib.load_average()}
+            "model_load_s": load_s, "load_average": benchlib.load_average()}
 
 
 def run_pipeline(data: Path, model_dir: str, args, actors: int, windows: int, workdir: Path) -> dict:
@@ -248,7 +251,7 @@ def measure(args, workdir: Path, load_before: list[float]) -> int:
     benchlib.print_table("Ratios", [{"ratio": k, "value": v} for k, v in ratios.items()], ["ratio", "value"])
     benchlib.print_table("Batch answering", runs,
                          ["method", "actors", "cpus_per_actor", "questions", "windows", "seconds", "questions_per_s",
-                          "windows_per_s", "first_answers_s", "steady_questions_per_s", "steady_windows_per_s",
+                          "windows_per_s", "model_load_s", "first_answers_s", "steady_questions_per_s", "steady_windows_per_s",
                           "load_average"])
     if memory:
         benchlib.print_table("Driver peak memory", memory,

@@ -246,7 +246,9 @@ def predict(args: argparse.Namespace, plan: dict) -> dict:
                                "max_f1_loss": args.max_f1_loss, "dtype": args.dtype,
                                "forward_batch_size": args.forward_batch_size, "cpus": args.cpus_per_actor,
                                "with_answers": plan["with_answers"]},
-        batch_size=args.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=actors),
+        # One call per block (question_dataset cuts blocks of about --batch-size questions): with a batch
+        # size, Ray Data would bundle blocks up to it and send the answers of a whole bundle back at once.
+        batch_size=None, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=actors),
         **per_actor,
     )
     print(f"[predict] {len(inputs)} file(s), {actors} actor(s) with {per_actor['num_cpus']:g} CPU(s) and "

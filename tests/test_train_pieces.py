@@ -211,3 +211,25 @@ def test_push_to_hub_does_not_upload_to_an_existing_public_repository(tmp_path, 
     monkeypatch.setattr(huggingface_hub, "HfApi", hub)
     push_to_hub(tmp_path, "me/model")
     assert hub.uploaded == [] and "is public" in capsys.readouterr().err
+
+
+# --- the model card of an abstaining model -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("threshold, warned", [(0.0, True), (0.8125, False)])
+def test_a_model_that_declines_every_validation_question_says_so_on_its_card(threshold, warned):
+    from train_job.export import DECLINES_EVERYTHING, declines_everything, model_card
+
+    abstaining = config(negative_ratio=1, qa=QAConfig(max_length=48, stride=16, max_question_length=20,
+                                                     version_2_with_negative=True))
+    declined_all = threshold == 0.0
+    metrics = {"eval_examples": 10, "total": 10, "exact": 40.0, "f1": 40.0 if declined_all else 55.0,
+               "HasAns_total": 6, "HasAns_exact": 0.0 if declined_all else 50.0, "HasAns_f1": 0.0 if declined_all else 60.0,
+               "NoAns_total": 4, "NoAns_exact": 100.0, "NoAns_f1": 100.0, "no_answer_threshold": threshold,
+               "best_epoch": 2, "train_examples": 12, "train_features": 14, "train_samples_per_second": 3.0,
+               "train_runtime_s": 8.0}
+    card = model_card(metrics, abstaining)
+    assert declines_everything(metrics, abstaining) is warned
+    assert (DECLINES_EVERYTHING in card) is warned
+    assert f"{threshold:.4f}" in card
+    assert not declines_everything({**metrics, "no_answer_threshold": 0.0}, config()), "a v1 model never abstains"

@@ -48,9 +48,25 @@ def export_run(checkpoint, checkpoint_metrics: dict, config: TrainConfig, output
     }
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     (model_dir / "README.md").write_text(model_card(metrics, config), encoding="utf-8")
+    if declines_everything(metrics, config):
+        print(f"[train_job] warning: {DECLINES_EVERYTHING}", file=sys.stderr)
     # Serving decodes as training evaluated, with the no-answer threshold evaluation chose.
     save_qa_config(config.qa.replace(no_answer_threshold=metrics.get("no_answer_threshold")), model_dir)
     return metrics
+
+
+DECLINES_EVERYTHING = (
+    "at the no-answer threshold chosen on the validation set this model declines every question: no threshold "
+    "scored better than answering nothing, so it has not learnt yet to tell answerable questions from "
+    "unanswerable ones. Train it longer or on more data (or with a lower --negative-ratio) and check its "
+    "HasAns F1 before serving it"
+)
+
+
+def declines_everything(metrics: dict, config: TrainConfig) -> bool:
+    """An abstaining model whose threshold declines every validation question: the official search for
+    the best threshold starts at 0, "decline everything", and kept it."""
+    return config.qa.version_2_with_negative and metrics.get("no_answer_threshold") == 0.0
 
 
 def model_card(metrics: dict, config: TrainConfig) -> str:
@@ -137,6 +153,8 @@ def results_section(metrics: dict, config: TrainConfig) -> str:
             f"(stored in `qa_config.json`; chosen on this same validation set, so these figures are optimistic). "
             f"On unanswerable questions, NoAns exact is the share it correctly declined to answer."
         )
+        if declines_everything(metrics, config):
+            behaviour += f"\n\n**Warning**: {DECLINES_EVERYTHING}."
     else:
         behaviour = "**This model never abstains**: it always returns a span, so it fails every unanswerable question."
     return f"""Validation set: {examples} questions, all of them, SQuAD v2.0 metric (percent):

@@ -129,6 +129,7 @@ def test_the_int8_onnx_backend_answers_as_its_runner_does(
     from_int8 = max(abs(row["score"] - want[row["id"]]["score"]) for row in rows)
     from_torch = max(abs(row["score"] - expected[row["id"]]["score"]) for row in rows)
     assert from_torch > 10 * max(from_int8, 1e-7), "the actors ran int8, not PyTorch"
+    assert json.loads((out / "metrics.json").read_text(encoding="utf-8"))["backend"] == "onnx-int8"
 
 
 def test_a_bad_record_past_the_checked_head_fails_in_the_actor_naming_file_and_id(

@@ -23,7 +23,7 @@ from qa_common import (
     Question, SquadFormatError, answer_questions, load_qa_config, load_tokenizer, normalize_answer,
     resolve_model_path, score_answer,
 )
-from qa_common.backends import BACKENDS, DEFAULT_MAX_F1_LOSS, ONNX_FILES, load_runner, onnx_file
+from qa_common.backends import BACKENDS, DEFAULT_MAX_F1_LOSS, ONNX_FILES, load_runner, onnx_file, resolve_backend
 from qa_common.modeling import SERVING_DTYPES, torch_dtype
 from train_job.predict_data import check_input, question_dataset, resolve_inputs, validate_rows
 
@@ -59,13 +59,13 @@ class BatchAnswerer:
     With ``with_answers``, each row also carries that question's scores (``gold_*`` columns).
     """
 
-    def __init__(self, model_dir: str, *, backend: str, max_f1_loss: float, dtype: str, forward_batch_size: int | None,
-                 cpus: float, with_answers: bool):
+    def __init__(self, model_dir: str, *, backend: str, dtype: str, forward_batch_size: int | None, cpus: float,
+                 with_answers: bool):
         import ray
 
         device = "cuda" if ray.get_gpu_ids() else "cpu"
         self.runner, self.tokenizer, _ = load_runner(model_dir, backend, device=device, dtype=torch_dtype(dtype, device),
-                                                     threads=max(1, int(cpus)), max_f1_loss=max_f1_loss)
+                                                     threads=max(1, int(cpus)))
         self.qa_config = load_qa_config(model_dir)
         self.forward_batch_size = forward_batch_size or (256 if device == "cuda" else 64)
         self.with_answers = with_answers
@@ -229,8 +229,10 @@ def prepare(args: argparse.Namespace) -> dict:
     if not ray.is_initialized():
         ray.init(address=args.address or os.environ.get("RAY_ADDRESS"))
     actors, per_actor = actor_pool(args, ray.cluster_resources())
+    backend = resolve_backend(model_dir, args.backend, device="cuda" if args.num_gpus_per_actor else "cpu",
+                              max_f1_loss=args.max_f1_loss)
     return {"inputs": inputs, "with_answers": with_answers, "model_dir": model_dir, "output": output,
-            "actors": actors, "per_actor": per_actor}
+            "actors": actors, "per_actor": per_actor, "backend": backend}
 
 
 def predict(args: argparse.Namespace, plan: dict) -> dict:
@@ -242,8 +244,7 @@ def predict(args: argparse.Namespace, plan: dict) -> dict:
     dataset = question_dataset(inputs, with_answers=plan["with_answers"], rows_per_block=args.batch_size)
     answered = dataset.map_batches(
         BatchAnswerer,
-        fn_constructor_kwargs={"model_dir": plan["model_dir"], "backend": args.backend,
-                               "max_f1_loss": args.max_f1_loss, "dtype": args.dtype,
+        fn_constructor_kwargs={"model_dir": plan["model_dir"], "backend": plan["backend"], "dtype": args.dtype,
                                "forward_batch_size": args.forward_batch_size, "cpus": args.cpus_per_actor,
                                "with_answers": plan["with_answers"]},
         # One call per block (question_dataset cuts blocks of about --batch-size questions): with a batch
@@ -252,7 +253,7 @@ def predict(args: argparse.Namespace, plan: dict) -> dict:
         **per_actor,
     )
     print(f"[predict] {len(inputs)} file(s), {actors} actor(s) with {per_actor['num_cpus']:g} CPU(s) and "
-          f"{per_actor['num_gpus']:g} GPU(s) each; model {plan['model_dir']}", flush=True)
+          f"{per_actor['num_gpus']:g} GPU(s) each; model {plan['model_dir']}, backend {plan['backend']}", flush=True)
     writer = OutputWriter(*plan["output"], args.format, plan["with_answers"])
     first_block = None  # (seconds, questions) when the first answers arrived: start-up is over
     try:
@@ -266,7 +267,7 @@ def predict(args: argparse.Namespace, plan: dict) -> dict:
     writer.close()
     seconds = time.perf_counter() - started
     summary = {"questions": writer.questions, "seconds": round(seconds, 2),
-               "questions_per_s": round(writer.questions / seconds, 2), "actors": actors,
+               "questions_per_s": round(writer.questions / seconds, 2), "actors": actors, "backend": plan["backend"],
                "predictions": writer.location(f"predictions.{args.format}")}
     if first_block and writer.questions > first_block[1]:
         summary["first_answers_s"] = round(first_block[0], 2)

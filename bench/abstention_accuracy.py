@@ -19,8 +19,10 @@ per-epoch evaluation and the no-answer threshold the export stores use the ``not
 second the test set. Each model answers as it would be served (``answer_questions`` with its
 ``qa_config.json``); for each design the threshold is the one with the best F1 on that design's
 validation half (for ``notre-dame`` this is the exported threshold), and the test half is scored
-with the official SQuAD 2.0 metric. Everything is written to a temporary directory and removed
-(``--keep DIR`` keeps the two model directories).
+with the official SQuAD 2.0 metric, along with the ROC AUC of the no-answer probabilities (how well
+they rank unanswerable questions above answerable ones, whatever the threshold). Everything is
+written to a temporary directory and removed (``--keep DIR`` keeps the two model directories;
+``--reuse`` scores the ones already there instead of training again).
 """
 
 from __future__ import annotations
@@ -49,7 +51,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--keep", type=Path, default=None, help="copy the two trained model directories here")
-    return parser.parse_args(argv)
+    parser.add_argument("--reuse", action="store_true",
+                        help="evaluate the model directories already in --keep DIR instead of training them again")
+    args = parser.parse_args(argv)
+    if args.reuse and not args.keep:
+        parser.error("--reuse needs --keep DIR")
+    return args
 
 
 def main(argv=None) -> int:
@@ -124,21 +131,34 @@ def test_scores(model_dir: Path, validation: list[dict], test: list[dict]) -> di
     config = load_qa_config(model_dir)
 
     def best_spans(records):
+        """``(predictions, references, no-answer probabilities)``, as squad_v2_metrics takes them."""
         questions = [Question(r["question"], r["context"], allow_no_answer=False) for r in records]
         answers = answer_questions(model.eval(), tokenizer, questions, config)
         return ({r["id"]: best["answer"] for r, [best] in zip(records, answers)},
-                {r["id"]: best["no_answer_probability"] for r, [best] in zip(records, answers)},
-                {r["id"]: r["answers"]["text"] for r in records})
+                {r["id"]: r["answers"]["text"] for r in records},
+                {r["id"]: best["no_answer_probability"] for r, [best] in zip(records, answers)})
 
+    texts, golds, na_probs = best_spans(test)
+    ranking = {"no_answer_auc": no_answer_auc(na_probs, golds),
+               "HasAns_f1_if_never_abstaining": squad_v2_metrics(texts, golds)["HasAns_f1"]}
     if not config.version_2_with_negative:
-        texts, _, golds = best_spans(test)
-        return {**squad_v2_metrics(texts, golds), "abstains": False, "abstained": 0}
+        return {**squad_v2_metrics(texts, golds), **ranking, "abstains": False, "abstained": 0}
     threshold = squad_v2_metrics(*best_spans(validation))["best_f1_thresh"]
-    texts, na_probs, golds = best_spans(test)
     scores = squad_v2_metrics(texts, golds, na_probs, na_prob_thresh=threshold)
-    return {**scores, "abstains": True, "no_answer_threshold": threshold,
+    return {**scores, **ranking, "abstains": True, "no_answer_threshold": threshold,
             "exported_no_answer_threshold": config.no_answer_threshold,
             "abstained": sum(1 for p in na_probs.values() if p > threshold)}
+
+
+def no_answer_auc(na_probs: dict, golds: dict) -> float:
+    """ROC AUC of the no-answer probability for "unanswerable": 1 ranks every unanswerable question
+    above every answerable one, 0.5 is chance, below 0.5 the ranking is backwards."""
+    import numpy as np
+
+    unanswerable = np.array([na_probs[q] for q in golds if not golds[q]])
+    answerable = np.array([na_probs[q] for q in golds if golds[q]])
+    above = (unanswerable[:, None] > answerable[None, :]).mean()
+    return float(above + 0.5 * (unanswerable[:, None] == answerable[None, :]).mean())
 
 
 def measure(args, workdir: Path, load_before: list[float]) -> int:
@@ -151,9 +171,13 @@ def measure(args, workdir: Path, load_before: list[float]) -> int:
     rows, results = [], {}
     try:
         for label, ratio in (("with negatives", args.negative_ratio), ("without (always answers)", 0.0)):
-            model_dir, train_metrics = train(args, workdir, validation_file, ratio)
-            if args.keep:
-                shutil.copytree(model_dir, args.keep / f"negatives-{ratio:g}", dirs_exist_ok=True)
+            kept = args.keep / f"negatives-{ratio:g}" if args.keep else None
+            if args.reuse and kept.is_dir():
+                model_dir, train_metrics = kept, {"history": [], "reused": str(kept), "bench_wall_s": None}
+            else:
+                model_dir, train_metrics = train(args, workdir, validation_file, ratio)
+                if kept:
+                    shutil.copytree(model_dir, kept, dirs_exist_ok=True)
             results[label] = {"validation": {k: v for k, v in train_metrics.items() if k != "history"},
                               "history": train_metrics["history"]}
             for design, (validation, test) in eval_sets.items():
@@ -163,6 +187,7 @@ def measure(args, workdir: Path, load_before: list[float]) -> int:
                              "NoAns accuracy": scores.get("NoAns_exact", 0.0), "F1": scores["f1"],
                              "EM": scores["exact"], "abstained": scores["abstained"],
                              "threshold": scores["no_answer_threshold"] if scores["abstains"] else "-",
+                             "no-answer AUC": scores["no_answer_auc"],
                              "train s": train_metrics["bench_wall_s"]})
     finally:
         ray.shutdown()

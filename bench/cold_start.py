@@ -44,7 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--replica-cpus", type=float, default=1, help="CPUs of the model replica (default: %(default)s)")
     parser.add_argument("--cpus", type=int, default=os.cpu_count(), help="CPUs of the local Ray (default: %(default)s)")
     parser.add_argument("--zero-timeout-s", type=float, default=120, help="longest wait for 0 replicas (default: %(default)s)")
-    parser.add_argument("--request-timeout-s", type=float, default=180, help="client timeout of the cold request (default: %(default)s)")
+    parser.add_argument("--request-timeout-s", type=float, default=180, help="client timeout of the cold request, and the service's request deadline (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON result file (default: %(default)s)")
     args = parser.parse_args(argv)
     args.model = args.model or ("bert-base" if args.gpu else "minilm")
@@ -84,6 +84,11 @@ def measure(args, workdir: Path, load_before: list[float]) -> int:
     config = benchlib.serve_app_config(model_dir, free_port(), max_batch_size=8, replica_cpus=args.replica_cpus,
                                        gpu=args.gpu, min_replicas=0, max_replicas=1, autoscaling=autoscaling,
                                        dtype=args.dtype, backend=args.backend)
+    # The service's deadline must not cut the measurement short: a start slower than it would read as a 503.
+    [app] = config["applications"]
+    app["args"]["request_deadline_s"] = args.request_timeout_s
+    config["http_options"]["request_timeout_s"] = max(config["http_options"]["request_timeout_s"],
+                                                      args.request_timeout_s + 30)
     benchlib.init_local_ray(args.cpus)
     rows = []
     try:

@@ -90,7 +90,7 @@ class BatchAnswerer:
         return pa.Table.from_pylist(rows)
 
 
-def check_model(model: str, backend: str) -> str:
+def check_model(model: str) -> str:
     """The absolute model directory; raises (FileNotFoundError, OSError, ValueError) when it cannot serve."""
     from transformers import AutoConfig
 
@@ -103,8 +103,6 @@ def check_model(model: str, backend: str) -> str:
     AutoConfig.from_pretrained(path)
     load_tokenizer(path)
     load_qa_config(path)
-    if backend in ONNX_FILES:
-        onnx_file(path, backend)  # a missing export fails here, naming the command that writes it
     return os.path.abspath(path)
 
 
@@ -224,13 +222,15 @@ def prepare(args: argparse.Namespace) -> dict:
     if not with_answers and any(f.has_answers for f in inputs):
         print(f"[predict] only {sum(f.has_answers for f in inputs)} of {len(inputs)} files hold gold answers: "
               "answering without metrics (evaluate the annotated files on their own)", file=sys.stderr)
-    model_dir = check_model(args.model, args.backend)
+    model_dir = check_model(args.model)
+    backend = resolve_backend(model_dir, args.backend, device="cuda" if args.num_gpus_per_actor else "cpu",
+                              max_f1_loss=args.max_f1_loss)
+    if backend in ONNX_FILES:
+        onnx_file(model_dir, backend)  # a missing export fails here, naming the command that writes it
     output = output_directory(args.output)
     if not ray.is_initialized():
         ray.init(address=args.address or os.environ.get("RAY_ADDRESS"))
     actors, per_actor = actor_pool(args, ray.cluster_resources())
-    backend = resolve_backend(model_dir, args.backend, device="cuda" if args.num_gpus_per_actor else "cpu",
-                              max_f1_loss=args.max_f1_loss)
     return {"inputs": inputs, "with_answers": with_answers, "model_dir": model_dir, "output": output,
             "actors": actors, "per_actor": per_actor, "backend": backend}
 

@@ -294,9 +294,11 @@ def init_local_ray(num_cpus: int | None = None) -> None:
 def serve_app_config(model_dir: str, port: int, *, max_batch_size: int, replica_cpus: float, gpu: bool = False,
                      min_replicas: int = 1, max_replicas: int = 1, autoscaling: dict | None = None,
                      batch_wait_timeout_s: float | None = None, forward_batch_size: int | None = None,
-                     dtype: str | None = None, backend: str | None = None) -> dict:
+                     dtype: str | None = None, backend: str | None = None,
+                     request_deadline_s: float | None = None) -> dict:
     """serve_app's packaged config with its own CLI flags applied (``python -m serve_app`` would do the same),
-    on 127.0.0.1 only; ``autoscaling`` adds QAModel autoscaling keys the CLI has no flag for."""
+    on 127.0.0.1 only; ``autoscaling`` adds QAModel autoscaling keys the CLI has no flag for. The HTTP
+    proxy's timeout is kept above the request deadline, so that the deadline is what a slow request meets."""
     from serve_app.__main__ import configure, parse_args
     from serve_app.app import MODEL_DEPLOYMENT, load_serve_config
 
@@ -309,8 +311,12 @@ def serve_app_config(model_dir: str, port: int, *, max_batch_size: int, replica_
         flags += ["--dtype", dtype]
     if backend:
         flags += ["--backend", backend]
+    if request_deadline_s:
+        flags += ["--request-deadline-s", str(request_deadline_s)]
     config = configure(load_serve_config(), parse_args(flags))
     [app] = config["applications"]
+    config["http_options"]["request_timeout_s"] = max(config["http_options"]["request_timeout_s"],
+                                                      app["args"].get("request_deadline_s", 30) + 30)
     if forward_batch_size:
         app["args"]["forward_batch_size"] = forward_batch_size
     model = next(d for d in app["deployments"] if d["name"] == MODEL_DEPLOYMENT)

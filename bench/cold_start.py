@@ -83,12 +83,9 @@ def measure(args, workdir: Path, load_before: list[float]) -> int:
                    "look_back_period_s": 2}  # else a request keeps the replica up for Serve's default 30 s
     config = benchlib.serve_app_config(model_dir, free_port(), max_batch_size=8, replica_cpus=args.replica_cpus,
                                        gpu=args.gpu, min_replicas=0, max_replicas=1, autoscaling=autoscaling,
-                                       dtype=args.dtype, backend=args.backend)
-    # The service's deadline must not cut the measurement short: a start slower than it would read as a 503.
-    [app] = config["applications"]
-    app["args"]["request_deadline_s"] = args.request_timeout_s
-    config["http_options"]["request_timeout_s"] = max(config["http_options"]["request_timeout_s"],
-                                                      args.request_timeout_s + 30)
+                                       dtype=args.dtype, backend=args.backend,
+                                       # a start slower than the service's deadline would read as a 503
+                                       request_deadline_s=args.request_timeout_s)
     benchlib.init_local_ray(args.cpus)
     rows = []
     try:

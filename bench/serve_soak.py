@@ -184,13 +184,10 @@ def measure(args, workdir: Path, load_before: list[float]) -> int:
     token = "soak-" + os.urandom(16).hex()
     hashes = workdir / "token-hashes.txt"
     hashes.write_text(hash_token(token) + "\n", encoding="utf-8")
-    config = benchlib.serve_app_config(model_dir, free_port(), max_batch_size=8, replica_cpus=args.replica_cpus)
+    config = benchlib.serve_app_config(model_dir, free_port(), max_batch_size=8, replica_cpus=args.replica_cpus,
+                                       request_deadline_s=args.deadline_s)
     [app] = config["applications"]
     app["args"]["token_hashes_file"] = str(hashes)
-    if args.deadline_s:
-        app["args"]["request_deadline_s"] = args.deadline_s
-    config["http_options"]["request_timeout_s"] = max(config["http_options"]["request_timeout_s"],
-                                                      app["args"].get("request_deadline_s", 30) + 30)
     deadline_s = app["args"].get("request_deadline_s", 30)
     print(f"[bench] {args.clients} clients x {args.duration_s:g} s, 1 in {args.long_every} with {args.long_chars:,} "
           f"characters, replica killed at {args.kill_at_s:g} s; model {benchlib.model_summary(model_dir)}", flush=True)

@@ -90,7 +90,10 @@ start_node() {
   # RAY_ADDRESS, inherited by every Ray worker process of the node: Ray code that looks for "the"
   # cluster without an address (Ray Train's placement group cleaner does) finds this one, also
   # when other Ray instances run on the machine.
+  # RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH: the node's Serve proxy drops client request ids that
+  # are not short safe ids before they reach a log (serve_app/request_ids.py).
   env -u RAY_API_SERVER_ADDRESS RAY_ADDRESS="$(gcs_address)" \
+  RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=serve_app.request_ids:proxy_middlewares \
   setsid "$RAY" start --block --temp-dir="$STATE_DIR/$name" \
     --object-store-memory="$OBJECT_STORE_BYTES" \
     --dashboard-agent-listen-port="$(free_port)" --dashboard-agent-grpc-port="$(free_port)" \

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import types
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -22,6 +23,8 @@ def setting(help: str, **kwargs):
 
 
 POSITIVE_INTEGERS = ("max_length", "stride", "max_question_length", "n_best", "max_answer_length")
+# Chosen by training on its validation split (no flags there): the no-answer threshold and the calibration.
+FITTED_SETTINGS = ("no_answer_threshold", "score_temperature", "no_answer_scale", "no_answer_bias")
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,14 @@ class QAConfig:
         "answer 'not in this document' when the no-answer probability exceeds this (training stores the "
         "threshold with the best validation F1; 0.5 is Hugging Face's null_score_diff_threshold 0)", default=0.5)
 
+    score_temperature: float = setting(
+        "the candidates' logits are divided by this before the softmax that gives each answer's score "
+        "(fitted on the validation split by training; 1: uncalibrated)", default=1.0)
+    no_answer_scale: float = setting(
+        "Platt scaling of the no-answer probability: sigmoid(scale * (null score - best span score) + bias) "
+        "(fitted on the validation split by training)", default=1.0)
+    no_answer_bias: float = setting("see no_answer_scale", default=0.0)
+
     def __post_init__(self) -> None:
         for name in POSITIVE_INTEGERS:
             value = getattr(self, name)
@@ -56,13 +67,21 @@ class QAConfig:
         threshold = self.no_answer_threshold
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
             raise ValueError(f"QAConfig.no_answer_threshold must be a probability in [0, 1], got {threshold!r}")
+        for name in ("score_temperature", "no_answer_scale"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ValueError(f"QAConfig.{name} must be a positive number, got {value!r}")
+        if isinstance(self.no_answer_bias, bool) or not isinstance(self.no_answer_bias, (int, float)) \
+                or not math.isfinite(self.no_answer_bias):
+            raise ValueError(f"QAConfig.no_answer_bias must be a finite number, got {self.no_answer_bias!r}")
         if self.stride >= self.max_length:
             raise ValueError(
                 f"QAConfig.stride ({self.stride}) must be smaller than max_length ({self.max_length}): "
                 "the stride is the overlap between consecutive windows of one context"
             )
         # [CLS] question [SEP] context [SEP]: the context part must be longer than the overlap, or
-        # the sliding window cannot advance.
+        # the sliding window cannot advance. BERT's 3 special tokens here; check_tokenizer checks
+        # the model's own tokenizer, which may add more.
         context_room = self.max_length - self.max_question_length - 3
         if context_room <= self.stride:
             raise ValueError(
@@ -98,12 +117,18 @@ def save_qa_config(config: QAConfig, model_dir: str | Path) -> None:
 def load_qa_config(model_dir: str | Path, **overrides) -> QAConfig:
     """The model directory's saved QAConfig (defaults when it has none), with ``overrides`` applied.
 
-    Overrides that are None keep the saved value.
+    Overrides that are None keep the saved value. An unknown key, saved or overridden, is a
+    ValueError naming it (a typo in a deployed model's settings must be seen, not ignored).
     """
     path = Path(model_dir) / QA_CONFIG_FILE
     saved = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    known = {f.name for f in fields(QAConfig)}
-    return QAConfig(**{k: v for k, v in saved.items() if k in known}).replace(**overrides)
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path}: expected a JSON object of QA settings")
+    try:
+        config = QAConfig().replace(**saved)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
+    return config.replace(**overrides)
 
 
 # --- command-line flags from dataclass fields ---------------------------------------------------

@@ -14,13 +14,15 @@ Edge cases, all handled here:
 - an example split into several windows is decoded over all of them; the same character span seen
   in two overlapping windows counts once, with its best logit sum;
 - when no valid span exists (and abstention is off) the answer is ``NO_ANSWER``:
-  ``{"answer": "", "score": 0.0, "start": 0, "end": 0, "no_answer_probability": 1.0}``.
+  ``{"answer": "", "score": 0.0, "start": -1, "end": -1, "no_answer_probability": 1.0}``, the shape
+  of the null answer below: ``start == end == -1`` is the one "no span" sentinel.
 
 **score.** A probability over the whole question: the softmax of the logit sums of every distinct
 valid candidate span (the ``n_best`` starts x ``n_best`` ends of each window, from all windows), plus
-the null candidate when abstention is on. The top
-answer therefore has the highest score, the scores of the ``top_k`` answers never increase with
-rank, and they sum to at most 1.
+the null candidate when abstention is on, each logit divided by ``config.score_temperature`` (fitted
+on a validation split by :mod:`qa_common.calibration`, so a score of 0.8 is right about 8 times in
+10; 1 is the raw softmax). The top answer therefore has the highest score, the scores of the
+``top_k`` answers never increase with rank, and they sum to at most 1.
 
 **The null answer ("not in this document", SQuAD 2.0).** As in Hugging Face's ``run_qa.py
 --version_2_with_negative``: the null score is the [CLS] token's start + end logit, the *minimum*
@@ -28,16 +30,17 @@ over the question's windows (a window that does not hold the answer points at [C
 another window holds it, so the most telling window is the one least drawn to [CLS]). Every answer
 carries::
 
-    no_answer_probability = sigmoid(null_score - best_span_score)
+    no_answer_probability = sigmoid(a * (null_score - best_span_score) + b)
 
-the probability of "no answer" against the best span. With ``config.version_2_with_negative`` the
+the probability of "no answer" against the best span, with ``a = config.no_answer_scale`` and
+``b = config.no_answer_bias`` (Platt scaling fitted on a validation split; 1 and 0 uncalibrated). With ``config.version_2_with_negative`` the
 answer is the null answer ``{"answer": "", "score": p_null, "start": -1, "end": -1, ...}`` exactly
 when ``no_answer_probability > config.no_answer_threshold`` -- the official SQuAD 2.0 evaluation's
 ``na_prob > na_prob_thresh`` rule, and Hugging Face's ``null_score - best_span_score >
 null_score_diff_threshold`` with ``null_score_diff_threshold = log(t / (1 - t))`` for threshold
-``t`` (so ``t = 0.5`` is HF's default 0.0). Among the ranked answers the null candidate competes
-with the logit ``null_score - log(t / (1 - t))``, which puts it first exactly when it is the
-answer; ``p_null`` is its share of the softmax. ``t = 1`` never abstains.
+``t`` (so ``t = 0.5`` is HF's default 0.0, uncalibrated). Among the ranked answers the null
+candidate competes with the logit ``null_score - (log(t / (1 - t)) - b) / a``, which puts it first
+exactly when it is the answer; ``p_null`` is its share of the softmax. ``t = 1`` never abstains.
 """
 
 from __future__ import annotations
@@ -45,13 +48,14 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 from qa_common.config import QAConfig
 
-NO_ANSWER = {"answer": "", "score": 0.0, "start": 0, "end": 0, "no_answer_probability": 1.0}
-NULL_SPAN = (-1, -1)  # start and end of the null answer
+NULL_SPAN = (-1, -1)  # start and end of an answer that is no span: the null answer, or no valid span at all
+NO_ANSWER = {"answer": "", "score": 0.0, "start": NULL_SPAN[0], "end": NULL_SPAN[1], "no_answer_probability": 1.0}
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -63,16 +67,27 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return weights / weights.sum()
 
 
-def no_answer_probability(null_score: float, best_span_score: float) -> float:
-    """``sigmoid(null_score - best_span_score)``: 1.0 when there is no valid span."""
-    difference = null_score - best_span_score
-    if difference >= 0:
-        return 1.0 / (1.0 + math.exp(-difference))
-    return math.exp(difference) / (1.0 + math.exp(difference))
+def _sigmoid(x: float) -> float:
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    return math.exp(x) / (1.0 + math.exp(x))
+
+
+def _logit(p: float) -> float:
+    return math.log(p) - math.log1p(-p)
+
+
+def no_answer_probability(null_score: float, best_span_score: float, config: QAConfig | None = None) -> float:
+    """``sigmoid(a * (null_score - best_span_score) + b)`` with ``config``'s Platt scaling (default
+    uncalibrated: a = 1, b = 0); 1.0 when there is no valid span."""
+    if best_span_score == -math.inf:
+        return 1.0
+    scale, bias = (config.no_answer_scale, config.no_answer_bias) if config else (1.0, 0.0)
+    return _sigmoid(scale * (null_score - best_span_score) + bias)
 
 
 def _null_rank_logit(null_score: float, best_span_score: float, config: QAConfig, abstains: bool) -> float:
-    """The logit the null candidate competes with: ``null_score - log(t / (1 - t))``.
+    """The logit the null candidate competes with: ``null_score - (log(t / (1 - t)) - b) / a``.
 
     Clamped against the best span so that the null candidate ranks first exactly when the
     probability rule abstains (the two differ by rounding only at the threshold itself).
@@ -80,25 +95,35 @@ def _null_rank_logit(null_score: float, best_span_score: float, config: QAConfig
     t = config.no_answer_threshold
     if t >= 1:
         return -math.inf
-    shift = -math.inf if t <= 0 else math.log(t) - math.log1p(-t)
+    shift = -math.inf if t <= 0 else (_logit(t) - config.no_answer_bias) / config.no_answer_scale
     logit = null_score - shift
     return max(logit, best_span_score) if abstains else min(logit, best_span_score)
 
 
-def decode_spans(
-    start_logits: np.ndarray,
-    end_logits: np.ndarray,
-    offsets: np.ndarray,
-    context: str,
-    config: QAConfig,
-    *,
-    top_k: int = 1,
-) -> list[dict]:
-    """The ``top_k`` best answers of one example from all of its windows.
+@dataclass(frozen=True)
+class Candidates:
+    """One question's ranked candidate answers before the softmax: ``spans[i]`` (character offsets,
+    :data:`NULL_SPAN` for the null answer) with its logit ``logits[i]``, best first."""
 
-    ``config`` gives n_best, max_answer_length and the abstention settings. ``start_logits``/
-    ``end_logits`` have shape ``(windows, tokens)`` with the [CLS] token at index 0; ``offsets`` has
-    shape ``(windows, tokens, 2)`` with ``-1`` for tokens outside the context.
+    spans: list[tuple[int, int]]
+    logits: list[float]
+    null_score: float
+    best_span_score: float  # -inf when there is no valid span
+    no_answer_probability: float
+
+    def scores(self, temperature: float = 1.0) -> np.ndarray:
+        """The candidates' ``score``: the softmax of ``logits / temperature``."""
+        return _softmax(np.asarray(self.logits, dtype=np.float64) / temperature)
+
+
+def rank_candidates(
+    start_logits: np.ndarray, end_logits: np.ndarray, offsets: np.ndarray, config: QAConfig
+) -> Candidates:
+    """The distinct candidate spans of one example over all of its windows, ranked, with the null
+    candidate placed among them when ``config.version_2_with_negative`` (see the module docstring).
+
+    ``start_logits``/``end_logits`` have shape ``(windows, tokens)`` with the [CLS] token at index 0;
+    ``offsets`` has shape ``(windows, tokens, 2)`` with ``-1`` for tokens outside the context.
     """
     start_logits = np.asarray(start_logits, dtype=np.float32).reshape(-1, np.shape(start_logits)[-1])
     end_logits = np.asarray(end_logits, dtype=np.float32).reshape(start_logits.shape)
@@ -130,23 +155,39 @@ def decode_spans(
             spans.append(span)
             span_scores.append(float(scores[i]))
     best_span_score = span_scores[0] if spans else -math.inf
-    p_no_answer = no_answer_probability(null_score, best_span_score)
+    p_no_answer = no_answer_probability(null_score, best_span_score, config)
     abstains = config.version_2_with_negative and p_no_answer > config.no_answer_threshold
-    if not spans and not abstains:
-        return [dict(NO_ANSWER)]
-
-    if config.version_2_with_negative:
+    if config.version_2_with_negative and (spans or abstains):
         null_logit = _null_rank_logit(null_score, best_span_score, config, abstains)
         if null_logit > -math.inf:
             # After the spans it beats none of (ties go to the spans unless it abstains).
             place = 0 if abstains else next((i for i, s in enumerate(span_scores) if s < null_logit), len(spans))
             spans.insert(place, NULL_SPAN)
             span_scores.insert(place, null_logit)
-    probabilities = _softmax(np.asarray(span_scores, dtype=np.float64))
+    return Candidates(spans, span_scores, null_score, best_span_score, p_no_answer)
+
+
+def decode_spans(
+    start_logits: np.ndarray,
+    end_logits: np.ndarray,
+    offsets: np.ndarray,
+    context: str,
+    config: QAConfig,
+    *,
+    top_k: int = 1,
+) -> list[dict]:
+    """The ``top_k`` best answers of one example from all of its windows (:func:`rank_candidates`).
+
+    ``config`` gives n_best, max_answer_length, the abstention settings and the calibration.
+    """
+    candidates = rank_candidates(start_logits, end_logits, offsets, config)
+    if not candidates.spans:
+        return [dict(NO_ANSWER)]
+    probabilities = candidates.scores(config.score_temperature)
     return [
         {"answer": context[start:end] if (start, end) != NULL_SPAN else "", "score": float(probability),
-         "start": start, "end": end, "no_answer_probability": p_no_answer}
-        for (start, end), probability in zip(spans[:top_k], probabilities[:top_k])
+         "start": start, "end": end, "no_answer_probability": candidates.no_answer_probability}
+        for (start, end), probability in zip(candidates.spans[:top_k], probabilities[:top_k])
     ]
 
 

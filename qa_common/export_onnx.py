@@ -35,7 +35,7 @@ from qa_common.config import QAConfig, load_qa_config
 from qa_common.decoding import decode_predictions
 from qa_common.features import prepare_eval_features
 from qa_common.inference import OnnxRunner, TorchRunner, predict_logits
-from qa_common.metric import squad_metrics
+from qa_common.metric import evaluate_answers
 
 OPSET = 17
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
@@ -108,12 +108,16 @@ def compare(reference: tuple[np.ndarray, np.ndarray], logits: tuple[np.ndarray, 
 
 
 def scores(records: Sequence[dict], features: dict, logits, config: QAConfig) -> dict:
-    """EM and F1 (percent) of the answers decoded from ``logits``, and the answers themselves."""
+    """EM and F1 (percent) of the answers decoded from ``logits`` as training evaluates them, with the
+    model's own no-answer threshold (so an abstaining model's decisions count), and the answers."""
     contexts = {str(i): record["context"] for i, record in enumerate(records)}
-    decoded = decode_predictions(features["example_id"], *logits, features["offset_mapping"], contexts, config)
-    answers = {record["id"]: decoded[str(i)]["answer"] for i, record in enumerate(records)}
-    metrics = squad_metrics(answers, {record["id"]: record["answers"]["text"] for record in records})
-    return {"exact_match": metrics["exact_match"], "f1": metrics["f1"], "answers": answers}
+    decoded = decode_predictions(features["example_id"], *logits, features["offset_mapping"], contexts,
+                                 config.replace(version_2_with_negative=False))
+    predictions, metrics = evaluate_answers(
+        {record["id"]: decoded[str(i)] for i, record in enumerate(records)},
+        {record["id"]: record["answers"]["text"] for record in records},
+        version_2_with_negative=config.version_2_with_negative, threshold=config.no_answer_threshold)
+    return {"exact_match": metrics["exact_match"], "f1": metrics["f1"], "answers": predictions}
 
 
 def probe_features(records: Sequence[dict] | None, tokenizer, config: QAConfig, vocab_size: int) -> dict:
@@ -251,9 +255,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32, help="windows per forward pass (default: %(default)s)")
     args = parser.parse_args(argv)
     from qa_common.data import read_squad
+    from qa_common.splits import sample_questions
 
     try:
-        records = read_squad(args.validation_file)[: args.max_questions] if args.validation_file else None
+        records = (sample_questions(read_squad(args.validation_file), args.max_questions, seed=0)
+                   if args.validation_file else None)
         record = export_onnx(args.model_dir, optimize=args.optimize, int8=args.int8, validation_records=records,
                              validation_name=Path(args.validation_file).name if records else None,
                              batch_size=args.batch_size)

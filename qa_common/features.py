@@ -35,7 +35,7 @@ def check_tokenizer(tokenizer, config: QAConfig) -> None:
 
     They need right padding (features are trimmed from the right, the question comes first) and
     room for more than ``stride`` context tokens once the question and the special tokens the
-    tokenizer adds to a pair are in (QAConfig assumes BERT's 3; RoBERTa-style tokenizers add 4).
+    tokenizer adds to a pair are in (QAConfig checks BERT's 3; RoBERTa-style tokenizers add 4).
     """
     name = f"{type(tokenizer).__name__} ({getattr(tokenizer, 'name_or_path', '') or 'unnamed'})"
     if getattr(tokenizer, "padding_side", "right") != "right":
@@ -93,15 +93,16 @@ def count_windows(tokenizer, questions: Sequence[str], contexts: Sequence[str], 
     """How many windows :func:`tokenize_windows` makes of each (question, context) pair, without making them.
 
     Tokenises each side once (no padding, no offsets) and applies the sliding window's arithmetic:
-    a window holds ``max_length - question tokens - 3`` context tokens and consecutive windows share
-    ``stride`` of them. Cheap enough to bound a request's work before it reaches the model.
+    a window holds ``max_length - question tokens - special tokens`` context tokens (the tokenizer's
+    own count for a pair: 3 for BERT, 4 for RoBERTa) and consecutive windows share ``stride`` of
+    them. Cheap enough to bound a request's work before it reaches the model.
     """
     questions = truncate_questions(questions, tokenizer, config.max_question_length)
     question_tokens = tokenizer(questions, add_special_tokens=False, verbose=False)["input_ids"]
     context_tokens = tokenizer(list(contexts), add_special_tokens=False, verbose=False)["input_ids"]
-    counts = []
+    special, counts = tokenizer.num_special_tokens_to_add(pair=True), []
     for question, context in zip(question_tokens, context_tokens):
-        room = config.max_length - len(question) - 3  # [CLS] question [SEP] context [SEP]
+        room = config.max_length - len(question) - special
         overflow = len(context) - room
         counts.append(1 if overflow <= 0 else 1 + -(-overflow // (room - config.stride)))
     return counts

@@ -87,6 +87,23 @@ def predict_logits(runner, features: dict, *, batch_size: int = 64) -> tuple[np.
     return start_logits, end_logits
 
 
+def question_logits(runner, tokenizer, questions: Sequence[Question], config: QAConfig, *, batch_size: int = 64):
+    """For each question, ``(start_logits, end_logits, offsets)`` of its windows: all questions are
+    tokenised together and their windows run through the model in shared batches."""
+    features = prepare_eval_features(
+        [str(i) for i in range(len(questions))],
+        [q.question for q in questions],
+        [q.context for q in questions],
+        tokenizer,
+        config,
+    )
+    start_logits, end_logits = predict_logits(runner, features, batch_size=batch_size)
+    feature_rows = features["example_id"].astype(int)
+    for index in range(len(questions)):
+        rows = np.flatnonzero(feature_rows == index)
+        yield start_logits[rows], end_logits[rows], features["offset_mapping"][rows]
+
+
 def answer_questions(
     runner, tokenizer, questions: Sequence[Question], config: QAConfig, *, batch_size: int = 64
 ) -> list[list[dict]]:
@@ -102,24 +119,11 @@ def answer_questions(
     """
     if not questions:
         return []
-    features = prepare_eval_features(
-        [str(i) for i in range(len(questions))],
-        [q.question for q in questions],
-        [q.context for q in questions],
-        tokenizer,
-        config,
-    )
-    start_logits, end_logits = predict_logits(runner, features, batch_size=batch_size)
-    feature_rows = features["example_id"].astype(int)
-    results = []
-    for index, question in enumerate(questions):
-        rows = np.flatnonzero(feature_rows == index)
-        results.append(
-            decode_spans(
-                start_logits[rows], end_logits[rows], features["offset_mapping"][rows], question.context,
-                config.replace(max_answer_length=question.max_answer_length,
-                               version_2_with_negative=question.allow_no_answer),
-                top_k=question.top_k,
-            )
-        )
-    return results
+    return [
+        decode_spans(start, end, offsets, question.context,
+                     config.replace(max_answer_length=question.max_answer_length,
+                                    version_2_with_negative=question.allow_no_answer),
+                     top_k=question.top_k)
+        for question, (start, end, offsets) in zip(questions, question_logits(runner, tokenizer, questions, config,
+                                                                              batch_size=batch_size))
+    ]

@@ -55,6 +55,68 @@ def score_answer(prediction: str, golds: Sequence[str]) -> dict[str, float]:
     }
 
 
+def question_scores(prediction: str, golds: Sequence[str]) -> dict[str, float]:
+    """One question's scores (0-1) under both metrics.
+
+    v1.1 (answerable questions only): ``exact_match``, ``f1``, ``precision``, ``recall``, the best over
+    the gold answers. v2.0: ``v2_exact`` and ``v2_f1``, the official script's per-question scores (a
+    question without gold answers is right only when the prediction is empty after normalisation).
+    Both commands that report SQuAD metrics (``qa_common.evaluate`` and ``train_job.predict``) add
+    these up with :class:`MetricTotals`.
+    """
+    scores = score_answer(prediction, golds) if golds else {}
+    kept = [gold for gold in golds if normalize_answer(gold)] or [""]
+    scores["v2_exact"] = max(_v2_exact(gold, prediction) for gold in kept)
+    scores["v2_f1"] = max(_v2_f1(gold, prediction) for gold in kept)
+    return scores
+
+
+V1_NAMES = ("exact_match", "f1", "precision", "recall")
+
+
+class MetricTotals:
+    """Sums of :func:`question_scores` by answerable / unanswerable, turned into the corpus metrics in
+    percent, as the official scripts report them. Adds questions one at a time (a question without a
+    prediction scores 0 and counts in ``missing``), so a stream of answers never needs to be held."""
+
+    def __init__(self):
+        self.sums: Counter = Counter()
+        self.missing = 0
+
+    def add(self, scores: Mapping[str, float] | None, *, answerable: bool) -> None:
+        """One question's :func:`question_scores`, or None when it has no prediction."""
+        group = "HasAns" if answerable else "NoAns"
+        self.sums[group, "total"] += 1
+        if scores is None:
+            self.missing += 1
+            return
+        for name, value in scores.items():
+            self.sums[group, name] += value
+
+    def metrics(self, *, version_2: bool) -> dict:
+        """SQuAD v1.1's metrics (``exact_match``, ``f1``, ``precision``, ``recall``), or v2.0's
+        (``exact``, ``f1`` and their ``HasAns_``/``NoAns_`` groups); with ``total`` and ``missing``."""
+        total = self.sums["HasAns", "total"] + self.sums["NoAns", "total"]
+        if not total:
+            raise ValueError("no reference questions to score")
+        if not version_2:
+            if self.sums["NoAns", "total"]:
+                raise ValueError("SQuAD v1.1 metrics need every question to have a gold answer")
+            result = {name: 100.0 * self.sums["HasAns", name] / total for name in V1_NAMES}
+            return {**result, "total": int(total), "missing": self.missing}
+
+        def summary(groups) -> dict:
+            count = sum(self.sums[g, "total"] for g in groups)
+            return {"exact": 100.0 * sum(self.sums[g, "v2_exact"] for g in groups) / count,
+                    "f1": 100.0 * sum(self.sums[g, "v2_f1"] for g in groups) / count, "total": int(count)}
+
+        result = summary(("HasAns", "NoAns"))
+        for group in ("HasAns", "NoAns"):
+            if self.sums[group, "total"]:
+                result.update({f"{group}_{name}": value for name, value in summary((group,)).items()})
+        return {**result, "missing": self.missing}
+
+
 def squad_metrics(predictions: Mapping[str, str], references: Mapping[str, Sequence[str]]) -> dict:
     """Corpus metrics in percent over every reference question, as the official script reports.
 
@@ -63,14 +125,13 @@ def squad_metrics(predictions: Mapping[str, str], references: Mapping[str, Seque
     unknown question id is an error.
     """
     _check_question_ids(predictions, references)
-    totals = Counter()
+    totals = MetricTotals()
     for question_id, golds in references.items():
-        if question_id in predictions:
-            totals.update(score_answer(predictions[question_id], golds))
-    count = len(references)
-    result = {name: 100.0 * totals[name] / count for name in ("exact_match", "f1", "precision", "recall")}
-    result.update(total=count, missing=sum(1 for question_id in references if question_id not in predictions))
-    return result
+        if not golds:
+            raise ValueError(f"question {question_id!r} has no gold answer: score SQuAD 2.0 data with squad_v2_metrics")
+        totals.add(question_scores(predictions[question_id], golds) if question_id in predictions else None,
+                   answerable=True)
+    return totals.metrics(version_2=False)
 
 
 # --- SQuAD 2.0 ------------------------------------------------------------------------------------
@@ -126,56 +187,46 @@ def squad_v2_metrics(
     _check_question_ids(predictions, references)
     has_answer = {question_id: bool(golds) for question_id, golds in references.items()}
     probabilities = {question_id: (na_probs or {}).get(question_id, 0.0) for question_id in references}
-    exact_raw, f1_raw = {}, {}
+    totals, exact_raw, f1_raw = MetricTotals(), {}, {}
     for question_id, golds in references.items():
-        golds = [gold for gold in golds if normalize_answer(gold)] or [""]
         prediction = predictions.get(question_id)
-        exact_raw[question_id] = 0.0 if prediction is None else max(_v2_exact(g, prediction) for g in golds)
-        f1_raw[question_id] = 0.0 if prediction is None else max(_v2_f1(g, prediction) for g in golds)
-
-    def thresholded(raw: dict) -> dict:
-        return {q: float(not has_answer[q]) if probabilities[q] > na_prob_thresh else score for q, score in raw.items()}
-
-    exact, f1 = thresholded(exact_raw), thresholded(f1_raw)
-
-    def summary(question_ids: list) -> dict:
-        count = len(question_ids)
-        return {"exact": 100.0 * sum(exact[q] for q in question_ids) / count,
-                "f1": 100.0 * sum(f1[q] for q in question_ids) / count, "total": count}
-
-    result = summary(list(references))
-    for prefix, wanted in (("HasAns", True), ("NoAns", False)):
-        question_ids = [q for q in references if has_answer[q] == wanted]
-        if question_ids:
-            result.update({f"{prefix}_{name}": value for name, value in summary(question_ids).items()})
+        raw = question_scores(prediction, golds) if prediction is not None else {"v2_exact": 0.0, "v2_f1": 0.0}
+        exact_raw[question_id], f1_raw[question_id] = raw["v2_exact"], raw["v2_f1"]
+        if prediction is not None and probabilities[question_id] > na_prob_thresh:
+            raw = question_scores("", golds)  # counted as empty: abstained
+        totals.add({"v2_exact": raw["v2_exact"], "v2_f1": raw["v2_f1"]} if prediction is not None else None,
+                   answerable=bool(golds))
+    result = totals.metrics(version_2=True)
     if na_probs is not None:
         given = {q: predictions.get(q, "") for q in references}
         ordered = {q: probabilities[q] for q in na_probs if q in probabilities}
         ordered.update({q: p for q, p in probabilities.items() if q not in ordered})
         result["best_exact"], result["best_exact_thresh"] = _find_best_thresh(given, exact_raw, ordered, has_answer)
         result["best_f1"], result["best_f1_thresh"] = _find_best_thresh(given, f1_raw, ordered, has_answer)
-    result["missing"] = sum(1 for question_id in references if question_id not in predictions)
     return result
 
 
 def evaluate_answers(
-    answers: Mapping[str, dict], references: Mapping[str, Sequence[str]], *, version_2_with_negative: bool
+    answers: Mapping[str, dict], references: Mapping[str, Sequence[str]], *, version_2_with_negative: bool,
+    threshold: float | None = None,
 ) -> tuple[dict[str, str], dict]:
     """``(predictions, metrics)`` for decoded answers, as training's evaluation reports them.
 
     ``answers`` maps question ids to the best *span* (decoded without abstention) with its
     ``no_answer_probability``. SQuAD 1.1 data and a model that always answers: the v1.1 metrics.
     Otherwise the SQuAD 2.0 metrics, and for a model that abstains (``version_2_with_negative``)
-    at the threshold with the best F1 -- the one the export stores, so ``f1`` equals ``best_f1``
-    and ``no_answer_threshold`` holds it. Either way the headline metrics are ``exact_match`` and
-    ``f1``. Predictions are the answer texts, empty where the model abstains.
+    at ``threshold``, by default the threshold with the best F1 -- the one the export stores, so
+    ``f1`` equals ``best_f1`` and ``no_answer_threshold`` holds it (give the model's own threshold
+    to score a trained model). Either way the headline metrics are ``exact_match`` and ``f1``.
+    Predictions are the answer texts, empty where the model abstains.
     """
     texts = {question_id: answer["answer"] for question_id, answer in answers.items()}
     if not version_2_with_negative and not is_version_2(references):
         return texts, squad_metrics(texts, references)
     na_probs = {question_id: answer["no_answer_probability"] for question_id, answer in answers.items()}
-    threshold = 1.0
-    if version_2_with_negative:
+    if not version_2_with_negative:
+        threshold = 1.0
+    elif threshold is None:
         threshold = squad_v2_metrics(texts, references, na_probs)["best_f1_thresh"]
     metrics = squad_v2_metrics(texts, references, na_probs, na_prob_thresh=threshold)
     metrics["exact_match"] = metrics["exact"]  # the headline names are exact_match and f1 for both versions

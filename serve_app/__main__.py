@@ -12,70 +12,64 @@ On 127.0.0.1 it may run without tokens; on any other address it needs API tokens
 import argparse
 import sys
 import time
+import typing
 from pathlib import Path
 
 import ray
 from ray import serve
 
 from qa_common import QAConfig
-from qa_common.config import add_dataclass_flags, given_flags
-from qa_common.backends import BACKENDS
-from qa_common.modeling import SERVING_DTYPES
+from qa_common.config import add_dataclass_flags, dashed, flag_type, given_flags
 from serve_app.app import DEFAULT_CONFIG, MODEL_DEPLOYMENT, load_serve_config, run_config
+from serve_app.schemas import ServeArgs
 
 QUICKSTART_MODEL = Path("runs/quickstart/model")
 
-# flag -> (section, key) of the config it overrides; section "args", "http_options",
-# "autoscaling_config" (QAModel's) or "ray_actor_options" (QAModel's). QAConfig's flags go to args.qa.
-OVERRIDES = {
-    "host": ("http_options", "host"),
-    "port": ("http_options", "port"),
-    "max_batch_size": ("args", "max_batch_size"),
-    "batch_wait_timeout_s": ("args", "batch_wait_timeout_s"),
-    "max_body_bytes": ("args", "max_body_bytes"),
-    "dtype": ("args", "dtype"),
-    "token_hashes_file": ("args", "token_hashes_file"),
-    "insecure_no_auth": ("args", "insecure_no_auth"),
-    "audit_log": ("args", "audit_log"),
-    "max_windows_per_request": ("args", "max_windows_per_request"),
-    "request_deadline_s": ("args", "request_deadline_s"),
-    "backend": ("args", "backend"),
-    "min_replicas": ("autoscaling_config", "min_replicas"),
-    "max_replicas": ("autoscaling_config", "max_replicas"),
-    "downscale_to_zero_delay_s": ("autoscaling_config", "downscale_to_zero_delay_s"),
-    "num_cpus": ("ray_actor_options", "num_cpus"),
-    "num_gpus": ("ray_actor_options", "num_gpus"),
+# Flags of the Serve config's other sections: flag -> (section, key); section "http_options",
+# "autoscaling_config" (QAModel's) or "ray_actor_options" (QAModel's). Every ServeArgs field has a
+# flag of its own name that overrides args (generated below); QAConfig's flags go to args.qa.
+DEPLOYMENT_FLAGS = {
+    "host": (("http_options", "host"), str, "HTTP host; 0.0.0.0 accepts requests from other machines"),
+    "port": (("http_options", "port"), int, "HTTP port"),
+    "min_replicas": (("autoscaling_config", "min_replicas"), int,
+                     "model replicas when idle; 0 lets the model scale to zero"),
+    "max_replicas": (("autoscaling_config", "max_replicas"), int, "most model replicas under load"),
+    "downscale_to_zero_delay_s": (("autoscaling_config", "downscale_to_zero_delay_s"), float,
+                                  "idle seconds before the last replica stops"),
+    "num_cpus": (("ray_actor_options", "num_cpus"), float, "CPUs per model replica"),
+    "num_gpus": (("ray_actor_options", "num_gpus"), float, "GPUs per model replica"),
 }
+NOT_FLAGS = ("model", "qa")  # --model has its own flag (with the quickstart default); qa: QAConfig's flags
+
+
+def add_serve_args_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per ServeArgs field (help and default from the field), all defaulting to None: not given."""
+    group = parser.add_argument_group("application (ServeArgs; defaults as in serve_app.schemas)")
+    for name, field in ServeArgs.model_fields.items():
+        if name in NOT_FLAGS:
+            continue
+        help_text = f"{field.description} (default: {field.default})"
+        annotation = field.annotation
+        if typing.get_origin(annotation) is typing.Literal:
+            group.add_argument(dashed(name), choices=typing.get_args(annotation), default=None, help=help_text)
+        elif flag_type(annotation) is bool:
+            group.add_argument(dashed(name), action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            group.add_argument(dashed(name), type=flag_type(annotation), default=None, metavar=name.upper(),
+                               help=help_text)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m serve_app", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Flags not given keep the config file's values.",
+        epilog="Flags not given keep the config file's values, else the defaults shown.",
     )
     parser.add_argument("--model", help=f"model directory or Hub name (default: the config's, {QUICKSTART_MODEL})")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="Serve config file (default: %(default)s)")
     parser.add_argument("--address", default="local", help="Ray cluster to join, e.g. auto (default: a new local Ray)")
-    parser.add_argument("--host", help="HTTP host; 0.0.0.0 accepts requests from other machines")
-    parser.add_argument("--port", type=int, help="HTTP port")
-    parser.add_argument("--max-batch-size", type=int, help="most questions answered in one model call")
-    parser.add_argument("--batch-wait-timeout-s", type=float, help="how long a batch waits to fill up")
-    parser.add_argument("--max-body-bytes", type=int, help="larger request bodies get HTTP 413")
-    parser.add_argument("--token-hashes-file", help="file of the SHA-256 hashes of the accepted API tokens "
-                        "(also read: $QA_TOKEN_HASHES); see python -m serve_app.tokens")
-    parser.add_argument("--insecure-no-auth", action="store_true", default=None,
-                        help="serve without tokens on a non-loopback address (never with patient data)")
-    parser.add_argument("--audit-log", help="append the JSON audit lines to this file (default: standard error)")
-    parser.add_argument("--max-windows-per-request", type=int, help="requests needing more model windows get 413")
-    parser.add_argument("--request-deadline-s", type=float, help="requests not answered within this get 503")
-    parser.add_argument("--dtype", choices=SERVING_DTYPES, help="auto: bfloat16 on a GPU")
-    parser.add_argument("--backend", choices=BACKENDS,
-                        help="torch, onnx, onnx-int8 or auto (on CPU: the fastest exported backend within the F1 bound)")
-    parser.add_argument("--min-replicas", type=int, help="model replicas when idle; 0 lets the model scale to zero")
-    parser.add_argument("--max-replicas", type=int, help="most model replicas under load")
-    parser.add_argument("--downscale-to-zero-delay-s", type=float, help="idle seconds before the last replica stops")
-    parser.add_argument("--num-cpus", type=float, help="CPUs per model replica")
-    parser.add_argument("--num-gpus", type=float, help="GPUs per model replica")
+    for flag, (_, kind, help_text) in DEPLOYMENT_FLAGS.items():
+        parser.add_argument(dashed(flag), type=kind, help=f"{help_text} (default: the config file's)")
+    add_serve_args_flags(parser)
     add_dataclass_flags(parser, QAConfig, defaults={f: "the model's qa_config.json" for f in QAConfig.__dataclass_fields__})
     return parser.parse_args(argv)
 
@@ -93,9 +87,12 @@ def configure(config: dict, flags: argparse.Namespace) -> dict:
         "autoscaling_config": model_options.setdefault("autoscaling_config", {}),
         "ray_actor_options": model_options.setdefault("ray_actor_options", {}),
     }
-    for flag, (section, key) in OVERRIDES.items():
+    for flag, ((section, key), _, _) in DEPLOYMENT_FLAGS.items():
         if getattr(flags, flag) is not None:
             sections[section][key] = getattr(flags, flag)
+    for name in ServeArgs.model_fields:
+        if name not in NOT_FLAGS and getattr(flags, name) is not None:
+            sections["args"][name] = getattr(flags, name)
     qa_flags = given_flags(flags, QAConfig)
     if qa_flags:
         sections["args"]["qa"] = {**sections["args"].get("qa", {}), **qa_flags}

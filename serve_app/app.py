@@ -42,7 +42,7 @@ from qa_common import (
 )
 from qa_common.backends import ONNX_FILES, load_runner, onnx_file, resolve_backend
 from qa_common.modeling import dtype_name, torch_dtype
-from serve_app import audit
+from serve_app import audit, request_ids
 from serve_app.auth import TokenChecker, is_loopback, load_token_hashes
 from serve_app.schemas import (
     MAX_QUESTION_CHARS, MAX_QUESTIONS_PER_REQUEST, REQUEST_SHAPE, AnswerResponse, ErrorResponse, InvalidRequest, ServeArgs, parse_questions, request_body_schema,
@@ -503,6 +503,8 @@ def run_config(config: dict, *, ray_address: str = "local") -> str:
     # Fails before starting anything.
     app = build_app(app_config.get("args", {}), deployment_options(app_config), bind_host=host)
     if not ray.is_initialized():
+        if ray_address == "local":
+            request_ids.set_proxy_environment()  # the proxies we start drop unsafe client request ids
         ray.init(address=ray_address)
     serve.start(http_options=http_options)
     route_prefix = app_config.get("route_prefix", "/")

@@ -18,7 +18,10 @@ from datetime import datetime, timezone
 
 from ray.serve.metrics import Counter
 
+from serve_app import request_ids
+
 AUDIT_LOGGER = "serve_app.audit"
+logger = logging.getLogger(__name__)
 
 
 class RequestLog:
@@ -92,8 +95,22 @@ async def audit_requests(request, call_next):
             )
 
 
-def _serve_request_id() -> str:
-    """The id Ray Serve gave this request (it also sends it back as the X-Request-Id header)."""
+def _serve_request_id() -> str | None:
+    """The id Ray Serve gave this request (it also sends it back as the X-Request-Id header); None
+    when it is not a short safe id, which only a proxy started without our middleware lets through
+    (:mod:`serve_app.request_ids`): that text stays out of the audit log."""
     from ray.serve.context import _get_serve_request_context
 
-    return _get_serve_request_context().request_id
+    request_id = _get_serve_request_context().request_id
+    if request_id and not request_ids.is_safe(request_id):
+        global _warned_unsafe_id
+        if not _warned_unsafe_id:
+            _warned_unsafe_id = True
+            logger.warning("a client-chosen request id reached the ingress: Ray Serve's proxy runs without "
+                           "%s=%s on this node, so its access logs keep such ids; set it where the Ray nodes start",
+                           request_ids.PROXY_CALLBACK_ENV, request_ids.PROXY_CALLBACK)
+        return None
+    return request_id
+
+
+_warned_unsafe_id = False

@@ -25,10 +25,12 @@ def local_serve(config: dict, *, num_cpus: int = 4, log_to_driver: bool = False,
     from ray import serve
 
     from serve_app.app import run_config
+    from serve_app.request_ids import set_proxy_environment
 
     metrics = {}
     if metrics_export_port:
         metrics = {"_metrics_export_port": metrics_export_port, "_system_config": {"metrics_report_interval_ms": 1000}}
+    set_proxy_environment()
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver,
              logging_level="WARNING", **metrics)
     try:

@@ -14,6 +14,7 @@ from serve_helpers import AUTH, service_config
 
 from conftest import FIXTURES, build_tiny_model
 from qa_common import QAConfig, Question, answer_questions, load_model_and_tokenizer, load_qa_config, read_squad
+from qa_common.calibration import uncalibrated
 from serve_app.local import free_port, local_serve
 
 QA = QAConfig(max_length=160, stride=32, max_question_length=24)  # one window per fixture question
@@ -52,7 +53,10 @@ def test_training_with_negatives_exports_a_model_that_abstains_at_its_best_thres
     assert metrics["train_examples"] > 13  # the synthesised negatives were trained on
     saved = load_qa_config(output / "model")
     assert saved.version_2_with_negative is True  # switched on by the negatives, not by a flag
-    assert saved.no_answer_threshold == metrics["no_answer_threshold"] == metrics["best_f1_thresh"]
+    # Stored on the calibrated scale: the same decisions as the raw threshold with the best F1.
+    assert saved.no_answer_threshold == metrics["no_answer_threshold"]
+    assert uncalibrated(saved).no_answer_threshold == pytest.approx(metrics["best_f1_thresh"])
+    assert metrics["calibration"]["questions"] == metrics["eval_examples"]
     assert metrics["f1"] == pytest.approx(metrics["best_f1"])
     for name in ("HasAns_f1", "NoAns_f1", "HasAns_total", "NoAns_total"):
         assert name in metrics

@@ -21,6 +21,8 @@ import jsonschema
 import pytest
 import yaml
 
+from serve_app.schemas import ServeArgs
+
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
 KUBERAY = CLUSTER / "kuberay"
@@ -382,7 +384,6 @@ def test_rayservice_scales_the_model_and_its_gpu_pods_to_zero():
     assert gpu_capacity >= autoscaling["max_replicas"] * gpus_per_replica
 
 
-@pytest.mark.skipif(not SERVE_CONFIG.exists(), reason="serve_app/config.yaml not there yet")
 def test_rayservice_carries_the_serve_app_config():
     """Same application, args and deployment settings as serve_app/config.yaml. Only the cluster
     specifics may differ: the model location, the HTTP host and the replicas' GPUs."""
@@ -453,7 +454,6 @@ def test_dockerfile_and_launcher_use_the_pinned_ray():
     assert match and match.group(1) == ray_version and int(match.group(2)) >= 11
 
 
-@pytest.mark.skipif(not SERVE_CONFIG.exists(), reason="serve_app/config.yaml not there yet")
 def test_readme_sed_edits_of_the_serve_config_still_apply():
     """cluster/README.md adapts serve_app/config.yaml with sed: each edit must find its text."""
     readme = (CLUSTER / "README.md").read_text(encoding="utf-8")
@@ -506,8 +506,9 @@ def test_rayservice_sheds_load_with_503_and_retry_after():
         assert deployment["max_queued_requests"] > 0, deployment["name"]
     ingress = next(d for d in app["deployments"] if d["name"] == "QAIngress")
     assert ingress["backpressure_config"]["retry_after_s"] >= 1
-    assert app["args"]["request_deadline_s"] < yaml.safe_load(load_manifest("rayservice.yaml")["spec"]["serveConfigV2"])[
-        "http_options"]["request_timeout_s"]
+    deadline = app["args"].get("request_deadline_s", ServeArgs.model_fields["request_deadline_s"].default)
+    assert deadline < yaml.safe_load(load_manifest("rayservice.yaml")["spec"]["serveConfigV2"])["http_options"][
+        "request_timeout_s"]
 
 
 def test_networkpolicy_opens_only_serve_to_others():
@@ -531,3 +532,18 @@ def test_networkpolicy_opens_only_serve_to_others():
             assert ports == {8265} and all("kuberay-operator" in json.dumps(s) for s in sources), rule
     open_to_all = {p["port"] for r in policy["spec"]["ingress"] if not r.get("from") for p in r["ports"]}
     assert not open_to_all & ray_ports
+
+
+def test_every_cluster_node_starts_its_serve_proxy_with_the_request_id_filter():
+    from serve_app.request_ids import PROXY_CALLBACK, PROXY_CALLBACK_ENV
+
+    cluster = load_manifest("rayservice.yaml")["spec"]["rayClusterConfig"]
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    for group in groups:
+        for container in group["template"]["spec"]["containers"]:
+            env = {e["name"]: e.get("value") for e in container.get("env", [])}
+            assert env.get(PROXY_CALLBACK_ENV) == PROXY_CALLBACK, container["name"]
+    setting = f"{PROXY_CALLBACK_ENV}={PROXY_CALLBACK}"
+    assert f"--env {setting}" in load_launcher_config()["docker"]["run_options"]
+    assert f"ENV {setting}" in (CLUSTER / "Dockerfile").read_text(encoding="utf-8")
+    assert setting in (CLUSTER / "local-cluster.sh").read_text(encoding="utf-8")

@@ -56,6 +56,8 @@ def test_no_valid_span_gives_the_empty_answer():
     start, end = _logits({}, {})
     no_context = np.full_like(OFFSETS, -1)
     assert decode_spans(start, end, no_context[None], CONTEXT, QAConfig()) == [NO_ANSWER]
+    # One "no span" shape: the null answer's -1/-1, as the API documents.
+    assert (NO_ANSWER["start"], NO_ANSWER["end"], NO_ANSWER["answer"]) == (-1, -1, "")
 
 
 def test_windows_of_one_example_are_merged_and_duplicates_counted_once():

@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 
@@ -133,6 +135,12 @@ def test_qa_config_round_trips_through_a_model_directory(tmp_path):
     assert load_qa_config(tmp_path) == QAConfig(max_length=256, stride=96)
     overridden = load_qa_config(tmp_path, max_answer_length=5, stride=None)
     assert (overridden.max_answer_length, overridden.stride, overridden.max_length) == (5, 96, 256)
+    with pytest.raises(ValueError, match="unknown QA setting.*max_answer_lenght"):
+        load_qa_config(tmp_path, max_answer_lenght=5)
+    saved = json.loads((tmp_path / "qa_config.json").read_text())
+    (tmp_path / "qa_config.json").write_text(json.dumps({**saved, "no_answer_treshold": 0.3}))
+    with pytest.raises(ValueError, match=r"qa_config.json: unknown QA setting\(s\) no_answer_treshold"):
+        load_qa_config(tmp_path)
 
 
 @pytest.mark.parametrize("config", [
@@ -196,3 +204,14 @@ def test_the_special_tokens_and_padding_side_come_from_the_tokenizer():
     left.padding_side = "left"
     with pytest.raises(UnsupportedTokenizerError, match=r"tokenizer \w+ \(unnamed\) pads on the left"):
         prepare_eval_features(["q"], ["Why?"], ["Because."], left, config)
+
+
+def test_count_windows_uses_the_tokenizers_own_special_token_count(fixture_records):
+    four = byte_level_bpe_tokenizer(pair_template="<s> $A </s> </s> $B:1 </s>:1")  # RoBERTa's pair layout
+    config = QAConfig(max_length=48, stride=8, max_question_length=16)
+    questions = [r["question"] for r in fixture_records] * 3
+    contexts = [" ".join(r["context"].split()[: 4 + 3 * i]) for i, r in enumerate(fixture_records * 3)]
+    features = prepare_eval_features([str(i) for i in range(len(questions))], questions, contexts, four, config)
+    made = np.bincount(features["example_id"].astype(int), minlength=len(questions))
+    assert count_windows(four, questions, contexts, config) == made.tolist()
+    assert max(made) > 2

@@ -51,3 +51,31 @@ def test_seeded_ratio_and_other_paragraphs():
     assert synthesise_negatives(negatives, 1, paragraphs=RECORDS) == []
     with pytest.raises(ValueError, match="negative ratio"):
         synthesise_negatives(RECORDS, -1)
+
+
+ARTICLES = [
+    {"id": f"{title}{p}", "title": title, "context": f"{title} paragraph {p} says {title}{p} facts.",
+     "question": f"What does {title}{p} say?", "answers": {"text": [f"{title}{p} facts"], "answer_start": [len(f"{title} paragraph {p} says ")]}}
+    for title in ("alpha", "beta", "gamma") for p in range(4)
+]
+
+
+@pytest.mark.parametrize("source", ["article", "other"])
+def test_negatives_come_from_the_same_article_or_another_one(source):
+    negatives = synthesise_negatives(ARTICLES, 2, seed=5, source=source)
+    assert len(negatives) == 2 * len(ARTICLES)
+    original = {r["id"]: r for r in ARTICLES}
+    for negative in negatives:
+        question = original[negative["id"].rsplit("-neg", 1)[0]]
+        assert (negative["title"] == question["title"]) == (source == "article")
+        assert negative["context"] != question["context"]
+        assert normalize_answer(question["answers"]["text"][0]) not in normalize_answer(negative["context"])
+
+
+def test_mixed_negatives_take_both_and_unknown_sources_are_refused():
+    negatives = synthesise_negatives(ARTICLES, 3, seed=2, source="mix")
+    original = {r["id"]: r for r in ARTICLES}
+    same = [n["title"] == original[n["id"].rsplit("-neg", 1)[0]]["title"] for n in negatives]
+    assert 0 < sum(same) < len(same)
+    with pytest.raises(ValueError, match="article, other, mix"):
+        synthesise_negatives(ARTICLES, 1, source="anywhere")

@@ -19,7 +19,7 @@ import pytest
 from conftest import FIXTURES, build_tiny_model
 from qa_common import QAConfig, Question, answer_questions, load_model_and_tokenizer, save_qa_config
 from train_job import predict_data
-from train_job.predict import OutputWriter, main, output_directory, question_scores
+from train_job.predict import main
 
 SMALL_WINDOWS = QAConfig(max_length=48, stride=16, max_question_length=20)
 
@@ -207,28 +207,25 @@ def test_inputs_resolve_from_globs_directories_and_file_uris(tmp_path):
     assert predict_data.resolve_inputs([f"file://{tmp_path}"]) == [f"file://{path}" for path in expected]
 
 
-def test_unanswerable_questions_score_by_the_squad_v2_rule_and_are_reported_apart(tmp_path):
-    assert question_scores("", []) == dict.fromkeys(("exact_match", "f1", "precision", "recall"), 1.0)
-    assert question_scores("the", [])["f1"] == 1.0  # normalises to empty: an abstention
-    assert question_scores("warfarin", [])["exact_match"] == 0.0
-    assert question_scores("Warfarin.", ["warfarin"])["exact_match"] == 1.0
-
-    writer = OutputWriter(*output_directory(str(tmp_path)), "jsonl", with_answers=True)
-    block = pa.Table.from_pylist([
-        {"id": "a", "answer": "x", "score": 0.5, "start": 0, "end": 1, "no_answer_probability": 0.1,
-         **{f"gold_{name}": 1.0 for name in ("exact_match", "f1", "precision", "recall")}, "gold_answerable": True},
-        {"id": "b", "answer": "", "score": 0.0, "start": 0, "end": 0, "no_answer_probability": 0.9,
-         **{f"gold_{name}": 1.0 for name in ("exact_match", "f1", "precision", "recall")}, "gold_answerable": False},
-        {"id": "c", "answer": "y", "score": 0.3, "start": 0, "end": 1, "no_answer_probability": 0.4,
-         **{f"gold_{name}": 0.0 for name in ("exact_match", "f1", "precision", "recall")}, "gold_answerable": False},
-    ])
-    writer.write(block)
-    writer.close()
-    metrics = writer.metrics()
-    assert metrics["total"] == 3 and metrics["exact_match"] == pytest.approx(200 / 3)
-    assert metrics["answerable"]["total"] == 1 and metrics["answerable"]["f1"] == 100.0
-    assert metrics["unanswerable"]["total"] == 2 and metrics["unanswerable"]["exact_match"] == 50.0
+def test_squad_v2_data_gives_the_same_keys_and_numbers_as_the_evaluate_cli(local_ray, model_dir, tmp_path):
+    path = FIXTURES / "tiny-squad-v2.json"
+    out = tmp_path / "out"
+    assert main(["--model", str(model_dir), "--data", str(path), "--output", str(out), "--batch-size", "4"]) == 0
+    evaluated = subprocess.run([sys.executable, "-m", "qa_common.evaluate", str(path), str(out / "predictions.json")],
+                               capture_output=True, text=True, timeout=120)
+    assert evaluated.returncode == 0, evaluated.stderr
+    official = json.loads(evaluated.stdout)
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    assert "NoAns_total" in official and official["NoAns_total"] > 0
+    assert {name: metrics[name] for name in official} == pytest.approx(official)
     # Every key of the answers goes out (no_answer_probability included); the per-question scores do not.
-    rows = read_jsonl(tmp_path / "predictions.jsonl")
-    assert rows[1] == {"id": "b", "answer": "", "score": 0.0, "start": 0, "end": 0, "no_answer_probability": 0.9}
-    assert json.loads((tmp_path / "predictions.json").read_text()) == {"a": "x", "b": "", "c": "y"}
+    rows = read_jsonl(out / "predictions.jsonl")
+    assert set(rows[0]) == {"id", "answer", "score", "start", "end", "no_answer_probability"}
+
+
+def test_a_question_id_repeated_across_files_is_refused(local_ray, model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, err = run(capsys, "--model", model_dir, "--data", FIXTURES / "tiny-squad.json", FIXTURES / "tiny-squad.jsonl",
+                    "--output", out, "--batch-size", "4")
+    assert code == 2 and "occurs more than once" in err
+    assert not (out / "predictions.jsonl").exists() and not (out / "metrics.json").exists()

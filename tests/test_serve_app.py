@@ -18,6 +18,7 @@ from serve_app.local import free_port, local_serve, replica_counts, wait_until
 from qa_common import QAConfig, Question, answer_questions, prepare_eval_features
 from serve_app.__main__ import configure, parse_args
 from serve_app.app import INGRESS_DEPLOYMENT, MODEL_DEPLOYMENT, build_app, deployment_options, load_serve_config
+from serve_app.schemas import ServeArgs
 
 MAX_BODY_BYTES = 65_536
 MAX_CONTEXT_CHARS = 20_000
@@ -69,7 +70,7 @@ def test_packaged_config_is_a_valid_serve_config_that_scales_to_zero():
     model = deployment_options(app)[MODEL_DEPLOYMENT]
     assert model["autoscaling_config"]["min_replicas"] == 0
     assert model["autoscaling_config"]["downscale_to_zero_delay_s"] == 3600
-    assert model["max_ongoing_requests"] >= app["args"]["max_batch_size"]
+    assert model["max_ongoing_requests"] >= ServeArgs(**app["args"]).max_batch_size
     assert model["max_ongoing_requests"] > model["autoscaling_config"]["target_ongoing_requests"]
 
 
@@ -89,6 +90,22 @@ def test_cli_flags_override_the_config(tiny_model_dir):
     assert model["autoscaling_config"]["downscale_to_zero_delay_s"] == 60
     assert model["autoscaling_config"]["min_replicas"] == 0  # untouched keys stay
     assert model["ray_actor_options"] == {"num_cpus": 1, "num_gpus": 1}
+
+
+def test_every_application_setting_has_a_flag_and_lands_in_args(tiny_model_dir):
+    values = {"forward_batch_size": 7, "max_context_chars": 5000, "max_windows_per_call": 9, "retry_after_s": 4,
+              "max_f1_loss": 0.25, "model_name": "demo", "insecure_no_auth": True, "backend": "torch"}
+    assert set(ServeArgs.model_fields) - {"model", "qa"} >= set(values)
+    argv = ["--model", str(tiny_model_dir)]
+    for name, value in values.items():
+        argv += [f"--{name.replace('_', '-')}"] if value is True else [f"--{name.replace('_', '-')}", str(value)]
+    [app] = configure(load_serve_config(), parse_args(argv))["applications"]
+    assert {name: app["args"][name] for name in values} == values
+    flags = vars(parse_args([]))
+    assert all(name in flags for name in ServeArgs.model_fields if name != "qa")  # a flag for every field
+    # The config file holds overrides only: every default comes from ServeArgs.
+    [packaged] = load_serve_config()["applications"]
+    assert set(packaged["args"]) == {"model"}
 
 
 def test_without_a_model_the_cli_says_to_train_first(tmp_path, monkeypatch):

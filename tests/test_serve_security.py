@@ -281,7 +281,7 @@ def test_fuzzed_bodies_all_get_a_json_4xx_and_the_service_keeps_answering(client
 # --- failover, then the logs --------------------------------------------------------------------
 
 
-def test_killing_the_model_replica_under_load_loses_no_request(service, client):
+def test_killing_the_model_replica_under_load_loses_no_request(service, client, metrics_port):
     import ray
 
     # Questions that keep the replica busy, so that some are in flight when it dies.
@@ -310,9 +310,38 @@ def test_killing_the_model_replica_under_load_loses_no_request(service, client):
     # on a starved machine the restart can outlast a request's deadline.)
     counts = {s: statuses.count(s) for s in set(statuses)}
     assert set(counts) <= {200, 503} and counts.get(200, 0) > answered_at_kill, counts
+    # And it was the retry that saved them: no request was turned away because its replica died
+    # (Ray exports the counters every second; a reason appears once counted).
+    time.sleep(3)
+    metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+    lost = [line for line in metrics.splitlines()
+            if line.startswith("ray_qa_rejections_total{") and 'reason="replica_lost"' in line]
+    assert all(float(line.rsplit(" ", 1)[1]) == 0 for line in lost), lost
     [new_replica] = [a for a in ray.util.list_named_actors(all_namespaces=True) if "#QAModel#" in a["name"]
                      and a["name"].startswith("SERVE_REPLICA::qa#")]
     assert new_replica["name"] != replica["name"]
+
+
+def test_a_client_request_id_reaches_no_log_unless_it_is_a_short_safe_id(service, client, audit_log):
+    import ray
+
+    from pathlib import Path
+
+    unsafe = f"PATIENT {PATIENT} MRN 4417-2231 ward 7"
+    response = client.post("/v1/answer", json=OK, headers={"X-Request-Id": unsafe})
+    assert response.status_code == 200
+    fresh = response.headers["x-request-id"]
+    assert fresh != unsafe and PATIENT not in fresh and len(fresh) <= 64
+    safe = "ehr-call.2026_12-01"
+    assert client.post("/v1/answer", json=OK, headers={"X-Request-Id": safe}).headers["x-request-id"] == safe
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+
+    def logged(text: str) -> list[str]:
+        files = [path for path in logs.rglob("*") if path.is_file()] + [audit_log]
+        return [str(path) for path in files if text.encode() in path.read_bytes()]
+
+    wait_until(lambda: logged(safe), timeout_s=30, what="the safe request id in the logs")
+    assert logged("MRN 4417-2231") == []
 
 
 def test_no_log_holds_patient_text(service, audit_log):

@@ -58,10 +58,9 @@ def read_history(directory: str | Path) -> list[dict]:
     return json.loads((Path(directory) / HISTORY).read_text(encoding="utf-8"))
 
 
-def read_train_config(directory: str | Path) -> dict | None:
-    """The settings (and fingerprint) that trained the checkpoint's model; None for an older checkpoint."""
-    path = Path(directory) / TRAIN_CONFIG
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+def read_train_config(directory: str | Path) -> dict:
+    """The settings (and fingerprint) that trained the checkpoint's model."""
+    return json.loads((Path(directory) / TRAIN_CONFIG).read_text(encoding="utf-8"))
 
 
 def rng_states() -> dict:

@@ -9,11 +9,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qa_common import MINILM, QAConfig
-from qa_common.config import add_dataclass_flags, dashed, given_flags
+from qa_common.config import FITTED_SETTINGS, add_dataclass_flags, dashed, given_flags
 from qa_common.config import setting as _flag
+from qa_common.negatives import SOURCES as NEGATIVE_SOURCES
+from qa_common.splits import SAMPLINGS
 
 DATA_DIR = Path(__file__).parent / "quickstart_data"
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 TRACKERS = ("tensorboard", "mlflow")
 AUTO_CPUS = "auto: the cluster's CPUs shared by the workers (less a Tune trial driver's 0.1), at most 2 each"
 
@@ -52,13 +54,23 @@ class TrainConfig:
     eval_batch_size: int = _flag("features per forward pass during evaluation", default=64)
     group_by_length: bool = _flag("batch windows of similar length together so less padding is computed", default=True)
     compile: bool = _flag("torch.compile the model (pays off on GPUs for long runs; slow start)", default=False)
-    precision: str = _flag("fp32, bf16 (autocast) or fp16 (autocast + loss scaling; GPU only)", default="fp32")
+    precision: str = _flag("fp32, bf16 (autocast), fp16 (autocast + loss scaling; GPU only), or auto: bf16 where the "
+                           "worker's GPU or CPU computes it natively (AVX512-BF16/AMX), else fp32", default="fp32")
     seed: int = _flag("random seed (model head, shuffling)", default=42)
-    max_train_samples: int | None = _flag("use only the first N training questions", default=None)
-    max_eval_samples: int | None = _flag("use only the first N validation questions", default=None)
+    max_train_samples: int | None = _flag("use N training questions (see --sample)", default=None)
+    max_eval_samples: int | None = _flag("use N validation questions (see --sample)", default=None)
+    sample: str = _flag("how --max-train-samples/--max-eval-samples choose: spread (a seeded share of every article, "
+                        "--seed) or first (the file's first N: on SQuAD one or two articles)", default="spread")
+    holdout_questions: int | None = _flag(
+        "validate on whole articles held out of the training data (seeded, at least N questions) instead of a "
+        "validation file or split, which then stays untouched for a final report", default=None)
     negative_ratio: float = _flag(
-        "unanswerable questions to synthesise per answerable training question (its question paired with "
-        "another training paragraph holding none of its answers); > 0 trains a model that can abstain", default=0.0)
+        "unanswerable questions to synthesise per answerable question (its question paired with another "
+        "paragraph holding none of its answers), in training and, when it has none, validation data; > 0 trains "
+        "a model that can abstain", default=0.0)
+    negative_source: str = _flag(
+        "where a synthesised negative's paragraph comes from: article (another paragraph of the same article), "
+        "other (another article) or mix (half each)", default="mix")
     max_failures: int = _flag("worker failures to recover from (resuming from the last checkpoint)", default=2)
     checkpoints_to_keep: int = _flag("checkpoints kept, the best by validation F1 (and always the latest)", default=2)
     checkpoint_every_steps: int | None = _flag(
@@ -104,17 +116,24 @@ class TrainConfig:
             raise ValueError("--weight-decay and --max-failures must be >= 0, --checkpoints-to-keep >= 1")
         if not self.negative_ratio >= 0:
             raise ValueError(f"--negative-ratio must be >= 0, got {self.negative_ratio}")
-        for name in ("max_train_samples", "max_eval_samples"):
+        for name in ("max_train_samples", "max_eval_samples", "holdout_questions"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{dashed(name)} must be positive")
+        if self.sample not in SAMPLINGS:
+            raise ValueError(f"--sample must be one of {', '.join(SAMPLINGS)}, got {self.sample!r}")
+        if self.negative_source not in NEGATIVE_SOURCES:
+            raise ValueError(f"--negative-source must be one of {', '.join(NEGATIVE_SOURCES)}, "
+                             f"got {self.negative_source!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.precision == "fp16" and not self.use_gpu:
             raise ValueError("--precision fp16 needs --use-gpu (on CPU use bf16 or fp32)")
+        if self.holdout_questions and self.validation_file:
+            raise ValueError("give --validation-file or --holdout-questions, not both")
         if self.dataset and (self.train_file or self.validation_file):
             raise ValueError("give either --dataset or --train-file/--validation-file, not both")
-        if not self.dataset and not (self.train_file and self.validation_file):
-            raise ValueError("give --dataset, or both --train-file and --validation-file")
+        if not self.dataset and not (self.train_file and (self.validation_file or self.holdout_questions)):
+            raise ValueError("give --dataset, or --train-file with --validation-file or --holdout-questions")
         return self
 
     @property
@@ -138,6 +157,25 @@ PRESETS: dict[str, dict] = {
         # One worker using every core (up to 2) beats single-threaded ones on a laptop; "auto" also
         # leaves a Tune trial driver its 0.1 CPU, so the tune example runs on a 2-core machine.
         "cpus_per_worker": None,
+        "qa": {"max_length": 256, "stride": 96},
+    },
+    # A SQuAD model worth serving, trained on a 2-core CPU in under an hour (ACCURACY.md: how it was
+    # chosen and what it scores): the packaged MiniLM, a seeded sample spread over every article,
+    # negatives, validation on held-out articles so the data set's own validation split stays a clean test.
+    "squad-minilm": {
+        "model": MINILM,
+        "dataset": "squad",
+        "output_dir": "runs/squad-minilm",
+        "epochs": 1,
+        "learning_rate": 1.5e-4,
+        "per_device_batch_size": 16,
+        "max_train_samples": 16000,
+        "holdout_questions": 1500,
+        "negative_ratio": 0.5,
+        "negative_source": "mix",
+        "precision": "auto",
+        "cpus_per_worker": None,
+        "checkpoint_every_steps": 200,
         "qa": {"max_length": 256, "stride": 96},
     },
     # The seed notebook's recipe: bert-base-cased on SQuAD v1.1 from the Hub, mixed precision on GPUs.
@@ -173,7 +211,7 @@ def add_config_flags(parser: argparse.ArgumentParser, preset: str = "quickstart"
     values = preset_values(preset, overrides)
     shown = {**values, "cpus_per_worker": AUTO_CPUS} if values.get("cpus_per_worker", 1) is None else values
     add_dataclass_flags(parser, TrainConfig, defaults=shown, skip=("qa",))
-    add_dataclass_flags(parser, QAConfig, defaults=values.get("qa"), skip=("no_answer_threshold",))
+    add_dataclass_flags(parser, QAConfig, defaults=values.get("qa"), skip=FITTED_SETTINGS)
 
 
 def config_from_args(args: argparse.Namespace, overrides: dict | None = None) -> TrainConfig:
@@ -184,6 +222,8 @@ def config_from_args(args: argparse.Namespace, overrides: dict | None = None) ->
         values.pop("train_file", None), values.pop("validation_file", None)
     if "train_file" in explicit or "validation_file" in explicit:
         values.pop("dataset", None)
+    if "validation_file" in explicit and "holdout_questions" not in explicit:
+        values.pop("holdout_questions", None)
     values.update(explicit)
     try:
         values["qa"] = QAConfig(**{**values.get("qa", {}), **given_flags(args, QAConfig)})

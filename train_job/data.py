@@ -11,33 +11,54 @@ from qa_common import (
     QAConfig, length_grouped_batches, load_hub_squad, load_tokenizer, prepare_eval_features, prepare_train_features,
     read_squad, synthesise_negatives,
 )
+from qa_common.splits import hold_out_articles, sample_questions
 from train_job.config import TrainConfig
 
 
 def load_splits(config: TrainConfig) -> tuple[list[dict], list[dict]]:
     """Training and validation records, validated before any worker starts.
 
-    Adds ``config.negative_ratio`` synthetic unanswerable questions per answerable training question,
-    and turns ``config.qa.version_2_with_negative`` on when the training data then holds unanswerable
-    questions (a model trained on them may answer "not in this document").
+    The validation split is the validation file (or data set split), or with
+    ``config.holdout_questions`` whole articles held out of the training data. ``max_*_samples``
+    then choose questions (``config.sample``: spread over the articles, or the first N). With
+    ``config.negative_ratio`` > 0, synthetic unanswerable questions are added per answerable
+    question: to the training data from its own paragraphs, and to validation data that has no
+    unanswerable question from the validation paragraphs (so the no-answer threshold and the
+    calibration are chosen on both kinds). ``config.qa.version_2_with_negative`` is turned on when
+    the training data then holds unanswerable questions (a model trained on them may answer "not in
+    this document").
     """
     if config.dataset:
         train = load_hub_squad(config.dataset, "train")
-        validation = load_hub_squad(config.dataset, "validation")
+        validation = None if config.holdout_questions else load_hub_squad(config.dataset, "validation")
     else:
-        train, validation = read_squad(config.train_file), read_squad(config.validation_file)
-    train, validation = train[: config.max_train_samples], validation[: config.max_eval_samples]
+        train = read_squad(config.train_file)
+        validation = None if config.holdout_questions else read_squad(config.validation_file)
+    if config.holdout_questions:
+        train, validation = hold_out_articles(train, config.holdout_questions, seed=config.seed)
+        print(f"[train_job] validating on {len(validation)} questions of "
+              f"{len({r['title'] for r in validation})} held-out article(s) (--holdout-questions)", flush=True)
+    train = sample_questions(train, config.max_train_samples, seed=config.seed, how=config.sample)
+    validation = sample_questions(validation, config.max_eval_samples, seed=config.seed, how=config.sample)
     if config.negative_ratio > 0:
-        negatives = synthesise_negatives(train, config.negative_ratio, seed=config.seed)
-        print(f"[train_job] synthesised {len(negatives)} unanswerable questions (--negative-ratio "
-              f"{config.negative_ratio:g})", flush=True)
-        train = train + negatives
-        random.Random(config.seed).shuffle(train)  # negatives spread over the file, not appended at its end
+        train = with_negatives(train, config, "training")
+        if all(r["answers"]["text"] for r in validation):
+            validation = with_negatives(validation, config, "validation")
     if not config.qa.version_2_with_negative and any(not r["answers"]["text"] for r in train):
         print("[train_job] the training data has unanswerable questions: SQuAD 2.0 decoding and evaluation "
               "(--version-2-with-negative)", flush=True)
         config.qa = config.qa.replace(version_2_with_negative=True)
     return train, validation
+
+
+def with_negatives(records: list[dict], config: TrainConfig, split: str) -> list[dict]:
+    """``records`` and their synthesised negatives, shuffled together (seeded)."""
+    negatives = synthesise_negatives(records, config.negative_ratio, seed=config.seed, source=config.negative_source)
+    print(f"[train_job] synthesised {len(negatives)} unanswerable {split} questions (--negative-ratio "
+          f"{config.negative_ratio:g}, --negative-source {config.negative_source})", flush=True)
+    records = records + negatives
+    random.Random(config.seed).shuffle(records)  # negatives spread over the file, not appended at its end
+    return records
 
 
 class TrainFeaturizer:

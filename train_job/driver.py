@@ -51,8 +51,8 @@ class PreparedData:
 
 
 def build_trainer(config: TrainConfig, data: PreparedData, *, name: str, storage_path: str, fingerprint: dict | None = None,
-                  callbacks=(), after_epoch=None, after_step=None):
-    """The TorchTrainer of one run.
+                  callbacks=(), after_epoch=None, after_step=None, checkpoint_metric: str = "f1"):
+    """The TorchTrainer of one run; its checkpoints are kept by the highest validation ``checkpoint_metric``.
 
     Test seams, run on every worker: ``after_epoch(epoch, resumed=...)`` after each epoch's report,
     ``after_step(epoch, step_in_epoch, resumed=...)`` after each training step (and its mid-epoch
@@ -86,7 +86,8 @@ def build_trainer(config: TrainConfig, data: PreparedData, *, name: str, storage
             failure_config=FailureConfig(max_failures=config.max_failures, controller_failure_limit=0),
             # Mid-epoch checkpoints have no F1 (Ray logs that it is missing): they rank last, but the latest is always kept.
             checkpoint_config=CheckpointConfig(
-                num_to_keep=config.checkpoints_to_keep, checkpoint_score_attribute="f1", checkpoint_score_order="max"
+                num_to_keep=config.checkpoints_to_keep, checkpoint_score_attribute=checkpoint_metric,
+                checkpoint_score_order="max"
             ),
             callbacks=list(callbacks),
         ),

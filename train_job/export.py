@@ -6,7 +6,9 @@ import json
 import sys
 from pathlib import Path
 
-from qa_common import save_qa_config
+from qa_common import QAConfig, load_model_and_tokenizer, save_qa_config
+from qa_common.calibration import calibrate
+from qa_common.calibration import describe as describe_calibration
 from train_job.checkpoint import PREDICTIONS, copy_model_and_predictions, read_train_config
 from train_job.config import TrainConfig
 
@@ -17,17 +19,19 @@ V2_METRIC_NAMES = (  # SQuAD 2.0 (the official script's names), and the threshol
 )
 
 
-def export_run(checkpoint, checkpoint_metrics: dict, config: TrainConfig, output_dir: Path, extra: dict) -> dict:
+def export_run(checkpoint, checkpoint_metrics: dict, config: TrainConfig, output_dir: Path, extra: dict,
+               validation_records: list[dict]) -> dict:
     """Write ``model/`` (+ ``model/README.md``), ``metrics.json`` and ``predictions.json``; return the metrics.
 
     The metrics and the card describe the model exported: its settings and fingerprint are read from
-    the checkpoint (``config`` is used only for a checkpoint too old to carry them).
+    the checkpoint. ``qa_config.json`` gets the no-answer threshold evaluation chose and the
+    calibration fitted on ``validation_records`` (:mod:`qa_common.calibration`).
     """
     output_dir.mkdir(parents=True, exist_ok=True)
     model_dir = output_dir / "model"
     with checkpoint.as_directory() as directory:
         copy_model_and_predictions(directory, model_dir, output_dir / PREDICTIONS)
-        recorded = read_train_config(directory) or {"config": config.to_dict(), "fingerprint": None}
+        recorded = read_train_config(directory)
     config = TrainConfig.from_dict(recorded["config"])
     metrics = {
         **{name: checkpoint_metrics[name] for name in (*METRIC_NAMES, *V2_METRIC_NAMES) if name in checkpoint_metrics},
@@ -40,19 +44,30 @@ def export_run(checkpoint, checkpoint_metrics: dict, config: TrainConfig, output
         "num_workers": config.num_workers,
         "worker_node_ids": checkpoint_metrics["worker_node_ids"],
         "per_device_batch_size": config.per_device_batch_size,
-        "training_precision": config.precision,
+        "training_precision": checkpoint_metrics["training_precision"],
         "model": config.model,
         "dataset": config.dataset or {"train": config.train_file, "validation": config.validation_file},
         "fingerprint": recorded["fingerprint"],
         **extra,
     }
+    # Serving decodes as training evaluated, with the no-answer threshold evaluation chose, calibrated.
+    qa, metrics["calibration"] = calibrate_export(model_dir, validation_records,
+                                                  config.qa.replace(no_answer_threshold=metrics.get("no_answer_threshold")))
+    if "no_answer_threshold" in metrics:
+        metrics["no_answer_threshold"] = qa.no_answer_threshold  # on the calibrated scale: the same decisions
+    print(f"[train_job] calibrated: {describe_calibration(metrics['calibration'])}", flush=True)
+    save_qa_config(qa, model_dir)
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     (model_dir / "README.md").write_text(model_card(metrics, config), encoding="utf-8")
     if declines_everything(metrics, config):
         print(f"[train_job] warning: {DECLINES_EVERYTHING}", file=sys.stderr)
-    # Serving decodes as training evaluated, with the no-answer threshold evaluation chose.
-    save_qa_config(config.qa.replace(no_answer_threshold=metrics.get("no_answer_threshold")), model_dir)
     return metrics
+
+
+def calibrate_export(model_dir: Path, validation_records: list[dict], qa: QAConfig) -> tuple[QAConfig, dict]:
+    """The exported model's calibration, fitted on the validation questions (PyTorch fp32, in this process)."""
+    model, tokenizer = load_model_and_tokenizer(str(model_dir))
+    return calibrate(model.eval(), tokenizer, validation_records, qa)
 
 
 DECLINES_EVERYTHING = (
@@ -70,9 +85,16 @@ def declines_everything(metrics: dict, config: TrainConfig) -> bool:
 
 
 def model_card(metrics: dict, config: TrainConfig) -> str:
-    dataset = config.dataset or f"{Path(config.train_file).name} (train), {Path(config.validation_file).name} (validation)"
+    source = config.dataset or Path(config.train_file).name
+    if config.holdout_questions:
+        dataset = f"{source} (train; validation: whole articles held out of it, at least {config.holdout_questions} questions)"
+    else:
+        dataset = config.dataset or f"{source} (train), {Path(config.validation_file).name} (validation)"
+    if config.max_train_samples:
+        dataset += f"; {config.max_train_samples} training questions sampled ({config.sample})"
     if config.negative_ratio:
-        dataset += f", plus {config.negative_ratio:g} synthesised unanswerable question(s) per answerable one"
+        dataset += (f", plus {config.negative_ratio:g} synthesised unanswerable question(s) per answerable one "
+                    f"(paragraphs: {config.negative_source})")
     abstention = (
         "it answers \"not in this document\" only when it is fairly sure; it can still return a wrong span for a "
         "question the passage does not answer, or decline one it does."
@@ -88,13 +110,17 @@ tags: [question-answering, extractive-qa, squad, ray]
 
 # Extractive QA model fine-tuned from `{config.model}`
 
-Fine-tuned with Ray Train ({config.num_workers} worker(s), {config.precision}) by this project's `train_job`.
+Fine-tuned with Ray Train ({config.num_workers} worker(s), {metrics['training_precision']}) by this project's `train_job`.
 Given a question and a passage, it returns the span of the passage that answers the question.
 
 ## Results
 
 {results_section(metrics, config)}
 Best of {config.epochs} epoch(s): epoch {metrics['best_epoch']}.
+
+Scores are calibrated on the same validation questions ({describe_calibration(metrics['calibration'])}):
+`score` is the probability that the answer is exactly right, `no_answer_probability` that the passage
+does not answer the question.
 
 ## Training
 

@@ -29,7 +29,8 @@ FINGERPRINT_FILE = "run_fingerprint.json"
 HEAD_BYTES = 4 * 2**20
 # The TrainConfig fields that decide what model a run trains.
 MODEL_SETTINGS = ("model", "epochs", "learning_rate", "weight_decay", "warmup_ratio", "per_device_batch_size",
-                  "num_workers", "group_by_length", "precision", "seed", "max_train_samples", "max_eval_samples", "qa")
+                  "num_workers", "group_by_length", "precision", "seed", "max_train_samples", "max_eval_samples", "sample",
+                  "holdout_questions", "negative_ratio", "negative_source", "qa")
 
 
 def file_fingerprint(path: str | Path) -> dict:
@@ -51,7 +52,7 @@ def run_fingerprint(config: TrainConfig, train_records: list[dict], validation_r
     settings = {name: values[name] for name in MODEL_SETTINGS if name not in ignore}
     data = {}
     for split, file, records in (("train", config.train_file, train_records),
-                                 ("validation", config.validation_file, validation_records)):
+                                 ("validation", config.validation_file or config.train_file, validation_records)):
         source = {"dataset": config.dataset} if config.dataset else file_fingerprint(file)
         data[split] = {**source, **records_fingerprint(records)}
     return {"settings": {**settings, **(extra or {})}, "data": data}

@@ -25,7 +25,7 @@ from qa_common import NO_ANSWER, decode_predictions, evaluate_answers, load_mode
 from train_job import checkpoint
 from train_job.config import TrainConfig
 from train_job.data import epoch_batches, epoch_shard
-from train_job.optim import build_optimizer, build_scheduler, train_step
+from train_job.optim import build_optimizer, build_scheduler, resolve_precision, train_step
 from train_job.tracking import Trackers
 
 GROUP_BATCHES = 32  # length grouping sorts this many batches' worth of features at a time
@@ -47,6 +47,7 @@ class Worker:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
     autocast: torch.autocast
+    precision: str  # config.precision with "auto" resolved for this worker's device
     state: dict  # counters, history, RNG states: saved with every checkpoint
     resumed: bool
     loop_config: dict  # what the driver passed: the run's name, fingerprint, test seams
@@ -90,6 +91,10 @@ def set_up(config: TrainConfig, loop_config: dict) -> Worker:
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        # Ray sets OMP_NUM_THREADS to the whole CPUs reserved: 1.9 (a 2-core machine less a Tune trial
+        # driver's 0.1) would run one thread, at half speed.
+        torch.set_num_threads(max(1, math.ceil(config.cpus_per_worker)))
     torch.manual_seed(config.seed)
     resumed_from = ray.train.get_checkpoint()
     state = {"epoch": 0, "step": 0, "step_in_epoch": 0, "epoch_so_far": dict(EPOCH_START), "train_runtime_s": 0.0,
@@ -111,7 +116,10 @@ def set_up(config: TrainConfig, loop_config: dict) -> Worker:
     optimizer = build_optimizer(model, learning_rate=config.learning_rate, weight_decay=config.weight_decay)
     total_steps = loop_config["steps_per_epoch"] * config.epochs
     scheduler = build_scheduler(optimizer, warmup_steps=int(config.warmup_ratio * total_steps), total_steps=total_steps)
-    scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
+    precision = resolve_precision(config.precision, device)
+    if config.precision == "auto":
+        log(rank, f"--precision auto: {precision} on this worker's {device.type.upper()}")
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     if resumed_from:
         # Popped: the loaded copies (on the CPU) are freed once the optimiser holds its own on the device.
         optimizer.load_state_dict(state.pop("optimizer"))
@@ -120,10 +128,10 @@ def set_up(config: TrainConfig, loop_config: dict) -> Worker:
         if len(state["rng"]) == world_size:  # last: loading the model above drew random numbers
             checkpoint.restore_rng_states(state["rng"][rank])
     autocast = torch.autocast(
-        device.type, dtype=AUTOCAST_DTYPES.get(config.precision), enabled=config.precision in AUTOCAST_DTYPES
+        device.type, dtype=AUTOCAST_DTYPES.get(precision), enabled=precision in AUTOCAST_DTYPES
     )
-    worker = Worker(config, rank, world_size, device, model, tokenizer, optimizer, scheduler, scaler, autocast, state,
-                    resumed=bool(resumed_from), loop_config=loop_config)
+    worker = Worker(config, rank, world_size, device, model, tokenizer, optimizer, scheduler, scaler, autocast,
+                    precision, state, resumed=bool(resumed_from), loop_config=loop_config)
     if rank == 0 and config.trackers:
         worker.trackers = Trackers(config, loop_config["run_name"], step=state["step"],
                                    mlflow_run_id=state["mlflow_run_id"])
@@ -194,6 +202,7 @@ def train_epoch(worker: Worker, train_features: dict, lengths: np.ndarray, epoch
         "train_features_seen": state["train_features_seen"],
         "train_samples_per_second": float(totals[0]) / epoch_seconds,
         "train_runtime_s": state["train_runtime_s"],
+        "training_precision": worker.precision,
     }
 
 

@@ -6,7 +6,23 @@ both use these functions, so the benchmark times exactly the step that training 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+
+NATIVE_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of CPUs with bf16 matrix instructions
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``precision`` with ``auto`` made concrete for ``device``: bf16 where it is computed natively (a GPU
+    that supports it, a CPU with AVX512-BF16 or AMX), else fp32 (bf16 emulated on other CPUs is slower)."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = set(cpuinfo.read_text().split()) if cpuinfo.is_file() else set()
+    return "bf16" if flags & set(NATIVE_BF16_CPU_FLAGS) else "fp32"
 
 
 def build_optimizer(model: torch.nn.Module, *, learning_rate: float, weight_decay: float,

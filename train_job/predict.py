@@ -5,10 +5,12 @@ Pipeline: Ray Data reads the questions (:mod:`train_job.predict_data`) -> ``map_
 of actors, each holding one copy of the model (:class:`BatchAnswerer`: featurise, forward, decode
 whole questions, so every window of a question stays in one actor call and nothing is shuffled)
 -> the driver streams the answers into ``OUTPUT/predictions.jsonl`` (or ``.parquet``) one block at
-a time. With gold answers it also adds up each question's scores (computed in the actors) and
+a time. With gold answers it also adds up each question's scores (computed in the actors with
+:func:`qa_common.metric.question_scores`, summed by :class:`qa_common.metric.MetricTotals`: the
+same metrics, keys and numbers as ``python -m qa_common.evaluate`` prints for the same answers) and
 writes ``OUTPUT/metrics.json`` and ``OUTPUT/predictions.json`` (``{id: answer}``, what the official
-SQuAD script and ``python -m qa_common.evaluate`` read). The driver holds one block at a time,
-never all questions or answers.
+SQuAD script and ``python -m qa_common.evaluate`` read). The driver holds one block at a time and
+the question ids seen (a repeated id is an error), never all questions or answers.
 """
 
 from __future__ import annotations
@@ -19,36 +21,21 @@ import os
 import sys
 import time
 
-from qa_common import (
-    Question, SquadFormatError, answer_questions, load_qa_config, load_tokenizer, normalize_answer,
-    resolve_model_path, score_answer,
-)
+from qa_common import Question, SquadFormatError, answer_questions, load_qa_config, load_tokenizer, resolve_model_path
+from qa_common.metric import V1_NAMES, MetricTotals, question_scores
 from qa_common.backends import BACKENDS, DEFAULT_MAX_F1_LOSS, ONNX_FILES, load_runner, onnx_file, resolve_backend
 from qa_common.modeling import SERVING_DTYPES, torch_dtype
 from train_job.predict_data import check_input, question_dataset, resolve_inputs, validate_rows
 
-METRIC_NAMES = ("exact_match", "f1", "precision", "recall")
 # Per-question columns the actors add for the metrics; the driver sums them and does not write them out.
 SCORE_PREFIX = "gold_"
+SCORE_NAMES = (*V1_NAMES, "v2_exact", "v2_f1")  # qa_common.metric.question_scores
 ANSWERABLE = SCORE_PREFIX + "answerable"
 # An actor that finds a bad record answers with this one column: Ray would hand the driver the
 # exception as text only, and the driver must tell bad data (exit 2) from a failure.
 DATA_ERROR = "data_error"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 FORMATS = ("jsonl", "parquet")
-
-
-def question_scores(prediction: str, golds: list[str]) -> dict[str, float]:
-    """Exact match, F1, precision and recall (0-1) of one predicted answer.
-
-    Answerable questions score as in SQuAD v1.1 (best over the gold answers). A question without
-    gold answers (SQuAD v2's unanswerable) scores 1 when the prediction is empty, else 0, the
-    official v2 rule, as ``qa_common.squad_v2_metrics`` applies it; per question here, because the
-    driver sums scores block by block instead of holding every prediction.
-    """
-    if golds:
-        return score_answer(prediction, golds)
-    return dict.fromkeys(METRIC_NAMES, float(normalize_answer(prediction) == ""))
 
 
 class BatchAnswerer:
@@ -85,7 +72,8 @@ class BatchAnswerer:
             if self.with_answers:
                 golds = record["answers"]["text"]
                 scores = question_scores(row["answer"], golds)
-                row.update({SCORE_PREFIX + name: scores[name] for name in METRIC_NAMES}, **{ANSWERABLE: bool(golds)})
+                row.update({SCORE_PREFIX + name: scores.get(name, 0.0) for name in SCORE_NAMES},
+                           **{ANSWERABLE: bool(golds)})
             rows.append(row)
         return pa.Table.from_pylist(rows)
 
@@ -144,7 +132,8 @@ class OutputWriter:
         self.parquet = None
         self.answers_json = self._open("predictions.json") if with_answers else None
         self.questions = 0
-        self.sums = {(answerable, name): 0.0 for answerable in (True, False) for name in (*METRIC_NAMES, "total")}
+        self.ids: set[str] = set()
+        self.totals = MetricTotals()
 
     def _open(self, name: str):
         return self.filesystem.open_output_stream(f"{self.directory}/{name}")
@@ -159,6 +148,11 @@ class OutputWriter:
             raise SquadFormatError(block.column(DATA_ERROR)[0].as_py())
         if not block.num_rows:
             return
+        for question_id in block.column("id").to_pylist():
+            if question_id in self.ids:
+                raise SquadFormatError(f"question id {question_id[:64]!r} occurs more than once in the input: "
+                                       "ids must be unique across every file given")
+            self.ids.add(question_id)
         scores = [name for name in block.column_names if name.startswith(SCORE_PREFIX)]
         predictions = block.drop_columns(scores)
         if self.fmt == "parquet":
@@ -177,11 +171,9 @@ class OutputWriter:
         self.answers_json.write((separator + ",\n".join(
             f"{json.dumps(i, ensure_ascii=False)}: {json.dumps(a, ensure_ascii=False)}"
             for i, a in zip(block.column("id").to_pylist(), block.column("answer").to_pylist()))).encode("utf-8"))
-        columns = {name: block.column(SCORE_PREFIX + name).to_pylist() for name in METRIC_NAMES}
+        columns = {name: block.column(SCORE_PREFIX + name).to_pylist() for name in SCORE_NAMES}
         for row, answerable in enumerate(block.column(ANSWERABLE).to_pylist()):
-            self.sums[answerable, "total"] += 1
-            for name in METRIC_NAMES:
-                self.sums[answerable, name] += columns[name][row]
+            self.totals.add({name: columns[name][row] for name in SCORE_NAMES}, answerable=answerable)
 
     def close(self) -> None:
         if self.parquet is not None:
@@ -197,19 +189,9 @@ class OutputWriter:
             self.filesystem.delete_file(self.location(name))
 
     def metrics(self) -> dict:
-        """Corpus metrics in percent, as ``python -m qa_common.evaluate`` prints them; with unanswerable
-        questions also per group (SQuAD v2's HasAns/NoAns)."""
-
-        def percentages(groups) -> dict:
-            total = sum(self.sums[g, "total"] for g in groups)
-            result = {name: 100.0 * sum(self.sums[g, name] for g in groups) / total for name in METRIC_NAMES}
-            return {**result, "total": int(total)}
-
-        metrics = {**percentages((True, False)), "missing": 0}
-        if self.sums[False, "total"]:
-            metrics["answerable"] = percentages((True,)) if self.sums[True, "total"] else None
-            metrics["unanswerable"] = percentages((False,))
-        return metrics
+        """The SQuAD metrics in percent, as ``python -m qa_common.evaluate`` prints them: v1.1's, or
+        v2.0's when some question has no gold answer."""
+        return self.totals.metrics(version_2=bool(self.totals.sums["NoAns", "total"]))
 
 
 def prepare(args: argparse.Namespace) -> dict:
@@ -285,11 +267,13 @@ def predict(args: argparse.Namespace, plan: dict) -> dict:
 
 
 def print_metrics(metrics: dict) -> None:
-    rows = [("all questions", metrics)] + [(group, metrics[group]) for group in ("answerable", "unanswerable")
-                                           if metrics.get(group)]
-    print(f"\n{'questions':<16}{'count':>8}" + "".join(f"{name:>13}" for name in METRIC_NAMES))
-    for label, values in rows:
-        print(f"{label:<16}{values['total']:>8}" + "".join(f"{values[name]:>13.2f}" for name in METRIC_NAMES))
+    if "exact_match" in metrics:
+        print("\n" + "  ".join(f"{name} {metrics[name]:.2f}" for name in V1_NAMES) + f"  ({metrics['total']} questions)")
+    else:
+        for group, label in (("", "all questions"), ("HasAns_", "answerable"), ("NoAns_", "unanswerable")):
+            if f"{group}total" in metrics:
+                print(f"{label:<16}{metrics[group + 'total']:>8}  exact {metrics[group + 'exact']:6.2f}  "
+                      f"F1 {metrics[group + 'f1']:6.2f}")
     print(flush=True)
 
 

@@ -54,7 +54,8 @@ def run(config: TrainConfig, *, after_epoch=None, after_step=None) -> dict:
         raise
     checkpoint, checkpoint_metrics = best_checkpoint(result)
     metrics = export_run(checkpoint, checkpoint_metrics, config, output_dir,
-                         {**data.summary(), "history": epoch_history(result), "wall_time_s": time.perf_counter() - started})
+                         {**data.summary(), "history": epoch_history(result), "wall_time_s": time.perf_counter() - started},
+                         validation)
     print(f"[train_job] exported {output_dir / 'model'}: EM {metrics['exact_match']:.2f}, F1 {metrics['f1']:.2f} "
           f"(epoch {metrics['best_epoch']} of {config.epochs})")
     if config.export_onnx:

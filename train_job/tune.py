@@ -23,11 +23,11 @@ from train_job.export import export_run
 from train_job.fingerprint import claim_run_dir, run_fingerprint
 from train_job.resources import TRIAL_DRIVER_CPUS
 
-SEARCH_SETTINGS = ("lr_min", "lr_max", "lr_grid", "num_samples", "scheduler", "grace_period", "metric", "mode")
+SEARCH_SETTINGS = ("lr_min", "lr_max", "lr_grid", "num_samples", "scheduler", "grace_period", "metric")
 
 
 def run_trial(trial_config: dict, base_config: TrainConfig, data: PreparedData, storage_path: str,
-              fingerprint: dict) -> None:
+              fingerprint: dict, metric: str) -> None:
     """One Tune trial: a whole Ray Train run at the trial's learning rate."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -36,7 +36,7 @@ def run_trial(trial_config: dict, base_config: TrainConfig, data: PreparedData, 
     trial_id = tune.get_context().get_trial_id()
     trainer = build_trainer(config, data, name=f"trial-{trial_id}", storage_path=storage_path,
                             fingerprint={**fingerprint, "learning_rate": config.learning_rate},
-                            callbacks=[TuneReportCallback()])
+                            callbacks=[TuneReportCallback()], checkpoint_metric=metric)
     trainer.fit()
 
 
@@ -82,7 +82,7 @@ def search(config: TrainConfig, args) -> dict:
     # A NaN learning rate is not a transient failure: fail the trial, do not retry it.
     trial_base = dataclasses.replace(config, max_failures=0)
     trainable = tune.with_parameters(run_trial, base_config=trial_base, data=data, storage_path=storage_path,
-                                     fingerprint=fingerprint)
+                                     fingerprint=fingerprint, metric=args.metric)
     # The trial driver only coordinates; its workers hold the real resources.
     trainable = tune.with_resources(trainable, {"CPU": TRIAL_DRIVER_CPUS})
     if resuming and tune.Tuner.can_restore(experiment):
@@ -95,26 +95,26 @@ def search(config: TrainConfig, args) -> dict:
             trainable,
             param_space=search_space(args),
             tune_config=tune.TuneConfig(
-                metric=args.metric, mode=args.mode, scheduler=scheduler,
+                metric=args.metric, mode="max", scheduler=scheduler,
                 num_samples=1 if args.lr_grid else args.num_samples,
                 max_concurrent_trials=args.max_concurrent_trials or default_concurrency(config),
             ),
             run_config=tune.RunConfig(name=args.name, storage_path=storage_path),
         )
     results = tuner.fit()
-    trials = summarize_trials(results, config.epochs, args.metric, args.mode)
+    trials = summarize_trials(results, config.epochs, args.metric)
     ranked = [t for t in trials if t["status"] != "failed" and t[args.metric] is not None]
     if not ranked:
         raise TrainJobError("every trial failed; see the reasons above (lower the learning rates if they diverged)")
-    best = max(ranked, key=lambda t: t[args.metric] if args.mode == "max" else -t[args.metric])
+    best = max(ranked, key=lambda t: t[args.metric])
     best_config = dataclasses.replace(config, learning_rate=best["learning_rate"])
     from ray.train import Checkpoint
 
     # Checkpoint paths come without the URI scheme; the experiment's filesystem resolves them.
     best_checkpoint = Checkpoint(best["best_checkpoint_path"], filesystem=results.filesystem)
     metrics = export_run(best_checkpoint, best["best_metrics"], best_config, output_dir,
-                         {**data.summary(), "tuned_over": len(trials)})
-    summary = {"metric": args.metric, "mode": args.mode, "best": {k: v for k, v in best.items() if k != "best_metrics"},
+                         {**data.summary(), "tuned_over": len(trials)}, validation)
+    summary = {"metric": args.metric, "best": {k: v for k, v in best.items() if k != "best_metrics"},
                "trials": [{k: v for k, v in t.items() if k != "best_metrics"} for t in trials],
                "experiment_path": experiment, "exported_model": str(output_dir / "model"), "best_metrics": metrics}
     (output_dir / "tune_results.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
@@ -124,13 +124,13 @@ def search(config: TrainConfig, args) -> dict:
     return summary
 
 
-def summarize_trials(results, max_epochs: int, metric: str, mode: str) -> list[dict]:
+def summarize_trials(results, max_epochs: int, metric: str) -> list[dict]:
     trials = []
     for result in results:
         frame = result.metrics_dataframe
         history = frame.to_dict("records") if frame is not None and not frame.empty else []
         scored = [row for row in history if _is_number(row.get(metric))]
-        best_row = (max(scored, key=lambda r: r[metric] if mode == "max" else -r[metric]) if scored else None)
+        best_row = max(scored, key=lambda r: r[metric]) if scored else None
         last = history[-1] if history else {}
         epochs_run = int(last.get("epoch", 0))
         if result.error:
@@ -201,8 +201,9 @@ def add_search_flags(parser: argparse.ArgumentParser) -> None:
     search_flags.add_argument("--scheduler", choices=("asha", "none"), default="asha",
                               help="asha stops poor trials after --grace-period epochs (default: asha)")
     search_flags.add_argument("--grace-period", type=int, default=1, help="epochs every trial gets before ASHA may stop it")
-    search_flags.add_argument("--metric", choices=("f1", "exact_match"), default="f1", help="metric to optimise (default: f1)")
-    search_flags.add_argument("--mode", choices=("max", "min"), default="max", help="(default: max)")
+    search_flags.add_argument("--metric", choices=("f1", "exact_match"), default="f1",
+                              help="validation metric to maximise: ranks the trials and each trial's checkpoints "
+                                   "(default: f1)")
     search_flags.add_argument("--name", default="lr-search",
                               help="search name; re-running with the same name and output dir resumes it")
 
@@ -223,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
 
     return run_command(
         argv, start=search, add_flags=add_search_flags, check_args=check_search_args,
-        preset_overrides={"output_dir": "runs/tune"}, prog="python -m train_job.tune",
+        preset_overrides={"output_dir": "runs/tune", "checkpoint_every_steps": None}, prog="python -m train_job.tune",
         description="Search the learning rate of the train_job recipe with Ray Tune (ASHA early stopping on "
         "per-epoch validation F1), then export the best trial's model like a train_job run.",
     )

@@ -1,0 +1,210 @@
+"""Calibrated scores: an answer scored 0.8 should be right about 8 times in 10.
+
+Two calibrators, fitted on a validation split and stored in the model's ``qa_config.json``
+(:class:`qa_common.QAConfig`), so every place that decodes answers applies them:
+
+- **score** (the answer's probability among the question's candidates): temperature scaling
+  (Guo et al., 2017). The candidates' logits are divided by ``score_temperature`` before the
+  softmax; the temperature minimises the log loss of the top answer's score against whether the
+  top answer is exactly right (the null answer is right when the question has no answer). One
+  parameter, so the ranking, and with it every answer, is unchanged.
+- **no_answer_probability**: Platt scaling, ``sigmoid(a * (null_score - best_span_score) + b)``,
+  fitted by logistic regression on whether the question is unanswerable; it needs validation data
+  holding both kinds of question (otherwise a = 1, b = 0). The no-answer threshold is carried into
+  the calibrated scale, so the model abstains on exactly the same questions as before.
+
+``python -m qa_common.calibration MODEL_DIR --validation-file FILE`` (re)fits a model directory's
+calibration on a SQuAD-format file and prints the expected calibration error before and after on it.
+Training (``train_job``) runs the same fit on its validation split when it exports a model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+
+from qa_common.config import QAConfig
+from qa_common.decoding import NULL_SPAN, Candidates, _logit, _sigmoid, rank_candidates
+from qa_common.metric import normalize_answer
+
+BINS = 10  # equal-width confidence bins of the expected calibration error and the reliability diagram
+TEMPERATURE_RANGE = (0.05, 20.0)
+
+
+def uncalibrated(config: QAConfig) -> QAConfig:
+    """``config`` without calibration, its no-answer threshold carried back to the raw scale (the
+    same abstentions)."""
+    t = config.no_answer_threshold
+    if 0 < t < 1:
+        t = _sigmoid((_logit(t) - config.no_answer_bias) / config.no_answer_scale)
+    return config.replace(score_temperature=1.0, no_answer_scale=1.0, no_answer_bias=0.0, no_answer_threshold=t)
+
+
+def top_answer_correct(candidates: Candidates, context: str, golds: Sequence[str]) -> bool:
+    """Whether the top candidate is exactly right: the null answer (or no span) for a question without
+    gold answers, else a span equal to a gold answer after SQuAD normalisation."""
+    span = candidates.spans[0] if candidates.spans else NULL_SPAN
+    if span == NULL_SPAN:
+        return not golds
+    return normalize_answer(context[span[0] : span[1]]) in {normalize_answer(gold) for gold in golds}
+
+
+def fit_temperature(candidates: Sequence[Candidates], correct: Sequence[bool]) -> float:
+    """The temperature minimising the log loss of the top candidate's score against ``correct``."""
+    from scipy.optimize import minimize_scalar
+
+    ranked = [c for c in candidates if c.spans]
+    outcomes = np.asarray([ok for c, ok in zip(candidates, correct) if c.spans], dtype=np.float64)
+    if not ranked:
+        return 1.0
+
+    def loss(log_temperature: float) -> float:
+        temperature = math.exp(log_temperature)
+        top = np.array([c.scores(temperature)[0] for c in ranked])
+        top = np.clip(top, 1e-12, 1 - 1e-12)
+        return float(-np.mean(outcomes * np.log(top) + (1 - outcomes) * np.log1p(-top)))
+
+    low, high = (math.log(bound) for bound in TEMPERATURE_RANGE)
+    return float(math.exp(minimize_scalar(loss, bounds=(low, high), method="bounded").x))
+
+
+def fit_no_answer_scaling(differences: Sequence[float], unanswerable: Sequence[bool]) -> tuple[float, float]:
+    """``(a, b)`` of ``sigmoid(a * difference + b)`` by logistic regression (a > 0, so the ranking of
+    questions by no-answer probability is kept); ``(1, 0)`` unless both kinds of question occur.
+
+    The targets are Platt's (1999): ``(n+ + 1) / (n+ + 2)`` for unanswerable questions and
+    ``1 / (n- + 2)`` for answerable ones instead of 1 and 0, so that a small validation set that
+    happens to separate the two kinds does not drive the fit to infinite confidence.
+    """
+    from scipy.optimize import minimize
+
+    x, y = np.asarray(differences, dtype=np.float64), np.asarray(unanswerable, dtype=bool)
+    keep = np.isfinite(x)
+    x, y = x[keep], y[keep]
+    positives, negatives = int(y.sum()), int((~y).sum())
+    if not positives or not negatives:
+        return 1.0, 0.0
+    target = np.where(y, (positives + 1) / (positives + 2), 1 / (negatives + 2))
+
+    def loss(params: np.ndarray) -> float:
+        z = math.exp(params[0]) * x + params[1]
+        return float(np.mean(target * np.logaddexp(0.0, -z) + (1 - target) * np.logaddexp(0.0, z)))
+
+    fitted = minimize(loss, np.zeros(2), method="L-BFGS-B", bounds=[(-7.0, 5.0), (-50.0, 50.0)])
+    return float(math.exp(fitted.x[0])), float(fitted.x[1])
+
+
+def reliability(confidences: Sequence[float], outcomes: Sequence[bool], bins: int = BINS) -> list[dict]:
+    """Per equal-width confidence bin: ``{"low", "high", "count", "confidence", "accuracy"}`` (means)."""
+    confidences, outcomes = np.asarray(confidences, dtype=np.float64), np.asarray(outcomes, dtype=np.float64)
+    index = np.minimum((confidences * bins).astype(int), bins - 1)
+    rows = []
+    for b in range(bins):
+        mine = index == b
+        rows.append({"low": b / bins, "high": (b + 1) / bins, "count": int(mine.sum()),
+                     "confidence": float(confidences[mine].mean()) if mine.any() else None,
+                     "accuracy": float(outcomes[mine].mean()) if mine.any() else None})
+    return rows
+
+
+def expected_calibration_error(confidences: Sequence[float], outcomes: Sequence[bool], bins: int = BINS) -> float:
+    """The count-weighted mean of |accuracy - confidence| over equal-width bins (0 is perfectly calibrated)."""
+    rows, total = reliability(confidences, outcomes, bins), len(confidences)
+    return float(sum(r["count"] * abs(r["accuracy"] - r["confidence"]) for r in rows if r["count"]) / total)
+
+
+def score_outcomes(all_candidates: Sequence[Candidates], contexts: Sequence[str], golds: Sequence[Sequence[str]],
+                   config: QAConfig) -> tuple[list[float], list[bool]]:
+    """The top answer's score under ``config``'s temperature, and whether it is exactly right, per question."""
+    scores = [float(c.scores(config.score_temperature)[0]) if c.spans else 0.0 for c in all_candidates]
+    correct = [top_answer_correct(c, context, g) for c, context, g in zip(all_candidates, contexts, golds)]
+    return scores, correct
+
+
+def fit(logits: Sequence[tuple], contexts: Sequence[str], golds: Sequence[Sequence[str]],
+        config: QAConfig) -> tuple[QAConfig, dict]:
+    """``(calibrated config, report)`` from each question's ``(start_logits, end_logits, offsets)``.
+
+    The report holds the fitted values and, on these questions, the expected calibration error of
+    the score and of the no-answer probability before and after.
+    """
+    raw = uncalibrated(config)
+    raw_candidates = [rank_candidates(start, end, offsets, raw) for start, end, offsets in logits]
+    unanswerable = [not g for g in golds]
+    scale, bias = fit_no_answer_scaling([c.null_score - c.best_span_score for c in raw_candidates], unanswerable)
+    t = raw.no_answer_threshold
+    threshold = _sigmoid(scale * _logit(t) + bias) if 0 < t < 1 else t
+    no_answer = raw.replace(no_answer_scale=scale, no_answer_bias=bias, no_answer_threshold=threshold)
+    candidates = [rank_candidates(start, end, offsets, no_answer) for start, end, offsets in logits]
+    _, correct = score_outcomes(candidates, contexts, golds, no_answer)
+    calibrated = no_answer.replace(score_temperature=fit_temperature(candidates, correct))
+    before, _ = score_outcomes(raw_candidates, contexts, golds, raw)
+    after, _ = score_outcomes(candidates, contexts, golds, calibrated)
+    report = {
+        "questions": len(logits), "unanswerable": sum(unanswerable),
+        "score_temperature": calibrated.score_temperature, "no_answer_scale": scale, "no_answer_bias": bias,
+        "no_answer_threshold": threshold,
+        "score_ece_before": expected_calibration_error(before, correct),
+        "score_ece_after": expected_calibration_error(after, correct),
+    }
+    if 0 < sum(unanswerable) < len(unanswerable):
+        report["no_answer_ece_before"] = expected_calibration_error(
+            [c.no_answer_probability for c in raw_candidates], unanswerable)
+        report["no_answer_ece_after"] = expected_calibration_error(
+            [c.no_answer_probability for c in candidates], unanswerable)
+    return calibrated, report
+
+
+def calibrate(runner, tokenizer, records: Sequence[dict], config: QAConfig, *, batch_size: int = 64
+              ) -> tuple[QAConfig, dict]:
+    """:func:`fit` on SQuAD-format ``records``, answered with ``runner`` (any backend)."""
+    from qa_common.inference import Question, question_logits
+
+    questions = [Question(r["question"], r["context"]) for r in records]
+    logits = list(question_logits(runner, tokenizer, questions, config, batch_size=batch_size))
+    return fit(logits, [r["context"] for r in records], [r["answers"]["text"] for r in records], config)
+
+
+def describe(report: dict) -> str:
+    text = (f"score temperature {report['score_temperature']:.3f}: expected calibration error "
+            f"{report['score_ece_before']:.3f} -> {report['score_ece_after']:.3f}")
+    if "no_answer_ece_before" in report:
+        text += (f"; no-answer probability sigmoid({report['no_answer_scale']:.3f} * d + {report['no_answer_bias']:.3f}): "
+                 f"{report['no_answer_ece_before']:.3f} -> {report['no_answer_ece_after']:.3f}")
+    return text + f" (on the {report['questions']} questions it was fitted on)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    import json
+
+    from qa_common.backends import BACKENDS, load_runner
+    from qa_common.config import load_qa_config, save_qa_config
+    from qa_common.data import read_squad
+
+    parser = argparse.ArgumentParser(prog="python -m qa_common.calibration", description=__doc__.split("\n\n")[0])
+    parser.add_argument("model_dir", help="a model directory (Hugging Face files and qa_config.json)")
+    parser.add_argument("--validation-file", required=True,
+                        help="SQuAD-format questions the model did not train on (with unanswerable ones for an "
+                             "abstaining model)")
+    parser.add_argument("--backend", choices=BACKENDS, default="torch", help="the backend that answers (default: torch)")
+    args = parser.parse_args(argv)
+    try:
+        records = read_squad(args.validation_file)
+        config = load_qa_config(args.model_dir)
+        runner, tokenizer, _ = load_runner(args.model_dir, args.backend)
+    except (OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    calibrated, report = calibrate(runner, tokenizer, records, config)
+    save_qa_config(calibrated, args.model_dir)
+    print(describe(report))
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""Calibrated scores: the temperature and the no-answer scaling are fitted, stored and applied."""
+
+import math
+
+import numpy as np
+import pytest
+
+from qa_common import QAConfig, decode_spans, load_qa_config, save_qa_config
+from qa_common.calibration import (
+    expected_calibration_error, fit, fit_no_answer_scaling, fit_temperature, reliability, uncalibrated,
+)
+from qa_common.decoding import Candidates
+
+CONTEXT = "Warfarin slows blood clotting in the body."
+OFFSETS = np.array([[-1, -1], [-1, -1], [0, 8], [9, 14], [15, 20], [21, 29], [-1, -1]])
+
+
+def test_fit_temperature_recovers_the_temperature_that_made_the_outcomes():
+    rng = np.random.default_rng(0)
+    gaps = rng.uniform(0, 6, size=4000)  # top logit minus the only other candidate's
+    candidates = [Candidates([(0, 1), (2, 3)], [gap, 0.0], 0.0, gap, 0.0) for gap in gaps]
+    true_temperature = 2.5
+    correct = rng.random(4000) < 1 / (1 + np.exp(-gaps / true_temperature))
+    fitted = fit_temperature(candidates, list(correct))
+    assert fitted == pytest.approx(true_temperature, rel=0.1)
+    top = [c.scores(fitted)[0] for c in candidates]
+    assert expected_calibration_error(top, correct) < expected_calibration_error([c.scores()[0] for c in candidates], correct)
+
+
+def test_no_answer_scaling_is_logistic_regression_with_a_positive_slope():
+    rng = np.random.default_rng(1)
+    differences = rng.normal(0, 3, size=5000)
+    unanswerable = rng.random(5000) < 1 / (1 + np.exp(-(0.5 * differences - 1.0)))
+    scale, bias = fit_no_answer_scaling(differences, unanswerable)
+    assert scale == pytest.approx(0.5, rel=0.15) and bias == pytest.approx(-1.0, abs=0.2)
+    assert fit_no_answer_scaling(differences, np.zeros(5000, bool)) == (1.0, 0.0)  # one kind only: identity
+
+
+def test_ece_and_reliability_bins():
+    assert expected_calibration_error([0.8] * 10, [True] * 8 + [False] * 2) == pytest.approx(0.0)
+    assert expected_calibration_error([0.9] * 10, [True] * 5 + [False] * 5) == pytest.approx(0.4)
+    rows = reliability([0.05, 0.95, 1.0], [False, True, True])
+    assert rows[0]["count"] == 1 and rows[-1]["count"] == 2 and rows[-1]["accuracy"] == 1.0
+
+
+def _question(best: int, null: float, gap: float):
+    """Logits of one window: the best span at token ``best`` (one token), the null score at [CLS]."""
+    start, end = np.zeros(len(OFFSETS)), np.zeros(len(OFFSETS))
+    start[0] = end[0] = null / 2
+    start[best] = end[best] = gap / 2
+    return start[None], end[None], OFFSETS[None]
+
+
+def test_calibration_keeps_every_decision_and_decoding_applies_it():
+    rng = np.random.default_rng(2)
+    logits, golds = [], []
+    words = {2: "Warfarin", 3: "slows", 4: "blood", 5: "clotting"}
+    for _ in range(400):
+        best = int(rng.integers(2, 6))
+        logits.append(_question(best, null=float(rng.normal(0, 4)), gap=float(rng.normal(3, 2))))
+        kind = rng.random()
+        golds.append([] if kind < 0.3 else [words[best]] if kind < 0.8 else [words[2 + (best - 1) % 4]])
+    raw = QAConfig(version_2_with_negative=True, no_answer_threshold=0.4)
+    calibrated, report = fit(logits, [CONTEXT] * len(logits), golds, raw)
+    assert calibrated.score_temperature != 1.0 and calibrated.no_answer_scale != 1.0
+    assert report["score_ece_after"] < report["score_ece_before"]
+    assert report["no_answer_ece_after"] < report["no_answer_ece_before"]
+    assert uncalibrated(calibrated).no_answer_threshold == pytest.approx(0.4)
+    for start, end, offsets in logits:
+        before = decode_spans(start, end, offsets, CONTEXT, raw, top_k=3)
+        after = decode_spans(start, end, offsets, CONTEXT, calibrated, top_k=3)
+        assert [(a["start"], a["end"]) for a in before] == [(a["start"], a["end"]) for a in after]
+        d = after[0]["no_answer_probability"]
+        raw_d = before[0]["no_answer_probability"]
+        assert d == pytest.approx(1 / (1 + math.exp(-(calibrated.no_answer_scale * math.log(raw_d / (1 - raw_d))
+                                                      + calibrated.no_answer_bias))), abs=1e-9)
+
+
+def test_the_temperature_divides_the_logits_of_the_softmax(tmp_path):
+    start, end, offsets = _question(3, null=-5.0, gap=4.0)
+    hot = QAConfig(score_temperature=4.0)
+    scores = [a["score"] for a in decode_spans(start, end, offsets, CONTEXT, hot, top_k=50)]
+    plain = [a["score"] for a in decode_spans(start, end, offsets, CONTEXT, QAConfig(), top_k=50)]
+    assert scores[0] < plain[0]
+    assert max(scores) == scores[0] and sum(scores) == pytest.approx(1.0)
+    save_qa_config(hot, tmp_path)
+    assert load_qa_config(tmp_path).score_temperature == 4.0
+    with pytest.raises(ValueError, match="score_temperature must be a positive number"):
+        QAConfig(score_temperature=0)

@@ -1,0 +1,43 @@
+"""Seeded samples spread over a file's articles, and whole articles held out for validation."""
+
+from collections import Counter
+
+import pytest
+
+from qa_common.splits import hold_out_articles, sample_questions
+
+
+def _records(sizes: dict[str, int]) -> list[dict]:
+    return [{"id": f"{title}-{i}", "title": title} for title, size in sizes.items() for i in range(size)]
+
+
+RECORDS = _records({"a": 40, "b": 30, "c": 20, "d": 8, "e": 2})
+
+
+def test_a_spread_sample_gives_every_article_its_share():
+    sample = sample_questions(RECORDS, 50, seed=1)
+    assert len(sample) == 50 and len({r["id"] for r in sample}) == 50
+    assert Counter(r["title"] for r in sample) == {"a": 20, "b": 15, "c": 10, "d": 4, "e": 1}
+    assert [RECORDS.index(r) for r in sample] == sorted(RECORDS.index(r) for r in sample)  # file order kept
+
+
+def test_a_spread_sample_is_seeded_and_first_n_only_when_asked():
+    assert sample_questions(RECORDS, 33, seed=3) == sample_questions(RECORDS, 33, seed=3)
+    assert sample_questions(RECORDS, 33, seed=3) != sample_questions(RECORDS, 33, seed=4)
+    assert sample_questions(RECORDS, 33, seed=3, how="first") == RECORDS[:33]
+    assert {r["title"] for r in sample_questions(RECORDS, 33, seed=3, how="first")} == {"a"}
+    assert sample_questions(RECORDS, None, seed=0) == RECORDS == sample_questions(RECORDS, 1000, seed=0)
+    with pytest.raises(ValueError, match="spread, first"):
+        sample_questions(RECORDS, 3, seed=0, how="last")
+
+
+def test_held_out_articles_are_whole_and_disjoint():
+    for seed in range(5):
+        kept, held = hold_out_articles(RECORDS, 25, seed=seed)
+        assert len(held) >= 25 and len(kept) + len(held) == len(RECORDS)
+        assert not {r["title"] for r in kept} & {r["title"] for r in held}
+        sizes = Counter(r["title"] for r in RECORDS)
+        assert all(Counter(r["title"] for r in held)[t] == sizes[t] for t in {r["title"] for r in held})
+    assert hold_out_articles(RECORDS, 25, seed=1) == hold_out_articles(RECORDS, 25, seed=1)
+    with pytest.raises(ValueError, match="leaves no training data"):
+        hold_out_articles(RECORDS, len(RECORDS), seed=0)

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from bench import benchlib
 from serve_app.app import MODEL_DEPLOYMENT
-from serve_app.local import free_port
+from bench.local_service import free_port
 from qa_common.backends import BACKENDS
 from qa_common.modeling import SERVING_DTYPES
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from bench import benchlib
 from serve_app.app import MODEL_DEPLOYMENT
-from serve_app.local import free_port, replica_counts
+from bench.local_service import free_port, replica_counts
 
 DEFAULT_OUT = benchlib.RESULTS / "serve_soak.json"
 APP = "qa"

@@ -135,7 +135,7 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     panels = [(name, "score") for name in results] + [(name, "no_answer") for name in results
-                                                        if f"no_answer_reliability_before" in results[name]]
+                                                        if "no_answer_reliability_before" in results[name]]
     figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2), squeeze=False)
     for axis, (name, kind) in zip(axes[0], panels):
         axis.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfect")

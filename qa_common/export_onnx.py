@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--int8", action="store_true", help="also write model.int8.onnx (dynamic int8)")
     parser.add_argument("--validation-file", help="SQuAD-format file to measure each backend's EM/F1 on "
                         "(without it: argmax agreement on random windows only, and serving's auto keeps PyTorch)")
-    parser.add_argument("--max-questions", type=int, help="measure on the first N validation questions only")
+    parser.add_argument("--max-questions", type=int, help="measure on N validation questions, a seeded sample spread over the articles")
     parser.add_argument("--batch-size", type=int, default=32, help="windows per forward pass (default: %(default)s)")
     args = parser.parse_args(argv)
     from qa_common.data import read_squad

@@ -15,7 +15,7 @@ from serve_helpers import AUTH, service_config
 from conftest import FIXTURES, build_tiny_model
 from qa_common import QAConfig, Question, answer_questions, load_model_and_tokenizer, load_qa_config, read_squad
 from qa_common.calibration import uncalibrated
-from serve_app.local import free_port, local_serve
+from bench.local_service import free_port, local_serve
 
 QA = QAConfig(max_length=160, stride=32, max_question_length=24)  # one window per fixture question
 V2_DATA = FIXTURES / "tiny-squad-v2.json"

@@ -52,7 +52,8 @@ def load_manifest(name: str, **overrides) -> dict:
 
 
 def installed_ray_version() -> str:
-    ray = pytest.importorskip("ray")
+    import ray
+
     return ray.__version__
 
 
@@ -272,7 +273,6 @@ def _train_parser() -> argparse.ArgumentParser:
 
 @pytest.mark.parametrize("name, module", [("rayjob-train.yaml", "train_job"), ("rayjob-tune.yaml", "train_job.tune")])
 def test_rayjob_entrypoint_parses_with_our_own_flags(name, module, monkeypatch):
-    pytest.importorskip("ray")
     from train_job.config import config_from_args
 
     manifest = load_manifest(name)
@@ -332,7 +332,6 @@ def _gpus(manifest: dict) -> int:
 
 def validate_with_ray_serve(config: dict) -> None:
     """Ray Serve's own schema of a config file (what `serve deploy` and KubeRay submit)."""
-    pytest.importorskip("ray")
     from ray.serve.schema import ServeDeploySchema
 
     if hasattr(ServeDeploySchema, "model_validate"):  # pydantic 2
@@ -362,7 +361,6 @@ def test_rayservice_scales_the_model_and_its_gpu_pods_to_zero():
     [app] = serve_config_v2()["applications"]
     model = next(d for d in app["deployments"] if d["name"] == "QAModel")
     autoscaling = model["autoscaling_config"]
-    pytest.importorskip("ray")
     from ray.serve.config import AutoscalingConfig
 
     # Ray ignores unknown autoscaling keys: a typo would silently fall back to a default.

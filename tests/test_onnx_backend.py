@@ -17,8 +17,9 @@ from qa_common import QAConfig, Question, answer_questions, predict_logits, prep
 from qa_common.backends import EXPORT_RECORD_FILE, choose_backend, load_runner
 from qa_common.export_onnx import CARD_HEADING, INT8_RECIPES, main as export_main
 from qa_common.inference import OnnxRunner, TorchRunner
-from serve_app.app import build_app, load_model
-from serve_app.local import free_port, local_serve
+from serve_app.app import build_app
+from serve_app.model import load_model
+from bench.local_service import free_port, local_serve
 from serve_app.schemas import ServeArgs
 
 pytest.importorskip("onnx", reason="exporting needs the onnx package (the onnx extra, part of dev)")

@@ -13,7 +13,7 @@ import httpx
 import pytest
 from serve_helpers import AUTH, SMALL_QA, service_config
 
-from serve_app.local import free_port, local_serve, replica_counts, wait_until
+from bench.local_service import free_port, local_serve, replica_counts, wait_until
 
 from qa_common import QAConfig, Question, answer_questions, prepare_eval_features
 from serve_app.__main__ import configure, parse_args

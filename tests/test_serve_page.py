@@ -14,7 +14,7 @@ import httpx
 import pytest
 from serve_helpers import SMALL_QA, TOKEN, service_config
 
-from serve_app.local import free_port, local_serve, wait_until
+from bench.local_service import free_port, local_serve, wait_until
 
 from qa_common import QAConfig, Question, answer_questions
 

@@ -8,7 +8,7 @@ from serve_helpers import SMALL_QA, TOKEN, service_config
 from test_serve_page import headless_chromium, pytestmark  # noqa: F401 (pytestmark: skipped without Chromium)
 
 from qa_common import QAConfig, Question, answer_questions
-from serve_app.local import free_port, local_serve, wait_until
+from bench.local_service import free_port, local_serve, wait_until
 
 
 def test_the_page_says_not_found_and_greys_the_best_span_as_a_suggestion(tiny_model_dir, fixture_records,

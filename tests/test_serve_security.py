@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from serve_helpers import AUTH, TOKEN, service_config
 
-from serve_app.local import free_port, local_serve, replica_counts, wait_until
+from bench.local_service import free_port, local_serve, replica_counts, wait_until
 
 from serve_app import tokens
 from serve_app.app import MODEL_DEPLOYMENT, app_builder, build_app, deployment_options, load_serve_config

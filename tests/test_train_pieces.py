@@ -193,7 +193,7 @@ class FakeHub:
 def test_push_to_hub_is_private_unless_asked_and_warns_about_memorisation(tmp_path, monkeypatch, capsys, public):
     import huggingface_hub
 
-    from train_job.export import push_to_hub
+    from train_job.publish import push_to_hub
 
     hub = FakeHub()
     monkeypatch.setattr(huggingface_hub, "HfApi", hub)
@@ -205,7 +205,7 @@ def test_push_to_hub_is_private_unless_asked_and_warns_about_memorisation(tmp_pa
 def test_push_to_hub_does_not_upload_to_an_existing_public_repository(tmp_path, monkeypatch, capsys):
     import huggingface_hub
 
-    from train_job.export import push_to_hub
+    from train_job.publish import push_to_hub
 
     hub = FakeHub(existing_public=True)
     monkeypatch.setattr(huggingface_hub, "HfApi", hub)
@@ -218,7 +218,7 @@ def test_push_to_hub_does_not_upload_to_an_existing_public_repository(tmp_path, 
 
 @pytest.mark.parametrize("threshold, warned", [(0.0, True), (0.8125, False)])
 def test_a_model_that_declines_every_validation_question_says_so_on_its_card(threshold, warned):
-    from train_job.export import DECLINES_EVERYTHING, declines_everything, model_card
+    from train_job.publish import DECLINES_EVERYTHING, declines_everything, model_card
 
     abstaining = config(negative_ratio=1, qa=QAConfig(max_length=48, stride=16, max_question_length=20,
                                                      version_2_with_negative=True))

@@ -9,7 +9,7 @@ from test_train_job import tiny_config
 
 from qa_common import Question, answer_questions, load_model_and_tokenizer, load_qa_config, read_squad
 from conftest import FIXTURES
-from serve_app.local import free_port, local_serve
+from bench.local_service import free_port, local_serve
 
 
 @pytest.fixture(scope="module")

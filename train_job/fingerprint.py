@@ -101,7 +101,7 @@ def claim_run_dir(run_dir: str, fingerprint: dict, config: TrainConfig, *, expor
             recorded = json.loads(file.read())
     except FileNotFoundError:
         raise TrainJobError(
-            f"{run_dir} holds a run without a fingerprint (from an older version): its settings are unknown. "
+            f"{run_dir} holds files but no {FINGERPRINT_FILE}: not a train_job run, or one whose start failed. "
             "Use --overwrite to train anew there, or another --output-dir or --run-name") from None
     different = changes(recorded, fingerprint)
     if different:

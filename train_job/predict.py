@@ -25,6 +25,7 @@ from qa_common import Question, SquadFormatError, answer_questions, load_qa_conf
 from qa_common.metric import V1_NAMES, MetricTotals, question_scores
 from qa_common.backends import BACKENDS, DEFAULT_MAX_F1_LOSS, ONNX_FILES, load_runner, onnx_file, resolve_backend
 from qa_common.modeling import SERVING_DTYPES, torch_dtype
+from train_job import run_dir
 from train_job.predict_data import check_input, question_dataset, resolve_inputs, validate_rows
 
 # Per-question columns the actors add for the metrics; the driver sums them and does not write them out.
@@ -127,10 +128,10 @@ class OutputWriter:
     def __init__(self, filesystem, directory: str, fmt: str, with_answers: bool):
         self.filesystem, self.directory = filesystem, directory
         self.fmt, self.with_answers = fmt, with_answers
-        self.files = [f"predictions.{fmt}"] + (["predictions.json"] if with_answers else [])
+        self.files = [f"predictions.{fmt}"] + ([run_dir.PREDICTIONS] if with_answers else [])
         self.stream = self._open(self.files[0])
         self.parquet = None
-        self.answers_json = self._open("predictions.json") if with_answers else None
+        self.answers_json = self._open(run_dir.PREDICTIONS) if with_answers else None
         self.questions = 0
         self.ids: set[str] = set()
         self.totals = MetricTotals()
@@ -259,7 +260,7 @@ def predict(args: argparse.Namespace, plan: dict) -> dict:
           f"first answers after {summary.get('first_answers_s', seconds):.1f} s) -> {summary['predictions']}", flush=True)
     if plan["with_answers"]:
         metrics = {**writer.metrics(), "model": plan["model_dir"], "data": [f.path for f in inputs], **summary}
-        with writer.filesystem.open_output_stream(writer.location("metrics.json")) as stream:
+        with writer.filesystem.open_output_stream(writer.location(run_dir.METRICS)) as stream:
             stream.write((json.dumps(metrics, indent=2) + "\n").encode("utf-8"))
         print_metrics(metrics)
         summary["metrics"] = metrics

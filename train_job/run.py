@@ -9,17 +9,12 @@ from pathlib import Path
 
 from qa_common import load_tokenizer
 from qa_common.features import check_tokenizer
+from train_job import run_dir
 from train_job.config import TrainConfig, save_config
 from train_job.data import load_splits
 from train_job.driver import PreparedData, best_checkpoint, build_trainer, epoch_history, fit_to_cluster, init_ray, startup_failure
-from train_job.export import export_run, push_to_hub
+from train_job.publish import publish_run, push_to_hub
 from train_job.fingerprint import claim_run_dir, run_fingerprint
-
-
-def exported_paths(output_dir: Path, run_name: str) -> list[Path]:
-    """What an export (and the trackers) of a run wrote in ``output_dir``: deleted with the run by --overwrite."""
-    return [output_dir / "model", output_dir / "metrics.json", output_dir / "predictions.json",
-            output_dir / "tensorboard" / run_name]
 
 
 def run(config: TrainConfig, *, after_epoch=None, after_step=None) -> dict:
@@ -28,7 +23,7 @@ def run(config: TrainConfig, *, after_epoch=None, after_step=None) -> dict:
 
     output_dir = Path(config.output_dir).resolve()
     config = dataclasses.replace(config, output_dir=str(output_dir))  # workers run in other directories
-    storage_path = config.storage_path or str(output_dir / "checkpoints")
+    storage_path = config.storage_path or str(output_dir / run_dir.CHECKPOINTS)
     started = time.perf_counter()
     train, validation = load_splits(config)  # bad data and a wrong model name fail here, before Ray starts
     check_tokenizer(load_tokenizer(config.model), config.qa)
@@ -36,10 +31,10 @@ def run(config: TrainConfig, *, after_epoch=None, after_step=None) -> dict:
     init_ray(config.address)
     config = fit_to_cluster(config)
     claim_run_dir(f"{storage_path.rstrip('/')}/{config.run_name}", fingerprint, config,
-                  exported=exported_paths(output_dir, config.run_name))
+                  exported=run_dir.exported(output_dir, config.run_name))
     data = PreparedData(config, train, validation)
     output_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, output_dir / "train_config.json")
+    save_config(config, output_dir / run_dir.TRAIN_CONFIG)
     trainer = build_trainer(config, data, name=config.run_name, storage_path=storage_path, fingerprint=fingerprint,
                             after_epoch=after_epoch, after_step=after_step)
     try:
@@ -53,17 +48,17 @@ def run(config: TrainConfig, *, after_epoch=None, after_step=None) -> dict:
               file=sys.stderr)
         raise
     checkpoint, checkpoint_metrics = best_checkpoint(result)
-    metrics = export_run(checkpoint, checkpoint_metrics, config, output_dir,
+    metrics = publish_run(checkpoint, checkpoint_metrics, config, output_dir,
                          {**data.summary(), "history": epoch_history(result), "wall_time_s": time.perf_counter() - started},
                          validation)
-    print(f"[train_job] exported {output_dir / 'model'}: EM {metrics['exact_match']:.2f}, F1 {metrics['f1']:.2f} "
+    print(f"[train_job] exported {output_dir / run_dir.MODEL}: EM {metrics['exact_match']:.2f}, F1 {metrics['f1']:.2f} "
           f"(epoch {metrics['best_epoch']} of {config.epochs})")
     if config.export_onnx:
         from qa_common.export_onnx import card_section, export_onnx
 
-        record = export_onnx(output_dir / "model", optimize=True, int8=True, validation_records=validation,
+        record = export_onnx(output_dir / run_dir.MODEL, optimize=True, int8=True, validation_records=validation,
                              validation_name=Path(config.validation_file).name if config.validation_file else config.dataset)
         print(f"[train_job] {card_section(record)}")
     if config.push_to_hub:
-        push_to_hub(output_dir / "model", config.push_to_hub, public=config.hub_public)
+        push_to_hub(output_dir / run_dir.MODEL, config.push_to_hub, public=config.hub_public)
     return metrics

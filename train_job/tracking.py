@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from train_job import run_dir
 from train_job.config import TrainConfig
 
 MLFLOW_EXPERIMENT = "train_job"
@@ -30,7 +31,7 @@ class Trackers:
         if "tensorboard" in config.trackers:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tensorboard = SummaryWriter(log_dir=str(output_dir / "tensorboard" / run_name), purge_step=step or None)
+            self.tensorboard = SummaryWriter(log_dir=str(output_dir / run_dir.TENSORBOARD / run_name), purge_step=step or None)
         if "mlflow" in config.trackers:
             import mlflow
 

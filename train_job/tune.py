@@ -19,8 +19,9 @@ from qa_common.features import check_tokenizer
 from train_job.config import TrainConfig, TrainJobError
 from train_job.data import load_splits
 from train_job.driver import PreparedData, build_trainer, fit_to_cluster, init_ray
-from train_job.export import export_run
+from train_job.publish import publish_run
 from train_job.fingerprint import claim_run_dir, run_fingerprint
+from train_job import run_dir
 from train_job.resources import TRIAL_DRIVER_CPUS
 
 SEARCH_SETTINGS = ("lr_min", "lr_max", "lr_grid", "num_samples", "scheduler", "grace_period", "metric")
@@ -75,9 +76,7 @@ def search(config: TrainConfig, args) -> dict:
     config = fit_to_cluster(config, driver_cpus=TRIAL_DRIVER_CPUS)
     storage_path = config.storage_path or str(output_dir / "tune")
     experiment = f"{storage_path.rstrip('/')}/{args.name}"  # a path or a URI (s3://, gs://)
-    resuming = claim_run_dir(experiment, fingerprint, config, exported=[
-        output_dir / "model", output_dir / "metrics.json", output_dir / "predictions.json",
-        output_dir / "tune_results.json"])
+    resuming = claim_run_dir(experiment, fingerprint, config, exported=run_dir.exported(output_dir, args.name))
     data = PreparedData(config, train, validation)
     # A NaN learning rate is not a transient failure: fail the trial, do not retry it.
     trial_base = dataclasses.replace(config, max_failures=0)
@@ -112,15 +111,15 @@ def search(config: TrainConfig, args) -> dict:
 
     # Checkpoint paths come without the URI scheme; the experiment's filesystem resolves them.
     best_checkpoint = Checkpoint(best["best_checkpoint_path"], filesystem=results.filesystem)
-    metrics = export_run(best_checkpoint, best["best_metrics"], best_config, output_dir,
+    metrics = publish_run(best_checkpoint, best["best_metrics"], best_config, output_dir,
                          {**data.summary(), "tuned_over": len(trials)}, validation)
     summary = {"metric": args.metric, "best": {k: v for k, v in best.items() if k != "best_metrics"},
                "trials": [{k: v for k, v in t.items() if k != "best_metrics"} for t in trials],
-               "experiment_path": experiment, "exported_model": str(output_dir / "model"), "best_metrics": metrics}
-    (output_dir / "tune_results.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+               "experiment_path": experiment, "exported_model": str(output_dir / run_dir.MODEL), "best_metrics": metrics}
+    (output_dir / run_dir.TUNE_RESULTS).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     print(results_table(trials, best))
     print(f"[train_job.tune] best learning rate {best['learning_rate']:.3g} (F1 {best['f1']:.2f}); model exported to "
-          f"{output_dir / 'model'}; serve it with: python -m serve_app --model {output_dir / 'model'}")
+          f"{output_dir / run_dir.MODEL}; serve it with: python -m serve_app --model {output_dir / run_dir.MODEL}")
     return summary
 
 

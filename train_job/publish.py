@@ -1,4 +1,5 @@
-"""Turn the best checkpoint into the run's output: a Hugging Face model dir, metrics and a model card."""
+"""Publish a run: its best checkpoint as a Hugging Face model directory with metrics, calibration and a
+model card (and, when asked, on the Hub)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from pathlib import Path
 from qa_common import QAConfig, load_model_and_tokenizer, save_qa_config
 from qa_common.calibration import calibrate
 from qa_common.calibration import describe as describe_calibration
-from train_job.checkpoint import PREDICTIONS, copy_model_and_predictions, read_train_config
+from train_job import run_dir
+from train_job.checkpoint import copy_model_and_predictions, read_train_config
 from train_job.config import TrainConfig
 
 METRIC_NAMES = ("exact_match", "f1", "precision", "recall")  # SQuAD 1.1
@@ -19,7 +21,7 @@ V2_METRIC_NAMES = (  # SQuAD 2.0 (the official script's names), and the threshol
 )
 
 
-def export_run(checkpoint, checkpoint_metrics: dict, config: TrainConfig, output_dir: Path, extra: dict,
+def publish_run(checkpoint, checkpoint_metrics: dict, config: TrainConfig, output_dir: Path, extra: dict,
                validation_records: list[dict]) -> dict:
     """Write ``model/`` (+ ``model/README.md``), ``metrics.json`` and ``predictions.json``; return the metrics.
 
@@ -28,9 +30,9 @@ def export_run(checkpoint, checkpoint_metrics: dict, config: TrainConfig, output
     calibration fitted on ``validation_records`` (:mod:`qa_common.calibration`).
     """
     output_dir.mkdir(parents=True, exist_ok=True)
-    model_dir = output_dir / "model"
+    model_dir = output_dir / run_dir.MODEL
     with checkpoint.as_directory() as directory:
-        copy_model_and_predictions(directory, model_dir, output_dir / PREDICTIONS)
+        copy_model_and_predictions(directory, model_dir, output_dir / run_dir.PREDICTIONS)
         recorded = read_train_config(directory)
     config = TrainConfig.from_dict(recorded["config"])
     metrics = {
@@ -57,7 +59,7 @@ def export_run(checkpoint, checkpoint_metrics: dict, config: TrainConfig, output
         metrics["no_answer_threshold"] = qa.no_answer_threshold  # on the calibrated scale: the same decisions
     print(f"[train_job] calibrated: {describe_calibration(metrics['calibration'])}", flush=True)
     save_qa_config(qa, model_dir)
-    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    (output_dir / run_dir.METRICS).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     (model_dir / "README.md").write_text(model_card(metrics, config), encoding="utf-8")
     if declines_everything(metrics, config):
         print(f"[train_job] warning: {DECLINES_EVERYTHING}", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""Run the service on a private local Ray and watch it: shared by the tests and the benchmarks."""
+"""Run the service on a private local Ray and watch it: tooling for the tests and benchmarks, not the service."""
 
 from __future__ import annotations
 

@@ -1,0 +1,241 @@
+"""``QAIngress``, the HTTP side of the service (one small replica that never scales to zero).
+
+It serves the web page, checks the bearer token, validates requests, counts the model windows each
+needs (413 over the budget) and fans each question out to the model deployment through a
+``DeploymentHandle``, within a per-request deadline (503 with Retry-After beyond it, or when the
+model's queue is full). A question whose model replica dies under it is asked again once. Every
+request leaves one JSON line in the audit log (ids, sizes, times, statuses; never text).
+"""
+
+import asyncio
+import hashlib
+import json
+import time
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse
+from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException
+
+from qa_common import QAConfig, Question, count_windows, load_tokenizer
+from qa_common.backends import resolve_backend
+from qa_common.modeling import dtype_name
+from serve_app import audit
+from serve_app.auth import TokenChecker
+from serve_app.http import UNAUTHORIZED, busy, crash_as_json, decode_json, error_as_json, error_responses, read_body
+from serve_app.schemas import (
+    MAX_QUESTION_CHARS, MAX_QUESTIONS_PER_REQUEST, REQUEST_SHAPE, AnswerResponse, InvalidRequest, ServeArgs,
+    parse_questions, request_body_schema,
+)
+from serve_app.work import DEADLINE, WorkItem
+
+INGRESS_DEPLOYMENT = "QAIngress"  # the deployment's name, as in config.yaml
+INDEX_PAGE = Path(__file__).with_name("static") / "index.html"
+
+
+# @serve.ingress freezes a copy of this app, with the globals its routes use, when the ingress
+# class is defined: everything the routes call must be defined above that class. The schema and
+# the docs page are routes of the class, so that the schema carries this deployment's limits.
+api = FastAPI(
+    title="Extractive question answering",
+    description="Answers a question with a span of the given document (context). The page at `/` is a small UI. "
+    "Every `/v1/` route needs `Authorization: Bearer TOKEN`.",
+    version="1",
+    openapi_url=None,
+    docs_url=None,
+    redoc_url=None,
+)
+api.middleware("http")(audit.audit_requests)
+api.exception_handler(HTTPException)(error_as_json)
+api.exception_handler(Exception)(crash_as_json)
+
+
+@serve.deployment(name=INGRESS_DEPLOYMENT)
+@serve.ingress(api)
+class QAIngress:
+    """The HTTP side: the page, tokens, validation, budgets, and ``QAModel.answer`` calls per question."""
+
+    def __init__(self, model: DeploymentHandle, args: ServeArgs, model_path: str, qa_config: QAConfig,
+                 model_card: dict, token_hashes: list[str]):
+        self.model = model
+        self.args = args
+        self.qa_config = qa_config
+        self.tokenizer = load_tokenizer(model_path)
+        self.model_card = model_card
+        self.tokens = TokenChecker(token_hashes) if token_hashes else None
+        self.log = audit.configure(args.audit_log, model_card["version"])
+        self.index_html = INDEX_PAGE.read_text(encoding="utf-8")
+        self.openapi_schema = None
+
+    def authenticate(self, request: Request) -> None:
+        """Record the caller's token id for the audit, or refuse the request with 401."""
+        if self.tokens is None:
+            return
+        authorization = request.headers.get("authorization")
+        token_id = self.tokens.token_id(authorization)
+        if token_id is None:
+            problem = "this token is not accepted" if authorization else "no bearer token"
+            challenge = 'Bearer realm="qa", error="invalid_token"' if authorization else UNAUTHORIZED["WWW-Authenticate"]
+            raise HTTPException(
+                401, f"{problem}; send the header `Authorization: Bearer TOKEN` with a token this service accepts",
+                headers={"WWW-Authenticate": challenge},
+            )
+        request.state.audit["token_id"] = token_id
+
+    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page(self) -> str:
+        return self.index_html
+
+    @api.get("/openapi.json", include_in_schema=False)
+    async def openapi(self, request: Request) -> dict:
+        if self.openapi_schema is None:
+            schema = json.loads(json.dumps(request.app.openapi()))  # a copy: the app caches its own
+            schema["paths"]["/v1/answer"]["post"]["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": request_body_schema(self.args.max_context_chars)}},
+            }
+            schema.setdefault("components", {})["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+            self.openapi_schema = schema
+        return self.openapi_schema
+
+    @api.get("/docs", include_in_schema=False)
+    async def docs(self, request: Request) -> HTMLResponse:
+        root_path = request.scope.get("root_path", "").rstrip("/")
+        return get_swagger_ui_html(openapi_url=f"{root_path}/openapi.json", title=f"{api.title} - API docs")
+
+    @api.get("/healthz", summary="The service is up (does not wake a model scaled to zero)")
+    async def healthz(self) -> dict:
+        return {"status": "ok"}
+
+    @api.get(
+        "/v1/model", summary="The model being served, its settings and limits (does not wake a model at zero)",
+        responses=error_responses(401, 500), openapi_extra={"security": [{"bearer": []}]},
+    )
+    async def model_info(self, request: Request) -> dict:
+        self.authenticate(request)
+        return self.model_card
+
+    @api.post(
+        "/v1/answer",
+        response_model=AnswerResponse,
+        summary="Answer one question, or a list of questions, about a context",
+        description=f"Body: {REQUEST_SHAPE}. Each answer is {{answer, score, start, end, no_answer_probability}} "
+        "with context[start:end] == answer; 'not in this document' is answer \"\" with start = end = -1. "
+        "top_k > 1 gives a list of answers per question, the no-answer one in its ranked place.",
+        responses=error_responses(400, 401, 413, 422, 503, 500),
+        openapi_extra={"security": [{"bearer": []}]},
+    )
+    async def answer(self, request: Request):
+        self.authenticate(request)
+        deadline = time.time() + self.args.request_deadline_s
+        payload = decode_json(await read_body(request, self.args.max_body_bytes))
+        try:
+            questions, is_list = parse_questions(payload, max_context_chars=self.args.max_context_chars)
+        except InvalidRequest as error:
+            raise HTTPException(422, str(error)) from None
+        windows = await asyncio.to_thread(
+            count_windows, self.tokenizer, [q.question for q in questions], [q.context for q in questions],
+            self.qa_config,
+        )
+        request.state.audit.update(questions=len(questions), windows=sum(windows))
+        if sum(windows) > self.args.max_windows_per_request:
+            raise HTTPException(
+                413, f"these {len(questions)} question(s) need {sum(windows):,} model windows, more than this "
+                f"service's limit of {self.args.max_windows_per_request:,} per request; send shorter documents "
+                "or fewer questions per request",
+            )
+        self.log.questions.inc(len(questions))
+        items = [
+            WorkItem(Question(q.question, q.context, q.top_k, q.max_answer_length, q.allow_no_answer), count, deadline)
+            for q, count in zip(questions, windows)
+        ]
+        results = await self.ask_model(items, deadline)
+        request.state.audit["abstained"] = sum(answers[0]["answer"] == "" for answers in results)
+        shaped = [answers if q.top_k > 1 else answers[0] for q, answers in zip(questions, results)]
+        return shaped if is_list else shaped[0]
+
+    async def ask_model(self, items: list[WorkItem], deadline: float) -> list[list[dict]]:
+        """Every item's answers, or the HTTP error of the first item that has none."""
+        tasks = [asyncio.ensure_future(self.ask_with_one_retry(item)) for item in items]
+        try:
+            outcomes = await asyncio.wait_for(asyncio.gather(*tasks), timeout=max(0.0, deadline - time.time()))
+        except (asyncio.TimeoutError, BackPressureError, RayActorError) as error:
+            for task in tasks:
+                task.cancel()
+            reason, why = {
+                asyncio.TimeoutError: ("deadline", "no answer within the deadline"),
+                BackPressureError: ("queue_full", "the model's queue is full"),
+            }.get(type(error), ("replica_lost", "the model replica stopped"))
+            self.log.rejections.inc(tags={"reason": reason})
+            raise busy(self.args.retry_after_s, why) from None
+        for position, outcome in enumerate(outcomes):
+            if outcome.get("error") == DEADLINE:
+                self.log.rejections.inc(tags={"reason": "deadline"})
+                raise busy(self.args.retry_after_s, "no answer within the deadline")
+            if "error" in outcome:
+                raise HTTPException(500, f"the model failed on question {position} ({outcome['type']}); try again")
+        return [outcome["answers"] for outcome in outcomes]
+
+    async def ask_with_one_retry(self, item: WorkItem) -> dict:
+        """Answering is idempotent: when the replica dies under the question, ask once more (within the deadline)."""
+        for attempt in (1, 2):
+            response = self.model.answer.remote(item)
+            try:
+                return await response
+            except asyncio.CancelledError:
+                response.cancel()
+                raise
+            except RayActorError:
+                if attempt == 2 or time.time() >= item.deadline:
+                    raise
+
+
+def model_version(model_path: str) -> str:
+    """A short id of the checkpoint: its config and its weight files' names, sizes and times."""
+    directory = Path(model_path)
+    if not directory.is_dir():
+        return f"hub:{model_path}"
+    digest = hashlib.sha256((directory / "config.json").read_bytes())
+    for weights in sorted([*directory.glob("*.safetensors"), *directory.glob("*.bin")]):
+        stat = weights.stat()
+        digest.update(f"{weights.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:12]
+
+
+def model_name(model: str, model_path: str) -> str:
+    """What /v1/model calls the model: a Hub name as given; for a directory its name, never its path."""
+    if not Path(model).expanduser().exists():
+        return model
+    directory = Path(model_path)
+    return directory.parent.name if directory.name == "model" else directory.name  # runs/quickstart/model: quickstart
+
+
+def model_card(model_path: str, args: ServeArgs, qa_config: QAConfig, model_options: dict) -> dict:
+    """What /v1/model shows: the model's name and version, its settings and the request limits."""
+    actor_options = model_options.get("ray_actor_options", {})
+    device = "cuda" if actor_options.get("num_gpus", 0) else "cpu"
+    backend = resolve_backend(model_path, args.backend, device=device, max_f1_loss=args.max_f1_loss)
+    return {
+        "name": args.model_name or model_name(args.model, model_path),
+        "version": model_version(model_path),
+        "device": device,
+        "backend": backend,
+        "backend_requested": args.backend,
+        "dtype": {"onnx": "float32", "onnx-int8": "int8"}.get(backend) or dtype_name(args.dtype, device),
+        "threads": max(1, int(actor_options.get("num_cpus", 1))),  # intra-op threads: one per CPU of a replica
+        **qa_config.to_dict(),
+        "max_batch_size": args.max_batch_size,
+        "limits": {
+            "questions_per_request": MAX_QUESTIONS_PER_REQUEST,
+            "question_chars": MAX_QUESTION_CHARS,
+            "context_chars": args.max_context_chars,
+            "body_bytes": args.max_body_bytes,
+            "windows_per_request": args.max_windows_per_request,
+            "deadline_s": args.request_deadline_s,
+        },
+    }

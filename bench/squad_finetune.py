@@ -53,7 +53,7 @@ def main(argv=None) -> int:
 def measure(args, workdir: Path, load_before: list[float]) -> int:
     import torch
 
-    from bench.train_throughput import training_features
+    from bench.train_recipes import training_features
     from qa_common import (
         decode_predictions, length_grouped_batches, load_model_and_tokenizer, predict_logits, prepare_eval_features,
         read_squad, squad_metrics, trim_padding,

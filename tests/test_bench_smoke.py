@@ -32,21 +32,27 @@ def run_bench(script: str, out: Path, *flags: str, timeout: int = 240) -> dict:
     return document
 
 
+TRAIN_FLAGS = ["--data", str(FIXTURES / "tiny-squad.jsonl"), "--eval-data", str(FIXTURES / "tiny-squad.json"),
+               *SMALL_WINDOWS, "--batch-size", "4", "--epochs", "1", "--eval-questions", "2", "--cpus", "1"]
+
+
 def test_train_throughput(tiny_model_dir, tmp_path):
     pytest.importorskip("accelerate", reason="the seed recipe's HF Trainer needs accelerate (the dev extra)")
-    document = run_bench(
-        "train_throughput", tmp_path / "train.json",
-        "--model", str(tiny_model_dir), "--data", str(FIXTURES / "tiny-squad.jsonl"),
-        "--eval-data", str(FIXTURES / "tiny-squad.json"), *SMALL_WINDOWS, "--batch-size", "4",
-        "--seed-steps", "2", "--warmup-steps", "1", "--epochs", "1", "--eval-questions", "2",
-        "--scaling", "--variants", "--variant-features", "8", "--cpus", "1",
-    )
+    document = run_bench("train_throughput", tmp_path / "train.json", "--model", str(tiny_model_dir), *TRAIN_FLAGS,
+                         "--seed-steps", "2", "--warmup-steps", "1")
     results, ratios = document["results"], document["ratios"]
     assert results["seed"]["features_per_s"] > 0 and results["ours"]["features_per_s"] > 0
     assert ratios["ours_vs_seed_features_per_s"] > 0
-    assert [row["workers"] for row in results["scaling"]] == [1, 2]
-    assert ratios["scaling_efficiency_2_workers"] > 0
-    assert len(results["variants"]) >= 5 and all(row["features_per_s"] > 0 for row in results["variants"])
+
+
+def test_train_scaling_and_variants(tiny_model_dir, tmp_path):
+    document = run_bench("train_scaling", tmp_path / "scaling.json", "--model", str(tiny_model_dir), *TRAIN_FLAGS)
+    assert [row["workers"] for row in document["results"]["scaling"]] == [1, 2]
+    assert document["ratios"]["scaling_efficiency_2_workers"] > 0
+    document = run_bench("train_variants", tmp_path / "variants.json", "--model", str(tiny_model_dir), *TRAIN_FLAGS,
+                         "--variant-features", "8")
+    variants = document["results"]["variants"]
+    assert len(variants) >= 5 and all(row["features_per_s"] > 0 for row in variants)
 
 
 def test_preprocess(tiny_model_dir, tmp_path):
@@ -118,7 +124,7 @@ def test_predict_throughput(tiny_model_dir, tmp_path):
 
 
 def test_every_script_has_help():
-    for script in ("train_throughput", "preprocess", "serve_load", "cold_start", "serve_soak", "predict_throughput",
+    for script in ("train_throughput", "train_scaling", "train_variants", "squad_accuracy", "preprocess", "serve_load", "cold_start", "serve_soak", "predict_throughput",
                    "cuda_graph_latency", "backends", "gpu_suite", "squad_finetune", "abstention_accuracy"):
         result = subprocess.run([sys.executable, "-m", f"bench.{script}", "--help"],
                                 cwd=REPO, capture_output=True, text=True, timeout=60)

@@ -60,6 +60,26 @@ def test_export_writes_the_files_the_record_and_the_model_card(exported_dir):
     assert card.count(CARD_HEADING) == 1 and "| onnx-int8 | model.int8.onnx |" in card
 
 
+def test_an_abstaining_model_exports_on_squad_v2_data_scored_with_its_own_threshold(tiny_model_dir, tmp_path):
+    from qa_common import QAConfig, Question, answer_questions, load_model_and_tokenizer, read_squad, squad_v2_metrics
+
+    directory = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, directory)
+    config = QAConfig(**SMALL_QA, version_2_with_negative=True, no_answer_threshold=0.5)
+    (directory / "qa_config.json").write_text(json.dumps(config.to_dict()))
+    v2 = FIXTURES / "tiny-squad-v2.json"
+    assert export_main([str(directory), "--int8", "--validation-file", str(v2)]) == 0
+    record = json.loads((directory / EXPORT_RECORD_FILE).read_text())
+    # PyTorch's F1 is the SQuAD 2.0 F1 of the answers as the model serves them (abstaining at its threshold).
+    records = read_squad(v2)
+    model, tokenizer = load_model_and_tokenizer(str(directory))
+    served = answer_questions(model.eval(), tokenizer, [Question(r["question"], r["context"]) for r in records], config)
+    expected = squad_v2_metrics({r["id"]: best[0]["answer"] for r, best in zip(records, served)},
+                                {r["id"]: r["answers"]["text"] for r in records})
+    assert record["torch"]["f1"] == pytest.approx(expected["f1"])
+    assert record["onnx-int8"]["f1_loss"] == pytest.approx(record["torch"]["f1"] - record["onnx-int8"]["f1"])
+
+
 def test_export_without_validation_records_agreement_only_and_replaces_the_card_section(tiny_model_dir, tmp_path):
     directory = tmp_path / "model"
     shutil.copytree(tiny_model_dir, directory)

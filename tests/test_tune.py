@@ -42,3 +42,33 @@ def test_search_ranks_trials_fails_the_diverging_one_and_exports_the_best(local_
     again = json.loads((tmp_path / "tune_results.json").read_text())
     assert [t["trial_id"] for t in again["trials"]] == [t["trial_id"] for t in trials]
     assert "resuming the search" in capsys.readouterr().out
+
+
+def test_trials_keep_their_checkpoints_ranked_by_the_searched_metric(local_ray, tiny_model_dir, tmp_path):
+    """--metric exact_match exports the best-EM epoch: Ray Train must keep checkpoints by EM, not F1."""
+    from types import SimpleNamespace
+
+    import ray.data
+
+    from train_job.config import TrainConfig
+    from train_job.driver import build_trainer
+
+    config = TrainConfig(model=str(tiny_model_dir), train_file=str(FIXTURES / "tiny-squad.jsonl"),
+                         validation_file=str(FIXTURES / "tiny-squad.json"), output_dir=str(tmp_path)).validate()
+    data = SimpleNamespace(train_feature_count=8, train_features_ref=None, validation_ref=None,
+                           validation_features=ray.data.from_items([{"example_index": 0}]))
+    for metric in ("f1", "exact_match"):
+        trainer = build_trainer(config, data, name="t", storage_path=str(tmp_path), checkpoint_metric=metric)
+        kept = trainer.run_config.checkpoint_config
+        assert (kept.checkpoint_score_attribute, kept.checkpoint_score_order) == (metric, "max")
+    assert "--mode" not in lr_search_help()
+
+
+def lr_search_help() -> str:
+    import contextlib
+    import io
+
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer), contextlib.suppress(SystemExit):
+        lr_search.main(["--help"])
+    return buffer.getvalue()

@@ -41,3 +41,24 @@ def test_held_out_articles_are_whole_and_disjoint():
     assert hold_out_articles(RECORDS, 25, seed=1) == hold_out_articles(RECORDS, 25, seed=1)
     with pytest.raises(ValueError, match="leaves no training data"):
         hold_out_articles(RECORDS, len(RECORDS), seed=0)
+
+
+def test_training_validates_on_held_out_articles_with_negatives_on_both_sides(capsys):
+    from conftest import FIXTURES
+    from train_job.config import TrainConfig
+    from train_job.data import load_splits
+    from train_job.fingerprint import run_fingerprint
+
+    config = TrainConfig(train_file=str(FIXTURES / "tiny-squad.jsonl"), holdout_questions=5, max_train_samples=5,
+                         negative_ratio=1, negative_source="mix", seed=3).validate()
+    train, validation = load_splits(config)
+    answerable = [r for r in train if r["answers"]["text"]]
+    assert len(answerable) == 5 and not {r["title"] for r in train} & {r["title"] for r in validation}
+    assert len({r["title"] for r in answerable}) > 1  # spread over the articles, not the file's first five
+    assert any(not r["answers"]["text"] for r in validation) and any(r["answers"]["text"] for r in validation)
+    assert config.qa.version_2_with_negative  # switched on by the negatives
+    assert "held-out article" in capsys.readouterr().out
+    settings = run_fingerprint(config, train, validation)["settings"]
+    assert (settings["sample"], settings["holdout_questions"], settings["negative_source"]) == ("spread", 5, "mix")
+    with pytest.raises(ValueError, match="--validation-file or --holdout-questions, not both"):
+        TrainConfig(train_file="t.json", validation_file="v.json", holdout_questions=3).validate()

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from qa_common.config import QAConfig
-from qa_common.decoding import NULL_SPAN, Candidates, _logit, _sigmoid, rank_candidates
+from qa_common.decoding import NULL_SPAN, Candidates, _logit, _sigmoid, no_answer_probability, rank_candidates
 from qa_common.metric import normalize_answer
 
 BINS = 10  # equal-width confidence bins of the expected calibration error and the reliability diagram
@@ -117,6 +117,23 @@ def expected_calibration_error(confidences: Sequence[float], outcomes: Sequence[
     return float(sum(r["count"] * abs(r["accuracy"] - r["confidence"]) for r in rows if r["count"]) / total)
 
 
+def calibrated_threshold(raw: QAConfig, calibrated: QAConfig, raw_candidates: Sequence[Candidates]) -> float:
+    """``raw``'s no-answer threshold on ``calibrated``'s scale, so that every decision stays the same.
+
+    Training's threshold is the raw no-answer probability of one validation question (the official
+    ``find_best_thresh``), a question that sits exactly on the boundary: its calibrated probability,
+    computed as decoding computes it, is the threshold (a round trip through the formula could move
+    that question across). Otherwise the threshold goes through the same monotone map.
+    """
+    t = raw.no_answer_threshold
+    if not 0 < t < 1:
+        return t
+    for c in raw_candidates:
+        if c.no_answer_probability == t:
+            return no_answer_probability(c.null_score, c.best_span_score, calibrated)
+    return _sigmoid(calibrated.no_answer_scale * _logit(t) + calibrated.no_answer_bias)
+
+
 def score_outcomes(all_candidates: Sequence[Candidates], contexts: Sequence[str], golds: Sequence[Sequence[str]],
                    config: QAConfig) -> tuple[list[float], list[bool]]:
     """The top answer's score under ``config``'s temperature, and whether it is exactly right, per question."""
@@ -136,9 +153,9 @@ def fit(logits: Sequence[tuple], contexts: Sequence[str], golds: Sequence[Sequen
     raw_candidates = [rank_candidates(start, end, offsets, raw) for start, end, offsets in logits]
     unanswerable = [not g for g in golds]
     scale, bias = fit_no_answer_scaling([c.null_score - c.best_span_score for c in raw_candidates], unanswerable)
-    t = raw.no_answer_threshold
-    threshold = _sigmoid(scale * _logit(t) + bias) if 0 < t < 1 else t
-    no_answer = raw.replace(no_answer_scale=scale, no_answer_bias=bias, no_answer_threshold=threshold)
+    no_answer = raw.replace(no_answer_scale=scale, no_answer_bias=bias)
+    no_answer = no_answer.replace(no_answer_threshold=calibrated_threshold(raw, no_answer, raw_candidates))
+    threshold = no_answer.no_answer_threshold
     candidates = [rank_candidates(start, end, offsets, no_answer) for start, end, offsets in logits]
     _, correct = score_outcomes(candidates, contexts, golds, no_answer)
     calibrated = no_answer.replace(score_temperature=fit_temperature(candidates, correct))

@@ -227,8 +227,10 @@ def test_a_model_that_declines_every_validation_question_says_so_on_its_card(thr
                "HasAns_total": 6, "HasAns_exact": 0.0 if declined_all else 50.0, "HasAns_f1": 0.0 if declined_all else 60.0,
                "NoAns_total": 4, "NoAns_exact": 100.0, "NoAns_f1": 100.0, "no_answer_threshold": threshold,
                "best_epoch": 2, "train_examples": 12, "train_features": 14, "train_samples_per_second": 3.0,
-               "train_runtime_s": 8.0}
+               "train_runtime_s": 8.0, "training_precision": "fp32",
+               "calibration": {"questions": 10, "score_temperature": 1.2, "score_ece_before": 0.2, "score_ece_after": 0.1}}
     card = model_card(metrics, abstaining)
+    assert "Scores are calibrated" in card and "temperature 1.200" in card
     assert declines_everything(metrics, abstaining) is warned
     assert (DECLINES_EVERYTHING in card) is warned
     assert f"{threshold:.4f}" in card

@@ -63,14 +63,16 @@ def main(argv=None) -> int:
     return benchlib.run_in_workdir(measure, parse_args(argv), prefix="bench-abstention-")
 
 
-def half_unanswerable(records: list[dict], borrowed_paragraphs: list[dict], seed: int) -> list[dict]:
+def half_unanswerable(records: list[dict], borrowed_paragraphs: list[dict], seed: int, source: str = "other") -> list[dict]:
     """``records`` with a seeded half of the questions moved onto a paragraph of ``borrowed_paragraphs``
-    holding none of their answers (questions without such a paragraph stay answerable)."""
+    holding none of their answers, of the same article or another (``source``, as
+    ``qa_common.synthesise_negatives``); questions without such a paragraph stay answerable."""
     from qa_common import synthesise_negatives
 
     rng = random.Random(seed)
     chosen = set(rng.sample(range(len(records)), len(records) // 2))
-    negatives = synthesise_negatives([records[i] for i in sorted(chosen)], 1, seed=seed, paragraphs=borrowed_paragraphs)
+    negatives = synthesise_negatives([records[i] for i in sorted(chosen)], 1, seed=seed, paragraphs=borrowed_paragraphs,
+                                     source=source)
     negative_of = {negative["id"].rsplit("-neg", 1)[0]: negative for negative in negatives}
     return [negative_of.get(record["id"], record) if i in chosen else record for i, record in enumerate(records)]
 

@@ -22,7 +22,6 @@ out of the training data), never on these questions.
 from __future__ import annotations
 
 import argparse
-import random
 from pathlib import Path
 
 from bench import benchlib
@@ -48,19 +47,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def test_sets(records: list[dict], names: list[str], seed: int) -> dict[str, list[dict]]:
-    from qa_common import synthesise_negatives
+    from bench.abstention_accuracy import half_unanswerable
 
-    sets = {}
-    for name in names:
-        if name == "dev":
-            sets["dev"] = records
-            continue
-        chosen = set(random.Random(seed).sample(range(len(records)), len(records) // 2))
-        moved = synthesise_negatives([records[i] for i in sorted(chosen)], 1, seed=seed, paragraphs=records, source=name)
-        negative_of = {negative["id"].rsplit("-neg", 1)[0]: negative for negative in moved}
-        sets[f"half unanswerable ({SET_LABELS[name]})"] = [
-            negative_of.get(r["id"], r) if i in chosen else r for i, r in enumerate(records)]
-    return sets
+    return {"dev" if name == "dev" else f"half unanswerable ({SET_LABELS[name]})":
+            records if name == "dev" else half_unanswerable(records, records, seed, source=name) for name in names}
 
 
 def answer_rows(model, tokenizer, records: list[dict], config) -> list[dict]:

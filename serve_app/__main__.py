@@ -2,6 +2,7 @@
 
     python -m serve_app --model DIR
     python -m serve_app --model DIR --host 0.0.0.0 --token-hashes-file token-hashes.txt
+    python -m serve_app update --model NEW_DIR     # a running service: see python -m serve_app update --help
 
 loads the Serve config (serve_app/config.yaml unless --config), applies the flags given, runs the
 application on a new local Ray (or the cluster at --address), prints its URL and serves until Ctrl-C.
@@ -39,7 +40,8 @@ DEPLOYMENT_FLAGS = {
     "num_cpus": (("ray_actor_options", "num_cpus"), float, "CPUs per model replica"),
     "num_gpus": (("ray_actor_options", "num_gpus"), float, "GPUs per model replica"),
 }
-NOT_FLAGS = ("model", "qa")  # --model has its own flag (with the quickstart default); qa: QAConfig's flags
+# --model has its own flag (with the quickstart default); qa: QAConfig's flags; previous_model: set by update
+NOT_FLAGS = ("model", "qa", "previous_model")
 
 
 def add_serve_args_flags(parser: argparse.ArgumentParser) -> None:
@@ -117,6 +119,11 @@ def model_to_serve(model: str) -> str:
 
 
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["update"]:
+        from serve_app.update import main as update
+
+        sys.exit(update(argv[1:]))
     flags = parse_args(argv)
     config = configure(load_serve_config(flags.config), flags)
     [app_config] = config["applications"]

@@ -79,8 +79,11 @@ def check_authentication(args: ServeArgs, bind_host: str | None) -> list[str]:
     return []
 
 
-def build_app(args: ServeArgs | dict, options: dict[str, dict], *, bind_host: str | None = None) -> Application:
-    """The application for ``args`` and deployment ``options``; ``bind_host``: see check_authentication."""
+def build_app(args: ServeArgs | dict, options: dict[str, dict], *, bind_host: str | None = None,
+              deployed: dict | None = None) -> Application:
+    """The application for ``args`` and deployment ``options``; ``bind_host``: see check_authentication.
+    ``deployed`` (``{"application": its Serve config entry, "host": bind_host}``) is what the ingress
+    hands ``python -m serve_app update``; None for an application deployed from a config file."""
     args = ServeArgs.model_validate(args)
     try:
         model_path = resolve_model_path(args.model)
@@ -101,7 +104,7 @@ def build_app(args: ServeArgs | dict, options: dict[str, dict], *, bind_host: st
     token_hashes = check_authentication(args, bind_host)
     model = QAModel.options(**model_options).bind(model_path, qa_config, args)
     card = model_card(model_path, args, qa_config, model_options)
-    return QAIngress.options(**ingress_options).bind(model, args, model_path, qa_config, card, token_hashes)
+    return QAIngress.options(**ingress_options).bind(model, args, model_path, qa_config, card, token_hashes, deployed)
 
 
 def app_builder(args: dict) -> Application:
@@ -124,7 +127,8 @@ def run_config(config: dict, *, ray_address: str = "local") -> str:
     http_options = dict(config.get("http_options") or {})
     host = http_options.get("host", "127.0.0.1")
     # Fails before starting anything.
-    app = build_app(app_config.get("args", {}), deployment_options(app_config), bind_host=host)
+    app = build_app(app_config.get("args", {}), deployment_options(app_config), bind_host=host,
+                    deployed={"application": app_config, "host": host})
     if not ray.is_initialized():
         if ray_address == "local":
             request_ids.set_proxy_environment()  # the proxies we start drop unsafe client request ids

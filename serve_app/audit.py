@@ -2,7 +2,8 @@
 
 The audit log gets one JSON line per HTTP request: when, which request and token (the token's id,
 a prefix of its hash), which route, the status, the latency, how many questions and model windows,
-the model version and how many questions got no answer. Never a question, a context or an answer.
+the model version that answered (during an update, the one of the replica that did; else the
+version the ingress serves) and how many questions got no answer. Never a question, a context or an answer.
 The same events feed Prometheus metrics through ``ray.serve.metrics`` (Ray exports them on each
 node's metrics export port).
 """
@@ -28,7 +29,7 @@ class RequestLog:
     """Where the ingress writes its audit lines and counts its requests."""
 
     def __init__(self, audit_log: str | None, model_version: str):
-        self.model_version = model_version
+        self.model_version = model_version  # what requests no model answered are recorded with
         self.logger = logging.getLogger(AUDIT_LOGGER)
         self.logger.setLevel(logging.INFO)
         self.logger.propagate = False  # not into Serve's replica log: this trail has its own format
@@ -46,7 +47,7 @@ class RequestLog:
         self.abstentions = Counter("qa_abstentions", "Questions answered with no answer (empty span).")
 
     def record(self, *, request_id: str, token_id: str | None, route: str, status: int, latency_s: float,
-               questions: int, windows: int, abstained: int) -> None:
+               questions: int, windows: int, abstained: int, model_version: str | None = None) -> None:
         self.requests.inc(tags={"route": route, "status": str(status)})
         if abstained:
             self.abstentions.inc(abstained)
@@ -59,7 +60,7 @@ class RequestLog:
             "latency_ms": round(1000 * latency_s, 1),
             "questions": questions,
             "windows": windows,
-            "model_version": self.model_version,
+            "model_version": model_version or self.model_version,
             "abstained": abstained,
         }))
 
@@ -77,7 +78,7 @@ def configure(audit_log: str | None, model_version: str) -> RequestLog:
 async def audit_requests(request, call_next):
     """HTTP middleware: one audit line per request, whatever happens to it (a crash is a 500).
 
-    Routes fill in ``request.state.audit`` (token id, questions, windows, abstained) as they go.
+    Routes fill in ``request.state.audit`` (token id, questions, windows, abstained, model version) as they go.
     """
     started = time.monotonic()
     request.state.audit = {"token_id": None, "questions": 0, "windows": 0, "abstained": 0}

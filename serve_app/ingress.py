@@ -4,16 +4,16 @@ It serves the web page, checks the bearer token, validates requests, counts the 
 needs (413 over the budget) and fans each question out to the model deployment through a
 ``DeploymentHandle``, within a per-request deadline (503 with Retry-After beyond it, or when the
 model's queue is full). A question whose model replica dies under it is asked again once. Every
-request leaves one JSON line in the audit log (ids, sizes, times, statuses; never text).
+request leaves one JSON line in the audit log (ids, sizes, times, statuses; never text), and every
+answer response names the model version that made it (``X-Model-Version``).
 """
 
 import asyncio
-import hashlib
 import json
 import time
 from pathlib import Path
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse
 from ray import serve
@@ -28,6 +28,7 @@ from qa_common.modeling import dtype_name
 from serve_app import audit
 from serve_app.auth import TokenChecker
 from serve_app.http import UNAUTHORIZED, busy, crash_as_json, decode_json, error_as_json, error_responses, read_body
+from serve_app.model import model_version
 from serve_app.schemas import (
     MAX_QUESTION_CHARS, MAX_QUESTIONS_PER_REQUEST, REQUEST_SHAPE, AnswerResponse, InvalidRequest, ServeArgs,
     parse_questions, request_body_schema,
@@ -36,6 +37,7 @@ from serve_app.work import DEADLINE, WorkItem
 
 INGRESS_DEPLOYMENT = "QAIngress"  # the deployment's name, as in config.yaml
 INDEX_PAGE = Path(__file__).with_name("static") / "index.html"
+MODEL_VERSION_HEADER = "X-Model-Version"
 
 
 # @serve.ingress freezes a copy of this app, with the globals its routes use, when the ingress
@@ -61,8 +63,9 @@ class QAIngress:
     """The HTTP side: the page, tokens, validation, budgets, and ``QAModel.answer`` calls per question."""
 
     def __init__(self, model: DeploymentHandle, args: ServeArgs, model_path: str, qa_config: QAConfig,
-                 model_card: dict, token_hashes: list[str]):
+                 model_card: dict, token_hashes: list[str], deployed: dict | None = None):
         self.model = model
+        self.deployed = deployed
         self.args = args
         self.qa_config = qa_config
         self.tokenizer = load_tokenizer(model_path)
@@ -86,6 +89,12 @@ class QAIngress:
                 headers={"WWW-Authenticate": challenge},
             )
         request.state.audit["token_id"] = token_id
+
+    def deployed_config(self) -> dict | None:
+        """For ``python -m serve_app update`` (through a handle, never over HTTP: it holds server paths):
+        this application's Serve config entry and HTTP host as deployed, None when it was deployed from
+        a config file (``serve deploy``, a RayService), which is where an update then belongs."""
+        return self.deployed
 
     @api.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page(self) -> str:
@@ -126,11 +135,13 @@ class QAIngress:
         summary="Answer one question, or a list of questions, about a context",
         description=f"Body: {REQUEST_SHAPE}. Each answer is {{answer, score, start, end, no_answer_probability}} "
         "with context[start:end] == answer; 'not in this document' is answer \"\" with start = end = -1. "
-        "top_k > 1 gives a list of answers per question, the no-answer one in its ranked place.",
+        "top_k > 1 gives a list of answers per question, the no-answer one in its ranked place. The "
+        f"`{MODEL_VERSION_HEADER}` header names the model version that answered (during an update, "
+        "comma-separated when the questions of one request were answered by both).",
         responses=error_responses(400, 401, 413, 422, 503, 500),
         openapi_extra={"security": [{"bearer": []}]},
     )
-    async def answer(self, request: Request):
+    async def answer(self, request: Request, response: Response):
         self.authenticate(request)
         deadline = time.time() + self.args.request_deadline_s
         payload = decode_json(await read_body(request, self.args.max_body_bytes))
@@ -154,13 +165,15 @@ class QAIngress:
             WorkItem(Question(q.question, q.context, q.top_k, q.max_answer_length, q.allow_no_answer), count, deadline)
             for q, count in zip(questions, windows)
         ]
-        results = await self.ask_model(items, deadline)
+        results, versions = await self.ask_model(items, deadline)
+        response.headers[MODEL_VERSION_HEADER] = request.state.audit["model_version"] = ",".join(versions)
         request.state.audit["abstained"] = sum(answers[0]["answer"] == "" for answers in results)
         shaped = [answers if q.top_k > 1 else answers[0] for q, answers in zip(questions, results)]
         return shaped if is_list else shaped[0]
 
-    async def ask_model(self, items: list[WorkItem], deadline: float) -> list[list[dict]]:
-        """Every item's answers, or the HTTP error of the first item that has none."""
+    async def ask_model(self, items: list[WorkItem], deadline: float) -> tuple[list[list[dict]], list[str]]:
+        """Every item's answers and the model versions that made them, or the HTTP error of the first
+        item that has none."""
         tasks = [asyncio.ensure_future(self.ask_with_one_retry(item)) for item in items]
         try:
             outcomes = await asyncio.wait_for(asyncio.gather(*tasks), timeout=max(0.0, deadline - time.time()))
@@ -179,7 +192,7 @@ class QAIngress:
                 raise busy(self.args.retry_after_s, "no answer within the deadline")
             if "error" in outcome:
                 raise HTTPException(500, f"the model failed on question {position} ({outcome['type']}); try again")
-        return [outcome["answers"] for outcome in outcomes]
+        return [outcome["answers"] for outcome in outcomes], sorted({outcome["model_version"] for outcome in outcomes})
 
     async def ask_with_one_retry(self, item: WorkItem) -> dict:
         """Answering is idempotent: when the replica dies under the question, ask once more (within the deadline)."""
@@ -195,18 +208,6 @@ class QAIngress:
                     raise
 
 
-def model_version(model_path: str) -> str:
-    """A short id of the checkpoint: its config and its weight files' names, sizes and times."""
-    directory = Path(model_path)
-    if not directory.is_dir():
-        return f"hub:{model_path}"
-    digest = hashlib.sha256((directory / "config.json").read_bytes())
-    for weights in sorted([*directory.glob("*.safetensors"), *directory.glob("*.bin")]):
-        stat = weights.stat()
-        digest.update(f"{weights.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    return digest.hexdigest()[:12]
-
-
 def model_name(model: str, model_path: str) -> str:
     """What /v1/model calls the model: a Hub name as given; for a directory its name, never its path."""
     if not Path(model).expanduser().exists():
@@ -215,14 +216,27 @@ def model_name(model: str, model_path: str) -> str:
     return directory.parent.name if directory.name == "model" else directory.name  # runs/quickstart/model: quickstart
 
 
+def previous_model(model: str | None) -> dict | None:
+    """The name and version of the model an update replaced (``update --rollback`` returns to it)."""
+    if not model:
+        return None
+    path = Path(model)
+    if not path.is_absolute():  # a Hub name: update stores a directory as an absolute path
+        return {"name": model, "version": model_version(model)}
+    name = path.parent.name if path.name == "model" else path.name  # never the path
+    return {"name": name, "version": model_version(model) if (path / "config.json").is_file() else None}
+
+
 def model_card(model_path: str, args: ServeArgs, qa_config: QAConfig, model_options: dict) -> dict:
-    """What /v1/model shows: the model's name and version, its settings and the request limits."""
+    """What /v1/model shows: the model's name and version (and the previous one's, after an update), its
+    settings and the request limits."""
     actor_options = model_options.get("ray_actor_options", {})
     device = "cuda" if actor_options.get("num_gpus", 0) else "cpu"
     backend = resolve_backend(model_path, args.backend, device=device, max_f1_loss=args.max_f1_loss)
     return {
         "name": args.model_name or model_name(args.model, model_path),
         "version": model_version(model_path),
+        "previous": previous_model(args.previous_model),
         "device": device,
         "backend": backend,
         "backend_requested": args.backend,

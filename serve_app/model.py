@@ -4,17 +4,21 @@ Its ``answer`` method takes one question, and ``@serve.batch`` gathers concurren
 batch runs as ``qa_common.answer_questions`` calls of at most ``max_windows_per_call`` windows (a
 "model call", counted in ``describe()``), with the deadline checked between calls. It may scale to
 zero; a request arriving then waits in the handle's queue for the cold start. ``check_health`` runs
-a tiny forward pass, so a replica that cannot run the model is replaced.
+a tiny forward pass, so a replica that cannot run the model is replaced. Every outcome names the
+model version that made it, so that during an update (old and new replicas side by side) each
+response says which model answered.
 """
 
 import asyncio
+import hashlib
 import time
+from pathlib import Path
 
 import ray
 from ray import serve
 from ray.serve.metrics import Histogram
 
-from qa_common import QAConfig, Question, answer_questions
+from qa_common import QA_CONFIG_FILE, QAConfig, Question, answer_questions
 from qa_common.backends import load_runner
 from qa_common.modeling import torch_dtype
 from serve_app.schemas import ServeArgs
@@ -33,6 +37,7 @@ class QAModel:
         threads = max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
         self.runner, self.tokenizer, self.backend = load_model(model_path, args, device=self.device, threads=threads)
         self.qa_config = qa_config
+        self.version = model_version(model_path)
         self.forward_batch_size = args.forward_batch_size
         self.max_windows_per_call = args.max_windows_per_call
         self.answer.set_max_batch_size(args.max_batch_size)
@@ -51,9 +56,11 @@ class QAModel:
 
     @serve.batch
     async def answer(self, items: list[WorkItem]) -> list[dict]:
-        """Per item ``{"answers": [...]}``, or ``{"error": ...}`` for that item alone (see serve_app.work)."""
+        """Per item ``{"answers": [...]}``, or ``{"error": ...}`` for that item alone (see serve_app.work),
+        with this replica's ``model_version``."""
         self.batch_questions.observe(len(items))
-        return await answer_in_chunks(items, self.max_windows_per_call, self.model_call)
+        outcomes = await answer_in_chunks(items, self.max_windows_per_call, self.model_call)
+        return [{**outcome, "model_version": self.version} for outcome in outcomes]
 
     async def model_call(self, items: list[WorkItem]) -> list[list[dict]]:
         self.model_calls += 1
@@ -73,7 +80,22 @@ class QAModel:
 
     def describe(self) -> dict:
         """How many model calls this replica has run, and where (for operators and tests)."""
-        return {"model_calls": self.model_calls, "device": self.device, **self.backend}
+        return {"model_calls": self.model_calls, "device": self.device, "model_version": self.version, **self.backend}
+
+
+def model_version(model_path: str) -> str:
+    """A short id of the checkpoint: its config and QA settings, and its weight files' names, sizes and
+    times (a new threshold or calibration is a new version too)."""
+    directory = Path(model_path)
+    if not directory.is_dir():
+        return f"hub:{model_path}"
+    digest = hashlib.sha256((directory / "config.json").read_bytes())
+    if (directory / QA_CONFIG_FILE).is_file():
+        digest.update((directory / QA_CONFIG_FILE).read_bytes())
+    for weights in sorted([*directory.glob("*.safetensors"), *directory.glob("*.bin")]):
+        stat = weights.stat()
+        digest.update(f"{weights.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:12]
 
 
 def load_model(model_path: str, args: ServeArgs, *, device: str, threads: int) -> tuple:

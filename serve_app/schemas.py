@@ -182,6 +182,10 @@ class ServeArgs(BaseModel):
     max_f1_loss: float = Field(
         DEFAULT_MAX_F1_LOSS, ge=0, description="F1 points below PyTorch that backend auto accepts for speed."
     )
+    previous_model: str | None = Field(
+        None, description="The model an update replaced (set by `python -m serve_app update`; "
+        "`update --rollback` returns to it); /v1/model shows its name and version.",
+    )
     qa: dict[str, bool | int | float] = Field(
         default_factory=dict,
         description="QAConfig overrides (e.g. {max_length: 256}); unset ones come from the model directory's "

@@ -1,0 +1,186 @@
+"""Put a new model in front of a running service without dropping a request, or take it back.
+
+    python -m serve_app update --model runs/squad-minilm/model          # the service on this machine
+    python -m serve_app update --model DIR --validate-on dev.json --min-f1 70 --max-f1-drop 1
+    python -m serve_app update --rollback                               # back to the model before
+    ray job submit --address http://HEAD:8265 -- python -m serve_app update --model /shared/models/v2
+
+Asks the running application (``python -m serve_app`` started it) what it serves, checks the new
+model here first (``serve_app.gate``: it loads, its settings are valid, it answers; optionally a
+validation F1), and only then redeploys the application with it: Ray Serve's rolling update, with
+``max_surge_percent`` so each old replica keeps answering until its replacement has passed its
+health check, then drains the requests it holds. Every answer carries ``X-Model-Version``; the
+command returns once only the new model takes requests. A refused update changes nothing and
+exits 2. The replica count is kept as it is (a service at zero replicas loads nothing until its
+next request). An application deployed from a config file (``serve deploy``, a RayService) is
+updated by editing ``args.model`` there and deploying it again (docs/serving.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+
+from serve_app.gate import GateError, check_f1, check_model, validation_f1
+
+DEFAULT_APP = "qa"  # the application's name in config.yaml
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m serve_app update", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--model", help="the new model directory (train_job's or train_job.tune's OUTPUT_DIR/model)")
+    target.add_argument("--rollback", action="store_true", help="return to the model the last update replaced")
+    parser.add_argument("--address", default="auto", help="the Ray cluster running the service (default: %(default)s, "
+                        "the one on this machine)")
+    parser.add_argument("--app", default=DEFAULT_APP, help="the Serve application (default: %(default)s)")
+    parser.add_argument("--validate-on", metavar="FILE", help="SQuAD-format file with gold answers the new model "
+                        "answers (as served) before the update; needs --min-f1 or --max-f1-drop")
+    parser.add_argument("--min-f1", type=float, help="refuse the update when the new model's F1 on FILE is below this")
+    parser.add_argument("--max-f1-drop", type=float, help="refuse it when the new model's F1 on FILE is more than "
+                        "this many points below the serving model's on the same file")
+    parser.add_argument("--model-name", help="the name /v1/model shows (default: the new model directory's name)")
+    flags = parser.parse_args(argv)
+    if flags.validate_on and flags.min_f1 is None and flags.max_f1_drop is None:
+        parser.error("--validate-on needs --min-f1 or --max-f1-drop: what F1 must the new model reach?")
+    if not flags.validate_on and (flags.min_f1 is not None or flags.max_f1_drop is not None):
+        parser.error("--min-f1 and --max-f1-drop need --validate-on FILE")
+    return flags
+
+
+def connect(address: str) -> None:
+    import ray
+
+    if ray.is_initialized():  # called from a driver of that cluster already
+        return
+    try:
+        ray.init(address=address, logging_level="WARNING", log_to_driver=False)
+    except ConnectionError as error:
+        raise GateError(f"no running Ray cluster at --address {address} ({error}): is the service running "
+                        "(python -m serve_app)? Give the cluster's address") from None
+
+
+def deployed_application(app: str) -> dict:
+    """``{"application": Serve config entry, "host": HTTP host}`` as the service was last deployed."""
+    from ray import serve
+    from ray.serve.exceptions import RayServeException
+
+    try:
+        handle = serve.get_app_handle(app)
+    except RayServeException:
+        raise GateError(f"no Serve application {app!r} runs on this cluster; start one with python -m serve_app "
+                        "or give --app") from None
+    deployed = handle.deployed_config.remote().result(timeout_s=60)
+    if deployed is None:
+        raise GateError(f"application {app!r} was deployed from a config file (serve deploy, a RayService): "
+                        "edit args.model there and deploy it again (docs/serving.md, 'Updating the model')")
+    return deployed
+
+
+def running_replicas(app: str) -> dict[str, int]:
+    """``{deployment: replicas running now}``."""
+    from ray import serve
+
+    deployments = serve.status().applications[app].deployments
+    return {name: sum(count for state, count in status.replica_states.items()
+                      if getattr(state, "value", state) == "RUNNING") for name, status in deployments.items()}
+
+
+def surge_fits(options: dict[str, dict], running: dict[str, int]) -> tuple[bool, str]:
+    """Whether a replacement for every running replica fits beside it in the cluster's free resources."""
+    import ray
+
+    free = ray.available_resources()
+    need = {"CPU": 0.0, "GPU": 0.0}
+    for name, count in running.items():
+        actor_options = options.get(name, {}).get("ray_actor_options", {})
+        need["CPU"] += count * actor_options.get("num_cpus", 1)  # Serve's default: one CPU per replica
+        need["GPU"] += count * actor_options.get("num_gpus", 0)
+    short = [f"{need[kind]:g} {kind}s (free: {free.get(kind, 0):g})" for kind in need
+             if need[kind] > free.get(kind, 0) + 1e-9]
+    return not short, ", ".join(short)
+
+
+def rollout_options(options: dict[str, dict], running: dict[str, int], *, surge: bool) -> dict[str, dict]:
+    """The deployment options of this rollout: as configured (config.yaml's ``max_surge_percent``), without
+    a surge when there is no room for it, and the model's replica count kept as it is."""
+    from serve_app.model import MODEL_DEPLOYMENT
+
+    options = copy.deepcopy(options)
+    if not surge:
+        for entry in options.values():
+            entry["max_surge_percent"] = 0
+    scaling = options.get(MODEL_DEPLOYMENT, {}).get("autoscaling_config")
+    if scaling is not None:
+        # A redeployment starts from initial_replicas: start from what runs now (0 stays 0).
+        lowest, highest = scaling.get("min_replicas", 1), scaling.get("max_replicas", 1)
+        scaling["initial_replicas"] = min(max(running.get(MODEL_DEPLOYMENT, 0), lowest), highest)
+    return options
+
+
+def update(flags: argparse.Namespace) -> None:
+    from ray import serve
+
+    from serve_app.__main__ import model_to_serve
+    from serve_app.app import build_app, deployment_options
+    from serve_app.schemas import ServeArgs
+
+    deployed = deployed_application(flags.app)
+    application = copy.deepcopy(deployed["application"])
+    serving = ServeArgs.model_validate(application["args"])
+    if flags.rollback:
+        if not serving.previous_model:
+            raise GateError("nothing to roll back to: this service has not been updated (no previous model)")
+        target = serving.previous_model
+    else:
+        target = model_to_serve(flags.model)
+    if target == serving.model:
+        raise GateError(f"{target} is the model being served already")
+    new_args = serving.model_copy(update={"model": target, "previous_model": serving.model,
+                                          "model_name": flags.model_name})
+    print(f"checking {target} ...", flush=True)
+    checked = check_model(target, new_args)
+    if flags.validate_on:
+        new_f1 = validation_f1(checked, flags.validate_on)
+        serving_f1 = None
+        if flags.max_f1_drop is not None:
+            serving_f1 = validation_f1(check_model(serving.model, serving), flags.validate_on)
+        shown = f", the serving model's {serving_f1:.2f}" if serving_f1 is not None else ""
+        print(f"validation F1 on {flags.validate_on}: the new model's {new_f1:.2f}{shown}", flush=True)
+        check_f1(new_f1, min_f1=flags.min_f1, serving_f1=serving_f1, max_f1_drop=flags.max_f1_drop)
+    del checked
+
+    application["args"] = new_args.model_dump(exclude_defaults=True)
+    options = deployment_options(application)
+    running = running_replicas(flags.app)
+    surge, short = surge_fits(options, running)
+    if not surge:
+        print(f"warning: no room for the new replicas beside the old ones (they need {short}): each old replica "
+              "stops before its replacement starts, and requests wait for the new model's cold start meanwhile",
+              file=sys.stderr, flush=True)
+    app = build_app(application["args"], rollout_options(options, running, surge=surge), bind_host=deployed["host"],
+                    deployed={**deployed, "application": application})
+    print(f"rolling out (replicas now: {running}); the old model answers until its replacement is healthy ...",
+          flush=True)
+    started = time.perf_counter()
+    serve.run(app, name=application["name"], route_prefix=application.get("route_prefix", "/"))
+    print(f"done in {time.perf_counter() - started:.1f} s: every new request goes to {target}. "
+          "`python -m serve_app update --rollback` returns to the model before.", flush=True)
+
+
+def main(argv=None) -> int:
+    flags = parse_args(argv)
+    try:
+        connect(flags.address)
+        update(flags)
+    except GateError as error:
+        print(f"error: {error}\nnothing was changed: the service answers with the model it had.", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import sys
 import time
 
@@ -90,15 +91,18 @@ def running_replicas(app: str) -> dict[str, int]:
 
 
 def surge_fits(options: dict[str, dict], running: dict[str, int]) -> tuple[bool, str]:
-    """Whether a replacement for every running replica fits beside it in the cluster's free resources."""
+    """Whether the replicas a surge adds (``max_surge_percent`` of those running, rounded up, as Serve
+    counts them) fit in the cluster's free resources; and what is short."""
     import ray
 
     free = ray.available_resources()
     need = {"CPU": 0.0, "GPU": 0.0}
     for name, count in running.items():
-        actor_options = options.get(name, {}).get("ray_actor_options", {})
-        need["CPU"] += count * actor_options.get("num_cpus", 1)  # Serve's default: one CPU per replica
-        need["GPU"] += count * actor_options.get("num_gpus", 0)
+        entry = options.get(name, {})
+        extra = math.ceil(entry.get("max_surge_percent", 0) * count / 100)
+        actor_options = entry.get("ray_actor_options", {})
+        need["CPU"] += extra * actor_options.get("num_cpus", 1)  # Serve's default: one CPU per replica
+        need["GPU"] += extra * actor_options.get("num_gpus", 0)
     short = [f"{need[kind]:g} {kind}s (free: {free.get(kind, 0):g})" for kind in need
              if need[kind] > free.get(kind, 0) + 1e-9]
     return not short, ", ".join(short)

@@ -382,6 +382,25 @@ def test_rayservice_scales_the_model_and_its_gpu_pods_to_zero():
     assert gpu_capacity >= autoscaling["max_replicas"] * gpus_per_replica
 
 
+def test_rayservice_model_update_rolls_in_place_with_room_for_the_surge():
+    """cluster/README.md's update path (KubeRay v1.5.1): serveConfigV2 rolls in place with Serve's
+    surge, which needs GPU pods for the extra replicas; a cluster change is a NewCluster upgrade."""
+    import math
+
+    manifest = load_manifest("rayservice.yaml")
+    assert manifest["spec"]["upgradeStrategy"] == {"type": "NewCluster"}
+    assert "v1.5.1 or later" in (KUBERAY / "rayservice.yaml").read_text(encoding="utf-8")
+    assert "v1.5.1 or later" in (CLUSTER / "README.md").read_text(encoding="utf-8")
+    [app] = serve_config_v2()["applications"]
+    model = next(d for d in app["deployments"] if d["name"] == "QAModel")
+    ingress = next(d for d in app["deployments"] if d["name"] == "QAIngress")
+    most = model["autoscaling_config"]["max_replicas"]
+    assert model["max_surge_percent"] > 0 and ingress["max_surge_percent"] > 0
+    surge = math.ceil(model["max_surge_percent"] * most / 100)
+    [gpu_group] = [g for g in manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"] if g["groupName"] == "gpu"]
+    assert gpu_group["maxReplicas"] >= most + surge  # one replica (one GPU) per pod
+
+
 def test_rayservice_carries_the_serve_app_config():
     """Same application, args and deployment settings as serve_app/config.yaml. Only the cluster
     specifics may differ: the model location, the HTTP host and the replicas' GPUs."""

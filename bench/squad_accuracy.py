@@ -78,7 +78,7 @@ def answer_rows(model, tokenizer, records: list[dict], config) -> list[dict]:
                 "served": context[top[0] : top[1]] if top != NULL_SPAN else "",
                 "always": context[best_span[0] : best_span[1]] if best_span else "",
                 "score_before": float(before.scores()[0]) if before.spans else 0.0,
-                "score_after": float(served.scores(config.score_temperature)[0]) if served.spans else 0.0,
+                "score_after": float(served.scores(config)[0]) if served.spans else 0.0,
                 "correct": top_answer_correct(served, context, golds),
                 "no_answer_before": before.no_answer_probability, "no_answer_after": served.no_answer_probability,
             })

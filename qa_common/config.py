@@ -17,14 +17,28 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 
-def setting(help: str, **kwargs):
-    """A dataclass field with the help text its command-line flag shows."""
-    return field(metadata={"help": help}, **kwargs)
+def setting(help: str, *, flag: bool = True, **kwargs):
+    """A dataclass field with the help text its command-line flag shows (``flag=False``: no flag)."""
+    return field(metadata={"help": help, "flag": flag}, **kwargs)
+
+
+def _knots(value) -> tuple[tuple[float, float], ...]:
+    """``score_calibration`` as a tuple of ``(x, y)`` pairs in [0, 1], x increasing, y non-decreasing."""
+    problem = "must be a list of [x, y] pairs in [0, 1] with x increasing and y non-decreasing"
+    try:
+        knots = tuple((float(x), float(y)) for x, y in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"QAConfig.score_calibration {problem}, got {value!r}") from None
+    inside = all(0 <= x <= 1 and 0 <= y <= 1 for x, y in knots)
+    ordered = all(a[0] < b[0] and a[1] <= b[1] for a, b in zip(knots, knots[1:]))
+    if not inside or not ordered or len(knots) == 1:
+        raise ValueError(f"QAConfig.score_calibration {problem} (at least two), got {value!r}")
+    return knots
 
 
 POSITIVE_INTEGERS = ("max_length", "stride", "max_question_length", "n_best", "max_answer_length")
 # Chosen by training on its validation split (no flags there): the no-answer threshold and the calibration.
-FITTED_SETTINGS = ("no_answer_threshold", "score_temperature", "no_answer_scale", "no_answer_bias")
+FITTED_SETTINGS = ("no_answer_threshold", "score_calibration", "no_answer_scale", "no_answer_bias")
 
 
 @dataclass(frozen=True)
@@ -48,9 +62,10 @@ class QAConfig:
         "answer 'not in this document' when the no-answer probability exceeds this (training stores the "
         "threshold with the best validation F1; 0.5 is Hugging Face's null_score_diff_threshold 0)", default=0.5)
 
-    score_temperature: float = setting(
-        "the candidates' logits are divided by this before the softmax that gives each answer's score "
-        "(fitted on the validation split by training; 1: uncalibrated)", default=1.0)
+    score_calibration: tuple[tuple[float, float], ...] = setting(
+        "knots (softmax score, calibrated score) of the non-decreasing piecewise-linear map from an answer's "
+        "softmax score to the probability that it is exactly right (isotonic regression on the validation "
+        "split, fitted by training; empty: uncalibrated)", default=(), flag=False)
     no_answer_scale: float = setting(
         "Platt scaling of the no-answer probability: sigmoid(scale * (null score - best span score) + bias) "
         "(fitted on the validation split by training)", default=1.0)
@@ -67,10 +82,10 @@ class QAConfig:
         threshold = self.no_answer_threshold
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
             raise ValueError(f"QAConfig.no_answer_threshold must be a probability in [0, 1], got {threshold!r}")
-        for name in ("score_temperature", "no_answer_scale"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-                raise ValueError(f"QAConfig.{name} must be a positive number, got {value!r}")
+        object.__setattr__(self, "score_calibration", _knots(self.score_calibration))
+        value = self.no_answer_scale
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            raise ValueError(f"QAConfig.no_answer_scale must be a positive number, got {value!r}")
         if isinstance(self.no_answer_bias, bool) or not isinstance(self.no_answer_bias, (int, float)) \
                 or not math.isfinite(self.no_answer_bias):
             raise ValueError(f"QAConfig.no_answer_bias must be a finite number, got {self.no_answer_bias!r}")
@@ -161,7 +176,7 @@ def add_dataclass_flags(parser, cls, *, defaults: typing.Mapping | None = None, 
     group = parser.add_argument_group(cls.__name__)
     hints = typing.get_type_hints(cls)
     for f in fields(cls):
-        if f.name in skip or "help" not in f.metadata:
+        if f.name in skip or "help" not in f.metadata or not f.metadata.get("flag", True):
             continue
         shown = (defaults or {}).get(f.name, f.default if f.default is not MISSING else None)
         help_text = f"{f.metadata['help']} (default: {shown})"

@@ -17,12 +17,13 @@ Edge cases, all handled here:
   ``{"answer": "", "score": 0.0, "start": -1, "end": -1, "no_answer_probability": 1.0}``, the shape
   of the null answer below: ``start == end == -1`` is the one "no span" sentinel.
 
-**score.** A probability over the whole question: the softmax of the logit sums of every distinct
-valid candidate span (the ``n_best`` starts x ``n_best`` ends of each window, from all windows), plus
-the null candidate when abstention is on, each logit divided by ``config.score_temperature`` (fitted
-on a validation split by :mod:`qa_common.calibration`, so a score of 0.8 is right about 8 times in
-10; 1 is the raw softmax). The top answer therefore has the highest score, the scores of the
-``top_k`` answers never increase with rank, and they sum to at most 1.
+**score.** How likely the answer is exactly right, over the whole question: the softmax of the
+logit sums of every distinct valid candidate span (the ``n_best`` starts x ``n_best`` ends of each
+window, from all windows), plus the null candidate when abstention is on, mapped through
+``config.score_calibration`` (a non-decreasing piecewise-linear map fitted by isotonic regression
+on a validation split, :mod:`qa_common.calibration`, so that a score of 0.8 is right about 8 times
+in 10; empty: the raw softmax). The top answer therefore has the highest score and the scores of
+the ``top_k`` answers never increase with rank; uncalibrated, they sum to at most 1.
 
 **The null answer ("not in this document", SQuAD 2.0).** As in Hugging Face's ``run_qa.py
 --version_2_with_negative``: the null score is the [CLS] token's start + end logit, the *minimum*
@@ -111,9 +112,17 @@ class Candidates:
     best_span_score: float  # -inf when there is no valid span
     no_answer_probability: float
 
-    def scores(self, temperature: float = 1.0) -> np.ndarray:
-        """The candidates' ``score``: the softmax of ``logits / temperature``."""
-        return _softmax(np.asarray(self.logits, dtype=np.float64) / temperature)
+    def scores(self, config: QAConfig | None = None) -> np.ndarray:
+        """The candidates' ``score``: the softmax of their logits, through ``config``'s calibration."""
+        return calibrated_scores(_softmax(np.asarray(self.logits, dtype=np.float64)), config)
+
+
+def calibrated_scores(probabilities: np.ndarray, config: QAConfig | None) -> np.ndarray:
+    """Softmax scores mapped through ``config.score_calibration`` (unchanged without one)."""
+    if config is None or not config.score_calibration:
+        return probabilities
+    xs, ys = zip(*config.score_calibration)
+    return np.interp(probabilities, xs, ys)
 
 
 def rank_candidates(
@@ -183,7 +192,7 @@ def decode_spans(
     candidates = rank_candidates(start_logits, end_logits, offsets, config)
     if not candidates.spans:
         return [dict(NO_ANSWER)]
-    probabilities = candidates.scores(config.score_temperature)
+    probabilities = candidates.scores(config)
     return [
         {"answer": context[start:end] if (start, end) != NULL_SPAN else "", "score": float(probability),
          "start": start, "end": end, "no_answer_probability": candidates.no_answer_probability}

@@ -1,4 +1,4 @@
-"""Calibrated scores: the temperature and the no-answer scaling are fitted, stored and applied."""
+"""Calibrated scores: the isotonic score map and the no-answer scaling are fitted, stored and applied."""
 
 import math
 
@@ -7,24 +7,31 @@ import pytest
 
 from qa_common import QAConfig, decode_spans, load_qa_config, save_qa_config
 from qa_common.calibration import (
-    expected_calibration_error, fit, fit_no_answer_scaling, fit_temperature, reliability, uncalibrated,
+    MIN_SCORE_QUESTIONS, expected_calibration_error, fit, fit_no_answer_scaling, fit_score_map, reliability,
+    uncalibrated,
 )
-from qa_common.decoding import Candidates
+from qa_common.decoding import calibrated_scores
 
 CONTEXT = "Warfarin slows blood clotting in the body."
 OFFSETS = np.array([[-1, -1], [-1, -1], [0, 8], [9, 14], [15, 20], [21, 29], [-1, -1]])
 
 
-def test_fit_temperature_recovers_the_temperature_that_made_the_outcomes():
+def test_the_isotonic_score_map_calibrates_an_under_confident_score_on_new_questions():
     rng = np.random.default_rng(0)
-    gaps = rng.uniform(0, 6, size=4000)  # top logit minus the only other candidate's
-    candidates = [Candidates([(0, 1), (2, 3)], [gap, 0.0], 0.0, gap, 0.0) for gap in gaps]
-    true_temperature = 2.5
-    correct = rng.random(4000) < 1 / (1 + np.exp(-gaps / true_temperature))
-    fitted = fit_temperature(candidates, list(correct))
-    assert fitted == pytest.approx(true_temperature, rel=0.1)
-    top = [c.scores(fitted)[0] for c in candidates]
-    assert expected_calibration_error(top, correct) < expected_calibration_error([c.scores()[0] for c in candidates], correct)
+
+    def sample(n):  # right more often than the score says, at every score (as SQuAD models are)
+        scores = rng.uniform(0, 1, size=n)
+        return scores, rng.random(n) < np.minimum(1.0, 0.15 + scores)
+
+    scores, correct = sample(4000)
+    knots = fit_score_map(scores, correct)
+    assert knots[0][0] == 0.0 and knots[-1][0] == 1.0
+    assert all(a[1] <= b[1] for a, b in zip(knots, knots[1:]))
+    fresh, outcomes = sample(4000)
+    mapped = calibrated_scores(fresh, QAConfig(score_calibration=knots))
+    assert expected_calibration_error(fresh, outcomes) > 0.1
+    assert expected_calibration_error(mapped, outcomes) < 0.03
+    assert fit_score_map(scores[: MIN_SCORE_QUESTIONS - 1], correct[: MIN_SCORE_QUESTIONS - 1]) == ()
 
 
 def test_no_answer_scaling_is_logistic_regression_with_a_positive_slope():
@@ -62,7 +69,7 @@ def test_calibration_keeps_every_decision_and_decoding_applies_it():
         golds.append([] if kind < 0.3 else [words[best]] if kind < 0.8 else [words[2 + (best - 1) % 4]])
     raw = QAConfig(version_2_with_negative=True, no_answer_threshold=0.4)
     calibrated, report = fit(logits, [CONTEXT] * len(logits), golds, raw)
-    assert calibrated.score_temperature != 1.0 and calibrated.no_answer_scale != 1.0
+    assert calibrated.score_calibration and calibrated.no_answer_scale != 1.0
     assert report["score_ece_after"] < report["score_ece_before"]
     assert report["no_answer_ece_after"] < report["no_answer_ece_before"]
     assert uncalibrated(calibrated).no_answer_threshold == pytest.approx(0.4)
@@ -76,14 +83,15 @@ def test_calibration_keeps_every_decision_and_decoding_applies_it():
                                                       + calibrated.no_answer_bias))), abs=1e-9)
 
 
-def test_the_temperature_divides_the_logits_of_the_softmax(tmp_path):
+def test_the_score_map_is_applied_stored_and_validated(tmp_path):
     start, end, offsets = _question(3, null=-5.0, gap=4.0)
-    hot = QAConfig(score_temperature=4.0)
-    scores = [a["score"] for a in decode_spans(start, end, offsets, CONTEXT, hot, top_k=50)]
     plain = [a["score"] for a in decode_spans(start, end, offsets, CONTEXT, QAConfig(), top_k=50)]
-    assert scores[0] < plain[0]
-    assert max(scores) == scores[0] and sum(scores) == pytest.approx(1.0)
-    save_qa_config(hot, tmp_path)
-    assert load_qa_config(tmp_path).score_temperature == 4.0
-    with pytest.raises(ValueError, match="score_temperature must be a positive number"):
-        QAConfig(score_temperature=0)
+    mapped = QAConfig(score_calibration=[[0.0, 0.2], [1.0, 0.9]])  # JSON gives lists
+    scores = [a["score"] for a in decode_spans(start, end, offsets, CONTEXT, mapped, top_k=50)]
+    assert scores == pytest.approx([0.2 + 0.7 * p for p in plain])
+    assert sum(plain) == pytest.approx(1.0) and max(scores) == scores[0]
+    save_qa_config(mapped, tmp_path)
+    assert load_qa_config(tmp_path).score_calibration == ((0.0, 0.2), (1.0, 0.9))
+    for bad in ([[0.0, 0.5], [1.0, 0.4]], [[0.0, 0.1], [1.5, 0.9]], [[0.5, 0.5]], [[0.0, 0.1], [0.0, 0.2]], "x"):
+        with pytest.raises(ValueError, match="score_calibration must be a list of"):
+            QAConfig(score_calibration=bad)

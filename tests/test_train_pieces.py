@@ -228,9 +228,9 @@ def test_a_model_that_declines_every_validation_question_says_so_on_its_card(thr
                "NoAns_total": 4, "NoAns_exact": 100.0, "NoAns_f1": 100.0, "no_answer_threshold": threshold,
                "best_epoch": 2, "train_examples": 12, "train_features": 14, "train_samples_per_second": 3.0,
                "train_runtime_s": 8.0, "training_precision": "fp32",
-               "calibration": {"questions": 10, "score_temperature": 1.2, "score_ece_before": 0.2, "score_ece_after": 0.1}}
+               "calibration": {"questions": 300, "score_knots": 12, "score_ece_before": 0.2, "score_ece_after": 0.1}}
     card = model_card(metrics, abstaining)
-    assert "Scores are calibrated" in card and "temperature 1.200" in card
+    assert "Calibration, fitted on the same validation questions" in card and "isotonic map of 12 knots" in card
     assert declines_everything(metrics, abstaining) is warned
     assert (DECLINES_EVERYTHING in card) is warned
     assert f"{threshold:.4f}" in card

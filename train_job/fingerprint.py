@@ -55,7 +55,8 @@ def run_fingerprint(config: TrainConfig, train_records: list[dict], validation_r
                                  ("validation", config.validation_file or config.train_file, validation_records)):
         source = {"dataset": config.dataset} if config.dataset else file_fingerprint(file)
         data[split] = {**source, **records_fingerprint(records)}
-    return {"settings": {**settings, **(extra or {})}, "data": data}
+    # As JSON holds it (tuples become lists), so that a recorded fingerprint compares equal.
+    return json.loads(json.dumps({"settings": {**settings, **(extra or {})}, "data": data}))
 
 
 def changes(old: dict, new: dict, prefix: str = "") -> list[str]:

@@ -120,7 +120,7 @@ Given a question and a passage, it returns the span of the passage that answers 
 {results_section(metrics, config)}
 Best of {config.epochs} epoch(s): epoch {metrics['best_epoch']}.
 
-Scores are calibrated on the same validation questions ({describe_calibration(metrics['calibration'])}):
+Calibration, fitted on the same validation questions: {describe_calibration(metrics["calibration"])}. With it,
 `score` is the probability that the answer is exactly right, `no_answer_probability` that the passage
 does not answer the question.
 

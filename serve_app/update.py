@@ -170,9 +170,18 @@ def update(flags: argparse.Namespace) -> None:
     print(f"rolling out (replicas now: {running}); the old model answers until its replacement is healthy ...",
           flush=True)
     started = time.perf_counter()
-    serve.run(app, name=application["name"], route_prefix=application.get("route_prefix", "/"))
+    try:
+        serve.run(app, name=application["name"], route_prefix=application.get("route_prefix", "/"))
+    except RuntimeError as error:  # Serve's "Deploying application ... failed"
+        raise RolloutError(f"the new replicas did not start ({error}); replicas of the old model that were still "
+                           "up keep answering. Is the model directory readable on every node? "
+                           f"`python -m serve_app update --model {serving.model}` redeploys the old one") from None
     print(f"done in {time.perf_counter() - started:.1f} s: every new request goes to {target}. "
           "`python -m serve_app update --rollback` returns to the model before.", flush=True)
+
+
+class RolloutError(RuntimeError):
+    """The gate passed, but the rollout failed on the cluster."""
 
 
 def main(argv=None) -> int:
@@ -183,6 +192,9 @@ def main(argv=None) -> int:
     except GateError as error:
         print(f"error: {error}\nnothing was changed: the service answers with the model it had.", file=sys.stderr)
         return 2
+    except RolloutError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

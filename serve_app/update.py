@@ -29,6 +29,10 @@ from serve_app.gate import GateError, check_f1, check_model, validation_f1
 DEFAULT_APP = "qa"  # the application's name in config.yaml
 
 
+class RolloutError(RuntimeError):
+    """The gate passed, but the rollout failed on the cluster."""
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m serve_app update", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -178,10 +182,6 @@ def update(flags: argparse.Namespace) -> None:
                            f"`python -m serve_app update --model {serving.model}` redeploys the old one") from None
     print(f"done in {time.perf_counter() - started:.1f} s: every new request goes to {target}. "
           "`python -m serve_app update --rollback` returns to the model before.", flush=True)
-
-
-class RolloutError(RuntimeError):
-    """The gate passed, but the rollout failed on the cluster."""
 
 
 def main(argv=None) -> int:

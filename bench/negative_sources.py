@@ -1,6 +1,7 @@
 """Which synthesised negatives generalise: paragraphs of the same article, of other articles, a mix, or none.
 
     python -m bench.negative_sources                                  # 1,000 questions per model
+    python -m bench.negative_sources --sources article,other,mix --holdout-questions 500   # quicker
     python -m bench.negative_sources --train-questions 4000 --sources article,mix
 
 Trains the squad-minilm preset on ``--train-questions`` SQuAD v1.1 questions once per
@@ -32,6 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--sources", default=",".join(SOURCES), help="comma-separated, of: " + ", ".join(SOURCES))
     parser.add_argument("--train-questions", type=int, default=1000)
     parser.add_argument("--eval-questions", type=int, default=1000, help="dev questions per test set")
+    parser.add_argument("--holdout-questions", type=int, default=None,
+                        help="questions of held-out training articles to validate on (default: the preset's)")
     parser.add_argument("--train", type=Path, default=benchlib.SQUAD_FULL_TRAIN, help="SQuAD-format train file")
     parser.add_argument("--dev", type=Path, default=benchlib.SQUAD_FULL_DEV, help="SQuAD-format dev file")
     parser.add_argument("--runs-dir", type=Path, default=Path("runs/negative-sources"))
@@ -46,6 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def train_and_score(source: str, args: argparse.Namespace) -> dict:
     run_dir = args.runs_dir / source
     negatives = ["--negative-ratio", "0"] if source == "none" else ["--negative-source", source]
+    if args.holdout_questions:
+        negatives += ["--holdout-questions", str(args.holdout_questions)]
     subprocess.run([sys.executable, "-m", "train_job", "--preset", "squad-minilm", "--train-file", str(args.train),
                     "--max-train-samples", str(args.train_questions), *negatives, "--output-dir", str(run_dir),
                     "--overwrite"], check=True)

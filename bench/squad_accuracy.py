@@ -13,7 +13,9 @@ One forward pass per question and test set; every figure below is decoded from t
   answering, and the ROC AUC of the no-answer probability (can any threshold tell the two apart?).
 - calibration, on every set: the expected calibration error of ``score`` (is the top answer exactly
   right?) and of ``no_answer_probability`` (is the question unanswerable?), uncalibrated and as
-  served, with a reliability diagram (``--plot``).
+  served, with a reliability diagram (``--plot``). ``--cross-fit K`` adds the score's ECE under an
+  isotonic map (:func:`qa_common.calibration.fit_score_map`) cross-fitted over K folds of whole
+  articles: every question's score mapped by a map fitted on the other folds' articles only.
 
 The threshold and the calibration were chosen by training on its own validation split (articles held
 out of the training data), never on these questions.
@@ -43,6 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--plot", type=Path, default=None, help="write the reliability diagram (PNG) here")
+    parser.add_argument("--cross-fit", type=int, default=None, metavar="K",
+                        help="also the score's ECE with an isotonic map cross-fitted over K folds of articles")
     return parser.parse_args(argv)
 
 
@@ -74,7 +78,7 @@ def answer_rows(model, tokenizer, records: list[dict], config) -> list[dict]:
             best_span = next((s for s in before.spans if s != NULL_SPAN), None)
             top = served.spans[0] if served.spans else NULL_SPAN
             rows.append({
-                "id": record["id"], "golds": golds,
+                "id": record["id"], "title": record.get("title", ""), "golds": golds,
                 "served": context[top[0] : top[1]] if top != NULL_SPAN else "",
                 "always": context[best_span[0] : best_span[1]] if best_span else "",
                 "score_before": float(before.scores()[0]) if before.spans else 0.0,
@@ -86,7 +90,32 @@ def answer_rows(model, tokenizer, records: list[dict], config) -> list[dict]:
     return rows
 
 
-def set_metrics(rows: list[dict]) -> dict:
+def cross_fitted_scores(rows: list[dict], folds: int, seed: int) -> list[float]:
+    """Each row's uncalibrated score through an isotonic map fitted on the rows of the other folds'
+    articles (articles dealt to ``folds`` folds at random, seeded)."""
+    import random
+
+    import numpy as np
+
+    from qa_common import QAConfig
+    from qa_common.calibration import fit_score_map
+    from qa_common.decoding import calibrated_scores
+
+    titles = sorted({r["title"] for r in rows})
+    random.Random(seed).shuffle(titles)
+    fold = {title: i % folds for i, title in enumerate(titles)}
+    mapped = [0.0] * len(rows)
+    for k in range(folds):
+        fitted = [r for r in rows if fold[r["title"]] != k]
+        knots = fit_score_map([r["score_before"] for r in fitted], [r["correct"] for r in fitted])
+        mine = [i for i, r in enumerate(rows) if fold[r["title"]] == k]
+        scores = calibrated_scores(np.array([rows[i]["score_before"] for i in mine]), QAConfig(score_calibration=knots))
+        for i, score in zip(mine, scores):
+            mapped[i] = float(score)
+    return mapped
+
+
+def set_metrics(rows: list[dict], cross_fit: int | None = None, seed: int = 0) -> dict:
     from sklearn.metrics import roc_auc_score
 
     from qa_common import squad_metrics, squad_v2_metrics
@@ -106,6 +135,11 @@ def set_metrics(rows: list[dict]) -> dict:
         scores = [r[f"score_{when}"] for r in rows]
         result[f"score_ece_{when}"] = expected_calibration_error(scores, correct)
         result[f"score_reliability_{when}"] = reliability(scores, correct)
+    if cross_fit:
+        crossed = cross_fitted_scores(rows, cross_fit, seed)
+        result["score_ece_cross_fitted"] = expected_calibration_error(crossed, correct)
+        result["score_reliability_cross_fitted"] = reliability(crossed, correct)
+        result["cross_fit_folds"] = cross_fit
     result["mean_score_after"] = sum(r["score_after"] for r in rows) / len(rows)
     result["exact_top_answers"] = sum(correct) / len(rows)
     if version_2:
@@ -129,11 +163,13 @@ def plot(results: dict, path: Path) -> None:
     figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2), squeeze=False)
     for axis, (name, kind) in zip(axes[0], panels):
         axis.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfect")
-        for when, style in (("before", "o--"), ("after", "s-")):
+        labels = {"before": "uncalibrated", "after": "as served", "cross_fitted": "isotonic, cross-fitted by article"}
+        for when, style in (("before", "o--"), ("after", "s-"), ("cross_fitted", "^-")):
+            if f"{kind}_reliability_{when}" not in results[name]:
+                continue
             bins = [b for b in results[name][f"{kind}_reliability_{when}"] if b["count"]]
             axis.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], style,
-                      label=f"{'uncalibrated' if when == 'before' else 'calibrated'} "
-                            f"(ECE {results[name][f'{kind}_ece_{when}']:.3f})")
+                      label=f"{labels[when]} (ECE {results[name][f'{kind}_ece_{when}']:.3f})")
         what = "top answer exactly right" if kind == "score" else "question unanswerable"
         axis.set(xlim=(0, 1), ylim=(0, 1), xlabel=f"{kind.replace('_', ' ')} (bin mean)",
                  ylabel=f"share: {what}", title=f"{name}\n{results[name]['questions']} questions")
@@ -162,7 +198,7 @@ def main(argv=None) -> int:
     results, rows = {}, []
     for name, questions in test_sets(records, args.sets.split(","), args.seed).items():
         clock = benchlib.Stopwatch()
-        result = set_metrics(answer_rows(model.eval(), tokenizer, questions, config))
+        result = set_metrics(answer_rows(model.eval(), tokenizer, questions, config), args.cross_fit, args.seed)
         result["seconds"] = clock()
         results[name] = result
         served, always = result["served"], result["always_answering"]
@@ -172,6 +208,7 @@ def main(argv=None) -> int:
                      "HasAns F1 always": always.get("HasAns_f1", always["f1"]),
                      "no-answer AUC": result.get("no_answer_auc", "-"),
                      "score ECE before/after": f"{result['score_ece_before']:.3f}/{result['score_ece_after']:.3f}",
+                     "score ECE cross-fitted": result.get("score_ece_cross_fitted", "-"),
                      "seconds": result["seconds"]})
     benchlib.print_table(f"{Path(args.model).name} on {benchlib.data_label(args.dev)}", rows, list(rows[0]))
     if args.plot:

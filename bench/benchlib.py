@@ -222,6 +222,14 @@ def print_table(title: str, rows: list[dict], columns: list[str]) -> None:
     sys.stdout.flush()
 
 
+def save_figure(figure, path: Path, *, dpi: int = 110) -> None:
+    """A matplotlib figure, laid out, as a PNG at ``path`` (its folder made)."""
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=dpi)
+    print(f"wrote {path}")
+
+
 def markdown_table(rows: list[dict]) -> str:
     """``rows`` (dicts, the first one's keys as columns) as a GitHub markdown table, for BENCHMARKS.md."""
     def show(value) -> str:

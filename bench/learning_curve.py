@@ -109,10 +109,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_ylabel("SQuAD v1.1 dev (10,570 questions)")
     ax.set_title("squad-minilm preset: learning curve on 2 CPU cores")
     ax.legend(loc="lower right")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    print(f"wrote {path}")
+    benchlib.save_figure(fig, path, dpi=120)
 
 
 def main(argv=None) -> None:

@@ -175,10 +175,7 @@ def plot(results: dict, path: Path) -> None:
                  ylabel=f"share: {what}", title=f"{name}\n{results[name]['questions']} questions")
         axis.legend(loc="upper left", fontsize=8)
         axis.grid(alpha=0.3)
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    print(f"wrote {path}")
+    benchlib.save_figure(figure, path)
 
 
 def main(argv=None) -> int:

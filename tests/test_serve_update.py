@@ -1,8 +1,10 @@
 """Updating the model of a running service (python -m serve_app update): gated, under load, and back.
 
-One Ray + Serve for the module, serving tiny model A; model B is another tiny model. Clients keep
-asking while the update runs: every response must be a 200 naming A or B, and once the command
-returns only B may answer; a rollback the same way back. A refused update changes nothing.
+One Ray + Serve for the module, serving tiny model A and starting at zero replicas; model B is
+another tiny model. In order: refused updates change nothing; an update at zero loads nothing until
+a request (then B answers); clients keep asking while the service goes back to A and rolls back to
+B: every response must be a 200 naming one of the two, and once the command returns only the new
+model may answer.
 """
 
 import collections
@@ -32,8 +34,7 @@ def model_b(tmp_path_factory):
 def service(tiny_model_dir):
     config = service_config(tiny_model_dir, free_port())
     [model] = [d for d in config["applications"][0]["deployments"] if d["name"] == MODEL_DEPLOYMENT]
-    # Idle for 3 s: down to zero (the last test); never while the clients keep asking.
-    model["autoscaling_config"].update(downscale_delay_s=1, downscale_to_zero_delay_s=3)
+    model["autoscaling_config"].update(initial_replicas=0)  # at zero from the start
     with local_serve(config) as url:
         import ray
 
@@ -60,7 +61,7 @@ def under_load(url: str, action, *, clients: int = 4) -> tuple[list, float]:
     wait_until(lambda: len(responses) >= 2 * clients, timeout_s=60, what="answers before the update")
     assert action() == 0
     returned = time.monotonic()
-    time.sleep(1.5)
+    time.sleep(1)
     stop.set()
     for thread in threads:
         thread.join()
@@ -84,32 +85,31 @@ def test_a_refused_update_changes_nothing_and_says_why(service, tmp_path, model_
     assert update(["--rollback"]) == 2  # never updated: nothing to roll back to
     after = card(url)
     assert after["version"] == version and after["previous"] is None
-    answered = httpx.post(f"{url}/v1/answer", json=QUESTION, headers=AUTH, timeout=90)  # maybe from zero
-    assert answered.headers["x-model-version"] == version
-
-
-def test_update_and_rollback_under_load_drop_no_request(service, model_b):
-    url, _ = service
-    a, a_name = card(url)["version"], card(url)["name"]
-    responses, returned = under_load(url, lambda: update(["--model", str(model_b)]))
-    b = card(url)["version"]
-    assert b != a and card(url)["previous"] == {"name": a_name, "version": a}
-    assert collections.Counter(status for _, status, _ in responses) == {200: len(responses)}
-    assert {version for _, _, version in responses} == {a, b}
-    assert {version for when, _, version in responses if when > returned} == {b}
-
-    responses, returned = under_load(url, lambda: update(["--rollback"]))
-    assert card(url)["version"] == a and card(url)["previous"]["version"] == b
-    assert collections.Counter(status for _, status, _ in responses) == {200: len(responses)}
-    assert {version for when, _, version in responses if when > returned} == {a}
 
 
 def test_updating_a_service_at_zero_loads_nothing_until_a_request(service, model_b):
     url, _ = service
-    wait_until(lambda: replica_counts("qa", MODEL_DEPLOYMENT) == {}, timeout_s=90, what="the idle model to stop")
+    a = card(url)["version"]
+    assert replica_counts("qa", MODEL_DEPLOYMENT) == {}
     assert update(["--model", str(model_b)]) == 0
-    time.sleep(2)
+    time.sleep(1)
     assert replica_counts("qa", MODEL_DEPLOYMENT) == {}
     response = httpx.post(f"{url}/v1/answer", json=QUESTION, headers=AUTH, timeout=90)
-    assert response.status_code == 200 and response.headers["x-model-version"] == card(url)["version"]
-    assert card(url)["version"] != card(url)["previous"]["version"]
+    assert response.status_code == 200 and response.headers["x-model-version"] == card(url)["version"] != a
+    assert card(url)["previous"]["version"] == a
+
+
+def test_update_and_rollback_under_load_drop_no_request(service, tiny_model_dir):
+    url, _ = service
+    b, b_name = card(url)["version"], card(url)["name"]
+    responses, returned = under_load(url, lambda: update(["--model", str(tiny_model_dir)]))
+    a = card(url)["version"]
+    assert a != b and card(url)["previous"] == {"name": b_name, "version": b}
+    assert collections.Counter(status for _, status, _ in responses) == {200: len(responses)}
+    assert {version for _, _, version in responses} == {a, b}
+    assert {version for when, _, version in responses if when > returned} == {a}
+
+    responses, returned = under_load(url, lambda: update(["--rollback"]))
+    assert card(url)["version"] == b and card(url)["previous"]["version"] == a
+    assert collections.Counter(status for _, status, _ in responses) == {200: len(responses)}
+    assert {version for when, _, version in responses if when > returned} == {b}

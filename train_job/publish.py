@@ -57,7 +57,7 @@ def publish_run(checkpoint, checkpoint_metrics: dict, config: TrainConfig, outpu
                                                   config.qa.replace(no_answer_threshold=metrics.get("no_answer_threshold")))
     if "no_answer_threshold" in metrics:
         metrics["no_answer_threshold"] = qa.no_answer_threshold  # on the calibrated scale: the same decisions
-    print(f"[train_job] calibrated: {describe_calibration(metrics['calibration'])}", flush=True)
+    print(f"[train_job] calibration: {describe_calibration(metrics['calibration'])}", flush=True)
     save_qa_config(qa, model_dir)
     (output_dir / run_dir.METRICS).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     (model_dir / "README.md").write_text(model_card(metrics, config), encoding="utf-8")

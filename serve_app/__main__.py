@@ -130,6 +130,8 @@ def main(argv=None) -> None:
     try:
         url = run_config(config, ray_address=flags.address)
         print(f"\nServing {app_config['args']['model']} at {url}  (API docs: {url.rstrip('/')}/docs)")
+        print(f"Another model, without downtime: python -m serve_app update --address "
+              f"{ray.get_runtime_context().gcs_address} --model NEW_DIR")
         print("Press Ctrl-C to stop.", flush=True)
         while True:
             time.sleep(3600)

@@ -63,10 +63,10 @@ def run_point(size: int, how: str, args: argparse.Namespace) -> dict:
     train_s = timed([sys.executable, "-m", "train_job", "--preset", "squad-minilm", "--train-file", str(args.train),
                      "--max-train-samples", str(size), "--sample", how, "--output-dir", str(run_dir),
                      "--overwrite"])
-    return point_row(size, how, train_s, run_dir, args)
+    return evaluate_point(size, how, train_s, run_dir, args)
 
 
-def point_row(size: int, how: str, command_s: float, run_dir: Path, args: argparse.Namespace) -> dict:
+def evaluate_point(size: int, how: str, command_s: float, run_dir: Path, args: argparse.Namespace) -> dict:
     accuracy = run_dir / "squad_accuracy_dev.json"
     evaluate_s = timed([sys.executable, "-m", "bench.squad_accuracy", "--model", str(run_dir / "model"),
                         "--dev", str(args.dev), "--sets", "dev", "--out", str(accuracy)])
@@ -86,7 +86,7 @@ def point_row(size: int, how: str, command_s: float, run_dir: Path, args: argpar
 def preset_row(run_dir: Path, args: argparse.Namespace) -> dict:
     trained = json.loads(PRESET_TRAIN.read_text())
     settings = trained["metrics"]["fingerprint"]["settings"]
-    return point_row(settings["max_train_samples"], settings["sample"], trained["whole_command_wall_s"], run_dir, args)
+    return evaluate_point(settings["max_train_samples"], settings["sample"], trained["whole_command_wall_s"], run_dir, args)
 
 
 def plot(rows: list[dict], path: Path) -> None:

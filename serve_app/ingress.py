@@ -212,8 +212,12 @@ def model_name(model: str, model_path: str) -> str:
     """What /v1/model calls the model: a Hub name as given; for a directory its name, never its path."""
     if not Path(model).expanduser().exists():
         return model
-    directory = Path(model_path)
-    return directory.parent.name if directory.name == "model" else directory.name  # runs/quickstart/model: quickstart
+    return directory_name(Path(model_path))
+
+
+def directory_name(directory: Path) -> str:
+    """A model directory's name for display: runs/quickstart/model is "quickstart"."""
+    return directory.parent.name if directory.name == "model" else directory.name
 
 
 def previous_model(model: str | None) -> dict | None:
@@ -223,8 +227,7 @@ def previous_model(model: str | None) -> dict | None:
     path = Path(model)
     if not path.is_absolute():  # a Hub name: update stores a directory as an absolute path
         return {"name": model, "version": model_version(model)}
-    name = path.parent.name if path.name == "model" else path.name  # never the path
-    return {"name": name, "version": model_version(model) if (path / "config.json").is_file() else None}
+    return {"name": directory_name(path), "version": model_version(model) if (path / "config.json").is_file() else None}
 
 
 def model_card(model_path: str, args: ServeArgs, qa_config: QAConfig, model_options: dict) -> dict:

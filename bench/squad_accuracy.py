@@ -72,7 +72,7 @@ def answer_rows(model, tokenizer, records: list[dict], config) -> list[dict]:
         chunk = records[begin : begin + CHUNK]
         progress.update(len(chunk))
         questions = [Question(r["question"], r["context"]) for r in chunk]
-        for record, (start, end, offsets) in zip(chunk, question_logits(model, tokenizer, questions, config)):
+        for record, (start, end, offsets, _) in zip(chunk, question_logits(model, tokenizer, questions, config)):
             context, golds = record["context"], record["answers"]["text"]
             before, served = (rank_candidates(start, end, offsets, c) for c in (raw, config))
             best_span = next((s for s in before.spans if s != NULL_SPAN), None)

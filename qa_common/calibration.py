@@ -184,7 +184,8 @@ def calibrate(runner, tokenizer, records: Sequence[dict], config: QAConfig, *, b
     from qa_common.inference import Question, question_logits
 
     questions = [Question(r["question"], r["context"]) for r in records]
-    logits = list(question_logits(runner, tokenizer, questions, config, batch_size=batch_size))
+    logits = [(start, end, offsets) for start, end, offsets, _ in
+              question_logits(runner, tokenizer, questions, config, batch_size=batch_size)]
     return fit(logits, [r["context"] for r in records], [r["answers"]["text"] for r in records], config)
 
 

@@ -200,6 +200,43 @@ def decode_spans(
     ]
 
 
+def decode_passages(
+    start_logits: np.ndarray,
+    end_logits: np.ndarray,
+    offsets: np.ndarray,
+    window_passages: Sequence[int],
+    passages: Sequence[str],
+    config: QAConfig,
+    *,
+    top_k: int = 1,
+) -> list[dict]:
+    """The ``top_k`` best answers of one question read over several passages as one candidate set.
+
+    Window ``i`` is a window of ``passages[window_passages[i]]`` (its offsets into that passage).
+    The passages are laid end to end (one character apart, so no span crosses from one into the
+    next) and decoded as one example by :func:`rank_candidates`: the score's softmax spans every
+    passage's candidates, so scores compare across passages and documents, and the null score is
+    the minimum over all their windows, so the answer is "not in these passages" only when no
+    passage draws the model away from [CLS]. Each answer adds ``passage``, the index of its passage
+    (-1 for the null answer), with ``start``/``end`` into that passage's text.
+    """
+    lengths = np.array([len(passage) + 1 for passage in passages], dtype=np.int64)
+    bases = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    offsets = np.asarray(offsets, dtype=np.int64)
+    shift = bases[np.asarray(window_passages, dtype=np.int64)][:, None, None]
+    candidates = rank_candidates(start_logits, end_logits, np.where(offsets >= 0, offsets + shift, offsets), config)
+    if not candidates.spans:
+        return [{**NO_ANSWER, "passage": -1}]
+    answers = []
+    for (start, end), probability in zip(candidates.spans[:top_k], candidates.scores(config)[:top_k]):
+        passage = -1 if (start, end) == NULL_SPAN else int(np.searchsorted(bases, start, side="right") - 1)
+        local = NULL_SPAN if passage < 0 else (start - int(bases[passage]), end - int(bases[passage]))
+        answers.append({"answer": passages[passage][local[0]:local[1]] if passage >= 0 else "",
+                        "score": float(probability), "start": local[0], "end": local[1],
+                        "no_answer_probability": candidates.no_answer_probability, "passage": passage})
+    return answers
+
+
 def decode_predictions(
     example_ids: Sequence[str],
     start_logits: np.ndarray,

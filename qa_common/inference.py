@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from qa_common.config import QAConfig
-from qa_common.decoding import decode_spans
+from qa_common.decoding import decode_passages, decode_spans
 from qa_common.features import prepare_eval_features, trim_padding
 
 
@@ -26,6 +26,22 @@ class Question:
     top_k: int = 1
     max_answer_length: int | None = None  # None: the QAConfig's value
     allow_no_answer: bool | None = None  # may answer "not in this document"; None: QAConfig.version_2_with_negative
+
+
+@dataclass(frozen=True)
+class PassagesQuestion:
+    """A question read over several passages at once (a library's retrieved passages): its answers
+    are ranked across all of them and name their passage (:func:`qa_common.decoding.decode_passages`)."""
+
+    question: str
+    passages: tuple[str, ...]
+    top_k: int = 1
+    max_answer_length: int | None = None
+    allow_no_answer: bool | None = None
+
+
+def contexts_of(question: Question | PassagesQuestion) -> tuple[str, ...]:
+    return question.passages if isinstance(question, PassagesQuestion) else (question.context,)
 
 
 class TorchRunner:
@@ -87,30 +103,32 @@ def predict_logits(runner, features: dict, *, batch_size: int = 64) -> tuple[np.
     return start_logits, end_logits
 
 
-def question_logits(runner, tokenizer, questions: Sequence[Question], config: QAConfig, *, batch_size: int = 64):
-    """For each question, ``(start_logits, end_logits, offsets)`` of its windows: all questions are
-    tokenised together and their windows run through the model in shared batches."""
-    features = prepare_eval_features(
-        [str(i) for i in range(len(questions))],
-        [q.question for q in questions],
-        [q.context for q in questions],
-        tokenizer,
-        config,
-    )
+def question_logits(runner, tokenizer, questions: Sequence[Question | PassagesQuestion], config: QAConfig, *,
+                    batch_size: int = 64):
+    """For each question, ``(start_logits, end_logits, offsets, window_passages)`` of its windows
+    (``window_passages[i]``: which of its contexts window ``i`` reads): all (question, context) pairs
+    are tokenised together and their windows run through the model in shared batches."""
+    pairs = [(index, passage, question.question, context) for index, question in enumerate(questions)
+             for passage, context in enumerate(contexts_of(question))]
+    features = prepare_eval_features([str(i) for i in range(len(pairs))], [pair[2] for pair in pairs],
+                                     [pair[3] for pair in pairs], tokenizer, config)
     start_logits, end_logits = predict_logits(runner, features, batch_size=batch_size)
-    feature_rows = features["example_id"].astype(int)
+    pair_of_window = features["example_id"].astype(int)
+    question_of_window = np.array([pair[0] for pair in pairs], dtype=np.int64)[pair_of_window]
+    passage_of_window = np.array([pair[1] for pair in pairs], dtype=np.int64)[pair_of_window]
     for index in range(len(questions)):
-        rows = np.flatnonzero(feature_rows == index)
-        yield start_logits[rows], end_logits[rows], features["offset_mapping"][rows]
+        rows = np.flatnonzero(question_of_window == index)
+        yield start_logits[rows], end_logits[rows], features["offset_mapping"][rows], passage_of_window[rows]
 
 
 def answer_questions(
-    runner, tokenizer, questions: Sequence[Question], config: QAConfig, *, batch_size: int = 64
+    runner, tokenizer, questions: Sequence[Question | PassagesQuestion], config: QAConfig, *, batch_size: int = 64
 ) -> list[list[dict]]:
     """For each question, its ``top_k`` answers ``{"answer", "score", "start", "end", "no_answer_probability"}``.
 
     The answers are decoded by :func:`qa_common.decoding.decode_spans` (see there for the score and
-    the null answer).
+    the null answer); a :class:`PassagesQuestion`'s by :func:`qa_common.decoding.decode_passages`,
+    each answer with the index of its ``passage``.
 
     ``runner``: see :func:`predict_logits` (a PyTorch model, or a runner of any backend).
 
@@ -119,11 +137,14 @@ def answer_questions(
     """
     if not questions:
         return []
-    return [
-        decode_spans(start, end, offsets, question.context,
-                     config.replace(max_answer_length=question.max_answer_length,
-                                    version_2_with_negative=question.allow_no_answer),
-                     top_k=question.top_k)
-        for question, (start, end, offsets) in zip(questions, question_logits(runner, tokenizer, questions, config,
-                                                                              batch_size=batch_size))
-    ]
+    answers = []
+    for question, (start, end, offsets, passages) in zip(
+            questions, question_logits(runner, tokenizer, questions, config, batch_size=batch_size)):
+        settings = config.replace(max_answer_length=question.max_answer_length,
+                                  version_2_with_negative=question.allow_no_answer)
+        if isinstance(question, PassagesQuestion):
+            answers.append(decode_passages(start, end, offsets, passages, question.passages, settings,
+                                           top_k=question.top_k))
+        else:
+            answers.append(decode_spans(start, end, offsets, question.context, settings, top_k=question.top_k))
+    return answers

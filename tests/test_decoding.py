@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from qa_common import NO_ANSWER, QAConfig, decode_predictions, decode_spans
+from qa_common import NO_ANSWER, QAConfig, decode_passages, decode_predictions, decode_spans
 
 CONTEXT = "Warfarin slows blood clotting in the body."
 # token:          [CLS] what  ?   [SEP] Warfarin slows  blood  clotting  in     the    body   .     [SEP]
@@ -208,3 +208,38 @@ def test_no_context_at_all_is_no_answer_with_or_without_abstention():
     [answer] = decode_spans(start, end, no_context, CONTEXT, V2)
     assert (answer["answer"], answer["start"], answer["end"], answer["score"]) == ("", -1, -1, 1.0)
     assert decode_spans(start, end, no_context, CONTEXT, QAConfig()) == [NO_ANSWER]
+
+
+def test_passages_are_read_as_one_candidate_set_with_offsets_into_their_own_passage():
+    other = "Heparin is given as a bolus."
+    other_offsets = np.array([[-1, -1], [-1, -1], [-1, -1], [-1, -1], [0, 7], [8, 10], [11, 16], [17, 19],
+                              [20, 21], [22, 27], [27, 28], [-1, -1], [-1, -1]])
+    weak_start, weak_end = _logits({4: 2.0}, {4: 2.0})  # "Heparin": 4.0
+    strong_start, strong_end = _logits({6: 5.0}, {7: 5.0})  # "blood clotting": 10.0
+    start, end = np.vstack([weak_start, strong_start]), np.vstack([weak_end, strong_end])
+    offsets = np.stack([other_offsets, OFFSETS])
+    answers = decode_passages(start, end, offsets, [0, 1], [other, CONTEXT], QAConfig(), top_k=50)
+    assert (answers[0]["answer"], answers[0]["passage"], answers[0]["start"]) == ("blood clotting", 1, 15)
+    heparin = next(a for a in answers if a["answer"] == "Heparin")
+    assert heparin["passage"] == 0 and (heparin["start"], heparin["end"]) == (0, 7)
+    passages = [other, CONTEXT]
+    for answer in answers:
+        assert passages[answer["passage"]][answer["start"] : answer["end"]] == answer["answer"]
+    # One softmax over both passages: the scores' ratio is exp of the logit sums' difference (10 - 4).
+    assert answers[0]["score"] / heparin["score"] == pytest.approx(math.exp(6.0), rel=1e-4)
+    # One passage: exactly decode_spans, with passage 0.
+    alone = decode_passages(strong_start, strong_end, OFFSETS[None], [0], [CONTEXT], QAConfig(), top_k=3)
+    assert alone == [{**a, "passage": 0} for a in decode_spans(strong_start, strong_end, OFFSETS[None], CONTEXT,
+                                                               QAConfig(), top_k=3)]
+
+
+def test_the_null_answer_over_passages_is_the_least_null_window_and_names_no_passage():
+    config = QAConfig(version_2_with_negative=True)
+    drawn_to_null = _logits({0: 9.0, 6: 1.0}, {0: 9.0, 7: 1.0})
+    both = [np.vstack([drawn_to_null[0], drawn_to_null[0]]), np.vstack([drawn_to_null[1], drawn_to_null[1]])]
+    [best] = decode_passages(*both, np.stack([OFFSETS, OFFSETS]), [0, 1], [CONTEXT, CONTEXT], config)
+    assert (best["answer"], best["start"], best["end"], best["passage"]) == ("", -1, -1, -1)
+    answering = _logits({0: 1.0, 6: 8.0}, {0: 1.0, 7: 8.0})  # one passage holds the answer: no abstention
+    mixed = [np.vstack([drawn_to_null[0], answering[0]]), np.vstack([drawn_to_null[1], answering[1]])]
+    [best] = decode_passages(*mixed, np.stack([OFFSETS, OFFSETS]), [0, 1], [CONTEXT, CONTEXT], config)
+    assert (best["answer"], best["passage"]) == ("blood clotting", 1)

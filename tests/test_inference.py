@@ -58,3 +58,20 @@ def test_logits_of_padding_are_never_decoded(tiny_model_and_tokenizer, small_con
     features = prepare_eval_features(["a"], ["short?"], ["Tiny context."], tokenizer, small_config)
     start, _ = predict_logits(model, features)
     assert np.isneginf(start[0, features["attention_mask"][0].sum():]).all()
+
+
+def test_a_question_over_several_passages_answers_from_one_of_them(tiny_model_and_tokenizer, fixture_records,
+                                                                   small_config):
+    from qa_common import PassagesQuestion
+
+    model, tokenizer = tiny_model_and_tokenizer
+    contexts = tuple(dict.fromkeys(r["context"] for r in fixture_records))
+    record = fixture_records[0]
+    [answers] = answer_questions(model, tokenizer, [PassagesQuestion(record["question"], contexts, top_k=5)],
+                                 small_config)
+    assert answers and {a["passage"] for a in answers} <= set(range(len(contexts)))
+    for answer in answers:
+        assert contexts[answer["passage"]][answer["start"]:answer["end"]] == answer["answer"]
+    # The best span over all passages is its own passage's best span, read alone.
+    alone = answer_questions(model, tokenizer, [Question(record["question"], c) for c in contexts], small_config)
+    assert alone[answers[0]["passage"]][0]["answer"] == answers[0]["answer"]

@@ -1,0 +1,155 @@
+"""The document library: reading PDF/DOCX/HTML/Markdown/text, passages, the Ray Data index build
+(unreadable files, incremental rebuilds, atomic versions) and hybrid search."""
+
+import pytest
+from library_helpers import ARTICLES, HAND_HYGIENE_PAGE_2, write_docx, write_library, write_pdf
+
+from qa_common.documents import Block, DocumentError, read_blocks
+from qa_common.embedding import Embedder
+from qa_common.library import CURRENT_FILE, Library, collections_summary, read_manifest
+from qa_common.passages import split_passages
+from train_job import index as index_job
+
+
+def test_pdf_pages_and_docx_headings_are_kept(tmp_path):
+    write_pdf(tmp_path / "a.pdf", ["First page text.\n\nA second paragraph.", "Only on page two."])
+    # A PDF's text layer has lines, not paragraphs: a page's text is one block (passages cut it at sentences).
+    assert read_blocks(tmp_path / "a.pdf") == [Block("First page text. A second paragraph.", 1, ""),
+                                               Block("Only on page two.", 2, "")]
+    write_docx(tmp_path / "b.docx", "Dosing", ["Give 5 mg.", ""])
+    assert read_blocks(tmp_path / "b.docx") == [Block("Give 5 mg.", None, "Dosing")]
+    (tmp_path / "c.md").write_text("intro line\n# One\ntext one\n\n## Two\ntext\ntwo\n")
+    assert read_blocks(tmp_path / "c.md") == [Block("intro line", None, ""), Block("text one", None, "One"),
+                                              Block("text two", None, "Two")]
+    (tmp_path / "d.html").write_text("<h1>Title</h1><script>var x;</script><p>Para &amp; more</p><ul><li>item</li></ul>")
+    assert read_blocks(tmp_path / "d.html") == [Block("Para & more", None, "Title"), Block("item", None, "Title")]
+
+
+@pytest.mark.parametrize("name, content, reason", [
+    ("broken.pdf", b"%PDF-1.4 garbage", "could not be read as .pdf"),
+    ("latin1.txt", "caf\xe9".encode("latin-1"), "not UTF-8"),
+    ("empty.md", b"\n\n", "has no text"),
+    ("notes.rtf", b"{\\rtf1}", "unsupported file type .rtf"),
+])
+def test_an_unreadable_document_says_why_without_quoting_it(tmp_path, name, content, reason):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(DocumentError, match=reason) as error:
+        read_blocks(tmp_path / name)
+    assert "garbage" not in str(error.value) and "caf" not in str(error.value)
+
+
+def test_passages_keep_one_page_and_section_and_a_word_bound():
+    long = " ".join(f"Sentence {i} has five words." for i in range(10))  # 50 words
+    blocks = [Block("short a", 1, "S"), Block("short b", 1, "S"), Block(long, 1, "S"), Block("next page", 2, "S"),
+              Block("other section", 2, "T")]
+    passages = split_passages(blocks, max_words=20)
+    assert passages[0].text == "short a\nshort b"
+    assert all(len(p.text.split()) <= 20 for p in passages)
+    assert " ".join(p.text for p in passages if p.page == 1).replace("\n", " ") == f"short a short b {long}"
+    assert [(p.text, p.page, p.section) for p in passages[-2:]] == [("next page", 2, "S"), ("other section", 2, "T")]
+    assert all(p.text.endswith(".") for p in passages[1:-2])  # cut at sentence ends
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    return Embedder()
+
+
+@pytest.fixture(scope="module")
+def built(local_ray, tmp_path_factory):
+    root = tmp_path_factory.mktemp("library")
+    docs = write_library(root / "ward")
+    return root, docs, root / "index"
+
+
+def build(docs, index, capsys, *extra):
+    code = index_job.main(["build", str(docs), "--index", str(index), "--concurrency", "1", *extra])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_build_reports_an_unreadable_file_indexes_the_rest_and_cites_the_page(built, embedder, capsys):
+    root, docs, index = built
+    code, out, err = build(docs, index, capsys)
+    assert code == 0
+    assert "1 file(s) could not be read" in err and "scan-0001.pdf: could not be read as .pdf" in err
+    manifest = read_manifest(index)
+    assert collections_summary(manifest) == [{"name": "ward", "documents": 4, "passages": 5}]
+    assert sorted(doc["document"] for doc in manifest["documents"].values()) == [
+        "guides/dehydration.md", "hand-hygiene.pdf", "stroke.html", "warfarin.docx"]
+
+    library = Library(index)
+    question = "Why are soap and water preferred when hands are visibly dirty?"
+    for mode in ("hybrid", "dense", "lexical"):
+        [best] = library.search(question, embedder.embed([question])[0], 1, mode=mode)
+        assert (best.passage["document"], best.passage["page"]) == ("hand-hygiene.pdf", 2), mode
+        assert best.passage["text"] == HAND_HYGIENE_PAGE_2
+    question = "Which vitamin reduces the effect of warfarin?"
+    [best] = library.search(question, embedder.embed([question])[0], 1)
+    assert (best.passage["document"], best.passage["section"], best.passage["page"]) == ("warfarin.docx", "Warfarin", None)
+    only = library.search(question, embedder.embed([question])[0], 5, document="stroke.html")
+    assert {hit.passage["document"] for hit in only} == {"stroke.html"}
+    assert library.search(question, embedder.embed([question])[0], 5, collection="elsewhere") == []
+
+
+def test_a_rebuild_reads_only_changed_files_and_drops_deleted_ones(built, embedder, capsys):
+    root, docs, index = built
+    if not (index / CURRENT_FILE).exists():
+        build(docs, index, capsys)
+    first = read_manifest(index)
+    library = Library(index)
+    before = {hit.passage["passage_id"]: hit.passage for hit in library.search("x", embedder.embed(["x"])[0], 20,
+                                                                                mode="dense")}
+    assert build(docs, index, capsys)[1].count("up to date") == 1  # nothing changed: no new version
+
+    (docs / "stroke.html").write_text("<p>Stroke units now give the drug within three hours.</p>")
+    (docs / "guides" / "dehydration.md").unlink()
+    code, out, _ = build(docs, index, capsys)
+    assert code == 0
+    assert "0 new, 1 changed, 3 unchanged), 1 removed" in out  # the broken PDF counts as unchanged
+    assert "1 passages read and embedded" in out  # only the changed file was embedded
+    second = read_manifest(index)
+    assert second["version"] != first["version"]
+    assert (index / first["version"]).is_dir()  # kept for readers that still have it open
+    assert collections_summary(second) == [{"name": "ward", "documents": 3, "passages": 4}]
+
+    assert library.refresh() is True and library.version == second["version"]
+    after = {hit.passage["passage_id"]: hit.passage for hit in library.search("x", embedder.embed(["x"])[0], 20,
+                                                                               mode="dense")}
+    unchanged = {pid: p for pid, p in before.items() if p["document"] in ("hand-hygiene.pdf", "warfarin.docx")}
+    assert {pid: after[pid] for pid in unchanged} == unchanged  # same ids, same rows
+    assert {p["document"] for p in after.values()} == {"hand-hygiene.pdf", "warfarin.docx", "stroke.html"}
+    [best] = library.search("three hours", embedder.embed(["three hours"])[0], 1, mode="lexical")
+    assert best.passage["text"] == "Stroke units now give the drug within three hours."
+
+
+def test_a_second_collection_is_kept_beside_the_first_and_bad_input_exits_2(built, capsys, tmp_path):
+    root, docs, index = built
+    if not (index / CURRENT_FILE).exists():
+        build(docs, index, capsys)
+    leaflets = tmp_path / "leaflets"
+    leaflets.mkdir()
+    (leaflets / "fluids.txt").write_text(ARTICLES["Dehydration in children"])
+    assert build(leaflets, index, capsys)[0] == 0
+    counts = {c["name"]: c["documents"] for c in collections_summary(read_manifest(index))}
+    assert counts["leaflets"] == 1 and counts["ward"] >= 3
+
+    assert build(tmp_path / "missing", index, capsys)[0] == 2
+    code, _, err = build(leaflets, index, capsys, "--collection", "bad name!")
+    assert code == 2 and "collection name" in err
+    with pytest.raises(SystemExit):
+        index_job.parse_args(["build", str(leaflets), "--index", str(index), "--max-passage-words", "0"])
+
+
+def test_a_failed_build_leaves_the_served_version_alone(built, capsys, monkeypatch):
+    root, docs, index = built
+    if not (index / CURRENT_FILE).exists():
+        build(docs, index, capsys)
+    served = (index / CURRENT_FILE).read_text()
+    (docs / "warfarin-2.txt").write_text("A new leaflet about warfarin.")
+    monkeypatch.setattr(index_job, "write_table", lambda *args: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError):
+        build(docs, index, capsys)
+    assert (index / CURRENT_FILE).read_text() == served
+    assert all((p / "manifest.json").exists() for p in index.iterdir() if p.is_dir())  # no half-written version
+    (docs / "warfarin-2.txt").unlink()

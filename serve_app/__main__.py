@@ -99,7 +99,7 @@ def configure(config: dict, flags: argparse.Namespace) -> dict:
     if qa_flags:
         sections["args"]["qa"] = {**sections["args"].get("qa", {}), **qa_flags}
     sections["args"]["model"] = model_to_serve(flags.model or sections["args"].get("model") or str(QUICKSTART_MODEL))
-    for key in ("token_hashes_file", "audit_log"):  # relative to here, not to the Ray worker's directory
+    for key in ("token_hashes_file", "audit_log", "library"):  # relative to here, not to the Ray worker's directory
         if sections["args"].get(key):
             sections["args"][key] = str(Path(sections["args"][key]).expanduser().resolve())
     return config
@@ -130,6 +130,9 @@ def main(argv=None) -> None:
     try:
         url = run_config(config, ray_address=flags.address)
         print(f"\nServing {app_config['args']['model']} at {url}  (API docs: {url.rstrip('/')}/docs)")
+        if app_config["args"].get("library"):
+            print(f"Ask the library {app_config['args']['library']}: POST {url.rstrip('/')}/v1/ask, or the page's "
+                  "'Ask the library' mode")
         print(f"Another model, without downtime: python -m serve_app update --address "
               f"{ray.get_runtime_context().gcs_address} --model NEW_DIR")
         print("Press Ctrl-C to stop.", flush=True)

@@ -14,11 +14,14 @@ from ray import serve
 from ray.serve import Application
 
 from qa_common import QAConfig, load_qa_config, resolve_model_path
+from qa_common.library import read_manifest
 from qa_common.backends import ONNX_FILES, onnx_file
 from serve_app import request_ids
 from serve_app.auth import is_loopback, load_token_hashes
-from serve_app.ingress import INGRESS_DEPLOYMENT, QAIngress, model_card
+from serve_app.card import model_card
+from serve_app.ingress import INGRESS_DEPLOYMENT, QAIngress
 from serve_app.model import MODEL_DEPLOYMENT, QAModel
+from serve_app.retriever import RETRIEVER_DEPLOYMENT, Retriever
 from serve_app.schemas import ServeArgs
 
 DEFAULT_CONFIG = Path(__file__).with_name("config.yaml")
@@ -45,10 +48,9 @@ def deployment_options(app_config: dict) -> dict[str, dict]:
     for entry in app_config.get("deployments", []):
         entry = dict(entry)
         name = entry.pop("name", None)
-        if name not in (INGRESS_DEPLOYMENT, MODEL_DEPLOYMENT):
-            raise ValueError(
-                f"the config names deployment {name!r}; this application has {INGRESS_DEPLOYMENT} and {MODEL_DEPLOYMENT}"
-            )
+        if name not in (INGRESS_DEPLOYMENT, MODEL_DEPLOYMENT, RETRIEVER_DEPLOYMENT):
+            raise ValueError(f"the config names deployment {name!r}; this application has {INGRESS_DEPLOYMENT}, "
+                             f"{MODEL_DEPLOYMENT} and {RETRIEVER_DEPLOYMENT}")
         options[name] = entry
     return options
 
@@ -101,10 +103,14 @@ def build_app(args: ServeArgs | dict, options: dict[str, dict], *, bind_host: st
             f"QAModel max_ongoing_requests ({max_ongoing}) is below max_batch_size ({args.max_batch_size}): a replica "
             "never holds more requests than that at once, so its batches could not fill; raise it"
         )
+    if args.library:
+        read_manifest(Path(args.library))  # a missing index fails here, naming the command that builds it
     token_hashes = check_authentication(args, bind_host)
     model = QAModel.options(**model_options).bind(model_path, qa_config, args)
+    retriever = Retriever.options(**options.get(RETRIEVER_DEPLOYMENT, {})).bind(args.library) if args.library else None
     card = model_card(model_path, args, qa_config, model_options)
-    return QAIngress.options(**ingress_options).bind(model, args, model_path, qa_config, card, token_hashes, deployed)
+    return QAIngress.options(**ingress_options).bind(model, args, model_path, qa_config, card, token_hashes, deployed,
+                                                     retriever)
 
 
 def app_builder(args: dict) -> Application:

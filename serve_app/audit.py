@@ -47,7 +47,8 @@ class RequestLog:
         self.abstentions = Counter("qa_abstentions", "Questions answered with no answer (empty span).")
 
     def record(self, *, request_id: str, token_id: str | None, route: str, status: int, latency_s: float,
-               questions: int, windows: int, abstained: int, model_version: str | None = None) -> None:
+               questions: int, windows: int, abstained: int, model_version: str | None = None,
+               passages: int | None = None, index_version: str | None = None) -> None:
         self.requests.inc(tags={"route": route, "status": str(status)})
         if abstained:
             self.abstentions.inc(abstained)
@@ -62,6 +63,8 @@ class RequestLog:
             "windows": windows,
             "model_version": model_version or self.model_version,
             "abstained": abstained,
+            # /v1/ask: how many library passages were read, and from which index version
+            **({"passages": passages, "index_version": index_version} if index_version else {}),
         }))
 
 

@@ -22,22 +22,22 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 
-from qa_common import QAConfig, Question, count_windows, load_tokenizer
-from qa_common.backends import resolve_backend
-from qa_common.modeling import dtype_name
+from qa_common import NO_ANSWER, PassagesQuestion, QAConfig, Question, count_windows, load_tokenizer
+from qa_common.library import LibraryError, collections_summary, read_manifest
 from serve_app import audit
 from serve_app.auth import TokenChecker
 from serve_app.http import UNAUTHORIZED, busy, crash_as_json, decode_json, error_as_json, error_responses, read_body
-from serve_app.model import model_version
 from serve_app.schemas import (
-    MAX_QUESTION_CHARS, MAX_QUESTIONS_PER_REQUEST, REQUEST_SHAPE, AnswerResponse, InvalidRequest, ServeArgs,
-    parse_questions, request_body_schema,
+    ASK_SHAPE, REQUEST_SHAPE, AnswerResponse, AskResponse,
+    InvalidRequest, ServeArgs, parse_ask, parse_questions, request_body_schema,
 )
 from serve_app.work import DEADLINE, WorkItem
 
 INGRESS_DEPLOYMENT = "QAIngress"  # the deployment's name, as in config.yaml
 INDEX_PAGE = Path(__file__).with_name("static") / "index.html"
 MODEL_VERSION_HEADER = "X-Model-Version"
+NO_LIBRARY = ("this service has no document library: build one with `python -m train_job.index build DOCS_DIR "
+              "--index INDEX` and start the service with --library INDEX")
 
 
 # @serve.ingress freezes a copy of this app, with the globals its routes use, when the ingress
@@ -57,14 +57,25 @@ api.exception_handler(HTTPException)(error_as_json)
 api.exception_handler(Exception)(crash_as_json)
 
 
+def cite(answer: dict, passages: list[dict]) -> dict:
+    """A library answer: the answer with its passage's citation (all None for 'not in these documents')."""
+    passage = passages[answer["passage"]] if answer["passage"] >= 0 else None
+    fields = ("collection", "document", "page", "section", "passage_id")
+    return {**{key: value for key, value in answer.items() if key != "passage"},
+            **{field: passage[field] if passage else None for field in fields},
+            "passage": passage["text"] if passage else None}
+
+
 @serve.deployment(name=INGRESS_DEPLOYMENT)
 @serve.ingress(api)
 class QAIngress:
     """The HTTP side: the page, tokens, validation, budgets, and ``QAModel.answer`` calls per question."""
 
     def __init__(self, model: DeploymentHandle, args: ServeArgs, model_path: str, qa_config: QAConfig,
-                 model_card: dict, token_hashes: list[str], deployed: dict | None = None):
+                 model_card: dict, token_hashes: list[str], deployed: dict | None = None,
+                 retriever: DeploymentHandle | None = None):
         self.model = model
+        self.retriever = retriever
         self.deployed = deployed
         self.args = args
         self.qa_config = qa_config
@@ -171,6 +182,82 @@ class QAIngress:
         shaped = [answers if q.top_k > 1 else answers[0] for q, answers in zip(questions, results)]
         return shaped if is_list else shaped[0]
 
+    @api.get(
+        "/v1/collections", summary="What the document library holds (does not wake the retriever at zero)",
+        responses=error_responses(401, 404, 500), openapi_extra={"security": [{"bearer": []}]},
+    )
+    async def collections(self, request: Request) -> dict:
+        self.authenticate(request)
+        manifest = await asyncio.to_thread(self.library_manifest)
+        return {"index_version": manifest["version"], "built_at": manifest["built_at"],
+                "collections": collections_summary(manifest)}
+
+    def library_manifest(self) -> dict:
+        if not self.args.library:
+            raise HTTPException(404, NO_LIBRARY)
+        try:
+            return read_manifest(Path(self.args.library))
+        except (LibraryError, FileNotFoundError):
+            raise HTTPException(503, "the document library's index cannot be read on this server; build it "
+                                "with `python -m train_job.index build` where the service can read it") from None
+
+    @api.post(
+        "/v1/ask",
+        response_model=AskResponse,
+        summary="Ask the document library: the passages retrieved are read together and cited",
+        description=f"Body: {ASK_SHAPE}. The library's best passages (hybrid search) are read as one candidate "
+        "set, so scores compare across documents. Each answer cites its document, page, section and passage; "
+        "start and end are offsets into `passage`. 'Not in these documents' is answer \"\" with start = end = -1 "
+        f"and no citation. `{MODEL_VERSION_HEADER}` names the model version that answered.",
+        responses=error_responses(400, 401, 404, 413, 422, 503, 500),
+        openapi_extra={"security": [{"bearer": []}]},
+    )
+    async def ask(self, request: Request, response: Response):
+        self.authenticate(request)
+        if self.retriever is None:
+            raise HTTPException(404, NO_LIBRARY)
+        deadline = time.time() + self.args.request_deadline_s
+        payload = decode_json(await read_body(request, self.args.max_body_bytes))
+        try:
+            ask = parse_ask(payload)
+        except InvalidRequest as error:
+            raise HTTPException(422, str(error)) from None
+        found = await self.search_library(ask, deadline)
+        passages = found["passages"]
+        texts = tuple(passage["text"] for passage in passages)
+        windows = await asyncio.to_thread(count_windows, self.tokenizer, [ask.question] * len(texts), list(texts),
+                                          self.qa_config) if texts else []
+        request.state.audit.update(questions=1, windows=sum(windows), passages=len(texts),
+                                   index_version=found["version"])
+        if sum(windows) > self.args.max_windows_per_request:
+            raise HTTPException(413, f"the {len(texts)} passages need {sum(windows):,} model windows, more than this "
+                                f"service's limit of {self.args.max_windows_per_request:,}; ask for fewer passages")
+        self.log.questions.inc()
+        if texts:
+            item = WorkItem(PassagesQuestion(ask.question, texts, ask.top_k, ask.max_answer_length,
+                                             ask.allow_no_answer), sum(windows), deadline)
+            [answers], versions = await self.ask_model([item], deadline)
+            response.headers[MODEL_VERSION_HEADER] = request.state.audit["model_version"] = ",".join(versions)
+        else:  # an empty library, or filters that match nothing
+            answers = [{**NO_ANSWER, "passage": -1}]
+        request.state.audit["abstained"] = int(answers[0]["answer"] == "")
+        return {"answers": [cite(answer, passages) for answer in answers], "passages_read": len(texts),
+                "index_version": found["version"]}
+
+    async def search_library(self, ask, deadline: float) -> dict:
+        """The retriever's passages for ``ask``, within the deadline (503 when busy, late or lost)."""
+        call = self.retriever.search.remote(ask.question, ask.passages, ask.collection, ask.document)
+        try:
+            return await asyncio.wait_for(call, timeout=max(0.0, deadline - time.time()))
+        except (asyncio.TimeoutError, BackPressureError, RayActorError) as error:
+            call.cancel()
+            reason, why = {
+                asyncio.TimeoutError: ("deadline", "no passages within the deadline"),
+                BackPressureError: ("queue_full", "the library's queue is full"),
+            }.get(type(error), ("replica_lost", "the library replica stopped"))
+            self.log.rejections.inc(tags={"reason": reason})
+            raise busy(self.args.retry_after_s, why) from None
+
     async def ask_model(self, items: list[WorkItem], deadline: float) -> tuple[list[list[dict]], list[str]]:
         """Every item's answers and the model versions that made them, or the HTTP error of the first
         item that has none."""
@@ -206,53 +293,3 @@ class QAIngress:
             except RayActorError:
                 if attempt == 2 or time.time() >= item.deadline:
                     raise
-
-
-def model_name(model: str, model_path: str) -> str:
-    """What /v1/model calls the model: a Hub name as given; for a directory its name, never its path."""
-    if not Path(model).expanduser().exists():
-        return model
-    return directory_name(Path(model_path))
-
-
-def directory_name(directory: Path) -> str:
-    """A model directory's name for display: runs/quickstart/model is "quickstart"."""
-    return directory.parent.name if directory.name == "model" else directory.name
-
-
-def previous_model(model: str | None) -> dict | None:
-    """The name and version of the model an update replaced (``update --rollback`` returns to it)."""
-    if not model:
-        return None
-    path = Path(model)
-    if not path.is_absolute():  # a Hub name: update stores a directory as an absolute path
-        return {"name": model, "version": model_version(model)}
-    return {"name": directory_name(path), "version": model_version(model) if (path / "config.json").is_file() else None}
-
-
-def model_card(model_path: str, args: ServeArgs, qa_config: QAConfig, model_options: dict) -> dict:
-    """What /v1/model shows: the model's name and version (and the previous one's, after an update), its
-    settings and the request limits."""
-    actor_options = model_options.get("ray_actor_options", {})
-    device = "cuda" if actor_options.get("num_gpus", 0) else "cpu"
-    backend = resolve_backend(model_path, args.backend, device=device, max_f1_loss=args.max_f1_loss)
-    return {
-        "name": args.model_name or model_name(args.model, model_path),
-        "version": model_version(model_path),
-        "previous": previous_model(args.previous_model),
-        "device": device,
-        "backend": backend,
-        "backend_requested": args.backend,
-        "dtype": {"onnx": "float32", "onnx-int8": "int8"}.get(backend) or dtype_name(args.dtype, device),
-        "threads": max(1, int(actor_options.get("num_cpus", 1))),  # intra-op threads: one per CPU of a replica
-        **qa_config.to_dict(),
-        "max_batch_size": args.max_batch_size,
-        "limits": {
-            "questions_per_request": MAX_QUESTIONS_PER_REQUEST,
-            "question_chars": MAX_QUESTION_CHARS,
-            "context_chars": args.max_context_chars,
-            "body_bytes": args.max_body_bytes,
-            "windows_per_request": args.max_windows_per_request,
-            "deadline_s": args.request_deadline_s,
-        },
-    }

@@ -14,6 +14,7 @@ from pydantic import (
 
 from qa_common.backends import BACKENDS, DEFAULT_MAX_F1_LOSS
 from qa_common.config import checked_overrides
+from qa_common.library import NAME_PATTERN
 from qa_common.modeling import SERVING_DTYPES
 
 MAX_QUESTION_CHARS = 1_000
@@ -69,6 +70,48 @@ class AnswerRequest(BaseModel):
         return value
 
 
+MAX_PASSAGES = 20
+MAX_DOCUMENT_CHARS = 512
+ASK_SHAPE = ('{"question": str, "top_k"?: int 1-20, "passages"?: int 1-20, "collection"?: str, "document"?: str, '
+             '"max_answer_length"?: int 1-512, "allow_no_answer"?: bool}')
+
+
+class AskRequest(BaseModel):
+    """One question asked of the document library: the passages retrieved are read as one candidate set."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    question: str = Field(min_length=1, max_length=MAX_QUESTION_CHARS, json_schema_extra={"pattern": r"\S"},
+                          examples=["What is the loading dose of amiodarone?"])
+    top_k: int = Field(1, ge=1, le=MAX_TOP_K, description="How many answers, ranked across the passages read.")
+    passages: int = Field(5, ge=1, le=MAX_PASSAGES, description="How many passages to retrieve and read.")
+    collection: str | None = Field(None, pattern=f"^{NAME_PATTERN.pattern}$", description="Only this collection.")
+    document: str | None = Field(None, min_length=1, max_length=MAX_DOCUMENT_CHARS,
+                                 description="Only this document (its name as /v1/ask answers cite it).")
+    max_answer_length: int | None = Field(
+        None, ge=1, le=MAX_ANSWER_TOKENS, description="Longest answer in tokens; default: the service's setting."
+    )
+    allow_no_answer: bool | None = Field(
+        None, description="May the answer be 'not in these documents'? Default: the model's setting.")
+
+    @field_validator("question")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must contain some text, not only whitespace")
+        return value
+
+
+def parse_ask(payload) -> AskRequest:
+    """The library question in a decoded JSON body, or :class:`InvalidRequest`."""
+    if not isinstance(payload, dict):
+        raise InvalidRequest(f"the body must be a JSON object, got {type(payload).__name__}; send {ASK_SHAPE}")
+    try:
+        return AskRequest.model_validate(payload)
+    except ValidationError as error:
+        raise InvalidRequest(describe_validation_errors(error.errors(), ASK_SHAPE)) from None
+
+
 class Answer(BaseModel):
     """One answer. "Not in this document" is ``{"answer": "", "start": -1, "end": -1}``."""
 
@@ -83,6 +126,27 @@ class Answer(BaseModel):
         description="Probability that the document does not answer the question, against the best span, in "
         "[0, 1]; the model abstains when it exceeds its no_answer_threshold."
     )
+
+
+class Citation(BaseModel):
+    """Where a library answer comes from; all null for 'not in these documents'."""
+
+    collection: str | None
+    document: str | None = Field(description="The document's path inside its collection's folder.")
+    page: int | None = Field(description="1-based page of a PDF; null for formats without pages.")
+    section: str | None = Field(description="The nearest heading above the passage ('' before the first).")
+    passage_id: str | None
+    passage: str | None = Field(description="The passage's text: passage[start:end] == answer.")
+
+
+class LibraryAnswer(Answer, Citation):
+    """An answer from the library: start and end are offsets into ``passage``."""
+
+
+class AskResponse(BaseModel):
+    answers: list[LibraryAnswer] = Field(description="Ranked best first; 'not in these documents' in its place.")
+    passages_read: int = Field(description="How many passages were retrieved and read.")
+    index_version: str = Field(description="The library index version searched.")
 
 
 class ErrorResponse(BaseModel):
@@ -124,7 +188,7 @@ def parse_questions(payload, *, max_context_chars: int) -> tuple[list[AnswerRequ
     )
 
 
-def describe_validation_errors(errors) -> str:
+def describe_validation_errors(errors, shape: str = REQUEST_SHAPE) -> str:
     """One readable line per problem, e.g. ``[2].top_k: Input should be less than or equal to 20``."""
     problems = []
     for error in errors:
@@ -135,7 +199,7 @@ def describe_validation_errors(errors) -> str:
         elif error["type"] == "model_type":
             message = "must be a JSON object"
         problems.append(f"{where}: {message}" if where else message)
-    return "; ".join(problems) + f". Expected {REQUEST_SHAPE}"
+    return "; ".join(problems) + f". Expected {shape}"
 
 
 class ServeArgs(BaseModel):
@@ -181,6 +245,10 @@ class ServeArgs(BaseModel):
     )
     max_f1_loss: float = Field(
         DEFAULT_MAX_F1_LOSS, ge=0, description="F1 points below PyTorch that backend auto accepts for speed."
+    )
+    library: str | None = Field(
+        None, description="A document library index (python -m train_job.index build DOCS --index INDEX): "
+        "enables POST /v1/ask and GET /v1/collections. On a cluster, a path every node mounts.",
     )
     previous_model: str | None = Field(
         None, description="The model an update replaced (set by `python -m serve_app update`; "

@@ -42,6 +42,41 @@ def build_tiny_model(directory: Path, *, seed: int = 0, layers: int = 2, hidden:
     return directory
 
 
+V2_DATA = FIXTURES / "tiny-squad-v2.json"
+
+
+@pytest.fixture(scope="session")
+def abstaining_run(tmp_path_factory):
+    """``(run directory, metrics)`` of a tiny model trained to abstain (train_job.run with
+    --negative-ratio, one worker) on the fixture's answerable questions and validated on
+    ``tiny-squad-v2.json`` (the same questions plus questions asked of another article's paragraph).
+    Settings sized so that the tiny model learns the fixture in a few epochs; trained once per session."""
+    import ray
+
+    from train_job.config import TrainConfig
+    from train_job.run import run
+
+    directory = tmp_path_factory.mktemp("abstaining")
+    model = build_tiny_model(directory / "tiny", hidden=64)
+    config = TrainConfig(
+        model=str(model), train_file=str(FIXTURES / "tiny-squad.jsonl"), validation_file=str(V2_DATA),
+        output_dir=str(directory / "run"), num_workers=1, epochs=12, learning_rate=3e-3, warmup_ratio=0.0,
+        per_device_batch_size=2, negative_ratio=3, max_failures=0, qa=abstaining_qa(),
+    ).validate()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        metrics = run(config)
+    finally:
+        ray.shutdown()
+    return directory / "run", metrics
+
+
+def abstaining_qa():
+    from qa_common import QAConfig
+
+    return QAConfig(max_length=160, stride=32, max_question_length=24)  # one window per fixture question
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-bert"))

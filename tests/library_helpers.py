@@ -1,7 +1,7 @@
 """A small document library made by the tests: the fixture articles as PDF, DOCX, HTML, Markdown and text.
 
-The hand-hygiene article is a two-page PDF whose third sentence is alone on page 2, so that an
-answer's page can be checked; the warfarin article is a DOCX under a "Warfarin" heading.
+The hand-hygiene article is page 2 of a PDF whose page 1 is a title page, so that an answer's page
+can be checked; the warfarin article is a DOCX under a "Warfarin" heading.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from conftest import FIXTURES
 
 ARTICLES = {a["title"]: a["paragraphs"][0]["context"]
             for a in json.loads((FIXTURES / "tiny-squad.json").read_text())["data"]}
-HAND_HYGIENE_PAGE_2 = ARTICLES["Hand hygiene"].split(". ", 2)[2]  # the soap-and-water sentence
+TITLE_PAGE = "Infection control handbook. Issued by the infection control team of the hospital."
 
 
 def write_pdf(path: Path, pages: list[str]) -> None:
@@ -41,8 +41,7 @@ def write_library(folder: Path, titles=tuple(ARTICLES), *, broken: bool = True) 
     """The fixture articles of ``titles`` in ``folder`` (one format each), and a broken PDF."""
     folder.mkdir(parents=True, exist_ok=True)
     writers = {
-        "Hand hygiene": lambda text: write_pdf(folder / "hand-hygiene.pdf",
-                                               [text[: -len(HAND_HYGIENE_PAGE_2)].strip(), HAND_HYGIENE_PAGE_2]),
+        "Hand hygiene": lambda text: write_pdf(folder / "hand-hygiene.pdf", [TITLE_PAGE, text]),
         "Warfarin": lambda text: write_docx(folder / "warfarin.docx", "Warfarin", [text]),
         "Stroke": lambda text: (folder / "stroke.html").write_text(
             f"<html><head><style>p {{}}</style></head><body><h2>Stroke</h2><p>{text}</p></body></html>"),

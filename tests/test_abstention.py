@@ -1,9 +1,6 @@
 """A tiny model trained with synthesised negatives says "not in this document": via answer_questions and over HTTP.
 
-Trained once for the module (train_job.run with --negative-ratio, one worker), on the fixture's
-answerable questions, and evaluated on ``tiny-squad-v2.json``: the same questions plus unanswerable
-ones (questions asked of another article's paragraph). Settings sized so that the tiny model learns
-the fixture in a few epochs.
+The model is conftest's ``abstaining_run`` (trained once per test session).
 """
 
 import json
@@ -12,35 +9,10 @@ import httpx
 import pytest
 from serve_helpers import AUTH, service_config
 
-from conftest import FIXTURES, build_tiny_model
-from qa_common import QAConfig, Question, answer_questions, load_model_and_tokenizer, load_qa_config, read_squad
+from conftest import V2_DATA
+from qa_common import Question, answer_questions, load_model_and_tokenizer, load_qa_config, read_squad
 from qa_common.calibration import uncalibrated
 from bench.local_service import free_port, local_serve
-
-QA = QAConfig(max_length=160, stride=32, max_question_length=24)  # one window per fixture question
-V2_DATA = FIXTURES / "tiny-squad-v2.json"
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    import ray
-
-    from train_job.config import TrainConfig
-    from train_job.run import run
-
-    directory = tmp_path_factory.mktemp("abstaining")
-    model = build_tiny_model(directory / "tiny", hidden=64)
-    config = TrainConfig(
-        model=str(model), train_file=str(FIXTURES / "tiny-squad.jsonl"), validation_file=str(V2_DATA),
-        output_dir=str(directory / "run"), num_workers=1, epochs=12, learning_rate=3e-3, warmup_ratio=0.0,
-        per_device_batch_size=2, negative_ratio=3, max_failures=0, qa=QA,
-    ).validate()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        metrics = run(config)
-    finally:
-        ray.shutdown()
-    return directory / "run", metrics
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +20,8 @@ def records():
     return read_squad(V2_DATA)
 
 
-def test_training_with_negatives_exports_a_model_that_abstains_at_its_best_threshold(trained):
-    output, metrics = trained
+def test_training_with_negatives_exports_a_model_that_abstains_at_its_best_threshold(abstaining_run):
+    output, metrics = abstaining_run
     assert metrics["train_examples"] > 13  # the synthesised negatives were trained on
     saved = load_qa_config(output / "model")
     assert saved.version_2_with_negative is True  # switched on by the negatives, not by a flag
@@ -66,8 +38,8 @@ def test_training_with_negatives_exports_a_model_that_abstains_at_its_best_thres
     assert "| unanswerable (NoAns) | 5 |" in card
 
 
-def test_answer_questions_abstains_on_the_unanswerable_questions(trained, records):
-    output, metrics = trained
+def test_answer_questions_abstains_on_the_unanswerable_questions(abstaining_run, records):
+    output, metrics = abstaining_run
     model, tokenizer = load_model_and_tokenizer(str(output / "model"))
     config = load_qa_config(output / "model")
     answers = answer_questions(model, tokenizer, [Question(r["question"], r["context"]) for r in records], config)
@@ -92,8 +64,8 @@ def test_answer_questions_abstains_on_the_unanswerable_questions(trained, record
     assert without_null["no_answer_probability"] == pytest.approx(with_null["no_answer_probability"])
 
 
-def test_served_model_abstains_over_http(trained, records):
-    output, _ = trained
+def test_served_model_abstains_over_http(abstaining_run, records):
+    output, _ = abstaining_run
     unanswerable = [r for r in records if not r["answers"]["text"]]
     model, tokenizer = load_model_and_tokenizer(str(output / "model"))
     config = load_qa_config(output / "model")

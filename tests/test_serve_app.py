@@ -127,6 +127,8 @@ def test_builder_rejects_a_missing_model_and_batches_that_cannot_fill(tiny_model
         build_app({"model": str(tmp_path / "nothing-here")}, {})
     with pytest.raises(ValueError, match="max_ongoing_requests"):
         build_app({"model": str(tiny_model_dir), "max_batch_size": 16}, {MODEL_DEPLOYMENT: {"max_ongoing_requests": 8}})
+    with pytest.raises(ValueError, match="train_job.index build"):
+        build_app({"model": str(tiny_model_dir), "library": str(tmp_path / "no-index")}, {})
 
 
 # --- the running service ----------------------------------------------------------------------
@@ -275,6 +277,8 @@ def test_bad_requests_never_restarted_a_replica(client):
 def test_unknown_paths_and_methods_get_json_errors(client):
     missing = client.get("/v2/answer")
     assert missing.status_code == 404 and "/docs" in missing.json()["error"]
+    for no_library in (client.post("/v1/ask", json={"question": "x"}), client.get("/v1/collections")):
+        assert no_library.status_code == 404 and "--library INDEX" in no_library.json()["error"]
     assert client.get("/v1/answer").status_code == 405 and "error" in client.get("/v1/answer").json()
 
 

@@ -89,8 +89,8 @@ def kept_rows(previous_version: Path, kept: set[str]):
     """The previous version's rows of the documents in ``kept`` (``collection/document`` keys), as Arrow batches."""
     import lancedb
 
-    table = lancedb.connect(str(previous_version)).open_table(TABLE).to_lance()
-    for batch in table.to_batches():
+    table = lancedb.connect(str(previous_version)).open_table(TABLE)
+    for batch in table.search().limit(None).to_batches(batch_size=4096):
         keys = [f"{c}/{d}" for c, d in zip(batch.column("collection").to_pylist(), batch.column("document").to_pylist())]
         yield batch.filter([key in kept for key in keys])
 

@@ -1,0 +1,60 @@
+"""What ``GET /v1/model`` shows: the served model's name and version (and the previous one's, after
+an update), its settings and the request limits. Built once, when the application is."""
+
+from pathlib import Path
+
+from qa_common import QAConfig
+from qa_common.backends import resolve_backend
+from qa_common.modeling import dtype_name
+from serve_app.model import model_version
+from serve_app.schemas import MAX_QUESTION_CHARS, MAX_QUESTIONS_PER_REQUEST, ServeArgs
+
+
+def model_name(model: str, model_path: str) -> str:
+    """What /v1/model calls the model: a Hub name as given; for a directory its name, never its path."""
+    if not Path(model).expanduser().exists():
+        return model
+    return directory_name(Path(model_path))
+
+
+def directory_name(directory: Path) -> str:
+    """A model directory's name for display: runs/quickstart/model is "quickstart"."""
+    return directory.parent.name if directory.name == "model" else directory.name
+
+
+def previous_model(model: str | None) -> dict | None:
+    """The name and version of the model an update replaced (``update --rollback`` returns to it)."""
+    if not model:
+        return None
+    path = Path(model)
+    if not path.is_absolute():  # a Hub name: update stores a directory as an absolute path
+        return {"name": model, "version": model_version(model)}
+    return {"name": directory_name(path), "version": model_version(model) if (path / "config.json").is_file() else None}
+
+
+def model_card(model_path: str, args: ServeArgs, qa_config: QAConfig, model_options: dict) -> dict:
+    """What /v1/model shows: the model's name and version (and the previous one's, after an update), its
+    settings and the request limits."""
+    actor_options = model_options.get("ray_actor_options", {})
+    device = "cuda" if actor_options.get("num_gpus", 0) else "cpu"
+    backend = resolve_backend(model_path, args.backend, device=device, max_f1_loss=args.max_f1_loss)
+    return {
+        "name": args.model_name or model_name(args.model, model_path),
+        "version": model_version(model_path),
+        "previous": previous_model(args.previous_model),
+        "device": device,
+        "backend": backend,
+        "backend_requested": args.backend,
+        "dtype": {"onnx": "float32", "onnx-int8": "int8"}.get(backend) or dtype_name(args.dtype, device),
+        "threads": max(1, int(actor_options.get("num_cpus", 1))),  # intra-op threads: one per CPU of a replica
+        **qa_config.to_dict(),
+        "max_batch_size": args.max_batch_size,
+        "limits": {
+            "questions_per_request": MAX_QUESTIONS_PER_REQUEST,
+            "question_chars": MAX_QUESTION_CHARS,
+            "context_chars": args.max_context_chars,
+            "body_bytes": args.max_body_bytes,
+            "windows_per_request": args.max_windows_per_request,
+            "deadline_s": args.request_deadline_s,
+        },
+    }

@@ -1,0 +1,172 @@
+"""Ask the library over HTTP: /v1/ask and /v1/collections, their contracts, audit lines, a rebuild
+served without a restart, and the page's library mode in headless Chromium.
+
+One service for the module: conftest's abstaining tiny model, and an index of the test library
+(library_helpers: the fixture articles as PDF, DOCX, HTML and Markdown, plus a broken PDF).
+"""
+
+import json
+
+import httpx
+import pytest
+from library_helpers import write_library
+from serve_helpers import AUTH, TOKEN, service_config
+from test_serve_page import headless_chromium
+from test_serve_page import pytestmark as needs_chromium
+
+from qa_common import PassagesQuestion, answer_questions, load_model_and_tokenizer, load_qa_config
+from qa_common.embedding import Embedder
+from qa_common.library import Library
+from bench.local_service import free_port, local_serve, wait_until
+from serve_app.retriever import RETRIEVER_DEPLOYMENT
+from train_job import index as index_job
+
+
+@pytest.fixture(scope="module")
+def service(abstaining_run, tmp_path_factory):
+    root = tmp_path_factory.mktemp("served-library")
+    docs, index, audit = write_library(root / "ward"), root / "index", root / "audit.jsonl"
+    model = abstaining_run[0] / "model"
+    config = service_config(model, free_port(), qa={}, library=str(index), audit_log=str(audit))
+    config["applications"][0]["deployments"].append({"name": RETRIEVER_DEPLOYMENT, "ray_actor_options": {"num_cpus": 0.1}})
+    import ray
+
+    try:  # the build job as a user runs it, on a Ray of its own; the service then refuses no index
+        assert index_job.main(["build", str(docs), "--index", str(index), "--concurrency", "1"]) == 0
+    finally:
+        ray.shutdown()
+    with local_serve(config, num_cpus=4) as url:
+        yield {"url": url, "docs": docs, "index": index, "audit": audit, "model": model, "root": root}
+
+
+def ask(service, body, headers=AUTH):
+    return httpx.post(f"{service['url']}/v1/ask", json=body, headers=headers, timeout=120)
+
+
+def test_an_answer_cites_its_document_page_and_passage_and_equals_the_reader_over_the_same_passages(service):
+    question = "Which spores are not killed by alcohol?"
+    response = ask(service, {"question": question, "top_k": 3})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["passages_read"] == 5 and body["index_version"] == Library(service["index"]).version
+    best = body["answers"][0]
+    assert set(best) == {"answer", "score", "start", "end", "no_answer_probability", "collection", "document", "page",
+                         "section", "passage_id", "passage"}
+    assert response.headers["X-Model-Version"]
+    library = Library(service["index"])
+    rows = {hit.passage["passage_id"]: hit.passage for hit in library.search("x", Embedder().embed(["x"])[0], 20,
+                                                                             mode="dense")}
+    for answer in body["answers"]:  # each citation is its passage's row in the index
+        assert answer["passage"][answer["start"]:answer["end"]] == answer["answer"]
+        row = rows[answer["passage_id"]]
+        assert {key: answer[key] for key in row if key != "text"} == {key: row[key] for key in row if key != "text"}
+        assert answer["passage"] == row["text"]
+
+    # The same retrieval and the same reader, outside the service: the same answers.
+    hits = library.search(question, Embedder().embed([question])[0], 5)
+    model, tokenizer = load_model_and_tokenizer(str(service["model"]))
+    [expected] = answer_questions(model, tokenizer, [PassagesQuestion(question, tuple(h.passage["text"] for h in hits),
+                                                                      top_k=3)], load_qa_config(service["model"]))
+    assert [(a["answer"], a["start"], hits[a["passage"]].passage["passage_id"] if a["passage"] >= 0 else None)
+            for a in expected] == [(a["answer"], a["start"], a["passage_id"]) for a in body["answers"]]
+    assert [a["score"] for a in body["answers"]] == pytest.approx([a["score"] for a in expected], abs=1e-5)
+
+    # Asked of the PDF alone, the answer is its second page's sentence.
+    [best] = ask(service, {"question": question, "document": "hand-hygiene.pdf"}).json()["answers"]
+    assert (best["document"], best["page"]) == ("hand-hygiene.pdf", 2) and "Clostridioides difficile" in best["answer"]
+
+
+def test_a_question_no_document_answers_is_not_found_in_these_documents(service):
+    # Only the warfarin leaflet is searched: the stroke question's answer is in no passage read.
+    body = ask(service, {"question": "Within how many hours should a clot-dissolving drug be given?",
+                         "document": "warfarin.docx"}).json()
+    [best] = body["answers"]
+    assert (best["answer"], best["start"], best["end"], best["document"], best["passage"]) == ("", -1, -1, None, None)
+    assert best["no_answer_probability"] > load_qa_config(service["model"]).no_answer_threshold
+    assert body["passages_read"] == 1
+    # Asked of the whole library, the same question is answered from the stroke page.
+    body = ask(service, {"question": "Within how many hours should a clot-dissolving drug be given?"}).json()
+    assert body["answers"][0]["document"] == "stroke.html" and body["answers"][0]["answer"]
+    # A filter that matches nothing reads nothing and says so.
+    body = ask(service, {"question": "What does INR stand for?", "collection": "elsewhere"}).json()
+    assert body["passages_read"] == 0 and body["answers"][0]["start"] == -1
+
+
+@pytest.mark.parametrize("body, where", [
+    ({"question": "   "}, "question"),
+    ({"question": "x", "passages": 21}, "passages"),
+    ({"question": "x", "top_k": 0}, "top_k"),
+    ({"question": "x", "collection": "../etc' OR 1=1"}, "collection"),
+    ({"question": "x", "document": "d" * 513}, "document"),
+    ({"question": "x", "context": "not here"}, "context: unknown field"),
+    ([{"question": "x"}], "must be a JSON object"),
+])
+def test_bad_library_questions_get_422_saying_what_to_fix(service, body, where):
+    response = ask(service, body)
+    assert response.status_code == 422 and where in response.json()["error"], response.text
+
+
+def test_library_routes_need_a_token_and_collections_show_no_path(service):
+    assert ask(service, {"question": "x"}, headers={}).status_code == 401
+    assert httpx.get(f"{service['url']}/v1/collections", timeout=30).status_code == 401
+    response = httpx.get(f"{service['url']}/v1/collections", headers=AUTH, timeout=30)
+    info = response.json()
+    assert info["collections"] == [{"name": "ward", "documents": 4, "passages": 5}]
+    assert info["index_version"] == Library(service["index"]).version
+    assert str(service["root"]) not in response.text
+
+
+def test_audit_lines_of_library_questions_carry_counts_and_versions_never_text(service):
+    question = "What does INR stand for?"
+    assert ask(service, {"question": question}).status_code == 200
+    lines = [json.loads(line) for line in service["audit"].read_text().splitlines()]
+    [last] = [line for line in lines if line["route"] == "/v1/ask" and line["status"] == 200][-1:]
+    assert last["passages"] == 5 and last["questions"] == 1 and last["windows"] >= 5
+    assert last["index_version"] == Library(service["index"]).version
+    text = service["audit"].read_text()
+    for secret in (question, "warfarin.docx", "hand-hygiene", "Clostridioides"):
+        assert secret not in text
+
+
+def test_a_rebuilt_library_is_served_without_a_restart(service, tmp_path):
+    before = httpx.get(f"{service['url']}/v1/collections", headers=AUTH, timeout=30).json()
+    (service["docs"] / "new-leaflet.txt").write_text("The ward phone number is 4477.")
+    try:
+        assert index_job.main(["build", str(service["docs"]), "--index", str(service["index"]),
+                               "--concurrency", "1"]) == 0
+        after = httpx.get(f"{service['url']}/v1/collections", headers=AUTH, timeout=30).json()
+        assert after["index_version"] != before["index_version"] and after["collections"][0]["documents"] == 5
+        body = ask(service, {"question": "What is the ward phone number?", "passages": 6}).json()
+        assert body["index_version"] == after["index_version"] and body["passages_read"] == 6
+    finally:
+        (service["docs"] / "new-leaflet.txt").unlink()
+
+
+@needs_chromium
+def test_the_page_asks_the_library_and_shows_the_cited_passage(service, tmp_path):
+    question = "Which spores are not killed by alcohol?"
+    expected = next(a for a in ask(service, {"question": question, "top_k": 3}).json()["answers"] if a["start"] >= 0)
+    with headless_chromium(service["url"] + "/", tmp_path / "profile") as page:
+        page.type_into("#token", TOKEN)
+        page.type_into("#question", question)  # the token's change event: the page asks for the collections
+        wait_until(lambda: page.evaluate("!document.getElementById('mode-choice').hidden"), timeout_s=30,
+                   what="the library mode to be offered")
+        page.click("#mode-library")
+        page.click("#ask")
+        answered = ("!document.getElementById('library-result').hidden "
+                    "|| document.getElementById('status').className == 'error'")
+        wait_until(lambda: page.evaluate(answered), timeout_s=60, what="the library's answer")
+        shown = page.evaluate("""({
+            status: document.getElementById('status').textContent,
+            documentHidden: document.getElementById('document-field').hidden,
+            first: document.querySelector('#library-answers li button').textContent,
+            source: document.querySelector('#library-answers li .source').textContent,
+            marked: document.querySelector('#passage-view mark').textContent,
+            passageSource: document.getElementById('passage-source').textContent,
+            notFound: !document.getElementById('library-not-found').hidden,
+        })""")
+    assert shown["status"] == "" and shown["documentHidden"] and not shown["notFound"]
+    assert shown["marked"] == expected["answer"] and shown["first"].startswith(expected["answer"])
+    citation = " · ".join([expected["document"], *([f"page {expected['page']}"] if expected["page"] else []),
+                           *([expected["section"]] if expected["section"] else [])])
+    assert shown["source"] == shown["passageSource"] == citation

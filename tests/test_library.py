@@ -153,3 +153,16 @@ def test_a_failed_build_leaves_the_served_version_alone(built, capsys, monkeypat
     assert (index / CURRENT_FILE).read_text() == served
     assert all((p / "manifest.json").exists() for p in index.iterdir() if p.is_dir())  # no half-written version
     (docs / "warfarin-2.txt").unlink()
+
+
+def test_the_bundled_sample_library_reads_whole_and_cites_the_handbook_page(local_ray, embedder, tmp_path, capsys):
+    from train_job.config import DATA_DIR
+
+    code, out, err = build(DATA_DIR / "library", tmp_path / "index", capsys)
+    assert code == 0 and "could not be read" not in err
+    [summary] = collections_summary(read_manifest(tmp_path / "index"))
+    assert summary["name"] == "library" and summary["documents"] == 27
+    question = "How long should hands be rubbed with alcohol gel?"
+    [best] = Library(tmp_path / "index").search(question, embedder.embed([question])[0], 1)
+    assert (best.passage["document"], best.passage["page"]) == ("ward-handbook.pdf", 4)
+    assert "20 to 30 seconds" in best.passage["text"]

@@ -143,7 +143,9 @@ def read_and_embed(args: argparse.Namespace, documents: list[dict]):
     if len(failures) == len(documents):
         return None, failures
     actors = args.concurrency or max(1, int(ray.cluster_resources().get("CPU", 1) // args.cpus_per_actor))
-    embedded = parsed.filter(expr=f"{ERROR} == ''").drop_columns([ERROR]).map_batches(
+    # Materialised first: a filter's tasks would wait for CPUs that the embedding actors hold.
+    passages = parsed.filter(expr=f"{ERROR} == ''").drop_columns([ERROR]).materialize()
+    embedded = passages.map_batches(
         EmbedPassages, fn_constructor_kwargs={"embedder": args.embedder, "threads": int(args.cpus_per_actor)},
         batch_size=args.batch_size, batch_format="pyarrow", num_cpus=args.cpus_per_actor,
         compute=ray.data.ActorPoolStrategy(size=actors))

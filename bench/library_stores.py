@@ -1,0 +1,170 @@
+"""Two stores for the document library, measured on the same passages, vectors and questions.
+
+    python -m bench.library_stores --index runs/ask-dev/library/index --data DEV.json --max-questions 2000
+
+(the index: ``python -m train_job.ask_library`` writes one of every paragraph of --data). The
+passages and their all-MiniLM-L6-v2 vectors are read from that LanceDB index, the questions are
+embedded once, and each store is built from them and asked the same questions:
+
+- ``lancedb``: one embedded LanceDB table (what qa_common.library uses): exact dot-product search
+  and its native BM25 full-text index (stemmed, stop words removed);
+- ``faiss+bm25s``: a faiss ``IndexFlatIP`` (exact) beside a bm25s index (PyStemmer's English
+  stemmer, English stop words), the two persisted side by side.
+
+For each: build time, size on disk, query latency (p50/p95 per question, one thread of the
+caller), and recall@1/5/20 of the question's paragraph for lexical, dense and hybrid (reciprocal
+rank fusion of each ranking's top 50, the same function for both stores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench import benchlib
+from qa_common.library import RRF_K, TABLE, Hit, Library, reciprocal_rank_fusion
+
+DEPTH = 50
+RECALL_AT = (1, 5, 20)
+
+
+def directory_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+class LanceStore:
+    name = "lancedb"
+
+    def __init__(self, rows: list[dict], vectors: np.ndarray, directory: Path):
+        import lancedb
+        import pyarrow as pa
+        from lancedb.index import FTS
+
+        started = time.perf_counter()
+        table = pa.table({"passage_id": [r["passage_id"] for r in rows], "document": [r["document"] for r in rows],
+                          "text": [r["text"] for r in rows],
+                          "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), vectors.shape[1])})
+        self.table = lancedb.connect(str(directory)).create_table(TABLE, data=table)
+        self.table.create_index("text", config=FTS())
+        self.build_s = time.perf_counter() - started
+        self.size = directory_size(directory)
+
+    def dense(self, vector, k):
+        rows = self.table.search(vector).distance_type("dot").select(["passage_id", "document", "_distance"]).limit(k)
+        return [Hit({"passage_id": r["passage_id"], "document": r["document"]}, 1 - r["_distance"]) for r in rows.to_list()]
+
+    def lexical(self, query, k):
+        rows = self.table.search(query, query_type="fts").select(["passage_id", "document", "_score"]).limit(k)
+        return [Hit({"passage_id": r["passage_id"], "document": r["document"]}, r["_score"]) for r in rows.to_list()]
+
+
+class FaissBm25Store:
+    name = "faiss+bm25s"
+
+    def __init__(self, rows: list[dict], vectors: np.ndarray, directory: Path):
+        import bm25s
+        import faiss
+        import Stemmer
+
+        started = time.perf_counter()
+        self.rows = [{"passage_id": r["passage_id"], "document": r["document"]} for r in rows]
+        self.vectors = faiss.IndexFlatIP(vectors.shape[1])
+        self.vectors.add(vectors)
+        self.stemmer = Stemmer.Stemmer("english")
+        self.bm25 = bm25s.BM25()
+        self.bm25.index(bm25s.tokenize([r["text"] for r in rows], stopwords="en", stemmer=self.stemmer,
+                                       show_progress=False), show_progress=False)
+        faiss.write_index(self.vectors, str(directory / "vectors.faiss"))
+        self.bm25.save(str(directory / "bm25"))
+        self.build_s = time.perf_counter() - started
+        self.size = directory_size(directory)
+
+    def dense(self, vector, k):
+        scores, ids = self.vectors.search(vector[None], k)
+        return [Hit(self.rows[i], float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
+
+    def lexical(self, query, k):
+        import bm25s
+
+        tokens = bm25s.tokenize([query], stopwords="en", stemmer=self.stemmer, show_progress=False)
+        if not tokens.ids[0]:
+            return []
+        ids, scores = self.bm25.retrieve(tokens, k=min(k, len(self.rows)), show_progress=False, n_threads=1)
+        return [Hit(self.rows[i], float(s)) for i, s in zip(ids[0], scores[0]) if s > 0]
+
+
+def evaluate(store, questions: list[dict], vectors: np.ndarray) -> dict:
+    ranks = {"lexical": [], "dense": [], "hybrid": []}
+    latency = {"lexical": [], "dense": []}
+    for question, vector in zip(questions, vectors):
+        started = time.perf_counter()
+        dense = store.dense(vector, DEPTH)
+        latency["dense"].append(time.perf_counter() - started)
+        started = time.perf_counter()
+        lexical = store.lexical(question["question"], DEPTH)
+        latency["lexical"].append(time.perf_counter() - started)
+        for mode, hits in (("lexical", lexical), ("dense", dense),
+                           ("hybrid", reciprocal_rank_fusion([dense, lexical], RRF_K))):
+            documents = list(dict.fromkeys(hit.passage["document"] for hit in hits))
+            ranks[mode].append(documents.index(question["document"]) + 1 if question["document"] in documents else 0)
+    result = {"build_s": round(store.build_s, 2), "size_mb": round(store.size / 2**20, 2)}
+    for mode, values in latency.items():
+        result[f"{mode}_query_ms_p50"] = round(1000 * benchlib.percentile(values, 50), 2)
+        result[f"{mode}_query_ms_p95"] = round(1000 * benchlib.percentile(values, 95), 2)
+    for mode, values in ranks.items():
+        for k in RECALL_AT:
+            result[f"{mode}_recall@{k}"] = round(sum(0 < r <= k for r in values) / len(values), 4)
+    return result
+
+
+def main(argv=None) -> None:
+    from qa_common import read_squad
+    from qa_common.embedding import Embedder
+    from qa_common.splits import sample_questions
+    from train_job.ask_library import paragraph_documents
+
+    parser = argparse.ArgumentParser(prog="python -m bench.library_stores", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--index", type=Path, required=True, help="an index written by train_job.ask_library")
+    parser.add_argument("--data", type=Path, default=benchlib.SQUAD_FULL_DEV, help="the SQuAD file it indexes")
+    parser.add_argument("--max-questions", type=int, default=2000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=benchlib.RESULTS / "library_stores.json")
+    args = parser.parse_args(argv)
+    load_before = benchlib.load_average()
+
+    records = read_squad(args.data)
+    name_of = {text: name for name, text in paragraph_documents(records).items()}
+    questions = [{"question": r["question"], "document": name_of[r["context"]]}
+                 for r in sample_questions(records, args.max_questions, seed=args.seed)]
+    library = Library(args.index)
+    rows = library.table.search().limit(None).select(["passage_id", "document", "text", "vector"]).to_list()
+    vectors = np.asarray([row["vector"] for row in rows], dtype=np.float32)
+    embedder = Embedder(library.manifest["embedder"])
+    started = time.perf_counter()
+    question_vectors = embedder.embed([q["question"] for q in questions])
+    embed_ms = 1000 * (time.perf_counter() - started) / len(questions)
+    results = {}
+    for store_class in (LanceStore, FaissBm25Store):
+        directory = Path(tempfile.mkdtemp(prefix="store-"))
+        try:
+            results[store_class.name] = evaluate(store_class(rows, vectors, directory), questions, question_vectors)
+        finally:
+            shutil.rmtree(directory)
+        print(store_class.name, results[store_class.name], flush=True)
+    benchlib.write_json(
+        args.out, "library_stores",
+        {"hybrid_recall@5_lancedb_minus_faiss_bm25s": round(results["lancedb"]["hybrid_recall@5"]
+                                                            - results["faiss+bm25s"]["hybrid_recall@5"], 4)},
+        {**results, "question_embedding_ms": round(embed_ms, 2)},
+        {"passages": len(rows), "questions": len(questions), "depth": DEPTH, "rrf_k": RRF_K,
+         "data": benchlib.data_label(args.data)}, load_before)
+
+
+if __name__ == "__main__":
+    main()

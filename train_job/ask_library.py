@@ -1,0 +1,194 @@
+"""``python -m train_job.ask_library``: open-domain evaluation. Every paragraph of a SQuAD-format file
+becomes a document of one library, and every question is asked of the whole library.
+
+Pipeline: the paragraphs are written as text files and indexed with ``python -m train_job.index``'s
+own build (the same passages, embeddings and store a user gets), unless ``--index`` names an index
+built that way already; Ray Data ``map_batches`` on a pool of actors (:class:`LibraryAsker`: the
+library, its embedder and the reader) retrieves for each question with each search mode, reads the
+hybrid top ``--passages`` as one candidate set (what ``POST /v1/ask`` does) and, for comparison,
+the gold paragraph alone. Reports retrieval recall@1/5/20 per mode (a question's paragraph is
+retrieved when one of its passages is), end-to-end EM/F1 and the same reader's EM/F1 with the gold
+paragraph (``OUTPUT/metrics.json``; ``OUTPUT/answers.jsonl``: per question the ranks and answers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from qa_common import PassagesQuestion, Question, SquadFormatError, answer_questions, load_qa_config, read_squad
+from qa_common.library import SEARCH_MODES, LibraryError
+from qa_common.metric import score_answer
+from qa_common.splits import sample_questions
+
+RECALL_AT = (1, 5, 20)
+COLLECTION = "squad"
+
+
+def paragraph_documents(records: list[dict]) -> dict[str, str]:
+    """``{document name: paragraph}`` for the distinct paragraphs of ``records``: ``ARTICLE/PARAGRAPH.txt``
+    numbered in the file's order (titles stay out of file names)."""
+    names, articles, per_article = {}, {}, {}
+    for record in records:
+        if record["context"] not in names:
+            article = articles.setdefault(record.get("title") or "", len(articles))
+            per_article[article] = per_article.get(article, -1) + 1
+            names[record["context"]] = f"{article:04d}/{per_article[article]:04d}.txt"
+    return {name: text for text, name in names.items()}
+
+
+class LibraryAsker:
+    """Ray Data actor: a batch of questions -> per question its retrieval ranks and both answers."""
+
+    def __init__(self, index: str, model_dir: str, passages: int, threads: int):
+        import torch
+
+        from qa_common.backends import load_runner
+        from qa_common.embedding import Embedder
+        from qa_common.library import Library
+
+        torch.set_num_threads(threads)
+        self.library = Library(index)
+        self.embedder = Embedder(self.library.manifest["embedder"], threads=threads)
+        self.runner, self.tokenizer, _ = load_runner(model_dir, "torch", device="cpu", dtype=torch.float32,
+                                                     threads=threads)
+        self.config = load_qa_config(model_dir)
+        self.passages = passages
+
+    def __call__(self, batch):
+        import pyarrow as pa
+
+        rows = batch.to_pylist()
+        vectors = self.embedder.embed([row["question"] for row in rows])
+        read, gold = [], []
+        for row, vector in zip(rows, vectors):
+            for mode in SEARCH_MODES:
+                hits = self.library.search(row["question"], vector, max(RECALL_AT), mode=mode)
+                documents = list(dict.fromkeys(hit.passage["document"] for hit in hits))
+                row[f"{mode}_rank"] = documents.index(row["document"]) + 1 if row["document"] in documents else 0
+                if mode == "hybrid":
+                    row["read"] = [hit.passage["document"] for hit in hits[: self.passages]]
+                    read.append(PassagesQuestion(row["question"], tuple(hit.passage["text"]
+                                                                        for hit in hits[: self.passages])))
+            gold.append(Question(row["question"], row["context"]))
+        answers = answer_questions(self.runner, self.tokenizer, [*read, *gold], self.config)
+        for row, library_answer, gold_answer in zip(rows, answers[: len(rows)], answers[len(rows):]):
+            best, alone = library_answer[0], gold_answer[0]
+            row.update(answer=best["answer"], answer_document=row["read"][best["passage"]] if best["passage"] >= 0
+                       else None, score=best["score"], gold_paragraph_answer=alone["answer"])
+            for prefix, text in (("", best["answer"]), ("gold_paragraph_", alone["answer"])):
+                scores = score_answer(text, row["answers"]["text"])
+                row[f"{prefix}exact_match"], row[f"{prefix}f1"] = scores["exact_match"], scores["f1"]
+            del row["context"], row["answers"]
+        return pa.Table.from_pylist(rows)
+
+
+def summarise(rows: list[dict], passages: int) -> dict:
+    count = len(rows)
+    metrics = {"questions": count, "passages_read": passages}
+    for mode in SEARCH_MODES:
+        for k in RECALL_AT:
+            metrics[f"{mode}_recall@{k}"] = round(sum(0 < row[f"{mode}_rank"] <= k for row in rows) / count, 4)
+    for prefix in ("", "gold_paragraph_"):
+        for name in ("exact_match", "f1"):
+            metrics[f"{prefix}{name}"] = round(100 * sum(row[f"{prefix}{name}"] for row in rows) / count, 2)
+    metrics["abstained"] = sum(row["answer"] == "" for row in rows)
+    metrics["f1_ratio"] = round(metrics["f1"] / metrics["gold_paragraph_f1"], 4) if metrics["gold_paragraph_f1"] else None
+    return metrics
+
+
+def build_index(documents: dict[str, str], output: Path, address: str | None) -> Path:
+    from train_job import index as index_job
+
+    docs = output / "library" / COLLECTION
+    for name, text in documents.items():
+        (docs / name).parent.mkdir(parents=True, exist_ok=True)
+        (docs / name).write_text(text, encoding="utf-8")
+    index = output / "library" / "index"
+    command = ["build", str(docs), "--index", str(index)] + (["--address", address] if address else [])
+    if index_job.main(command) != 0:
+        raise LibraryError(f"the library index could not be built in {index}")
+    return index
+
+
+def run(args: argparse.Namespace) -> dict:
+    import ray
+    import ray.data
+
+    from train_job.predict import check_model
+
+    records = read_squad(args.data)
+    documents = paragraph_documents(records)
+    name_of = {text: name for name, text in documents.items()}
+    questions = sample_questions(records, args.max_questions, seed=args.seed)
+    model_dir = check_model(args.model)
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    if not ray.is_initialized():
+        ray.init(address=args.address or os.environ.get("RAY_ADDRESS"))
+    started = time.perf_counter()
+    index = Path(args.index) if args.index else build_index(documents, output, args.address)
+    indexed_s = time.perf_counter() - started
+    actors = args.concurrency or max(1, int(ray.cluster_resources().get("CPU", 1) // args.cpus_per_actor))
+    rows = [{"id": r["id"], "question": r["question"], "context": r["context"], "answers": r["answers"],
+             "document": name_of[r["context"]]} for r in questions]
+    print(f"[ask_library] {len(documents)} paragraphs as the library, {len(rows)} questions, {actors} actor(s)",
+          flush=True)
+    answered = ray.data.from_items(rows).map_batches(
+        LibraryAsker, fn_constructor_kwargs={"index": str(index.resolve()), "model_dir": model_dir,
+                                             "passages": args.passages, "threads": int(args.cpus_per_actor)},
+        batch_size=args.batch_size, num_cpus=args.cpus_per_actor, compute=ray.data.ActorPoolStrategy(size=actors),
+        batch_format="pyarrow")
+    results = []
+    with (output / "answers.jsonl").open("w", encoding="utf-8") as stream:
+        for row in answered.iter_rows():
+            results.append({key: row[key] for key in row if key.endswith(("_rank", "exact_match", "f1")) or
+                            key in ("answer",)})
+            stream.write(json.dumps(row, ensure_ascii=False) + "\n")
+    metrics = {**summarise(results, args.passages), "paragraphs": len(documents), "model": model_dir,
+               "data": str(args.data), "index_s": round(indexed_s, 1),
+               "answer_s": round(time.perf_counter() - started - indexed_s, 1)}
+    (output / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    print(json.dumps(metrics, indent=2), flush=True)
+    return metrics
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m train_job.ask_library", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="reader model directory (python -m train_job's OUTPUT_DIR/model)")
+    parser.add_argument("--data", required=True, help="SQuAD-format file with gold answers")
+    parser.add_argument("--output", required=True, help="output directory (metrics.json, answers.jsonl, the library)")
+    parser.add_argument("--index", default=None, help="an index of --data's paragraphs built by this command before")
+    parser.add_argument("--passages", type=int, default=5, help="passages read per question (default: 5, as /v1/ask)")
+    parser.add_argument("--max-questions", type=int, default=None, help="a seeded sample spread over the articles")
+    parser.add_argument("--seed", type=int, default=0, help="the sample's seed (default: 0)")
+    parser.add_argument("--concurrency", type=int, default=None, help="actors (default: as many as the CPUs hold)")
+    parser.add_argument("--cpus-per-actor", type=float, default=1, help="CPUs per actor (default: 1)")
+    parser.add_argument("--batch-size", type=int, default=32, help="questions per actor call (default: 32)")
+    parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    args = parser.parse_args(argv)
+    for name in ("passages", "max_questions", "concurrency", "batch_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.cpus_per_actor < 1:
+        parser.error("--cpus-per-actor must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (SquadFormatError, FileNotFoundError, LibraryError, OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

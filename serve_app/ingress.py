@@ -251,12 +251,16 @@ class QAIngress:
             return await asyncio.wait_for(call, timeout=max(0.0, deadline - time.time()))
         except (asyncio.TimeoutError, BackPressureError, RayActorError) as error:
             call.cancel()
-            reason, why = {
-                asyncio.TimeoutError: ("deadline", "no passages within the deadline"),
-                BackPressureError: ("queue_full", "the library's queue is full"),
-            }.get(type(error), ("replica_lost", "the library replica stopped"))
-            self.log.rejections.inc(tags={"reason": reason})
-            raise busy(self.args.retry_after_s, why) from None
+            raise self.turned_away(error, "library") from None
+
+    def turned_away(self, error: Exception, what: str) -> HTTPException:
+        """The 503 for a call to the ``what`` deployment that was too late, queued out or lost (counted)."""
+        reason, why = {
+            asyncio.TimeoutError: ("deadline", "no answer within the deadline"),
+            BackPressureError: ("queue_full", f"the {what}'s queue is full"),
+        }.get(type(error), ("replica_lost", f"the {what} replica stopped"))
+        self.log.rejections.inc(tags={"reason": reason})
+        return busy(self.args.retry_after_s, why)
 
     async def ask_model(self, items: list[WorkItem], deadline: float) -> tuple[list[list[dict]], list[str]]:
         """Every item's answers and the model versions that made them, or the HTTP error of the first
@@ -267,12 +271,7 @@ class QAIngress:
         except (asyncio.TimeoutError, BackPressureError, RayActorError) as error:
             for task in tasks:
                 task.cancel()
-            reason, why = {
-                asyncio.TimeoutError: ("deadline", "no answer within the deadline"),
-                BackPressureError: ("queue_full", "the model's queue is full"),
-            }.get(type(error), ("replica_lost", "the model replica stopped"))
-            self.log.rejections.inc(tags={"reason": reason})
-            raise busy(self.args.retry_after_s, why) from None
+            raise self.turned_away(error, "model") from None
         for position, outcome in enumerate(outcomes):
             if outcome.get("error") == DEADLINE:
                 self.log.rejections.inc(tags={"reason": "deadline"})

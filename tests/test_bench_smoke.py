@@ -125,7 +125,8 @@ def test_predict_throughput(tiny_model_dir, tmp_path):
 
 def test_every_script_has_help():
     for script in ("train_throughput", "train_scaling", "train_variants", "squad_accuracy", "preprocess", "serve_load", "cold_start", "serve_soak", "predict_throughput",
-                   "cuda_graph_latency", "backends", "gpu_suite", "squad_finetune", "abstention_accuracy"):
+                   "cuda_graph_latency", "backends", "gpu_suite", "squad_finetune", "abstention_accuracy",
+                   "library_stores", "library_build", "ask_latency"):
         result = subprocess.run([sys.executable, "-m", f"bench.{script}", "--help"],
                                 cwd=REPO, capture_output=True, text=True, timeout=60)
         assert result.returncode == 0 and "--out" in result.stdout, script

@@ -24,6 +24,7 @@ from qa_common import PassagesQuestion, Question, SquadFormatError, answer_quest
 from qa_common.library import SEARCH_MODES, LibraryError
 from qa_common.metric import score_answer
 from qa_common.splits import sample_questions
+from train_job.cli import at_least
 
 RECALL_AT = (1, 5, 20)
 COLLECTION = "squad"
@@ -164,20 +165,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data", required=True, help="SQuAD-format file with gold answers")
     parser.add_argument("--output", required=True, help="output directory (metrics.json, answers.jsonl, the library)")
     parser.add_argument("--index", default=None, help="an index of --data's paragraphs built by this command before")
-    parser.add_argument("--passages", type=int, default=5, help="passages read per question (default: 5, as /v1/ask)")
-    parser.add_argument("--max-questions", type=int, default=None, help="a seeded sample spread over the articles")
+    parser.add_argument("--passages", type=at_least(1), default=5, help="passages read per question (default: 5, as /v1/ask)")
+    parser.add_argument("--max-questions", type=at_least(1), default=None, help="a seeded sample spread over the articles")
     parser.add_argument("--seed", type=int, default=0, help="the sample's seed (default: 0)")
-    parser.add_argument("--concurrency", type=int, default=None, help="actors (default: as many as the CPUs hold)")
-    parser.add_argument("--cpus-per-actor", type=float, default=1, help="CPUs per actor (default: 1)")
-    parser.add_argument("--batch-size", type=int, default=32, help="questions per actor call (default: 32)")
+    parser.add_argument("--concurrency", type=at_least(1), default=None, help="actors (default: as many as the CPUs hold)")
+    parser.add_argument("--cpus-per-actor", type=at_least(1, float), default=1, help="CPUs per actor (default: 1)")
+    parser.add_argument("--batch-size", type=at_least(1), default=32, help="questions per actor call (default: 32)")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
-    args = parser.parse_args(argv)
-    for name in ("passages", "max_questions", "concurrency", "batch_size"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.cpus_per_actor < 1:
-        parser.error("--cpus-per-actor must be at least 1")
-    return args
+    return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,6 +15,18 @@ from train_job.config import PRESETS, TrainConfig, TrainJobError, add_config_fla
 USER_ERRORS = (SquadFormatError, OSError, UnsupportedTokenizerError, TrainJobError)
 
 
+def at_least(minimum: float, kind: type = int) -> Callable[[str], float]:
+    """An argparse ``type``: ``kind(text)``, refused (a usage error) below ``minimum``."""
+    def convert(text: str):
+        value = kind(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum:g}, got {text}")
+        return value
+
+    convert.__name__ = kind.__name__  # what argparse calls the type in its messages
+    return convert
+
+
 def run_command(argv: list[str] | None, *, start: Callable[[TrainConfig, argparse.Namespace], object],
                 add_flags: Callable[[argparse.ArgumentParser], None] | None = None,
                 check_args: Callable[[argparse.Namespace], None] | None = None,

@@ -31,6 +31,7 @@ from qa_common.library import (
     PASSAGE_COLUMNS, TABLE, LibraryError, check_collection_name, current_version, publish_version, read_manifest,
 )
 from qa_common.passages import MAX_PASSAGE_WORDS, split_passages
+from train_job.cli import at_least
 
 ERROR = "error"  # the one column of a row that reports a file that could not be read
 
@@ -240,21 +241,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     build_parser.add_argument("docs_dir", metavar="DOCS_DIR", help=f"folder of documents ({', '.join(SUFFIXES)})")
     build_parser.add_argument("--index", required=True, help="index directory (created; a rebuild updates it)")
     build_parser.add_argument("--collection", default=None, help="collection name (default: DOCS_DIR's name)")
-    build_parser.add_argument("--max-passage-words", type=int, default=MAX_PASSAGE_WORDS,
+    build_parser.add_argument("--max-passage-words", type=at_least(1), default=MAX_PASSAGE_WORDS,
                               help=f"longest passage in words (default: {MAX_PASSAGE_WORDS})")
     build_parser.add_argument("--embedder", default=EMBEDDER, help=f"sentence-embedding model (default: {EMBEDDER})")
-    build_parser.add_argument("--concurrency", type=int, default=None,
+    build_parser.add_argument("--concurrency", type=at_least(1), default=None,
                               help="embedding actors (default: as many as the cluster's CPUs hold)")
-    build_parser.add_argument("--cpus-per-actor", type=float, default=1, help="CPUs per embedding actor (default: 1)")
-    build_parser.add_argument("--batch-size", type=int, default=64, help="passages per actor call (default: 64)")
+    build_parser.add_argument("--cpus-per-actor", type=at_least(1, float), default=1, help="CPUs per embedding actor (default: 1)")
+    build_parser.add_argument("--batch-size", type=at_least(1), default=64, help="passages per actor call (default: 64)")
     build_parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
-    args = parser.parse_args(argv)
-    for name in ("max_passage_words", "batch_size", "concurrency"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.cpus_per_actor < 1:
-        parser.error("--cpus-per-actor must be at least 1")
-    return args
+    return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

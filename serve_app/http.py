@@ -81,7 +81,7 @@ def error_responses(*codes: int) -> dict:
 
 async def error_as_json(request: Request, error: HTTPException) -> JSONResponse:
     message = error.detail
-    if error.status_code == 404:
+    if error.status_code == 404 and message == "Not Found":  # Starlette's own: no route matched
         message = f"no such path {request.url.path!r}; the API is described at /docs"
     return JSONResponse({"error": message}, status_code=error.status_code, headers=error.headers)
 

@@ -128,7 +128,7 @@ def test_builder_rejects_a_missing_model_and_batches_that_cannot_fill(tiny_model
     with pytest.raises(ValueError, match="max_ongoing_requests"):
         build_app({"model": str(tiny_model_dir), "max_batch_size": 16}, {MODEL_DEPLOYMENT: {"max_ongoing_requests": 8}})
     with pytest.raises(ValueError, match="train_job.index build"):
-        build_app({"model": str(tiny_model_dir), "library": str(tmp_path / "no-index")}, {})
+        build_app({"model": str(tiny_model_dir), "library": str(tmp_path / "no-index")}, {MODEL_DEPLOYMENT: {"max_ongoing_requests": 32}})
 
 
 # --- the running service ----------------------------------------------------------------------

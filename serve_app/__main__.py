@@ -132,7 +132,7 @@ def main(argv=None) -> None:
         print(f"\nServing {app_config['args']['model']} at {url}  (API docs: {url.rstrip('/')}/docs)")
         if app_config["args"].get("library"):
             print(f"Ask the library {app_config['args']['library']}: POST {url.rstrip('/')}/v1/ask, or the page's "
-                  "'Ask the library' mode")
+                  "library mode")
         print(f"Another model, without downtime: python -m serve_app update --address "
               f"{ray.get_runtime_context().gcs_address} --model NEW_DIR")
         print("Press Ctrl-C to stop.", flush=True)

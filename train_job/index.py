@@ -99,7 +99,8 @@ def kept_rows(previous_version: Path, kept: set[str]):
 def write_table(version_dir: Path, sources: list, schema) -> Counter:
     """One Lance table in ``version_dir`` from every batch of ``sources`` (Ray datasets, iterators of
     Arrow batches), streamed: the driver holds one block at a time. Returns the passages written per
-    ``collection/document``. (Ray Data 2.60's ``write_lance`` fails with pylance 14, and LanceDB itself needs no pylance.)"""
+    ``collection/document``. (Ray Data 2.60's ``write_lance`` fails with pylance 14, and LanceDB
+    itself needs no pylance.)"""
     import lancedb
     import pyarrow as pa
 

@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 
 from bench import benchlib
-from qa_common.library import RRF_K, TABLE, Hit, Library, reciprocal_rank_fusion
+from qa_common.library import FUSION_DEPTH, RRF_K, TABLE, Hit, Library, reciprocal_rank_fusion
 
-DEPTH = 50
+DEPTH = FUSION_DEPTH
 RECALL_AT = (1, 5, 20)
 
 

@@ -33,6 +33,7 @@ MANIFEST_FILE = "manifest.json"
 TABLE = "passages"
 PASSAGE_COLUMNS = ("passage_id", "collection", "document", "page", "section", "text")
 RRF_K = 60
+FUSION_DEPTH = 50  # how much of each ranking hybrid search fuses
 SEARCH_MODES = ("hybrid", "dense", "lexical")
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # a collection's name
 
@@ -120,27 +121,33 @@ class Library:
         return True
 
     def search(self, query: str, vector: np.ndarray | None, k: int, *, mode: str = "hybrid",
-               collection: str | None = None, document: str | None = None, depth: int = 50) -> list[Hit]:
+               collection: str | None = None, document: str | None = None, depth: int = FUSION_DEPTH) -> list[Hit]:
         """The ``k`` best passages for ``query`` (its embedding ``vector`` for dense and hybrid search),
         optionally only of one ``collection`` and/or one ``document``. Hybrid fuses each ranking's top
         ``max(depth, k)``."""
         if mode not in SEARCH_MODES:
             raise ValueError(f"search mode {mode!r}: choose one of {', '.join(SEARCH_MODES)}")
-        if self.table is None or k < 1:
-            return []
+        dense, lexical = self.rankings(query, vector, max(depth, k) if mode == "hybrid" else k,
+                                       dense=mode != "lexical", lexical=mode != "dense",
+                                       collection=collection, document=document)
+        if mode == "hybrid":
+            return reciprocal_rank_fusion([dense, lexical])[:k]
+        return dense if mode == "dense" else lexical
+
+    def rankings(self, query: str, vector: np.ndarray | None, limit: int, *, dense: bool = True,
+                 lexical: bool = True, collection: str | None = None, document: str | None = None
+                 ) -> tuple[list[Hit], list[Hit]]:
+        """``(dense ranking, lexical ranking)``, each of at most ``limit`` passages ([] when not asked for,
+        or for an empty library); :func:`reciprocal_rank_fusion` of the two is the hybrid ranking."""
+        if self.table is None or limit < 1:
+            return [], []
         where = " AND ".join(f"{column} = {_quoted(value)}" for column, value in
                              (("collection", collection), ("document", document)) if value is not None) or None
-        depth = max(depth, k)
-        rankings = []
-        if mode in ("hybrid", "dense"):
-            rankings.append(self._ranked(self.table.search(np.asarray(vector, dtype=np.float32)).distance_type("dot"),
-                                         where, depth if mode == "hybrid" else k, "_distance"))
-        if mode in ("hybrid", "lexical") and query.strip():
-            rankings.append(self._ranked(self.table.search(query, query_type="fts"), where,
-                                         depth if mode == "hybrid" else k, "_score"))
-        if mode != "hybrid":
-            return rankings[0] if rankings else []
-        return reciprocal_rank_fusion(rankings)[:k]
+        dense_hits = self._ranked(self.table.search(np.asarray(vector, dtype=np.float32)).distance_type("dot"),
+                                  where, limit, "_distance") if dense else []
+        lexical_hits = self._ranked(self.table.search(query, query_type="fts"), where, limit, "_score") \
+            if lexical and query.strip() else []
+        return dense_hits, lexical_hits
 
     @staticmethod
     def _ranked(search, where: str | None, limit: int, score_column: str) -> list[Hit]:

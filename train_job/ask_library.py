@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from qa_common import PassagesQuestion, Question, SquadFormatError, answer_questions, load_qa_config, read_squad
-from qa_common.library import SEARCH_MODES, LibraryError
+from qa_common.library import FUSION_DEPTH, SEARCH_MODES, LibraryError, reciprocal_rank_fusion
 from qa_common.metric import score_answer
 from qa_common.splits import sample_questions
 from train_job.cli import at_least
@@ -67,14 +67,15 @@ class LibraryAsker:
         vectors = self.embedder.embed([row["question"] for row in rows])
         read, gold = [], []
         for row, vector in zip(rows, vectors):
-            for mode in SEARCH_MODES:
-                hits = self.library.search(row["question"], vector, max(RECALL_AT), mode=mode)
-                documents = list(dict.fromkeys(hit.passage["document"] for hit in hits))
+            # Each ranking once, fused as Library.search("hybrid") fuses them.
+            dense, lexical = self.library.rankings(row["question"], vector, FUSION_DEPTH)
+            ranked = {"dense": dense, "lexical": lexical, "hybrid": reciprocal_rank_fusion([dense, lexical])}
+            for mode, hits in ranked.items():
+                documents = list(dict.fromkeys(hit.passage["document"] for hit in hits[: max(RECALL_AT)]))
                 row[f"{mode}_rank"] = documents.index(row["document"]) + 1 if row["document"] in documents else 0
-                if mode == "hybrid":
-                    row["read"] = [hit.passage["document"] for hit in hits[: self.passages]]
-                    read.append(PassagesQuestion(row["question"], tuple(hit.passage["text"]
-                                                                        for hit in hits[: self.passages])))
+            hybrid = ranked["hybrid"][: self.passages]
+            row["read"] = [hit.passage["document"] for hit in hybrid]
+            read.append(PassagesQuestion(row["question"], tuple(hit.passage["text"] for hit in hybrid)))
             gold.append(Question(row["question"], row["context"]))
         answers = answer_questions(self.runner, self.tokenizer, [*read, *gold], self.config)
         for row, library_answer, gold_answer in zip(rows, answers[: len(rows)], answers[len(rows):]):

@@ -8,9 +8,10 @@ held-out validation articles, negatives and calibration) with ``--max-train-samp
 takes the file's first N questions instead of a spread sample (``first-269`` is the first article,
 what the project trained on before). Each model then answers the full dev set with
 ``python -m bench.squad_accuracy --sets dev``: EM/F1 as served (its threshold and calibration, the
-figures ``train_job.predict`` prints) and always answering, from one forward pass. ``--preset-run``
-adds the preset's own run (16,000 questions, its 60 minutes; its training time read from
-``bench/results/squad_minilm_train.json``). Wall times are whole commands: run it alone.
+figures ``train_job.predict`` prints) and always answering, from one forward pass. A point whose run
+directory holds its ``point.json`` from an earlier run is read, not run again. ``--with-preset`` adds
+the preset's own 16,000-question run as recorded in ``bench/results/squad_minilm_train.json`` and
+``squad_accuracy_full_dev.json``. Wall times are whole commands: run it alone.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from bench import benchlib
 
 DEFAULT_OUT = benchlib.RESULTS / "learning_curve.json"
 PRESET_TRAIN = benchlib.RESULTS / "squad_minilm_train.json"
+PRESET_DEV = benchlib.RESULTS / "squad_accuracy_full_dev.json"
+POINT = "point.json"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -37,8 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dev", type=Path, default=benchlib.SQUAD_FULL_DEV, help="SQuAD-format dev file")
     parser.add_argument("--runs-dir", type=Path, default=Path("runs/learning-curve"),
                         help="one run directory per point under here")
-    parser.add_argument("--preset-run", type=Path, default=None,
-                        help="the preset's run directory (python -m train_job --preset squad-minilm), evaluated too")
+    parser.add_argument("--with-preset", action="store_true",
+                        help=f"add the preset's recorded run ({PRESET_TRAIN.name}, {PRESET_DEV.name})")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--plot", type=Path, default=benchlib.RESULTS / "learning_curve.png")
     return parser.parse_args(argv)
@@ -60,18 +63,22 @@ def timed(command: list[str]) -> float:
 
 def run_point(size: int, how: str, args: argparse.Namespace) -> dict:
     run_dir = args.runs_dir / (f"{how}-{size}" if how == "first" else str(size))
-    train_s = timed([sys.executable, "-m", "train_job", "--preset", "squad-minilm", "--train-file", str(args.train),
-                     "--max-train-samples", str(size), "--sample", how, "--output-dir", str(run_dir),
-                     "--overwrite"])
-    return evaluate_point(size, how, train_s, run_dir, args)
-
-
-def evaluate_point(size: int, how: str, command_s: float, run_dir: Path, args: argparse.Namespace) -> dict:
+    if (run_dir / POINT).exists():
+        print(f"{run_dir / POINT}: measured before, read", flush=True)
+        return json.loads((run_dir / POINT).read_text())
+    command_s = timed([sys.executable, "-m", "train_job", "--preset", "squad-minilm", "--train-file", str(args.train),
+                       "--max-train-samples", str(size), "--sample", how, "--output-dir", str(run_dir),
+                       "--overwrite"])
     accuracy = run_dir / "squad_accuracy_dev.json"
     evaluate_s = timed([sys.executable, "-m", "bench.squad_accuracy", "--model", str(run_dir / "model"),
                         "--dev", str(args.dev), "--sets", "dev", "--out", str(accuracy)])
-    trained = json.loads((run_dir / "metrics.json").read_text())
-    dev = json.loads(accuracy.read_text())["results"]["dev"]
+    row = point_row(size, how, command_s, json.loads((run_dir / "metrics.json").read_text()),
+                    json.loads(accuracy.read_text())["results"]["dev"], evaluate_s)
+    (run_dir / POINT).write_text(json.dumps(row, indent=2))
+    return row
+
+
+def point_row(size: int, how: str, command_s: float, trained: dict, dev: dict, evaluate_s: float) -> dict:
     served, always = dev["served"], dev["always_answering"]
     return {"questions": size, "sample": how, "train_command_s": command_s,
             "train_runtime_s": round(trained["train_runtime_s"], 1),
@@ -83,10 +90,13 @@ def evaluate_point(size: int, how: str, command_s: float, run_dir: Path, args: a
             "evaluate_command_s": evaluate_s}
 
 
-def preset_row(run_dir: Path, args: argparse.Namespace) -> dict:
-    trained = json.loads(PRESET_TRAIN.read_text())
-    settings = trained["metrics"]["fingerprint"]["settings"]
-    return evaluate_point(settings["max_train_samples"], settings["sample"], trained["whole_command_wall_s"], run_dir, args)
+def preset_row() -> dict:
+    recorded = json.loads(PRESET_TRAIN.read_text())
+    trained = recorded["metrics"]
+    settings = trained["fingerprint"]["settings"]
+    dev = json.loads(PRESET_DEV.read_text())["results"]["dev"]
+    return point_row(settings["max_train_samples"], settings["sample"], recorded["whole_command_wall_s"], trained,
+                     dev, round(dev["seconds"], 1))
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -116,14 +126,14 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     load_before = benchlib.load_average()
     rows = [run_point(*parse_point(text), args) for text in args.points.split(",")]
-    if args.preset_run:
-        rows.append(preset_row(args.preset_run, args))
+    if args.with_preset:
+        rows.append(preset_row())
     rows.sort(key=lambda row: row["questions"])
     benchlib.print_table("learning curve", rows, list(rows[0]))
     plot(rows, args.plot)
     benchlib.write_json(args.out, "learning_curve", {}, {"points": rows},
                         {"train": benchlib.data_label(args.train), "dev": benchlib.data_label(args.dev),
-                         "points": args.points}, load_before)
+                         "points": args.points, "with_preset": args.with_preset}, load_before)
 
 
 if __name__ == "__main__":

@@ -70,7 +70,8 @@ class TrainConfig:
         "a model that can abstain", default=0.0)
     negative_source: str = _flag(
         "where a synthesised negative's paragraph comes from: article (another paragraph of the same article), "
-        "other (another article) or mix (half each); article generalised best (ACCURACY.md)", default="article")
+        "other (another article) or mix (half each, and the other kind where an article has no such paragraph); "
+        "on SQuAD, article generalised best (ACCURACY.md: the squad-minilm preset takes it)", default="mix")
     max_failures: int = _flag("worker failures to recover from (resuming from the last checkpoint)", default=2)
     checkpoints_to_keep: int = _flag("checkpoints kept, the best by validation F1 (and always the latest)", default=2)
     checkpoint_every_steps: int | None = _flag(

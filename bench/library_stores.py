@@ -29,7 +29,6 @@ import numpy as np
 from bench import benchlib
 from qa_common.library import FUSION_DEPTH, RRF_K, TABLE, Hit, Library, reciprocal_rank_fusion
 
-DEPTH = FUSION_DEPTH
 RECALL_AT = (1, 5, 20)
 
 
@@ -103,10 +102,10 @@ def evaluate(store, questions: list[dict], vectors: np.ndarray) -> dict:
     latency = {"lexical": [], "dense": []}
     for question, vector in zip(questions, vectors):
         started = time.perf_counter()
-        dense = store.dense(vector, DEPTH)
+        dense = store.dense(vector, FUSION_DEPTH)
         latency["dense"].append(time.perf_counter() - started)
         started = time.perf_counter()
-        lexical = store.lexical(question["question"], DEPTH)
+        lexical = store.lexical(question["question"], FUSION_DEPTH)
         latency["lexical"].append(time.perf_counter() - started)
         for mode, hits in (("lexical", lexical), ("dense", dense),
                            ("hybrid", reciprocal_rank_fusion([dense, lexical], RRF_K))):
@@ -162,7 +161,7 @@ def main(argv=None) -> None:
         {"hybrid_recall@5_lancedb_minus_faiss_bm25s": round(results["lancedb"]["hybrid_recall@5"]
                                                             - results["faiss+bm25s"]["hybrid_recall@5"], 4)},
         {**results, "question_embedding_ms": round(embed_ms, 2)},
-        {"passages": len(rows), "questions": len(questions), "depth": DEPTH, "rrf_k": RRF_K,
+        {"passages": len(rows), "questions": len(questions), "depth": FUSION_DEPTH, "rrf_k": RRF_K,
          "data": benchlib.data_label(args.data)}, load_before)
 
 

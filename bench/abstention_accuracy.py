@@ -10,7 +10,7 @@ Bowl article is made SQuAD 2.0-like: half of its questions, chosen with a seed, 
 paragraph that holds none of their answers and become unanswerable. Two ways of choosing that
 paragraph, each a test of its own for the same two models:
 
-- ``notre-dame`` (issue 10's design): a Notre Dame paragraph, i.e. a paragraph the model trained on;
+- ``notre-dame``: a Notre Dame paragraph, i.e. a paragraph the model trained on;
 - ``unseen``: a paragraph of another article of the full SQuAD v1.1 dev set (when
   ``../shared/data/squad-v1.1-full/`` is there), one the model has never seen.
 

@@ -1,6 +1,6 @@
 """``POST /v1/ask`` latency: the retriever's cold start from zero, then p50/p95 at 1 and 8 clients.
 
-    python -m bench.ask_latency --model runs/squad-minilm/model --index runs/ask-dev/library/index
+    python -m bench.ask_latency --model runs/squad-minilm/model --library runs/ask-dev/library/index
 
 Serves the model (``--backend``, default onnx-int8: ``python -m qa_common.export_onnx`` writes it)
 and the library index on a fresh local Ray with the packaged config: one model replica and one
@@ -19,9 +19,9 @@ from pathlib import Path
 
 from bench import benchlib
 from bench.local_service import free_port, replica_counts
+from serve_app.app import APP_NAME
 from serve_app.retriever import RETRIEVER_DEPLOYMENT
 
-APP = "qa"
 
 
 async def send(url: str, questions: list[str], concurrency: int, timeout_s: float) -> dict:
@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.ask_latency", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="reader model directory")
-    parser.add_argument("--index", type=Path, required=True, help="library index (python -m train_job.index build)")
+    parser.add_argument("--library", type=Path, required=True, help="a library (python -m library_job build)")
     parser.add_argument("--data", type=Path, default=benchlib.SQUAD_FULL_DEV, help="SQuAD-format file of questions")
     parser.add_argument("--backend", default="onnx-int8", help="serve_app's --backend (default: %(default)s)")
     parser.add_argument("--requests", type=int, default=80, help="questions per concurrency level")
@@ -72,14 +72,14 @@ def main(argv=None) -> int:
     config = benchlib.serve_app_config(args.model, free_port(), max_batch_size=8, replica_cpus=1,
                                        backend=args.backend)
     [app] = config["applications"]
-    app["args"]["library"] = str(args.index.resolve())
+    app["args"]["library"] = str(args.library.resolve())
     app["deployments"].append({"name": RETRIEVER_DEPLOYMENT, "ray_actor_options": {"num_cpus": 1},
                                "autoscaling_config": {"min_replicas": 0, "initial_replicas": 0, "max_replicas": 1,
                                                       "downscale_to_zero_delay_s": 3600}})
     benchlib.init_local_ray(2)
     try:
         url = run_config(config).rstrip("/")
-        assert replica_counts(APP, RETRIEVER_DEPLOYMENT).get("RUNNING", 0) == 0
+        assert replica_counts(APP_NAME, RETRIEVER_DEPLOYMENT).get("RUNNING", 0) == 0
         clock = benchlib.Stopwatch()
         first = httpx.post(f"{url}/v1/ask", json={"question": questions[0]}, timeout=300)
         cold_s = clock()

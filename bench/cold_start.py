@@ -19,13 +19,12 @@ import time
 from pathlib import Path
 
 from bench import benchlib
-from serve_app.app import MODEL_DEPLOYMENT
+from serve_app.app import APP_NAME, MODEL_DEPLOYMENT
 from bench.local_service import free_port, replica_counts, wait_until
 from qa_common.backends import BACKENDS
 from qa_common.modeling import SERVING_DTYPES
 
 DEFAULT_OUT = benchlib.RESULTS / "cold_start.json"
-APP = "qa"
 QUESTION = {"question": "Which drug was stopped?", "context": "Warfarin was stopped on admission because of bleeding."}
 
 
@@ -95,7 +94,7 @@ def measure(args, workdir: Path, load_before: list[float]) -> int:
         print(f"[bench] deployed in {deploy_s:.1f} s (one warm replica first, to check the model loads)", flush=True)
         for repeat in range(1, args.repeats + 1):
             clock = benchlib.Stopwatch()
-            wait_until(lambda: replica_counts(APP, MODEL_DEPLOYMENT) == {}, timeout_s=args.zero_timeout_s,
+            wait_until(lambda: replica_counts(APP_NAME, MODEL_DEPLOYMENT) == {}, timeout_s=args.zero_timeout_s,
                                 what="the idle model deployment to reach 0 replicas")
             to_zero_s = clock()
             time.sleep(1.0)  # settled at zero

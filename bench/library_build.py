@@ -2,8 +2,8 @@
 
     python -m bench.library_build --data TRAIN.json.gz          # the 18,896 train paragraphs
 
-Writes the paragraphs as text files (as ``train_job.ask_library`` does), runs ``python -m
-train_job.index build`` on them (its own process, a fresh local Ray: the whole command is timed),
+Writes the paragraphs as text files (as ``python -m library_job evaluate`` does), runs ``python -m
+library_job build`` on them (its own process, a fresh local Ray: the whole command is timed),
 then a rebuild with nothing changed, and measures the index on disk and a serving replica's memory:
 the resident set of a process that opens the index and the embedder and answers searches, as the
 Retriever deployment does.
@@ -23,9 +23,9 @@ from bench import benchlib
 
 REPLICA_PROBE = """
 import json, resource, sys, time
-from qa_common.embedding import Embedder
-from qa_common.library import Library
-library = Library(sys.argv[1]); embedder = Embedder(library.manifest["embedder"], threads=1)
+from qa_common.library.embedding import Embedder
+from qa_common.library.search import Library
+library = Library(sys.argv[1]); embedder = Embedder(library.manifest.embedder, threads=1)
 questions = json.loads(sys.argv[2]); times = []
 for question in questions:
     started = time.perf_counter()
@@ -45,13 +45,13 @@ def timed(command: list[str]) -> tuple[float, str]:
 
 def main(argv=None) -> int:
     from qa_common import read_squad
-    from qa_common.library import read_manifest
-    from train_job.ask_library import paragraph_documents
+    from library_job.evaluate import paragraph_documents
+    from qa_common.library.index import read_manifest
 
     parser = argparse.ArgumentParser(prog="python -m bench.library_build", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=benchlib.SQUAD_FULL_TRAIN)
-    parser.add_argument("--workdir", type=Path, default=None, help="where the documents and the index go")
+    parser.add_argument("--workdir", type=Path, default=None, help="where the documents and the library go")
     parser.add_argument("--out", type=Path, default=benchlib.RESULTS / "library_build.json")
     args = parser.parse_args(argv)
     load_before = benchlib.load_average()
@@ -62,14 +62,14 @@ def main(argv=None) -> int:
     for name, text in documents.items():
         (docs / name).parent.mkdir(parents=True, exist_ok=True)
         (docs / name).write_text(text, encoding="utf-8")
-    index = workdir / "index"
-    build = [sys.executable, "-m", "train_job.index", "build", str(docs), "--index", str(index)]
+    index = workdir / "library"
+    build = [sys.executable, "-m", "library_job", "build", str(docs), "--library", str(index)]
     build_s, output = timed(build)
     print(output, flush=True)
     rebuild_s, _ = timed(build)
     manifest = read_manifest(index)
-    passages = sum(c["passages"] for c in manifest["collections"].values())
-    size = sum(f.stat().st_size for f in (index / manifest["version"]).rglob("*") if f.is_file())
+    passages = sum(c["passages"] for c in manifest.collections.values())
+    size = sum(f.stat().st_size for f in (index / manifest.version).rglob("*") if f.is_file())
     probe = subprocess.run([sys.executable, "-c", REPLICA_PROBE, str(index),
                             json.dumps([r["question"] for r in records[::500][:40]])],
                            check=True, capture_output=True, text=True)

@@ -1,12 +1,12 @@
 """Two stores for the document library, measured on the same passages, vectors and questions.
 
-    python -m bench.library_stores --index runs/ask-dev/library/index --data DEV.json --max-questions 2000
+    python -m bench.library_stores --library runs/ask-dev/library/index --data DEV.json --max-questions 2000
 
-(the index: ``python -m train_job.ask_library`` writes one of every paragraph of --data). The
+(the library: ``python -m library_job evaluate`` writes one of every paragraph of --data). The
 passages and their all-MiniLM-L6-v2 vectors are read from that LanceDB index, the questions are
 embedded once, and each store is built from them and asked the same questions:
 
-- ``lancedb``: one embedded LanceDB table (what qa_common.library uses): exact dot-product search
+- ``lancedb``: one embedded LanceDB table (what qa_common.library.search uses): exact dot-product search
   and its native BM25 full-text index (stemmed, stop words removed);
 - ``faiss+bm25s``: a faiss ``IndexFlatIP`` (exact) beside a bm25s index (PyStemmer's English
   stemmer, English stop words), the two persisted side by side.
@@ -27,7 +27,10 @@ from pathlib import Path
 import numpy as np
 
 from bench import benchlib
-from qa_common.library import FUSION_DEPTH, RRF_K, TABLE, Hit, Library, reciprocal_rank_fusion
+from qa_common.library.index import PASSAGE_COLUMNS, TABLE
+from qa_common.library.search import (
+    FUSION_DEPTH, RRF_K, SEARCH_MODES, Hit, Library, document_rank, recall_at, reciprocal_rank_fusion,
+)
 
 RECALL_AT = (1, 5, 20)
 
@@ -36,7 +39,9 @@ def directory_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-class LanceStore:
+class LanceStore(Library):
+    """The library's own store (its queries are :class:`Library`'s), over a table built here to time it."""
+
     name = "lancedb"
 
     def __init__(self, rows: list[dict], vectors: np.ndarray, directory: Path):
@@ -45,24 +50,17 @@ class LanceStore:
         from lancedb.index import FTS
 
         started = time.perf_counter()
-        table = pa.table({"passage_id": [r["passage_id"] for r in rows], "document": [r["document"] for r in rows],
-                          "text": [r["text"] for r in rows],
-                          "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), vectors.shape[1])})
-        self.table = lancedb.connect(str(directory)).create_table(TABLE, data=table)
+        columns = {name: [r[name] for r in rows] for name in PASSAGE_COLUMNS}
+        columns["vector"] = pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), vectors.shape[1])
+        self.table = lancedb.connect(str(directory)).create_table(TABLE, data=pa.table(columns))
         self.table.create_index("text", config=FTS())
         self.build_s = time.perf_counter() - started
         self.size = directory_size(directory)
 
-    def dense(self, vector, k):
-        rows = self.table.search(vector).distance_type("dot").select(["passage_id", "document", "_distance"]).limit(k)
-        return [Hit({"passage_id": r["passage_id"], "document": r["document"]}, 1 - r["_distance"]) for r in rows.to_list()]
-
-    def lexical(self, query, k):
-        rows = self.table.search(query, query_type="fts").select(["passage_id", "document", "_score"]).limit(k)
-        return [Hit({"passage_id": r["passage_id"], "document": r["document"]}, r["_score"]) for r in rows.to_list()]
-
 
 class FaissBm25Store:
+    """A :class:`qa_common.library.search.PassageStore` of faiss (exact inner product) and bm25s."""
+
     name = "faiss+bm25s"
 
     def __init__(self, rows: list[dict], vectors: np.ndarray, directory: Path):
@@ -71,7 +69,7 @@ class FaissBm25Store:
         import Stemmer
 
         started = time.perf_counter()
-        self.rows = [{"passage_id": r["passage_id"], "document": r["document"]} for r in rows]
+        self.rows = [{name: r[name] for name in PASSAGE_COLUMNS} for r in rows]
         self.vectors = faiss.IndexFlatIP(vectors.shape[1])
         self.vectors.add(vectors)
         self.stemmer = Stemmer.Stemmer("english")
@@ -83,11 +81,16 @@ class FaissBm25Store:
         self.build_s = time.perf_counter() - started
         self.size = directory_size(directory)
 
-    def dense(self, vector, k):
+    def rankings(self, query, vector, limit, *, dense=True, lexical=True, collection=None, document=None):
+        if collection is not None or document is not None:
+            raise ValueError("this store has no filters")
+        return (self._dense(vector, limit) if dense else []), (self._lexical(query, limit) if lexical else [])
+
+    def _dense(self, vector, k):
         scores, ids = self.vectors.search(vector[None], k)
         return [Hit(self.rows[i], float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
 
-    def lexical(self, query, k):
+    def _lexical(self, query, k):
         import bm25s
 
         tokens = bm25s.tokenize([query], stopwords="en", stemmer=self.stemmer, show_progress=False)
@@ -98,38 +101,36 @@ class FaissBm25Store:
 
 
 def evaluate(store, questions: list[dict], vectors: np.ndarray) -> dict:
-    ranks = {"lexical": [], "dense": [], "hybrid": []}
+    ranks = {mode: [] for mode in SEARCH_MODES}
     latency = {"lexical": [], "dense": []}
     for question, vector in zip(questions, vectors):
         started = time.perf_counter()
-        dense = store.dense(vector, FUSION_DEPTH)
+        dense, _ = store.rankings(question["question"], vector, FUSION_DEPTH, lexical=False)
         latency["dense"].append(time.perf_counter() - started)
         started = time.perf_counter()
-        lexical = store.lexical(question["question"], FUSION_DEPTH)
+        _, lexical = store.rankings(question["question"], vector, FUSION_DEPTH, dense=False)
         latency["lexical"].append(time.perf_counter() - started)
-        for mode, hits in (("lexical", lexical), ("dense", dense),
-                           ("hybrid", reciprocal_rank_fusion([dense, lexical], RRF_K))):
-            documents = list(dict.fromkeys(hit.passage["document"] for hit in hits))
-            ranks[mode].append(documents.index(question["document"]) + 1 if question["document"] in documents else 0)
+        for mode, hits in (("lexical", lexical), ("dense", dense), ("hybrid", reciprocal_rank_fusion([dense, lexical]))):
+            ranks[mode].append(document_rank(hits, question["document"]))
     result = {"build_s": round(store.build_s, 2), "size_mb": round(store.size / 2**20, 2)}
     for mode, values in latency.items():
         result[f"{mode}_query_ms_p50"] = round(1000 * benchlib.percentile(values, 50), 2)
         result[f"{mode}_query_ms_p95"] = round(1000 * benchlib.percentile(values, 95), 2)
     for mode, values in ranks.items():
         for k in RECALL_AT:
-            result[f"{mode}_recall@{k}"] = round(sum(0 < r <= k for r in values) / len(values), 4)
+            result[f"{mode}_recall@{k}"] = recall_at(values, k)
     return result
 
 
 def main(argv=None) -> None:
     from qa_common import read_squad
-    from qa_common.embedding import Embedder
+    from qa_common.library.embedding import Embedder
     from qa_common.splits import sample_questions
-    from train_job.ask_library import paragraph_documents
+    from library_job.evaluate import paragraph_documents
 
     parser = argparse.ArgumentParser(prog="python -m bench.library_stores", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--index", type=Path, required=True, help="an index written by train_job.ask_library")
+    parser.add_argument("--library", type=Path, required=True, help="a library written by python -m library_job evaluate")
     parser.add_argument("--data", type=Path, default=benchlib.SQUAD_FULL_DEV, help="the SQuAD file it indexes")
     parser.add_argument("--max-questions", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
@@ -141,10 +142,10 @@ def main(argv=None) -> None:
     name_of = {text: name for name, text in paragraph_documents(records).items()}
     questions = [{"question": r["question"], "document": name_of[r["context"]]}
                  for r in sample_questions(records, args.max_questions, seed=args.seed)]
-    library = Library(args.index)
-    rows = library.table.search().limit(None).select(["passage_id", "document", "text", "vector"]).to_list()
+    library = Library(args.library)
+    rows = library.table.search().limit(None).select([*PASSAGE_COLUMNS, "vector"]).to_list()
     vectors = np.asarray([row["vector"] for row in rows], dtype=np.float32)
-    embedder = Embedder(library.manifest["embedder"])
+    embedder = Embedder(library.manifest.embedder)
     started = time.perf_counter()
     question_vectors = embedder.embed([q["question"] for q in questions])
     embed_ms = 1000 * (time.perf_counter() - started) / len(questions)

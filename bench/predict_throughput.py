@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 from bench import benchlib
+from qa_common.inference import FORWARD_BATCH_SIZE
 
 DEFAULT_OUT = benchlib.RESULTS / "predict_throughput.json"
 PARAGRAPHS_PER_DOCUMENT = 5
@@ -67,7 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.data = args.data or benchlib.default_eval_data()
     args.repeat = args.repeat or (20 if args.gpu else 1)
     args.batch_size = args.batch_size or (2048 if args.gpu else 256)
-    args.forward_batch_size = args.forward_batch_size or (512 if args.gpu else 64)
+    args.forward_batch_size = args.forward_batch_size or (512 if args.gpu else FORWARD_BATCH_SIZE)
     actors = args.actors or ("1" if args.gpu else ",".join(dict.fromkeys(["1", str(args.cpus)])))
     args.actors = [int(count) for count in actors.split(",")]
     args.memory_questions = [int(count) for count in args.memory_questions.split(",")]

@@ -31,13 +31,12 @@ from collections import Counter
 from pathlib import Path
 
 from bench import benchlib
-from serve_app.app import MODEL_DEPLOYMENT
+from serve_app.app import APP_NAME, MODEL_DEPLOYMENT
 from bench.local_service import free_port
 from qa_common.backends import BACKENDS
 from qa_common.modeling import SERVING_DTYPES
 
 DEFAULT_OUT = benchlib.RESULTS / "serve_load.json"
-APP = "qa"  # serve_app's application name
 MODES = ("batched", "unbatched", "single")
 
 
@@ -128,7 +127,7 @@ def model_info() -> dict:
     """What the model replica runs (backend, dtype) and its model calls so far, asked through Serve."""
     from ray import serve
 
-    return serve.get_deployment_handle(MODEL_DEPLOYMENT, APP).describe.remote().result()
+    return serve.get_deployment_handle(MODEL_DEPLOYMENT, APP_NAME).describe.remote().result()
 
 
 def run_mode(mode: str, args, model_dir: str, port: int, payloads, windows) -> dict:
@@ -156,7 +155,7 @@ def run_mode(mode: str, args, model_dir: str, port: int, payloads, windows) -> d
                                        time_limit_s=args.time_limit_s, timeout_s=args.request_timeout_s))
         calls = model_info()["model_calls"] - served["model_calls"]
     finally:
-        serve.delete(APP)
+        serve.delete(APP_NAME)
     latencies = result["latencies"]
     answered = len(latencies)
     return {

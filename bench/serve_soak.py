@@ -28,11 +28,10 @@ from collections import Counter
 from pathlib import Path
 
 from bench import benchlib
-from serve_app.app import MODEL_DEPLOYMENT
+from serve_app.app import APP_NAME, MODEL_DEPLOYMENT
 from bench.local_service import free_port, replica_counts
 
 DEFAULT_OUT = benchlib.RESULTS / "serve_soak.json"
-APP = "qa"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -82,7 +81,7 @@ def kill_model_replica() -> str:
     import ray
 
     [replica] = [a for a in ray.util.list_named_actors(all_namespaces=True)
-                 if a["name"].startswith(f"SERVE_REPLICA::{APP}#{MODEL_DEPLOYMENT}#")]
+                 if a["name"].startswith(f"SERVE_REPLICA::{APP_NAME}#{MODEL_DEPLOYMENT}#")]
     ray.kill(ray.get_actor(replica["name"], namespace=replica["namespace"]), no_restart=True)
     return replica["name"]
 
@@ -195,7 +194,7 @@ def measure(args, workdir: Path, load_before: list[float]) -> int:
     try:
         base_url = run_config(config).rstrip("/")
         result = asyncio.run(soak(base_url, token, short, long, args, deadline_s))
-        replicas_after = replica_counts(APP, MODEL_DEPLOYMENT)
+        replicas_after = replica_counts(APP_NAME, MODEL_DEPLOYMENT)
     finally:
         serve.shutdown()
         ray.shutdown()

@@ -1,7 +1,7 @@
 """What the training benchmarks share: their common flags, the training questions and windows, and
-the two recipes they time (the seed notebook's Hugging Face Trainer, and ``train_job`` on Ray Train).
+the two recipes they time (the Hugging Face question-answering notebook's Trainer, and ``train_job`` on Ray Train).
 
-- seed: Hugging Face ``Trainer`` with the seed notebook's settings: per-device batch 8, fp16 on a GPU
+- seed: Hugging Face ``Trainer`` with that notebook's settings: per-device batch 8, fp16 on a GPU
   (fp32 on CPU), every window padded to ``max_length``, Trainer's default optimiser. Throughput is
   measured over the steps after ``--warmup-steps``.
 - ours: ``train_job`` as it runs: ``PreparedData`` (Ray Data featurisation) + ``build_trainer`` with one

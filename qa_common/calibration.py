@@ -178,14 +178,13 @@ def fit(logits: Sequence[tuple], contexts: Sequence[str], golds: Sequence[Sequen
     return calibrated, report
 
 
-def calibrate(runner, tokenizer, records: Sequence[dict], config: QAConfig, *, batch_size: int = 64
-              ) -> tuple[QAConfig, dict]:
+def calibrate(runner, tokenizer, records: Sequence[dict], config: QAConfig) -> tuple[QAConfig, dict]:
     """:func:`fit` on SQuAD-format ``records``, answered with ``runner`` (any backend)."""
     from qa_common.inference import Question, question_logits
 
     questions = [Question(r["question"], r["context"]) for r in records]
     logits = [(start, end, offsets) for start, end, offsets, _ in
-              question_logits(runner, tokenizer, questions, config, batch_size=batch_size)]
+              question_logits(runner, tokenizer, questions, config)]
     return fit(logits, [r["context"] for r in records], [r["answers"]["text"] for r in records], config)
 
 

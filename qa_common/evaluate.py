@@ -13,7 +13,7 @@ import json
 import sys
 
 from qa_common.data import SquadFormatError, read_squad
-from qa_common.metric import is_version_2, squad_metrics, squad_v2_metrics
+from qa_common.metric import score_predictions
 
 
 def _read_json_object(path: str, values: type, what: str) -> dict:
@@ -41,10 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.na_prob_file:
             na_probs = _read_json_object(args.na_prob_file, (int, float), "no-answer probability")
         references = {record["id"]: record["answers"]["text"] for record in records}
-        if na_probs is not None or is_version_2(references):
-            metrics = squad_v2_metrics(predictions, references, na_probs, args.na_prob_thresh)
-        else:
-            metrics = squad_metrics(predictions, references)
+        metrics = score_predictions(predictions, references, na_probs, args.na_prob_thresh)
     except (OSError, ValueError) as error:  # JSONDecodeError and SquadFormatError are ValueErrors
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -18,6 +18,10 @@ from qa_common.config import QAConfig
 from qa_common.decoding import decode_passages, decode_spans
 from qa_common.features import prepare_eval_features, trim_padding
 
+# Windows per forward pass: on a CPU, larger batches gain nothing and hold more memory; a GPU wants more.
+FORWARD_BATCH_SIZE = 64
+FORWARD_BATCH_SIZE_GPU = 256
+
 
 @dataclass(frozen=True)
 class Question:
@@ -82,7 +86,7 @@ def as_runner(model_or_runner):
     return TorchRunner(model_or_runner) if isinstance(model_or_runner, torch.nn.Module) else model_or_runner
 
 
-def predict_logits(runner, features: dict, *, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+def predict_logits(runner, features: dict, *, batch_size: int = FORWARD_BATCH_SIZE) -> tuple[np.ndarray, np.ndarray]:
     """Start and end logits (float32, padded back to the features' length) for every feature.
 
     ``runner`` is a :class:`TorchRunner`, an :class:`OnnxRunner` or a PyTorch QA model. Features run
@@ -104,7 +108,7 @@ def predict_logits(runner, features: dict, *, batch_size: int = 64) -> tuple[np.
 
 
 def question_logits(runner, tokenizer, questions: Sequence[Question | PassagesQuestion], config: QAConfig, *,
-                    batch_size: int = 64):
+                    batch_size: int = FORWARD_BATCH_SIZE):
     """For each question, ``(start_logits, end_logits, offsets, window_passages)`` of its windows
     (``window_passages[i]``: which of its contexts window ``i`` reads): all (question, context) pairs
     are tokenised together and their windows run through the model in shared batches."""
@@ -122,7 +126,7 @@ def question_logits(runner, tokenizer, questions: Sequence[Question | PassagesQu
 
 
 def answer_questions(
-    runner, tokenizer, questions: Sequence[Question | PassagesQuestion], config: QAConfig, *, batch_size: int = 64
+    runner, tokenizer, questions: Sequence[Question | PassagesQuestion], config: QAConfig, *, batch_size: int = FORWARD_BATCH_SIZE
 ) -> list[list[dict]]:
     """For each question, its ``top_k`` answers ``{"answer", "score", "start", "end", "no_answer_probability"}``.
 

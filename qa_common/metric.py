@@ -206,6 +206,15 @@ def squad_v2_metrics(
     return result
 
 
+def score_predictions(predictions: Mapping[str, str], references: Mapping[str, Sequence[str]],
+                      na_probs: Mapping[str, float] | None = None, na_prob_thresh: float = 1.0) -> dict:
+    """The official metrics of answer texts: SQuAD v1.1's, or v2.0's when some question has no gold
+    answer or no-answer probabilities are given."""
+    if na_probs is None and not is_version_2(references):
+        return squad_metrics(predictions, references)
+    return squad_v2_metrics(predictions, references, na_probs, na_prob_thresh)
+
+
 def evaluate_answers(
     answers: Mapping[str, dict], references: Mapping[str, Sequence[str]], *, version_2_with_negative: bool,
     threshold: float | None = None,
@@ -222,7 +231,7 @@ def evaluate_answers(
     """
     texts = {question_id: answer["answer"] for question_id, answer in answers.items()}
     if not version_2_with_negative and not is_version_2(references):
-        return texts, squad_metrics(texts, references)
+        return texts, score_predictions(texts, references)
     na_probs = {question_id: answer["no_answer_probability"] for question_id, answer in answers.items()}
     if not version_2_with_negative:
         threshold = 1.0

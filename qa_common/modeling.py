@@ -84,3 +84,25 @@ def _from_pretrained(auto_class, source: str, **kwargs):
             "Without Hub access pass a local model directory (for example one written by `python -m train_job`)."
             f" Cause: {error}"
         ) from error
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def check_model_dir(model: str) -> str:
+    """The absolute directory of a local model that jobs load on every node: its config, weights,
+    tokenizer and QA settings must read; raises (FileNotFoundError, OSError, ValueError) saying what is wrong."""
+    from transformers import AutoConfig
+
+    from qa_common.config import load_qa_config
+
+    path = resolve_model_path(model)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"--model {model!r}: not a model directory (every actor loads it: use a path "
+                                "on storage every node mounts)")
+    if not any(os.path.isfile(os.path.join(path, name)) for name in WEIGHT_FILES):
+        raise FileNotFoundError(f"{path}: holds no model weights ({' or '.join(WEIGHT_FILES[::2])})")
+    AutoConfig.from_pretrained(path)
+    load_tokenizer(path)
+    load_qa_config(path)
+    return os.path.abspath(path)

@@ -21,10 +21,8 @@ from ray import serve
 
 from qa_common import QAConfig
 from qa_common.config import add_dataclass_flags, dashed, flag_type, given_flags
-from serve_app.app import DEFAULT_CONFIG, MODEL_DEPLOYMENT, load_serve_config, run_config
+from serve_app.app import DEFAULT_CONFIG, MODEL_DEPLOYMENT, load_serve_config, model_to_serve, run_config
 from serve_app.schemas import ServeArgs
-
-QUICKSTART_MODEL = Path("runs/quickstart/model")
 
 # Flags of the Serve config's other sections: flag -> (section, key); section "http_options",
 # "autoscaling_config" (QAModel's) or "ray_actor_options" (QAModel's). Every ServeArgs field has a
@@ -66,7 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         prog="python -m serve_app", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Flags not given keep the config file's values, else the defaults shown.",
     )
-    parser.add_argument("--model", help=f"model directory or Hub name (default: the config's, {QUICKSTART_MODEL})")
+    parser.add_argument("--model", help="model directory or Hub name (default: the config file's args.model; the "
+                        "packaged one serves what python -m train_job exports)")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="Serve config file (default: %(default)s)")
     parser.add_argument("--address", default="local", help="Ray cluster to join, e.g. auto (default: a new local Ray)")
     for flag, (_, kind, help_text) in DEPLOYMENT_FLAGS.items():
@@ -98,24 +97,15 @@ def configure(config: dict, flags: argparse.Namespace) -> dict:
     qa_flags = given_flags(flags, QAConfig)
     if qa_flags:
         sections["args"]["qa"] = {**sections["args"].get("qa", {}), **qa_flags}
-    sections["args"]["model"] = model_to_serve(flags.model or sections["args"].get("model") or str(QUICKSTART_MODEL))
+    if flags.model:
+        sections["args"]["model"] = flags.model
+    elif not sections["args"].get("model"):
+        raise ValueError("no model to serve: pass --model DIR (a model directory or a Hub name)")
+    sections["args"]["model"] = model_to_serve(sections["args"]["model"])
     for key in ("token_hashes_file", "audit_log", "library"):  # relative to here, not to the Ray worker's directory
         if sections["args"].get(key):
             sections["args"][key] = str(Path(sections["args"][key]).expanduser().resolve())
     return config
-
-
-def model_to_serve(model: str) -> str:
-    """An absolute path for a local directory (Ray workers need not share our working directory)."""
-    path = Path(model).expanduser()
-    if path.exists():
-        return str(path.resolve())
-    if path == QUICKSTART_MODEL:
-        sys.exit(
-            f"no model to serve: {QUICKSTART_MODEL} does not exist. Train one first "
-            "(`python -m train_job`) or pass --model DIR (a model directory or a Hub name)."
-        )
-    return model  # a Hub name, or a missing directory that the application builder reports
 
 
 def main(argv=None) -> None:
@@ -125,9 +115,10 @@ def main(argv=None) -> None:
 
         sys.exit(update(argv[1:]))
     flags = parse_args(argv)
-    config = configure(load_serve_config(flags.config), flags)
-    [app_config] = config["applications"]
+    app_config = {}
     try:
+        config = configure(load_serve_config(flags.config), flags)
+        [app_config] = config["applications"]
         url = run_config(config, ray_address=flags.address)
         print(f"\nServing {app_config['args']['model']} at {url}  (API docs: {url.rstrip('/')}/docs)")
         if app_config["args"].get("library"):
@@ -144,7 +135,7 @@ def main(argv=None) -> None:
         print("Stopping.")
     finally:
         if ray.is_initialized():
-            if flags.address != "local":  # leave a shared cluster as we found it
+            if flags.address != "local" and app_config:  # leave a shared cluster as we found it
                 serve.delete(app_config["name"])
             ray.shutdown()
 

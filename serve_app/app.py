@@ -14,7 +14,7 @@ from ray import serve
 from ray.serve import Application
 
 from qa_common import QAConfig, load_qa_config, resolve_model_path
-from qa_common.library import read_manifest
+from qa_common.library.index import read_manifest
 from qa_common.backends import ONNX_FILES, onnx_file
 from serve_app import request_ids
 from serve_app.auth import is_loopback, load_token_hashes
@@ -40,6 +40,22 @@ def load_serve_config(path: str | Path = DEFAULT_CONFIG) -> dict:
     if not isinstance(applications, list) or len(applications) != 1:
         raise ValueError(f"{path}: expected a Serve config with exactly one entry under 'applications'")
     return config
+
+
+APP_NAME = load_serve_config()["applications"][0]["name"]  # the application's name, as config.yaml gives it
+
+
+def model_to_serve(model: str) -> str:
+    """An absolute path for a local model directory (Ray workers need not share our working
+    directory); a Hub name (``org/name``) unchanged. A path that does not exist is an error, never
+    a Hub download."""
+    path = Path(model).expanduser()
+    if path.exists():
+        return str(path.resolve())
+    if model.startswith((".", "/", "~")) or len(path.parts) > 2:
+        raise FileNotFoundError(f"no model to serve: {model} does not exist. Train one first (`python -m train_job`) "
+                                "or pass --model DIR (a model directory or a Hub name).")
+    return model
 
 
 def deployment_options(app_config: dict) -> dict[str, dict]:

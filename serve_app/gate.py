@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qa_common import Question, answer_questions, load_qa_config, read_squad, resolve_model_path, squad_metrics
+from qa_common import Question, answer_questions, load_qa_config, read_squad, resolve_model_path
 from qa_common.backends import load_runner
-from qa_common.metric import is_version_2, squad_v2_metrics
+from qa_common.metric import score_predictions
 from serve_app.model import HEALTH_PROBE
 from serve_app.schemas import ServeArgs
 
@@ -50,7 +50,7 @@ def check_model(model: str, args: ServeArgs) -> CheckedModel:
     return CheckedModel(model, path, runner, tokenizer, qa_config)
 
 
-def validation_f1(checked: CheckedModel, validation_file: str, *, batch_size: int = 64) -> float:
+def validation_f1(checked: CheckedModel, validation_file: str) -> float:
     """F1 (percent) of ``checked``'s answers as served on a SQuAD-format file with gold answers
     (the SQuAD 2.0 F1 when some question has none)."""
     try:
@@ -58,12 +58,10 @@ def validation_f1(checked: CheckedModel, validation_file: str, *, batch_size: in
     except (ValueError, OSError) as error:
         raise GateError(f"--validate-on {validation_file}: {error}") from None
     answers = answer_questions(checked.runner, checked.tokenizer,
-                               [Question(r["question"], r["context"]) for r in records], checked.qa_config,
-                               batch_size=batch_size)
+                               [Question(r["question"], r["context"]) for r in records], checked.qa_config)
     predictions = {record["id"]: best[0]["answer"] for record, best in zip(records, answers)}
     references = {record["id"]: record["answers"]["text"] for record in records}
-    metrics = (squad_v2_metrics if is_version_2(references) else squad_metrics)(predictions, references)
-    return metrics["f1"]
+    return score_predictions(predictions, references)["f1"]
 
 
 def check_f1(new_f1: float, *, min_f1: float | None, serving_f1: float | None, max_f1_drop: float | None) -> None:

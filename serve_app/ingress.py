@@ -23,7 +23,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 
 from qa_common import NO_ANSWER, PassagesQuestion, QAConfig, Question, count_windows, load_tokenizer
-from qa_common.library import LibraryError, collections_summary, read_manifest
+from qa_common.library.index import BUILD_COMMAND, CITATION_FIELDS, LibraryError, Manifest, read_manifest
 from serve_app import audit
 from serve_app.auth import TokenChecker
 from serve_app.http import UNAUTHORIZED, busy, crash_as_json, decode_json, error_as_json, error_responses, read_body
@@ -36,8 +36,8 @@ from serve_app.work import DEADLINE, WorkItem
 INGRESS_DEPLOYMENT = "QAIngress"  # the deployment's name, as in config.yaml
 INDEX_PAGE = Path(__file__).with_name("static") / "index.html"
 MODEL_VERSION_HEADER = "X-Model-Version"
-NO_LIBRARY = ("this service has no document library: build one with `python -m train_job.index build DOCS_DIR "
-              "--index INDEX` and start the service with --library INDEX")
+NO_LIBRARY = (f"this service has no document library: build one with `{BUILD_COMMAND}` and start the service "
+              "with --library LIBRARY")
 
 
 # @serve.ingress freezes a copy of this app, with the globals its routes use, when the ingress
@@ -60,9 +60,8 @@ api.exception_handler(Exception)(crash_as_json)
 def cite(answer: dict, passages: list[dict]) -> dict:
     """A library answer: the answer with its passage's citation (all None for 'not in these documents')."""
     passage = passages[answer["passage"]] if answer["passage"] >= 0 else None
-    fields = ("collection", "document", "page", "section", "passage_id")
     return {**{key: value for key, value in answer.items() if key != "passage"},
-            **{field: passage[field] if passage else None for field in fields},
+            **{field: passage[field] if passage else None for field in CITATION_FIELDS},
             "passage": passage["text"] if passage else None}
 
 
@@ -189,17 +188,16 @@ class QAIngress:
     async def collections(self, request: Request) -> dict:
         self.authenticate(request)
         manifest = await asyncio.to_thread(self.library_manifest)
-        return {"index_version": manifest["version"], "built_at": manifest["built_at"],
-                "collections": collections_summary(manifest)}
+        return {"index_version": manifest.version, "built_at": manifest.built_at, "collections": manifest.summary()}
 
-    def library_manifest(self) -> dict:
+    def library_manifest(self) -> Manifest:
         if not self.args.library:
             raise HTTPException(404, NO_LIBRARY)
         try:
             return read_manifest(Path(self.args.library))
         except (LibraryError, FileNotFoundError):
             raise HTTPException(503, "the document library's index cannot be read on this server; build it "
-                                "with `python -m train_job.index build` where the service can read it") from None
+                                f"with `{BUILD_COMMAND}` where the service can read it") from None
 
     @api.post(
         "/v1/ask",

@@ -1,6 +1,6 @@
 """``Retriever``, the Ray Serve deployment that searches the document library for ``/v1/ask``.
 
-It holds the index (:class:`qa_common.library.Library`: LanceDB tables opened from disk, so a
+It holds the index (:class:`qa_common.library.search.Library`: LanceDB tables opened from disk, so a
 replica's memory is the embedder and Lance's caches, not the passages) and the sentence embedder
 the index was built with. Before each search it checks whether a build has published a newer
 version and moves to it, so a rebuilt library is served without a restart. It scales to zero like
@@ -13,8 +13,8 @@ import threading
 import ray
 from ray import serve
 
-from qa_common.embedding import Embedder
-from qa_common.library import Library
+from qa_common.library.embedding import Embedder
+from qa_common.library.search import Library
 
 RETRIEVER_DEPLOYMENT = "Retriever"  # the deployment's name, as in config.yaml
 
@@ -31,10 +31,10 @@ RETRIEVER_DEPLOYMENT = "Retriever"  # the deployment's name, as in config.yaml
     ray_actor_options={"num_cpus": 1},
 )
 class Retriever:
-    def __init__(self, index: str):
+    def __init__(self, library: str):
         threads = max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
-        self.library = Library(index)
-        self.embedder = Embedder(self.library.manifest["embedder"], threads=threads)
+        self.library = Library(library)
+        self.embedder = Embedder(self.library.manifest.embedder, threads=threads)
         self.lock = threading.Lock()  # one search at a time: a refresh swaps the open version
 
     def _search(self, question: str, k: int, collection: str | None, document: str | None) -> dict:

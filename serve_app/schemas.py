@@ -14,7 +14,8 @@ from pydantic import (
 
 from qa_common.backends import BACKENDS, DEFAULT_MAX_F1_LOSS
 from qa_common.config import checked_overrides
-from qa_common.library import NAME_PATTERN
+from qa_common.inference import FORWARD_BATCH_SIZE
+from qa_common.library.index import BUILD_COMMAND, NAME_PATTERN
 from qa_common.modeling import SERVING_DTYPES
 
 MAX_QUESTION_CHARS = 1_000
@@ -22,10 +23,15 @@ MAX_TOP_K = 20
 MAX_ANSWER_TOKENS = 512
 MAX_QUESTIONS_PER_REQUEST = 64
 
+MAX_PASSAGES = 20
+MAX_DOCUMENT_CHARS = 512
+
 REQUEST_SHAPE = (
-    '{"question": str, "context": str, "top_k"?: int 1-20, "max_answer_length"?: int 1-512, '
+    f'{{"question": str, "context": str, "top_k"?: int 1-{MAX_TOP_K}, "max_answer_length"?: int 1-{MAX_ANSWER_TOKENS}, '
     f'"allow_no_answer"?: bool}}, or a list of 1 to {MAX_QUESTIONS_PER_REQUEST} such objects'
 )
+ASK_SHAPE = (f'{{"question": str, "top_k"?: int 1-{MAX_TOP_K}, "passages"?: int 1-{MAX_PASSAGES}, "collection"?: str, '
+             f'"document"?: str, "max_answer_length"?: int 1-{MAX_ANSWER_TOKENS}, "allow_no_answer"?: bool}}')
 
 
 class AnswerRequest(BaseModel):
@@ -68,12 +74,6 @@ class AnswerRequest(BaseModel):
                 f"has {len(value):,} characters, more than this service's limit of {cap:,}; send a shorter document"
             )
         return value
-
-
-MAX_PASSAGES = 20
-MAX_DOCUMENT_CHARS = 512
-ASK_SHAPE = ('{"question": str, "top_k"?: int 1-20, "passages"?: int 1-20, "collection"?: str, "document"?: str, '
-             '"max_answer_length"?: int 1-512, "allow_no_answer"?: bool}')
 
 
 class AskRequest(BaseModel):
@@ -210,7 +210,7 @@ class ServeArgs(BaseModel):
     model: str = Field(description="Model directory written by train_job, or any HF QA model dir / Hub name.")
     max_batch_size: int = Field(8, ge=1, description="Most questions answered in one model call.")
     batch_wait_timeout_s: float = Field(0.02, ge=0, description="How long a batch waits to fill up.")
-    forward_batch_size: int = Field(64, ge=1, description="Windows per forward pass inside one model call.")
+    forward_batch_size: int = Field(FORWARD_BATCH_SIZE, ge=1, description="Windows per forward pass inside one model call.")
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest accepted request body.")
     max_context_chars: int = Field(100_000, ge=1, description="Longest accepted context.")
     dtype: Literal[SERVING_DTYPES] = Field(
@@ -247,8 +247,8 @@ class ServeArgs(BaseModel):
         DEFAULT_MAX_F1_LOSS, ge=0, description="F1 points below PyTorch that backend auto accepts for speed."
     )
     library: str | None = Field(
-        None, description="A document library index (python -m train_job.index build DOCS --index INDEX): "
-        "enables POST /v1/ask and GET /v1/collections. On a cluster, a path every node mounts.",
+        None, description=f"A document library's folder ({BUILD_COMMAND}): enables POST /v1/ask and GET "
+        "/v1/collections. On a cluster, a path every node mounts.",
     )
     previous_model: str | None = Field(
         None, description="The model an update replaced (set by `python -m serve_app update`; "

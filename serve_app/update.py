@@ -24,9 +24,9 @@ import math
 import sys
 import time
 
+from serve_app.app import APP_NAME
 from serve_app.gate import GateError, check_f1, check_model, validation_f1
 
-DEFAULT_APP = "qa"  # the application's name in config.yaml
 
 
 class RolloutError(RuntimeError):
@@ -41,7 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     target.add_argument("--rollback", action="store_true", help="return to the model the last update replaced")
     parser.add_argument("--address", default="auto", help="the Ray cluster running the service (default: %(default)s, "
                         "the one on this machine)")
-    parser.add_argument("--app", default=DEFAULT_APP, help="the Serve application (default: %(default)s)")
+    parser.add_argument("--app", default=APP_NAME, help="the Serve application (default: %(default)s)")
     parser.add_argument("--validate-on", metavar="FILE", help="SQuAD-format file with gold answers the new model "
                         "answers (as served) before the update; needs --min-f1 or --max-f1-drop")
     parser.add_argument("--min-f1", type=float, help="refuse the update when the new model's F1 on FILE is below this")
@@ -94,12 +94,9 @@ def running_replicas(app: str) -> dict[str, int]:
                       if getattr(state, "value", state) == "RUNNING") for name, status in deployments.items()}
 
 
-def surge_fits(options: dict[str, dict], running: dict[str, int]) -> tuple[bool, str]:
+def surge_fits(options: dict[str, dict], running: dict[str, int], free: dict[str, float]) -> tuple[bool, str]:
     """Whether the replicas a surge adds (``max_surge_percent`` of those running, rounded up, as Serve
-    counts them) fit in the cluster's free resources; and what is short."""
-    import ray
-
-    free = ray.available_resources()
+    counts them) fit in the cluster's ``free`` resources; and what is short."""
     need = {"CPU": 0.0, "GPU": 0.0}
     for name, count in running.items():
         entry = options.get(name, {})
@@ -130,10 +127,10 @@ def rollout_options(options: dict[str, dict], running: dict[str, int], *, surge:
 
 
 def update(flags: argparse.Namespace) -> None:
+    import ray
     from ray import serve
 
-    from serve_app.__main__ import model_to_serve
-    from serve_app.app import build_app, deployment_options
+    from serve_app.app import build_app, deployment_options, model_to_serve
     from serve_app.schemas import ServeArgs
 
     deployed = deployed_application(flags.app)
@@ -144,7 +141,10 @@ def update(flags: argparse.Namespace) -> None:
             raise GateError("nothing to roll back to: this service has not been updated (no previous model)")
         target = serving.previous_model
     else:
-        target = model_to_serve(flags.model)
+        try:
+            target = model_to_serve(flags.model)
+        except FileNotFoundError as error:
+            raise GateError(str(error)) from None
     if target == serving.model:
         raise GateError(f"{target} is the model being served already")
     new_args = serving.model_copy(update={"model": target, "previous_model": serving.model,
@@ -164,7 +164,7 @@ def update(flags: argparse.Namespace) -> None:
     application["args"] = new_args.model_dump(exclude_defaults=True)
     options = deployment_options(application)
     running = running_replicas(flags.app)
-    surge, short = surge_fits(options, running)
+    surge, short = surge_fits(options, running, ray.available_resources())
     if not surge:
         print(f"warning: no room for the new replicas beside the old ones (they need {short}): each old replica "
               "stops before its replacement starts, and requests wait for the new model's cold start meanwhile",

@@ -115,13 +115,29 @@ def local_ray():
     ray.shutdown()
 
 
+def _under_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("true", "1")
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """Under CI (``CI=true``) a skipped test fails: CI installs everything a test needs (Chromium,
     the dev extras), so a skip there means a broken install, not a missing optional tool."""
     outcome = yield
     report = outcome.get_result()
-    if os.environ.get("CI", "").lower() in ("true", "1") and report.skipped and not hasattr(report, "wasxfail"):
+    if _under_ci() and report.skipped and not hasattr(report, "wasxfail"):
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         report.outcome = "failed"
         report.longrepr = f"skipped under CI, where nothing may be: {reason}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    """The same for a whole module skipped while it is collected (``pytest.importorskip``): under CI it
+    is a collection error, never a module that silently vanishes."""
+    outcome = yield
+    report = outcome.get_result()
+    if _under_ci() and report.skipped:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"{collector.nodeid} skipped under CI, where nothing may be: {reason}"

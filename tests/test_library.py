@@ -4,11 +4,13 @@
 import pytest
 from library_helpers import ARTICLES, write_docx, write_library, write_pdf
 
-from qa_common.documents import Block, DocumentError, read_blocks
-from qa_common.embedding import Embedder
-from qa_common.library import CURRENT_FILE, Library, collections_summary, read_manifest
-from qa_common.passages import split_passages
-from train_job import index as index_job
+from library_job import build as build_job
+from library_job.__main__ import main as library_job
+from qa_common.library.documents import Block, DocumentError, read_blocks
+from qa_common.library.embedding import Embedder
+from qa_common.library.index import CURRENT_FILE, read_manifest
+from qa_common.library.passages import split_passages
+from qa_common.library.search import Library
 
 
 def test_pdf_pages_and_docx_headings_are_kept(tmp_path):
@@ -63,7 +65,7 @@ def built(local_ray, tmp_path_factory):
 
 
 def build(docs, index, capsys, *extra):
-    code = index_job.main(["build", str(docs), "--index", str(index), "--concurrency", "1", *extra])
+    code = library_job(["build", str(docs), "--library", str(index), "--concurrency", "1", *extra])
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -74,8 +76,8 @@ def test_build_reports_an_unreadable_file_indexes_the_rest_and_cites_the_page(bu
     assert code == 0
     assert "1 file(s) could not be read" in err and "scan-0001.pdf: could not be read as .pdf" in err
     manifest = read_manifest(index)
-    assert collections_summary(manifest) == [{"name": "ward", "documents": 4, "passages": 5}]
-    assert sorted(doc["document"] for doc in manifest["documents"].values()) == [
+    assert manifest.summary() == [{"name": "ward", "documents": 4, "passages": 5}]
+    assert sorted(doc.document for doc in manifest.documents.values()) == [
         "guides/dehydration.md", "hand-hygiene.pdf", "stroke.html", "warfarin.docx"]
 
     library = Library(index)
@@ -109,11 +111,11 @@ def test_a_rebuild_reads_only_changed_files_and_drops_deleted_ones(built, embedd
     assert "0 new, 1 changed, 3 unchanged), 1 removed" in out  # the broken PDF counts as unchanged
     assert "1 passages read and embedded" in out  # only the changed file was embedded
     second = read_manifest(index)
-    assert second["version"] != first["version"]
-    assert (index / first["version"]).is_dir()  # kept for readers that still have it open
-    assert collections_summary(second) == [{"name": "ward", "documents": 3, "passages": 4}]
+    assert second.version != first.version
+    assert (index / first.version).is_dir()  # kept for readers that still have it open
+    assert second.summary() == [{"name": "ward", "documents": 3, "passages": 4}]
 
-    assert library.refresh() is True and library.version == second["version"]
+    assert library.refresh() is True and library.version == second.version
     after = {hit.passage["passage_id"]: hit.passage for hit in library.search("x", embedder.embed(["x"])[0], 20,
                                                                                mode="dense")}
     unchanged = {pid: p for pid, p in before.items() if p["document"] in ("hand-hygiene.pdf", "warfarin.docx")}
@@ -131,27 +133,38 @@ def test_a_second_collection_is_kept_beside_the_first_and_bad_input_exits_2(buil
     leaflets.mkdir()
     (leaflets / "fluids.txt").write_text(ARTICLES["Dehydration in children"])
     assert build(leaflets, index, capsys)[0] == 0
-    counts = {c["name"]: c["documents"] for c in collections_summary(read_manifest(index))}
+    counts = {c["name"]: c["documents"] for c in read_manifest(index).summary()}
     assert counts["leaflets"] == 1 and counts["ward"] >= 3
 
     assert build(tmp_path / "missing", index, capsys)[0] == 2
     code, _, err = build(leaflets, index, capsys, "--collection", "bad name!")
     assert code == 2 and "collection name" in err
     with pytest.raises(SystemExit):
-        index_job.parse_args(["build", str(leaflets), "--index", str(index), "--max-passage-words", "0"])
+        library_job(["build", str(leaflets), "--library", str(index), "--max-passage-words", "0"])
 
 
-def test_a_failed_build_leaves_the_served_version_alone(built, capsys, monkeypatch):
+def _fail(*args, **kwargs):
+    raise OSError("disk full")
+
+
+@pytest.mark.parametrize("failing", ["writing the table", "writing the manifest", "switching CURRENT"])
+def test_a_failed_build_leaves_the_served_version_alone(built, capsys, monkeypatch, failing):
+    from qa_common.library import index as index_module
+
     root, docs, index = built
     if not (index / CURRENT_FILE).exists():
         build(docs, index, capsys)
     served = (index / CURRENT_FILE).read_text()
+    before = sorted(p.name for p in index.iterdir())
     (docs / "warfarin-2.txt").write_text("A new leaflet about warfarin.")
-    monkeypatch.setattr(index_job, "write_table", lambda *args: (_ for _ in ()).throw(OSError("disk full")))
-    with pytest.raises(OSError):
+    target = {"writing the table": (build_job, "write_table"), "writing the manifest": (index_module.Manifest, "to_json"),
+              "switching CURRENT": (index_module.os, "replace")}[failing]
+    monkeypatch.setattr(*target, _fail)
+    with pytest.raises(OSError, match="disk full"):
         build(docs, index, capsys)
+    monkeypatch.undo()
     assert (index / CURRENT_FILE).read_text() == served
-    assert all((p / "manifest.json").exists() for p in index.iterdir() if p.is_dir())  # no half-written version
+    assert sorted(p.name for p in index.iterdir()) == before  # nothing half-written left behind
     (docs / "warfarin-2.txt").unlink()
 
 
@@ -160,7 +173,7 @@ def test_the_bundled_sample_library_reads_whole_and_cites_the_handbook_page(loca
 
     code, out, err = build(DATA_DIR / "library", tmp_path / "index", capsys)
     assert code == 0 and "could not be read" not in err
-    [summary] = collections_summary(read_manifest(tmp_path / "index"))
+    [summary] = read_manifest(tmp_path / "index").summary()
     assert summary["name"] == "library" and summary["documents"] == 27
     question = "How long should hands be rubbed with alcohol gel?"
     [best] = Library(tmp_path / "index").search(question, embedder.embed([question])[0], 1)

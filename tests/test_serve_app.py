@@ -17,7 +17,7 @@ from bench.local_service import free_port, local_serve, replica_counts, wait_unt
 
 from qa_common import QAConfig, Question, answer_questions, prepare_eval_features
 from serve_app.__main__ import configure, parse_args
-from serve_app.app import INGRESS_DEPLOYMENT, MODEL_DEPLOYMENT, build_app, deployment_options, load_serve_config
+from serve_app.app import APP_NAME, INGRESS_DEPLOYMENT, MODEL_DEPLOYMENT, build_app, deployment_options, load_serve_config
 from serve_app.schemas import ServeArgs
 
 MAX_BODY_BYTES = 65_536
@@ -111,7 +111,7 @@ def test_every_application_setting_has_a_flag_and_lands_in_args(tiny_model_dir):
 
 def test_without_a_model_the_cli_says_to_train_first(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit, match="python -m train_job"):
+    with pytest.raises(FileNotFoundError, match="python -m train_job"):
         configure(load_serve_config(), parse_args([]))
 
 
@@ -127,7 +127,7 @@ def test_builder_rejects_a_missing_model_and_batches_that_cannot_fill(tiny_model
         build_app({"model": str(tmp_path / "nothing-here")}, {})
     with pytest.raises(ValueError, match="max_ongoing_requests"):
         build_app({"model": str(tiny_model_dir), "max_batch_size": 16}, {MODEL_DEPLOYMENT: {"max_ongoing_requests": 8}})
-    with pytest.raises(ValueError, match="train_job.index build"):
+    with pytest.raises(ValueError, match="library_job build"):
         build_app({"model": str(tiny_model_dir), "library": str(tmp_path / "no-index")}, {MODEL_DEPLOYMENT: {"max_ongoing_requests": 32}})
 
 
@@ -188,7 +188,7 @@ def test_a_list_of_questions_is_answered_in_order(client, fixture_records, decod
 def model_calls() -> int:
     from ray import serve
 
-    return serve.get_deployment_handle("QAModel", "qa").describe.remote().result()["model_calls"]
+    return serve.get_deployment_handle(MODEL_DEPLOYMENT, APP_NAME).describe.remote().result()["model_calls"]
 
 
 def test_concurrent_requests_share_model_calls(client, service, fixture_records, decode_directly):
@@ -270,8 +270,8 @@ def test_bad_requests_get_a_json_4xx_and_the_service_still_answers(client, body,
 
 
 def test_bad_requests_never_restarted_a_replica(client):
-    assert replica_counts("qa", MODEL_DEPLOYMENT) == {"RUNNING": 1}
-    assert replica_counts("qa", INGRESS_DEPLOYMENT) == {"RUNNING": 1}
+    assert replica_counts(APP_NAME, MODEL_DEPLOYMENT) == {"RUNNING": 1}
+    assert replica_counts(APP_NAME, INGRESS_DEPLOYMENT) == {"RUNNING": 1}
 
 
 def test_unknown_paths_and_methods_get_json_errors(client):

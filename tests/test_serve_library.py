@@ -15,11 +15,11 @@ from test_serve_page import headless_chromium
 from test_serve_page import pytestmark as needs_chromium
 
 from qa_common import PassagesQuestion, answer_questions, load_model_and_tokenizer, load_qa_config
-from qa_common.embedding import Embedder
-from qa_common.library import Library
+from library_job.__main__ import main as library_job
+from qa_common.library.embedding import Embedder
+from qa_common.library.search import Library
 from bench.local_service import free_port, local_serve, wait_until
 from serve_app.retriever import RETRIEVER_DEPLOYMENT
-from train_job import index as index_job
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def service(abstaining_run, tmp_path_factory):
     import ray
 
     try:  # the build job as a user runs it, on a Ray of its own; the service then refuses no index
-        assert index_job.main(["build", str(docs), "--index", str(index), "--concurrency", "1"]) == 0
+        assert library_job(["build", str(docs), "--library", str(index), "--concurrency", "1"]) == 0
     finally:
         ray.shutdown()
     with local_serve(config, num_cpus=4) as url:
@@ -132,7 +132,7 @@ def test_a_rebuilt_library_is_served_without_a_restart(service, tmp_path):
     before = httpx.get(f"{service['url']}/v1/collections", headers=AUTH, timeout=30).json()
     (service["docs"] / "new-leaflet.txt").write_text("The ward phone number is 4477.")
     try:
-        assert index_job.main(["build", str(service["docs"]), "--index", str(service["index"]),
+        assert library_job(["build", str(service["docs"]), "--library", str(service["index"]),
                                "--concurrency", "1"]) == 0
         after = httpx.get(f"{service['url']}/v1/collections", headers=AUTH, timeout=30).json()
         assert after["index_version"] != before["index_version"] and after["collections"][0]["documents"] == 5

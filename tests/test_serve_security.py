@@ -22,7 +22,7 @@ from serve_helpers import AUTH, TOKEN, service_config
 from bench.local_service import free_port, local_serve, replica_counts, wait_until
 
 from serve_app import tokens
-from serve_app.app import MODEL_DEPLOYMENT, app_builder, build_app, deployment_options, load_serve_config
+from serve_app.app import APP_NAME, MODEL_DEPLOYMENT, app_builder, build_app, deployment_options, load_serve_config
 from serve_app.auth import TOKEN_HASHES_ENV, TokenChecker, hash_token, load_token_hashes, parse_token_hashes
 
 # A made-up name in every document and question this module sends: it must never reach a log.
@@ -275,7 +275,7 @@ def test_fuzzed_bodies_all_get_a_json_4xx_and_the_service_keeps_answering(client
     post()
     assert len(sent) >= 500
     assert client.post("/v1/answer", json=OK).status_code == 200
-    assert replica_counts("qa", MODEL_DEPLOYMENT) == {"RUNNING": 1}
+    assert replica_counts(APP_NAME, MODEL_DEPLOYMENT) == {"RUNNING": 1}
 
 
 # --- failover, then the logs --------------------------------------------------------------------
@@ -288,7 +288,7 @@ def test_killing_the_model_replica_under_load_loses_no_request(service, client, 
     busy_request = [{**OK, "context": " ".join([CONTEXT] * 8)}] * 4
 
     [replica] = [a for a in ray.util.list_named_actors(all_namespaces=True) if "#QAModel#" in a["name"]
-                 and a["name"].startswith("SERVE_REPLICA::qa#")]
+                 and a["name"].startswith(f"SERVE_REPLICA::{APP_NAME}#")]
     statuses, stop = [], threading.Event()
 
     def ask_until_stopped():
@@ -318,7 +318,7 @@ def test_killing_the_model_replica_under_load_loses_no_request(service, client, 
             if line.startswith("ray_qa_rejections_total{") and 'reason="replica_lost"' in line]
     assert all(float(line.rsplit(" ", 1)[1]) == 0 for line in lost), lost
     [new_replica] = [a for a in ray.util.list_named_actors(all_namespaces=True) if "#QAModel#" in a["name"]
-                     and a["name"].startswith("SERVE_REPLICA::qa#")]
+                     and a["name"].startswith(f"SERVE_REPLICA::{APP_NAME}#")]
     assert new_replica["name"] != replica["name"]
 
 
@@ -344,13 +344,25 @@ def test_a_client_request_id_reaches_no_log_unless_it_is_a_short_safe_id(service
     assert logged("MRN 4417-2231") == []
 
 
-def test_no_log_holds_patient_text(service, audit_log):
+def test_no_log_holds_patient_text(service, client, audit_log):
     import ray
 
     from pathlib import Path
 
+    # Its own patient, in every place a request carries text: answered, refused and failed requests alike.
+    patient = "Zyxwvutsr"
+    context = f"{patient} was admitted with chest pain and given aspirin."
+    sent = [client.post("/v1/answer", json={"question": f"What was {patient} given?", "context": context}),
+            client.post("/v1/answer", json=[{"question": f"Why was {patient} admitted?", "context": context}] * 2),
+            client.post("/v1/answer", json={"question": f"{patient}?", "context": context, "top_k": 99}),
+            client.post("/v1/answer", json={"question": f"{patient}?", "context": context * 200}),
+            client.post("/v1/answer", content=f'{{"question": "{patient}", "context": '.encode()),
+            client.post("/v1/ask", json={"question": f"What was {patient} given?"})]
+    assert [r.status_code for r in sent] == [200, 200, 422, 413, 400, 404]
+    assert sent[0].json()["answer"]  # the service read the text
     logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    time.sleep(2)  # log lines reach their files asynchronously
     files = [path for path in logs.rglob("*") if path.is_file()] + [audit_log]
-    assert len(files) > 5
-    leaking = [str(path) for path in files if PATIENT.lower().encode() in path.read_bytes().lower()]
+    assert len(files) > 5 and audit_log.read_text().count("\n") >= len(sent)
+    leaking = [str(path) for path in files if patient.lower().encode() in path.read_bytes().lower()]
     assert leaking == []

@@ -19,8 +19,10 @@ from conftest import FIXTURES, build_tiny_model
 from serve_helpers import AUTH, service_config
 
 from bench.local_service import free_port, local_serve, replica_counts, wait_until
-from serve_app.app import MODEL_DEPLOYMENT
+from serve_app.app import APP_NAME, MODEL_DEPLOYMENT
+from serve_app.app import deployment_options, load_serve_config
 from serve_app.update import main as update
+from serve_app.update import rollout_options, surge_fits
 
 QUESTION = {"question": "What do staff clean?", "context": "Staff clean their hands with an alcohol-based rub."}
 
@@ -30,11 +32,39 @@ def model_b(tmp_path_factory):
     return build_tiny_model(tmp_path_factory.mktemp("b") / "model", seed=1)
 
 
+def packaged_options() -> dict[str, dict]:
+    return deployment_options(load_serve_config()["applications"][0])
+
+
+def test_a_rollout_starts_the_model_at_the_replicas_running_now_within_its_bounds():
+    options = packaged_options()
+    scaling = options[MODEL_DEPLOYMENT]["autoscaling_config"]
+    for running, expected in ((0, scaling["min_replicas"]), (1, 1), (99, scaling["max_replicas"])):
+        rollout = rollout_options(options, {MODEL_DEPLOYMENT: running}, surge=True)
+        assert rollout[MODEL_DEPLOYMENT]["autoscaling_config"]["initial_replicas"] == expected
+        assert rollout[MODEL_DEPLOYMENT]["max_surge_percent"] == options[MODEL_DEPLOYMENT]["max_surge_percent"] > 0
+    assert scaling["min_replicas"] == 0  # so a service at zero stays at zero
+    without = rollout_options(options, {MODEL_DEPLOYMENT: 1}, surge=False)
+    assert all(entry["max_surge_percent"] == 0 for entry in without.values())
+    assert options == packaged_options()  # the options given are not changed
+
+
+def test_a_surge_fits_only_where_the_new_replicas_find_free_resources():
+    options = {MODEL_DEPLOYMENT: {"max_surge_percent": 50, "ray_actor_options": {"num_cpus": 2, "num_gpus": 1}},
+               "QAIngress": {"max_surge_percent": 100}}
+    running = {MODEL_DEPLOYMENT: 3, "QAIngress": 1}  # 50 % of 3 rounds up to 2 new model replicas
+    assert surge_fits(options, running, {"CPU": 5, "GPU": 2}) == (True, "")
+    fits, short = surge_fits(options, running, {"CPU": 4.5, "GPU": 1})
+    assert not fits and short == "5 CPUs (free: 4.5), 2 GPUs (free: 1)"
+    assert surge_fits(options, {MODEL_DEPLOYMENT: 0, "QAIngress": 1}, {"CPU": 1}) == (True, "")
+
+
 @pytest.fixture(scope="module")
 def service(tiny_model_dir):
+    # The packaged autoscaling, with a short idle time before the last replica stops (a flag users set).
     config = service_config(tiny_model_dir, free_port())
     [model] = [d for d in config["applications"][0]["deployments"] if d["name"] == MODEL_DEPLOYMENT]
-    model["autoscaling_config"].update(initial_replicas=0)  # at zero from the start
+    model["autoscaling_config"].update(downscale_to_zero_delay_s=1, downscale_delay_s=1)
     with local_serve(config) as url:
         import ray
 
@@ -90,10 +120,10 @@ def test_a_refused_update_changes_nothing_and_says_why(service, tmp_path, model_
 def test_updating_a_service_at_zero_loads_nothing_until_a_request(service, model_b):
     url, _ = service
     a = card(url)["version"]
-    assert replica_counts("qa", MODEL_DEPLOYMENT) == {}
+    wait_until(lambda: replica_counts(APP_NAME, MODEL_DEPLOYMENT) == {}, timeout_s=120, what="the model at zero")
     assert update(["--model", str(model_b)]) == 0
     time.sleep(1)
-    assert replica_counts("qa", MODEL_DEPLOYMENT) == {}
+    assert replica_counts(APP_NAME, MODEL_DEPLOYMENT) == {}
     response = httpx.post(f"{url}/v1/answer", json=QUESTION, headers=AUTH, timeout=90)
     assert response.status_code == 200 and response.headers["x-model-version"] == card(url)["version"] != a
     assert card(url)["previous"]["version"] == a

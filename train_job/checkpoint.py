@@ -21,11 +21,10 @@ import random
 import shutil
 from pathlib import Path
 
-MODEL = "model"
+from train_job.run_dir import MODEL, PREDICTIONS, TRAIN_CONFIG  # named as in a run's directory
+
 TRAINING_STATE = "training_state.pt"
-PREDICTIONS = "predictions.json"
 HISTORY = "history.json"
-TRAIN_CONFIG = "train_config.json"
 
 
 def write_checkpoint(directory: str | Path, *, model, tokenizer, training_state: dict, predictions: dict | None,

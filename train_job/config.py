@@ -11,8 +11,10 @@ from pathlib import Path
 from qa_common import MINILM, QAConfig
 from qa_common.config import FITTED_SETTINGS, add_dataclass_flags, dashed, given_flags
 from qa_common.config import setting as _flag
+from qa_common.inference import FORWARD_BATCH_SIZE
 from qa_common.negatives import SOURCES as NEGATIVE_SOURCES
 from qa_common.splits import SAMPLINGS
+from train_job.ray_cluster import ADDRESS_HELP
 
 DATA_DIR = Path(__file__).parent / "quickstart_data"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -51,7 +53,7 @@ class TrainConfig:
     weight_decay: float = _flag("AdamW weight decay (not applied to biases and LayerNorm)", default=0.01)
     warmup_ratio: float = _flag("fraction of steps spent warming the learning rate up linearly", default=0.1)
     per_device_batch_size: int = _flag("training features per worker per step", default=16)
-    eval_batch_size: int = _flag("features per forward pass during evaluation", default=64)
+    eval_batch_size: int = _flag("features per forward pass during evaluation", default=FORWARD_BATCH_SIZE)
     group_by_length: bool = _flag("batch windows of similar length together so less padding is computed", default=True)
     compile: bool = _flag("torch.compile the model (pays off on GPUs for long runs; slow start)", default=False)
     precision: str = _flag("fp32, bf16 (autocast), fp16 (autocast + loss scaling; GPU only), or auto: bf16 where the "
@@ -87,7 +89,7 @@ class TrainConfig:
                                     "(skipped when offline)", default=None)
     hub_public: bool = _flag("make the --push-to-hub repository public: fine-tuned models can memorise training text",
                              default=False)
-    address: str | None = _flag("Ray cluster address (default: RAY_ADDRESS, else start Ray locally)", default=None)
+    address: str | None = _flag(ADDRESS_HELP, default=None)
     # Windowing and decoding, shared with evaluation and serving (flags from QAConfig's fields).
     qa: QAConfig = dataclasses.field(default_factory=QAConfig)
 
@@ -151,7 +153,6 @@ PRESETS: dict[str, dict] = {
         "model": MINILM,
         "train_file": str(DATA_DIR / "quickstart-train.jsonl"),
         "validation_file": str(DATA_DIR / "quickstart-validation.jsonl"),
-        "output_dir": "runs/quickstart",
         "epochs": 3,
         "learning_rate": 3e-4,
         "per_device_batch_size": 8,
@@ -179,7 +180,8 @@ PRESETS: dict[str, dict] = {
         "checkpoint_every_steps": 200,
         "qa": {"max_length": 256, "stride": 96},
     },
-    # The seed notebook's recipe: bert-base-cased on SQuAD v1.1 from the Hub, mixed precision on GPUs.
+    # The Hugging Face question-answering notebook's recipe, which this project replaces: bert-base-cased on
+    # SQuAD v1.1 from the Hub, mixed precision on GPUs.
     "squad-bert-base": {
         "model": "bert-base-cased",
         "dataset": "squad",

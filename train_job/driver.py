@@ -130,10 +130,3 @@ def epoch_history(result) -> list[dict]:
         return checkpoint.read_history(directory)
 
 
-def init_ray(address: str | None) -> None:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=address or os.environ.get("RAY_ADDRESS"), log_to_driver=True)
-
-

@@ -17,26 +17,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 
-from qa_common import Question, SquadFormatError, answer_questions, load_qa_config, load_tokenizer, resolve_model_path
-from qa_common.metric import V1_NAMES, MetricTotals, question_scores
+from qa_common import Question, SquadFormatError, answer_questions, load_qa_config
 from qa_common.backends import BACKENDS, DEFAULT_MAX_F1_LOSS, ONNX_FILES, load_runner, onnx_file, resolve_backend
-from qa_common.modeling import SERVING_DTYPES, torch_dtype
+from qa_common.inference import FORWARD_BATCH_SIZE, FORWARD_BATCH_SIZE_GPU
+from qa_common.metric import V1_NAMES, question_scores
+from qa_common.modeling import SERVING_DTYPES, check_model_dir, torch_dtype
 from train_job import run_dir
+from train_job.cli import at_least
 from train_job.predict_data import check_input, question_dataset, resolve_inputs, validate_rows
-
-# Per-question columns the actors add for the metrics; the driver sums them and does not write them out.
-SCORE_PREFIX = "gold_"
-SCORE_NAMES = (*V1_NAMES, "v2_exact", "v2_f1")  # qa_common.metric.question_scores
-ANSWERABLE = SCORE_PREFIX + "answerable"
-# An actor that finds a bad record answers with this one column: Ray would hand the driver the
-# exception as text only, and the driver must tell bad data (exit 2) from a failure.
-DATA_ERROR = "data_error"
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-FORMATS = ("jsonl", "parquet")
+from train_job.predict_output import (
+    ANSWERABLE, DATA_ERROR, FORMATS, SCORE_NAMES, SCORE_PREFIX, OutputWriter, output_directory,
+)
+from train_job.ray_cluster import ActorPool, add_actor_flags, add_address_flag, connect_ray
 
 
 class BatchAnswerer:
@@ -47,15 +42,15 @@ class BatchAnswerer:
     With ``with_answers``, each row also carries that question's scores (``gold_*`` columns).
     """
 
-    def __init__(self, model_dir: str, *, backend: str, dtype: str, forward_batch_size: int | None, cpus: float,
+    def __init__(self, model_dir: str, *, backend: str, dtype: str, forward_batch_size: int | None, threads: int,
                  with_answers: bool):
         import ray
 
         device = "cuda" if ray.get_gpu_ids() else "cpu"
         self.runner, self.tokenizer, _ = load_runner(model_dir, backend, device=device, dtype=torch_dtype(dtype, device),
-                                                     threads=max(1, int(cpus)))
+                                                     threads=threads)
         self.qa_config = load_qa_config(model_dir)
-        self.forward_batch_size = forward_batch_size or (256 if device == "cuda" else 64)
+        self.forward_batch_size = forward_batch_size or (FORWARD_BATCH_SIZE_GPU if device == "cuda" else FORWARD_BATCH_SIZE)
         self.with_answers = with_answers
 
     def __call__(self, batch):
@@ -79,143 +74,23 @@ class BatchAnswerer:
         return pa.Table.from_pylist(rows)
 
 
-def check_model(model: str) -> str:
-    """The absolute model directory; raises (FileNotFoundError, OSError, ValueError) when it cannot serve."""
-    from transformers import AutoConfig
-
-    path = resolve_model_path(model)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"--model {model!r}: not a model directory (every actor loads it: use a path "
-                                "on storage every node mounts)")
-    if not any(os.path.isfile(os.path.join(path, name)) for name in WEIGHT_FILES):
-        raise FileNotFoundError(f"{path}: holds no model weights ({' or '.join(WEIGHT_FILES[::2])})")
-    AutoConfig.from_pretrained(path)
-    load_tokenizer(path)
-    load_qa_config(path)
-    return os.path.abspath(path)
-
-
-def actor_pool(args, resources: dict) -> tuple[int, dict]:
-    """``(actors, ray resources per actor)``; ValueError when the cluster cannot hold them."""
-    per_actor = {"num_cpus": args.cpus_per_actor, "num_gpus": args.num_gpus_per_actor}
-    limits = [resources.get("CPU", 0) / args.cpus_per_actor]
-    if args.num_gpus_per_actor:
-        limits.append(resources.get("GPU", 0) / args.num_gpus_per_actor)
-    fits = int(min(limits))
-    actors = args.concurrency or fits
-    if actors < 1 or actors > fits:
-        raise ValueError(
-            f"the cluster ({resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs) holds {fits} actor(s) "
-            f"of {args.cpus_per_actor:g} CPU(s) and {args.num_gpus_per_actor:g} GPU(s), not {actors}; "
-            "lower --concurrency, --cpus-per-actor or --num-gpus-per-actor")
-    return actors, per_actor
-
-
-def output_directory(output: str):
-    """``(pyarrow filesystem, directory)`` of a local directory or URI (``s3://...``), created if need be."""
-    import pyarrow.fs
-
-    filesystem, directory = (pyarrow.fs.FileSystem.from_uri(output) if "://" in output
-                             else (pyarrow.fs.LocalFileSystem(), os.path.abspath(output)))
-    filesystem.create_dir(directory, recursive=True)
-    return filesystem, directory
-
-
-class OutputWriter:
-    """Streams answer blocks to ``predictions.<format>`` and, with gold answers, ``predictions.json``
-    and the metric sums, in ``directory`` of ``filesystem``."""
-
-    def __init__(self, filesystem, directory: str, fmt: str, with_answers: bool):
-        self.filesystem, self.directory = filesystem, directory
-        self.fmt, self.with_answers = fmt, with_answers
-        self.files = [f"predictions.{fmt}"] + ([run_dir.PREDICTIONS] if with_answers else [])
-        self.stream = self._open(self.files[0])
-        self.parquet = None
-        self.answers_json = self._open(run_dir.PREDICTIONS) if with_answers else None
-        self.questions = 0
-        self.ids: set[str] = set()
-        self.totals = MetricTotals()
-
-    def _open(self, name: str):
-        return self.filesystem.open_output_stream(f"{self.directory}/{name}")
-
-    def location(self, name: str) -> str:
-        return f"{self.directory}/{name}"
-
-    def write(self, block) -> None:
-        import pyarrow.parquet as pq
-
-        if DATA_ERROR in block.column_names:
-            raise SquadFormatError(block.column(DATA_ERROR)[0].as_py())
-        if not block.num_rows:
-            return
-        for question_id in block.column("id").to_pylist():
-            if question_id in self.ids:
-                raise SquadFormatError(f"question id {question_id[:64]!r} occurs more than once in the input: "
-                                       "ids must be unique across every file given")
-            self.ids.add(question_id)
-        scores = [name for name in block.column_names if name.startswith(SCORE_PREFIX)]
-        predictions = block.drop_columns(scores)
-        if self.fmt == "parquet":
-            if self.parquet is None:
-                self.parquet = pq.ParquetWriter(self.stream, predictions.schema)
-            self.parquet.write_table(predictions.cast(self.parquet.schema))
-        else:
-            self.stream.write("".join(json.dumps(row, ensure_ascii=False) + "\n"
-                                      for row in predictions.to_pylist()).encode("utf-8"))
-        if self.with_answers:
-            self._add_gold(block)
-        self.questions += block.num_rows
-
-    def _add_gold(self, block) -> None:
-        separator = "{\n" if self.questions == 0 else ",\n"
-        self.answers_json.write((separator + ",\n".join(
-            f"{json.dumps(i, ensure_ascii=False)}: {json.dumps(a, ensure_ascii=False)}"
-            for i, a in zip(block.column("id").to_pylist(), block.column("answer").to_pylist()))).encode("utf-8"))
-        columns = {name: block.column(SCORE_PREFIX + name).to_pylist() for name in SCORE_NAMES}
-        for row, answerable in enumerate(block.column(ANSWERABLE).to_pylist()):
-            self.totals.add({name: columns[name][row] for name in SCORE_NAMES}, answerable=answerable)
-
-    def close(self) -> None:
-        if self.parquet is not None:
-            self.parquet.close()
-        self.stream.close()
-        if self.answers_json is not None:
-            self.answers_json.write(("}\n" if self.questions else "{}\n").encode("utf-8"))
-            self.answers_json.close()
-
-    def discard(self) -> None:
-        """Remove the files of a run that did not finish, so that what is there is always complete."""
-        for name in self.files:
-            self.filesystem.delete_file(self.location(name))
-
-    def metrics(self) -> dict:
-        """The SQuAD metrics in percent, as ``python -m qa_common.evaluate`` prints them: v1.1's, or
-        v2.0's when some question has no gold answer."""
-        return self.totals.metrics(version_2=bool(self.totals.sums["NoAns", "total"]))
-
-
 def prepare(args: argparse.Namespace) -> dict:
     """Everything that can fail on bad input, before any actor starts: the files' first records, the
     model directory, the output directory, whether the actors fit the cluster."""
-    import ray
-
     inputs = [check_input(path) for path in resolve_inputs(args.data)]
     with_answers = all(f.has_answers for f in inputs)
     if not with_answers and any(f.has_answers for f in inputs):
         print(f"[predict] only {sum(f.has_answers for f in inputs)} of {len(inputs)} files hold gold answers: "
               "answering without metrics (evaluate the annotated files on their own)", file=sys.stderr)
-    model_dir = check_model(args.model)
+    model_dir = check_model_dir(args.model)
     backend = resolve_backend(model_dir, args.backend, device="cuda" if args.num_gpus_per_actor else "cpu",
                               max_f1_loss=args.max_f1_loss)
     if backend in ONNX_FILES:
         onnx_file(model_dir, backend)  # a missing export fails here, naming the command that writes it
     output = output_directory(args.output)
-    if not ray.is_initialized():
-        ray.init(address=args.address or os.environ.get("RAY_ADDRESS"))
-    actors, per_actor = actor_pool(args, ray.cluster_resources())
+    connect_ray(args.address)
     return {"inputs": inputs, "with_answers": with_answers, "model_dir": model_dir, "output": output,
-            "actors": actors, "per_actor": per_actor, "backend": backend}
+            "pool": ActorPool.fit(args), "backend": backend}
 
 
 def predict(args: argparse.Namespace, plan: dict) -> dict:
@@ -223,12 +98,13 @@ def predict(args: argparse.Namespace, plan: dict) -> dict:
     import ray.data
 
     started = time.perf_counter()
-    inputs, actors, per_actor = plan["inputs"], plan["actors"], plan["per_actor"]
+    inputs, pool = plan["inputs"], plan["pool"]
+    actors, per_actor = pool.actors, pool.per_actor
     dataset = question_dataset(inputs, with_answers=plan["with_answers"], rows_per_block=args.batch_size)
     answered = dataset.map_batches(
         BatchAnswerer,
         fn_constructor_kwargs={"model_dir": plan["model_dir"], "backend": plan["backend"], "dtype": args.dtype,
-                               "forward_batch_size": args.forward_batch_size, "cpus": args.cpus_per_actor,
+                               "forward_batch_size": args.forward_batch_size, "threads": pool.threads,
                                "with_answers": plan["with_answers"]},
         # One call per block (question_dataset cuts blocks of about --batch-size questions): with a batch
         # size, Ray Data would bundle blocks up to it and send the answers of a whole bundle back at once.
@@ -289,13 +165,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="data files, globs, directories or URIs (s3://, gs://): .json, .jsonl, .parquet, .gz")
     parser.add_argument("--output", required=True, help="output directory (or URI) for predictions and metrics")
     parser.add_argument("--format", choices=FORMATS, default="jsonl", help="predictions file format (default: jsonl)")
-    parser.add_argument("--concurrency", type=int, default=None,
-                        help="model actors (default: as many as the cluster holds)")
-    parser.add_argument("--num-gpus-per-actor", type=float, default=0, help="GPUs per actor (default: 0, CPU)")
-    parser.add_argument("--cpus-per-actor", type=float, default=1, help="CPUs per actor (default: 1)")
-    parser.add_argument("--batch-size", type=int, default=256, help="questions per actor call (default: 256)")
-    parser.add_argument("--forward-batch-size", type=int, default=None,
-                        help="windows per forward pass (default: 64 on CPU, 256 on GPU)")
+    add_actor_flags(parser, "model actors", gpus=True)
+    parser.add_argument("--batch-size", type=at_least(1), default=256, help="questions per actor call (default: 256)")
+    parser.add_argument("--forward-batch-size", type=at_least(1), default=None,
+                        help=f"windows per forward pass (default: {FORWARD_BATCH_SIZE} on CPU, {FORWARD_BATCH_SIZE_GPU} on GPU)")
     parser.add_argument("--backend", choices=BACKENDS, default="auto",
                         help="torch, onnx, onnx-int8 (files written by python -m qa_common.export_onnx) or auto "
                         "(default): on CPU the fastest exported backend within --max-f1-loss of PyTorch's F1, else "
@@ -304,13 +177,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"F1 points below PyTorch that --backend auto accepts for speed (default: {DEFAULT_MAX_F1_LOSS:g})")
     parser.add_argument("--dtype", choices=SERVING_DTYPES, default="auto",
                         help="PyTorch weights (default: auto, bfloat16 on GPU and float32 on CPU)")
-    parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    add_address_flag(parser)
     args = parser.parse_args(argv)
-    for name in ("concurrency", "batch_size", "forward_batch_size"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.cpus_per_actor <= 0 or args.num_gpus_per_actor < 0:
-        parser.error("--cpus-per-actor must be positive and --num-gpus-per-actor not negative")
     return args
 
 

@@ -1,9 +1,9 @@
-"""``python -m train_job.ask_library``: open-domain evaluation. Every paragraph of a SQuAD-format file
+"""``python -m library_job evaluate``: open-domain evaluation. Every paragraph of a SQuAD-format file
 becomes a document of one library, and every question is asked of the whole library.
 
-Pipeline: the paragraphs are written as text files and indexed with ``python -m train_job.index``'s
-own build (the same passages, embeddings and store a user gets), unless ``--index`` names an index
-built that way already; Ray Data ``map_batches`` on a pool of actors (:class:`LibraryAsker`: the
+Pipeline: the paragraphs are written as text files and indexed with ``python -m library_job build``
+(the same passages, embeddings and store a user gets), unless ``--library`` names a library built
+that way already; Ray Data ``map_batches`` on a pool of actors (:class:`LibraryAsker`: the
 library, its embedder and the reader) retrieves for each question with each search mode, reads the
 hybrid top ``--passages`` as one candidate set (what ``POST /v1/ask`` does) and, for comparison,
 the gold paragraph alone. Reports retrieval recall@1/5/20 per mode (a question's paragraph is
@@ -15,17 +15,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 from qa_common import PassagesQuestion, Question, SquadFormatError, answer_questions, load_qa_config, read_squad
-from qa_common.library import FUSION_DEPTH, SEARCH_MODES, LibraryError, reciprocal_rank_fusion
+from qa_common.library.index import LibraryError
+from qa_common.library.search import FUSION_DEPTH, SEARCH_MODES, document_rank, recall_at, reciprocal_rank_fusion
 from qa_common.metric import score_answer
+from qa_common.modeling import check_model_dir
 from qa_common.splits import sample_questions
 from train_job.cli import at_least
+from train_job.ray_cluster import ActorPool, add_actor_flags, add_address_flag, connect_ray
 
+SUMMARY = "ask every question of a SQuAD file of a library of its paragraphs: recall, EM/F1"
 RECALL_AT = (1, 5, 20)
 COLLECTION = "squad"
 
@@ -45,16 +48,16 @@ def paragraph_documents(records: list[dict]) -> dict[str, str]:
 class LibraryAsker:
     """Ray Data actor: a batch of questions -> per question its retrieval ranks and both answers."""
 
-    def __init__(self, index: str, model_dir: str, passages: int, threads: int):
+    def __init__(self, library: str, model_dir: str, passages: int, threads: int):
         import torch
 
         from qa_common.backends import load_runner
-        from qa_common.embedding import Embedder
-        from qa_common.library import Library
+        from qa_common.library.embedding import Embedder
+        from qa_common.library.search import Library
 
         torch.set_num_threads(threads)
-        self.library = Library(index)
-        self.embedder = Embedder(self.library.manifest["embedder"], threads=threads)
+        self.library = Library(library)
+        self.embedder = Embedder(self.library.manifest.embedder, threads=threads)
         self.runner, self.tokenizer, _ = load_runner(model_dir, "torch", device="cpu", dtype=torch.float32,
                                                      threads=threads)
         self.config = load_qa_config(model_dir)
@@ -71,8 +74,7 @@ class LibraryAsker:
             dense, lexical = self.library.rankings(row["question"], vector, FUSION_DEPTH)
             ranked = {"dense": dense, "lexical": lexical, "hybrid": reciprocal_rank_fusion([dense, lexical])}
             for mode, hits in ranked.items():
-                documents = list(dict.fromkeys(hit.passage["document"] for hit in hits[: max(RECALL_AT)]))
-                row[f"{mode}_rank"] = documents.index(row["document"]) + 1 if row["document"] in documents else 0
+                row[f"{mode}_rank"] = document_rank(hits[: max(RECALL_AT)], row["document"])
             hybrid = ranked["hybrid"][: self.passages]
             row["read"] = [hit.passage["document"] for hit in hybrid]
             read.append(PassagesQuestion(row["question"], tuple(hit.passage["text"] for hit in hybrid)))
@@ -94,7 +96,7 @@ def summarise(rows: list[dict], passages: int) -> dict:
     metrics = {"questions": count, "passages_read": passages}
     for mode in SEARCH_MODES:
         for k in RECALL_AT:
-            metrics[f"{mode}_recall@{k}"] = round(sum(0 < row[f"{mode}_rank"] <= k for row in rows) / count, 4)
+            metrics[f"{mode}_recall@{k}"] = recall_at([row[f"{mode}_rank"] for row in rows], k)
     for prefix in ("", "gold_paragraph_"):
         for name in ("exact_match", "f1"):
             metrics[f"{prefix}{name}"] = round(100 * sum(row[f"{prefix}{name}"] for row in rows) / count, 2)
@@ -103,48 +105,44 @@ def summarise(rows: list[dict], passages: int) -> dict:
     return metrics
 
 
-def build_index(documents: dict[str, str], output: Path, address: str | None) -> Path:
-    from train_job import index as index_job
+def build_library(documents: dict[str, str], output: Path, address: str | None) -> Path:
+    from library_job.__main__ import main as library_job
 
     docs = output / "library" / COLLECTION
     for name, text in documents.items():
         (docs / name).parent.mkdir(parents=True, exist_ok=True)
         (docs / name).write_text(text, encoding="utf-8")
-    index = output / "library" / "index"
-    command = ["build", str(docs), "--index", str(index)] + (["--address", address] if address else [])
-    if index_job.main(command) != 0:
-        raise LibraryError(f"the library index could not be built in {index}")
-    return index
+    library = output / "library" / "index"
+    command = ["build", str(docs), "--library", str(library)] + (["--address", address] if address else [])
+    if library_job(command) != 0:
+        raise LibraryError(f"the library could not be built in {library}")
+    return library
 
 
-def run(args: argparse.Namespace) -> dict:
-    import ray
+def evaluate(args: argparse.Namespace) -> dict:
     import ray.data
-
-    from train_job.predict import check_model
 
     records = read_squad(args.data)
     documents = paragraph_documents(records)
     name_of = {text: name for name, text in documents.items()}
     questions = sample_questions(records, args.max_questions, seed=args.seed)
-    model_dir = check_model(args.model)
+    model_dir = check_model_dir(args.model)
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
-    if not ray.is_initialized():
-        ray.init(address=args.address or os.environ.get("RAY_ADDRESS"))
+    connect_ray(args.address)
+    pool = ActorPool.fit(args)
     started = time.perf_counter()
-    index = Path(args.index) if args.index else build_index(documents, output, args.address)
+    library = Path(args.library) if args.library else build_library(documents, output, args.address)
     indexed_s = time.perf_counter() - started
-    actors = args.concurrency or max(1, int(ray.cluster_resources().get("CPU", 1) // args.cpus_per_actor))
     rows = [{"id": r["id"], "question": r["question"], "context": r["context"], "answers": r["answers"],
              "document": name_of[r["context"]]} for r in questions]
-    print(f"[ask_library] {len(documents)} paragraphs as the library, {len(rows)} questions, {actors} actor(s)",
+    print(f"[evaluate] {len(documents)} paragraphs as the library, {len(rows)} questions, {pool.actors} actor(s)",
           flush=True)
     answered = ray.data.from_items(rows).map_batches(
-        LibraryAsker, fn_constructor_kwargs={"index": str(index.resolve()), "model_dir": model_dir,
-                                             "passages": args.passages, "threads": int(args.cpus_per_actor)},
-        batch_size=args.batch_size, num_cpus=args.cpus_per_actor, compute=ray.data.ActorPoolStrategy(size=actors),
-        batch_format="pyarrow")
+        LibraryAsker, fn_constructor_kwargs={"library": str(library.resolve()), "model_dir": model_dir,
+                                             "passages": args.passages, "threads": pool.threads},
+        batch_size=args.batch_size, compute=ray.data.ActorPoolStrategy(size=pool.actors), batch_format="pyarrow",
+        **pool.per_actor)
     results = []
     with (output / "answers.jsonl").open("w", encoding="utf-8") as stream:
         for row in answered.iter_rows():
@@ -159,32 +157,23 @@ def run(args: argparse.Namespace) -> dict:
     return metrics
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m train_job.ask_library", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="reader model directory (python -m train_job's OUTPUT_DIR/model)")
     parser.add_argument("--data", required=True, help="SQuAD-format file with gold answers")
     parser.add_argument("--output", required=True, help="output directory (metrics.json, answers.jsonl, the library)")
-    parser.add_argument("--index", default=None, help="an index of --data's paragraphs built by this command before")
+    parser.add_argument("--library", default=None, help="a library of --data's paragraphs built by this command before")
     parser.add_argument("--passages", type=at_least(1), default=5, help="passages read per question (default: 5, as /v1/ask)")
     parser.add_argument("--max-questions", type=at_least(1), default=None, help="a seeded sample spread over the articles")
     parser.add_argument("--seed", type=int, default=0, help="the sample's seed (default: 0)")
-    parser.add_argument("--concurrency", type=at_least(1), default=None, help="actors (default: as many as the CPUs hold)")
-    parser.add_argument("--cpus-per-actor", type=at_least(1, float), default=1, help="CPUs per actor (default: 1)")
+    add_actor_flags(parser, "actors")
     parser.add_argument("--batch-size", type=at_least(1), default=32, help="questions per actor call (default: 32)")
-    parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
-    return parser.parse_args(argv)
+    add_address_flag(parser)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def run(args: argparse.Namespace) -> int:
     try:
-        run(args)
+        evaluate(args)
     except (SquadFormatError, FileNotFoundError, LibraryError, OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

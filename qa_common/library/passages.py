@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from qa_common.documents import Block
+from qa_common.library.documents import Block
 
 MAX_PASSAGE_WORDS = 150
 

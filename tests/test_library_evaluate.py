@@ -1,4 +1,4 @@
-"""Open-domain evaluation (python -m train_job.ask_library): the fixture's paragraphs as a library, every
+"""Open-domain evaluation (python -m library_job evaluate): the fixture's paragraphs as a library, every
 question asked of all of it, with the abstaining tiny model as the reader."""
 
 import json
@@ -8,14 +8,15 @@ import pytest
 from conftest import FIXTURES
 from qa_common import PassagesQuestion, Question, answer_questions, load_model_and_tokenizer, load_qa_config, read_squad
 from qa_common.metric import score_answer
-from train_job import ask_library
+from library_job import evaluate
+from library_job.__main__ import main as library_job
 
 
 def test_every_question_is_asked_of_the_whole_library_and_scored_both_ways(abstaining_run, local_ray, tmp_path):
     model_dir = abstaining_run[0] / "model"
     data = FIXTURES / "tiny-squad.json"
-    assert ask_library.main(["--model", str(model_dir), "--data", str(data), "--output", str(tmp_path / "out"),
-                             "--passages", "2", "--concurrency", "1"]) == 0
+    assert library_job(["evaluate", "--model", str(model_dir), "--data", str(data), "--output", str(tmp_path / "out"),
+                        "--passages", "2", "--concurrency", "1"]) == 0
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     records = read_squad(data)
     assert metrics["questions"] == len(records) and metrics["paragraphs"] == 4
@@ -27,7 +28,7 @@ def test_every_question_is_asked_of_the_whole_library_and_scored_both_ways(absta
     # Scored as the reader answers: with the gold paragraph alone, and over the passages the hybrid search read.
     model, tokenizer = load_model_and_tokenizer(str(model_dir))
     config = load_qa_config(model_dir)
-    documents = ask_library.paragraph_documents(records)
+    documents = evaluate.paragraph_documents(records)
     alone = answer_questions(model, tokenizer, [Question(r["question"], r["context"]) for r in records], config)
     read = answer_questions(model, tokenizer, [PassagesQuestion(r["question"], tuple(
         documents[name] for name in rows[r["id"]]["read"])) for r in records], config)
@@ -41,5 +42,5 @@ def test_every_question_is_asked_of_the_whole_library_and_scored_both_ways(absta
         assert len(row["read"]) == 2 and row["document"] == next(n for n, t in documents.items() if t == record["context"])
         assert (row["hybrid_rank"] == 1) == (row["read"][0] == row["document"])
 
-    assert ask_library.main(["--model", str(model_dir), "--data", str(tmp_path / "none.json"),
-                             "--output", str(tmp_path / "x")]) == 2
+    assert library_job(["evaluate", "--model", str(model_dir), "--data", str(tmp_path / "none.json"),
+                        "--output", str(tmp_path / "x")]) == 2

@@ -1,0 +1,222 @@
+"""``python -m library_job build DOCS_DIR --library LIBRARY``: a document library's index, built with Ray Data.
+
+Pipeline: the driver lists DOCS_DIR's documents (``qa_common.library.documents.SUFFIXES``) and
+hashes them; documents whose content hash the served version already holds keep their passages
+and vectors (read back from its table); Ray Data tasks read the new and changed files into
+passages (:func:`qa_common.library.passages.split_passages`), a pool of actors embeds them
+(:class:`qa_common.library.embedding.Embedder`), and the driver streams them into the new
+version's table; then the version is published (:func:`qa_common.library.index.publish_version`).
+Documents that are gone from DOCS_DIR are dropped. A file that cannot be read is reported with its
+reason and left out; the rest goes on. Runs locally and with ``ray job submit`` (DOCS_DIR and
+LIBRARY then on storage every node mounts).
+
+A library holds several collections (``--collection``, default: DOCS_DIR's name); a build replaces
+only its own collection's documents.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import shutil
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+from qa_common.library.documents import SUFFIXES, DocumentError, read_blocks
+from qa_common.library.embedding import EMBEDDER, embedding_dimension
+from qa_common.library.index import (
+    PASSAGE_COLUMNS, FailedDocument, IndexedDocument, LibraryError, Manifest, check_collection_name, current_version,
+    document_key, new_version_name, open_table, passage_id, passage_schema, plan_build, publish_version, read_manifest,
+)
+from qa_common.library.passages import MAX_PASSAGE_WORDS, split_passages
+from train_job.cli import at_least
+from train_job.ray_cluster import ActorPool, add_actor_flags, add_address_flag, connect_ray
+
+SUMMARY = "index (or update the index of) a folder of documents"
+ERROR = "error"  # the one column of a row that reports a file that could not be read
+
+
+def list_documents(docs_dir: Path, collection: str) -> list[dict]:
+    """Every document under ``docs_dir`` (hidden files and folders skipped), with its content hash."""
+    documents = []
+    for path in sorted(docs_dir.rglob("*")):
+        relative = path.relative_to(docs_dir)
+        if path.is_file() and path.suffix.lower() in SUFFIXES and not any(p.startswith(".") for p in relative.parts):
+            documents.append({"path": str(path.resolve()), "document": relative.as_posix(), "collection": collection,
+                              "sha256": hashlib.sha256(path.read_bytes()).hexdigest()})
+    return documents
+
+
+def read_passages(row: dict, max_words: int) -> list[dict]:
+    """Ray Data ``flat_map``: one document -> its passage rows (``error`` ""), or one row whose
+    ``error`` says why it cannot be read."""
+    base = {"collection": row["collection"], "document": row["document"], "sha256": row["sha256"]}
+    try:
+        passages = split_passages(read_blocks(Path(row["path"])), max_words)
+    except DocumentError as error:
+        return [{**base, "passage_id": "", "page": None, "section": "", "text": "", ERROR: str(error)}]
+    return [{**base, "passage_id": passage_id(row["collection"], row["document"], row["sha256"], number),
+             "page": passage.page, "section": passage.section, "text": passage.text, ERROR: ""}
+            for number, passage in enumerate(passages)]
+
+
+class EmbedPassages:
+    """Ray Data actor: a batch of passage rows -> the same rows with their ``vector``."""
+
+    def __init__(self, embedder: str, threads: int):
+        from qa_common.library.embedding import Embedder
+
+        self.embedder = Embedder(embedder, threads=threads)
+        self.schema = passage_schema(self.embedder.dimension)
+
+    def __call__(self, batch):
+        import pyarrow as pa
+
+        vectors = self.embedder.embed(batch.column("text").to_pylist())
+        columns = {name: batch.column(name) for name in (*PASSAGE_COLUMNS, "sha256")}
+        columns["vector"] = pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), vectors.shape[1])
+        return pa.table(columns).cast(self.schema)
+
+
+def kept_rows(library: Path, version: str, kept: set[str]):
+    """``version``'s rows of the documents in ``kept`` (document keys), as Arrow batches."""
+    for batch in open_table(library, version).search().limit(None).to_batches(batch_size=4096):
+        keys = [document_key(c, d) for c, d in zip(batch.column("collection").to_pylist(),
+                                                   batch.column("document").to_pylist())]
+        yield batch.filter([key in kept for key in keys])
+
+
+def write_table(version_dir: Path, sources: list, schema) -> Counter:
+    """One Lance table in ``version_dir`` from every batch of ``sources`` (Ray datasets, iterators of
+    Arrow batches), streamed: the driver holds one block at a time. Returns the passages written per
+    document key. The driver writes it because Ray Data 2.60's ``write_lance`` needs pylance, which
+    fails with the pylance release LanceDB 0.40 pulls in; LanceDB itself needs none."""
+    import lancedb
+    import pyarrow as pa
+
+    from qa_common.library.index import TABLE
+
+    written = Counter()
+
+    def batches():
+        for source in sources:
+            blocks = source.iter_batches(batch_size=None, batch_format="pyarrow") if hasattr(source, "iter_batches") \
+                else source
+            for block in blocks:
+                block = pa.table(block).cast(schema)
+                written.update(document_key(c, d) for c, d in zip(block.column("collection").to_pylist(),
+                                                                  block.column("document").to_pylist()))
+                yield from block.to_batches()
+
+    lancedb.connect(str(version_dir)).create_table(TABLE, data=pa.RecordBatchReader.from_batches(schema, batches()))
+    return written
+
+
+def read_and_embed(args: argparse.Namespace, documents: list[dict]):
+    """``(embedded passages as a Ray dataset or None, {document: reason} of those that could not be read)``."""
+    import ray.data
+
+    parsed = ray.data.from_items(documents, override_num_blocks=min(len(documents), 200)).flat_map(
+        read_passages, fn_kwargs={"max_words": args.max_passage_words}).materialize()
+    failures = {row["document"]: row[ERROR] for row in parsed.filter(expr=f"{ERROR} != ''").take_all()}
+    if len(failures) == len(documents):
+        return None, failures
+    pool = ActorPool.fit(args)
+    # Materialised first: a filter's tasks would wait for CPUs that the embedding actors hold.
+    passages = parsed.filter(expr=f"{ERROR} == ''").drop_columns([ERROR]).materialize()
+    embedded = passages.map_batches(
+        EmbedPassages, fn_constructor_kwargs={"embedder": args.embedder, "threads": pool.threads},
+        batch_size=args.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=pool.actors),
+        **pool.per_actor)
+    return embedded, failures
+
+
+def build_version(args: argparse.Namespace, library: Path, version: str, previous: Manifest | None, collection: str,
+                  plan: dict) -> tuple[Manifest, int]:
+    """Write ``version``'s table (the kept rows and the new ones) and return its manifest and the
+    number of passages embedded now."""
+    sources, failures = [], {}
+    if plan["read"]:
+        embedded, failures = read_and_embed(args, plan["read"])
+        sources += [embedded] if embedded is not None else []
+    ours = lambda doc: doc.collection != collection or document_key(doc.collection, doc.document) in plan["kept"]  # noqa: E731
+    kept = {key: doc for key, doc in previous.documents.items() if ours(doc)} if previous else {}
+    if kept:
+        sources.append(kept_rows(library, previous.version, set(kept)))
+    written = write_table(library / version, sources, passage_schema(embedding_dimension(args.embedder))) \
+        if sources else Counter()
+    manifest = Manifest(version=version, embedder=args.embedder, max_passage_words=args.max_passage_words,
+                        documents=dict(kept),
+                        failed={key: doc for key, doc in previous.failed.items() if ours(doc)} if previous else {})
+    for doc in plan["read"]:
+        key = document_key(collection, doc["document"])
+        if doc["document"] in failures:
+            manifest.failed[key] = FailedDocument(collection, doc["document"], doc["sha256"], failures[doc["document"]])
+        else:
+            manifest.documents[key] = IndexedDocument(collection, doc["document"], doc["sha256"], written[key])
+    return manifest, sum(written[document_key(collection, doc["document"])] for doc in plan["read"])
+
+
+def build(args: argparse.Namespace) -> Manifest:
+    """Build or update ``args.library`` from ``args.docs_dir``; returns the served version's manifest."""
+    docs_dir, library = Path(args.docs_dir).resolve(), Path(args.library).resolve()
+    collection = check_collection_name(args.collection or docs_dir.name)
+    if not docs_dir.is_dir():
+        raise FileNotFoundError(f"{args.docs_dir}: no such folder of documents")
+    previous = read_manifest(library) if current_version(library) else None
+    if previous and previous.embedder != args.embedder:
+        raise LibraryError(f"{args.library} was built with embedder {previous.embedder!r}, not {args.embedder!r}: "
+                           "build a new library (--library NEW_DIR) to change the embedder")
+    documents = list_documents(docs_dir, collection)
+    plan = plan_build(documents, previous, collection)
+    started = time.perf_counter()
+    print(f"[library] collection {collection}: {len(documents)} documents ({len(plan['read']) - plan['changed']} new, "
+          f"{plan['changed']} changed, {len(plan['kept'])} unchanged), {len(plan['removed'])} removed", flush=True)
+    manifest = previous
+    if not (previous and not plan["read"] and not plan["removed"]):
+        connect_ray(args.address)
+        version = new_version_name()
+        (library / version).mkdir(parents=True)
+        try:
+            manifest, embedded = build_version(args, library, version, previous, collection, plan)
+            publish_version(library, manifest)
+        except BaseException:
+            shutil.rmtree(library / version, ignore_errors=True)  # the served version is untouched
+            raise
+        seconds = time.perf_counter() - started
+        rate = f" ({embedded / seconds:.1f} passages/s)" if embedded else ""
+        totals = manifest.collections.values()
+        print(f"[library] version {version}: {sum(c['documents'] for c in totals)} documents, "
+              f"{sum(c['passages'] for c in totals)} passages; {embedded} passages read and "
+              f"embedded in {seconds:.1f} s{rate} -> {library}", flush=True)
+    else:
+        print(f"[library] up to date: version {previous.version}", flush=True)
+    failed = sorted(doc.document + ": " + doc.reason for doc in manifest.failed.values() if doc.collection == collection)
+    if failed:
+        print(f"[library] {len(failed)} file(s) could not be read and were left out:", file=sys.stderr)
+        for line in failed:
+            print(f"  {line}", file=sys.stderr)
+    return manifest
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("docs_dir", metavar="DOCS_DIR", help=f"folder of documents ({', '.join(SUFFIXES)})")
+    parser.add_argument("--library", required=True, help="the library's folder (created; a rebuild updates it)")
+    parser.add_argument("--collection", default=None, help="collection name (default: DOCS_DIR's name)")
+    parser.add_argument("--max-passage-words", type=at_least(1), default=MAX_PASSAGE_WORDS,
+                        help=f"longest passage in words (default: {MAX_PASSAGE_WORDS})")
+    parser.add_argument("--embedder", default=EMBEDDER, help=f"sentence-embedding model (default: {EMBEDDER})")
+    add_actor_flags(parser, "embedding actors")
+    parser.add_argument("--batch-size", type=at_least(1), default=64, help="passages per actor call (default: 64)")
+    add_address_flag(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        build(args)
+    except (FileNotFoundError, LibraryError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,177 @@
+"""A document library's index on disk: the one module that reads and writes its layout.
+
+    LIBRARY/CURRENT                  the name of the version being served (replaced atomically)
+    LIBRARY/<version>/passages.lance one LanceDB table: a row per passage (PASSAGE_SCHEMA + its vector)
+    LIBRARY/<version>/manifest.json  the version's :class:`Manifest`: embedder, documents, unreadable files
+
+A build writes a new version beside the served one and switches ``CURRENT`` only once it is
+complete, so a reader never sees half an index; the previous version is kept for readers that
+still have it open, older ones are removed. Paths and file names stay on the server: nothing
+here returns them except to the index's own builder and to an answer's citation (``document``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+CURRENT_FILE = "CURRENT"
+MANIFEST_FILE = "manifest.json"
+TABLE = "passages"
+# What a citation names, then the passage's text: the rows' columns, in order, as search returns them.
+CITATION_FIELDS = ("passage_id", "collection", "document", "page", "section")
+PASSAGE_COLUMNS = (*CITATION_FIELDS, "text")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # a collection's name
+BUILD_COMMAND = "python -m library_job build DOCS_DIR --library LIBRARY"
+
+
+class LibraryError(ValueError):
+    """The index is missing or unusable; the message says what to run."""
+
+
+def passage_schema(dimension: int):
+    """The Arrow schema of a version's table: the passage columns, the document's content hash, the vector."""
+    import pyarrow as pa
+
+    types = {"page": pa.int32()}
+    return pa.schema([(name, types.get(name, pa.string())) for name in PASSAGE_COLUMNS]
+                     + [("sha256", pa.string()), ("vector", pa.list_(pa.float32(), dimension))])
+
+
+def check_collection_name(name: str) -> str:
+    if not NAME_PATTERN.fullmatch(name):
+        raise ValueError(f"collection name {name!r} must be 1-64 letters, digits, '.', '_' or '-', starting "
+                         "with a letter or digit")
+    return name
+
+
+def document_key(collection: str, document: str) -> str:
+    """A document's key in the manifest: unique across the collections of one index."""
+    return f"{collection}/{document}"
+
+
+def passage_id(collection: str, document: str, sha256: str, number: int) -> str:
+    """Stable while the document's content is: a rebuild keeps an unchanged document's ids."""
+    key = hashlib.sha256(f"{document_key(collection, document)}/{sha256}".encode()).hexdigest()[:16]
+    return f"{key}-{number:05d}"
+
+
+@dataclass(frozen=True)
+class IndexedDocument:
+    collection: str
+    document: str  # its path inside the collection's folder, as citations name it
+    sha256: str
+    passages: int = 0
+
+
+@dataclass(frozen=True)
+class FailedDocument:
+    collection: str
+    document: str
+    sha256: str
+    reason: str  # never quotes the document's text
+
+
+@dataclass
+class Manifest:
+    """What one version of the index holds; ``documents`` and ``failed`` are keyed by :func:`document_key`."""
+
+    version: str
+    embedder: str
+    max_passage_words: int
+    built_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    documents: dict[str, IndexedDocument] = field(default_factory=dict)
+    failed: dict[str, FailedDocument] = field(default_factory=dict)
+
+    @property
+    def collections(self) -> dict[str, dict[str, int]]:
+        """``{collection: {"documents": n, "passages": n}}``."""
+        totals: dict[str, dict[str, int]] = {}
+        for doc in self.documents.values():
+            counts = totals.setdefault(doc.collection, {"documents": 0, "passages": 0})
+            counts["documents"] += 1
+            counts["passages"] += doc.passages
+        return totals
+
+    def summary(self) -> list[dict]:
+        """What ``GET /v1/collections`` shows: names and counts, never a path."""
+        return [{"name": name, **counts} for name, counts in sorted(self.collections.items())]
+
+    def to_json(self) -> str:
+        return json.dumps({**asdict(self), "collections": self.collections}, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> Manifest:
+        data = json.loads(text)
+        data.pop("collections", None)  # derived
+        data["documents"] = {key: IndexedDocument(**doc) for key, doc in data.get("documents", {}).items()}
+        data["failed"] = {key: FailedDocument(**doc) for key, doc in data.get("failed", {}).items()}
+        return cls(**data)
+
+
+def new_version_name() -> str:
+    return datetime.now(timezone.utc).strftime("v%Y%m%dT%H%M%S%fZ")
+
+
+def current_version(library: Path) -> str | None:
+    try:
+        return (library / CURRENT_FILE).read_text(encoding="utf-8").strip() or None
+    except FileNotFoundError:
+        return None
+
+
+def read_manifest(library: Path, version: str | None = None) -> Manifest:
+    """The manifest of ``version`` (default: the one being served)."""
+    version = version or current_version(library)
+    if version is None:
+        raise LibraryError(f"no library index at {library}: build one with `{BUILD_COMMAND}`")
+    return Manifest.from_json((library / version / MANIFEST_FILE).read_text(encoding="utf-8"))
+
+
+def plan_build(documents: list[dict], previous: Manifest | None, collection: str) -> dict:
+    """Which of ``collection``'s listed ``documents`` (``document``, ``sha256``) to read, which to keep
+    as they are, which were changed or removed.
+
+    A document is kept when the previous version holds it with the same content hash (also one
+    that could not be read then: it is reported again, not read again)."""
+    old = {key: doc for table in (previous.documents, previous.failed) for key, doc in table.items()
+           if doc.collection == collection} if previous else {}
+    new = {document_key(collection, doc["document"]): doc for doc in documents}
+    kept = {key for key, doc in new.items() if key in old and old[key].sha256 == doc["sha256"]}
+    return {"read": [doc for key, doc in new.items() if key not in kept], "kept": kept,
+            "changed": sum(key in old for key in new if key not in kept), "removed": sorted(set(old) - set(new))}
+
+
+def open_table(library: Path, version: str):
+    """The version's LanceDB table, None for a library with no passages."""
+    import lancedb
+
+    database = lancedb.connect(str(library / version))
+    return database.open_table(TABLE) if TABLE in database.table_names() else None
+
+
+def publish_version(library: Path, manifest: Manifest) -> None:
+    """Index the new version's text, write its manifest, then make it the one served (atomically)."""
+    from lancedb.index import FTS
+
+    version = manifest.version
+    table = open_table(library, version)
+    if table is not None:
+        table.create_index("text", config=FTS(), replace=True)
+    (library / version / MANIFEST_FILE).write_text(manifest.to_json(), encoding="utf-8")
+    previous = current_version(library)
+    pointer = library / f".{CURRENT_FILE}.{version}"
+    try:
+        pointer.write_text(version, encoding="utf-8")
+        os.replace(pointer, library / CURRENT_FILE)
+    finally:
+        pointer.unlink(missing_ok=True)
+    for stale in library.iterdir():
+        if stale.is_dir() and stale.name not in (version, previous) and (stale / MANIFEST_FILE).exists():
+            shutil.rmtree(stale, ignore_errors=True)

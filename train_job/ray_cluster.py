@@ -1,0 +1,62 @@
+"""Joining a Ray cluster, and sizing a pool of Ray Data actors to it: what every job command shares."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+
+ADDRESS_HELP = "Ray cluster address (default: RAY_ADDRESS, else a new local Ray)"
+
+
+def add_address_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--address", default=None, help=ADDRESS_HELP)
+
+
+def connect_ray(address: str | None, **options) -> None:
+    """Join the cluster at ``address`` (else ``RAY_ADDRESS``, else start a local Ray), unless connected."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address or os.environ.get("RAY_ADDRESS"), **options)
+
+
+def add_actor_flags(parser: argparse.ArgumentParser, what: str, *, gpus: bool = False) -> None:
+    """``--concurrency`` and ``--cpus-per-actor`` (and ``--num-gpus-per-actor``) of a pool of ``what``."""
+    from train_job.cli import at_least
+
+    parser.add_argument("--concurrency", type=at_least(1), default=None,
+                        help=f"{what} (default: as many as the cluster holds)")
+    parser.add_argument("--cpus-per-actor", type=at_least(0.01, float), default=1, help="CPUs per actor (default: 1)")
+    if gpus:
+        parser.add_argument("--num-gpus-per-actor", type=at_least(0, float), default=0,
+                            help="GPUs per actor (default: 0, CPU)")
+
+
+@dataclass(frozen=True)
+class ActorPool:
+    actors: int
+    per_actor: dict  # Ray resources of one actor: num_cpus, num_gpus
+
+    @property
+    def threads(self) -> int:
+        """PyTorch threads for one actor: its whole CPUs."""
+        return max(1, int(self.per_actor["num_cpus"]))
+
+    @classmethod
+    def fit(cls, args: argparse.Namespace, resources: dict | None = None) -> ActorPool:
+        """The pool ``args`` asks for (``add_actor_flags``) on the connected cluster (or ``resources``);
+        ValueError saying what fits when it cannot hold them."""
+        import ray
+
+        resources = ray.cluster_resources() if resources is None else resources
+        cpus, gpus = args.cpus_per_actor, getattr(args, "num_gpus_per_actor", 0)
+        limits = [resources.get("CPU", 0) / cpus] + ([resources.get("GPU", 0) / gpus] if gpus else [])
+        fits = int(min(limits))
+        actors = args.concurrency or fits
+        if actors < 1 or actors > fits:
+            raise ValueError(
+                f"the cluster ({resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs) holds {fits} "
+                f"actor(s) of {cpus:g} CPU(s) and {gpus:g} GPU(s), not {actors}; lower --concurrency, "
+                "--cpus-per-actor" + (" or --num-gpus-per-actor" if gpus else ""))
+        return cls(actors, {"num_cpus": cpus, "num_gpus": gpus})

@@ -6,9 +6,16 @@ and vectors (read back from its table); Ray Data tasks read the new and changed 
 passages (:func:`qa_common.library.passages.split_passages`), a pool of actors embeds them
 (:class:`qa_common.library.embedding.Embedder`), and the driver streams them into the new
 version's table; then the version is published (:func:`qa_common.library.index.publish_version`).
-Documents that are gone from DOCS_DIR are dropped. A file that cannot be read is reported with its
-reason and left out; the rest goes on. Runs locally and with ``ray job submit`` (DOCS_DIR and
-LIBRARY then on storage every node mounts).
+Documents that are gone from DOCS_DIR are dropped. Runs locally and with ``ray job submit`` (DOCS_DIR
+and LIBRARY then on storage every node mounts).
+
+The documents are untrusted: each is read in a child process under limits (bytes, pages,
+characters, seconds, memory: :class:`qa_common.library.documents.ReadLimits`, a flag each), links
+are never followed, and a file that cannot be read, or breaks a limit, is left out and recorded, so
+the next build does not read it again until it changes; the rest of the library is indexed. The
+output names no document (a file name can name a patient): it counts files and reasons, and the
+list is written to LIBRARY/build-report.json (0600). One build at a time holds LIBRARY's lock; an
+empty DOCS_DIR (an unmounted volume, say) is refused unless ``--allow-empty``.
 
 A library holds several collections (``--collection``, default: DOCS_DIR's name); a build replaces
 only its own collection's documents.
@@ -17,20 +24,25 @@ only its own collection's documents.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
+import json
+import os
 import shutil
 import sys
 import time
 from collections import Counter
 from pathlib import Path
 
-from qa_common.library.documents import SUFFIXES, DocumentError, read_blocks
+from qa_common.library.documents import SUFFIXES, DocumentError, ReadLimits
 from qa_common.library.embedding import EMBEDDER, embedding_dimension
 from qa_common.library.index import (
-    PASSAGE_COLUMNS, FailedDocument, IndexedDocument, LibraryError, Manifest, check_collection_name, current_version,
-    document_key, new_version_name, open_table, passage_id, passage_schema, plan_build, publish_version, read_manifest,
+    PASSAGE_COLUMNS, REPORT_FILE, FailedDocument, IndexedDocument, LibraryError, Manifest, build_lock,
+    check_collection_name, current_version, document_key, new_version, open_table, passage_id, passage_schema,
+    plan_build, publish_version, read_manifest, write_private,
 )
 from qa_common.library.passages import MAX_PASSAGE_WORDS, split_passages
+from qa_common.library.sandbox import SandboxedReader
 from train_job.cli import at_least
 from train_job.ray_cluster import ActorPool, add_actor_flags, add_address_flag, connect_ray
 
@@ -38,23 +50,67 @@ SUMMARY = "index (or update the index of) a folder of documents"
 ERROR = "error"  # the one column of a row that reports a file that could not be read
 
 
-def list_documents(docs_dir: Path, collection: str) -> list[dict]:
-    """Every document under ``docs_dir`` (hidden files and folders skipped), with its content hash."""
-    documents = []
-    for path in sorted(docs_dir.rglob("*")):
-        relative = path.relative_to(docs_dir)
-        if path.is_file() and path.suffix.lower() in SUFFIXES and not any(p.startswith(".") for p in relative.parts):
-            documents.append({"path": str(path.resolve()), "document": relative.as_posix(), "collection": collection,
-                              "sha256": hashlib.sha256(path.read_bytes()).hexdigest()})
-    return documents
+LINK = "is a link (links are not followed)"
 
 
-def read_passages(row: dict, max_words: int) -> list[dict]:
+def content_hash(path: Path, limits: ReadLimits) -> tuple[str, str]:
+    """``(hash, "")``: the file's SHA-256, streamed; or ``(a key that changes with the file, why it is
+    not read)`` for a file over the size limit, which is not read at all."""
+    status = path.stat()
+    if status.st_size > limits.max_file_mb * 2**20:
+        return f"size-{status.st_size}-mtime-{status.st_mtime_ns}", f"is larger than {limits.max_file_mb:g} MB (--max-file-mb)"
+    with path.open("rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest(), ""
+
+
+def list_documents(docs_dir: Path, collection: str, limits: ReadLimits) -> tuple[list[dict], list[dict]]:
+    """``(documents, skipped)`` under ``docs_dir``: every document (hidden files and folders left
+    out) with its content hash and, for one that will not be read, ``unreadable`` (why); and the
+    links, which are never followed, with the files that cannot be opened."""
+    documents, skipped = [], []
+    for folder, directories, files in os.walk(docs_dir, followlinks=False):
+        directories[:] = sorted(d for d in directories if not d.startswith("."))
+        for name in [d for d in directories if os.path.islink(os.path.join(folder, d))]:
+            directories.remove(name)
+            skipped.append({"document": Path(folder, name).relative_to(docs_dir).as_posix(), "reason": LINK})
+        for name in sorted(f for f in files if not f.startswith(".") and Path(f).suffix.lower() in SUFFIXES):
+            path = Path(folder, name)
+            document = path.relative_to(docs_dir).as_posix()
+            if path.is_symlink() or not path.resolve().is_relative_to(docs_dir):
+                skipped.append({"document": document, "reason": LINK})
+                continue
+            try:
+                sha256, unreadable = content_hash(path, limits)
+            except OSError as error:
+                skipped.append({"document": document, "reason": f"cannot be opened ({error.strerror})"})
+                continue
+            documents.append({"path": str(path), "document": document, "collection": collection, "sha256": sha256,
+                              "unreadable": unreadable})
+    return documents, skipped
+
+
+_READER: SandboxedReader | None = None  # one child process per Ray worker, reused by its tasks
+
+
+def _reader(limits: ReadLimits) -> SandboxedReader:
+    global _READER
+    if _READER is None or _READER.limits != limits:
+        if _READER is not None:
+            _READER.close()
+        _READER = SandboxedReader(limits)
+    return _READER
+
+
+def read_passages(row: dict, max_words: int, limits: dict) -> list[dict]:
     """Ray Data ``flat_map``: one document -> its passage rows (``error`` ""), or one row whose
     ``error`` says why it cannot be read."""
     base = {"collection": row["collection"], "document": row["document"], "sha256": row["sha256"]}
     try:
-        passages = split_passages(read_blocks(Path(row["path"])), max_words)
+        if row["unreadable"]:
+            raise DocumentError(row["unreadable"])
+        if Path(row["path"]).is_symlink():  # replaced by a link since it was listed
+            raise DocumentError(LINK)
+        passages = split_passages(_reader(ReadLimits(**limits)).read(row["path"]), max_words)
     except DocumentError as error:
         return [{**base, "passage_id": "", "page": None, "section": "", "text": "", ERROR: str(error)}]
     return [{**base, "passage_id": passage_id(row["collection"], row["document"], row["sha256"], number),
@@ -119,7 +175,8 @@ def read_and_embed(args: argparse.Namespace, documents: list[dict]):
     import ray.data
 
     parsed = ray.data.from_items(documents, override_num_blocks=min(len(documents), 200)).flat_map(
-        read_passages, fn_kwargs={"max_words": args.max_passage_words}).materialize()
+        read_passages, fn_kwargs={"max_words": args.max_passage_words,
+                                  "limits": dataclasses.asdict(read_limits(args))}).materialize()
     failures = {row["document"]: row[ERROR] for row in parsed.filter(expr=f"{ERROR} != ''").take_all()}
     if len(failures) == len(documents):
         return None, failures
@@ -159,17 +216,31 @@ def build_version(args: argparse.Namespace, library: Path, version: str, previou
     return manifest, sum(written[document_key(collection, doc["document"])] for doc in plan["read"])
 
 
+def read_limits(args: argparse.Namespace) -> ReadLimits:
+    return ReadLimits(**{name: getattr(args, name) for name in ReadLimits.__dataclass_fields__})
+
+
 def build(args: argparse.Namespace) -> Manifest:
     """Build or update ``args.library`` from ``args.docs_dir``; returns the served version's manifest."""
     docs_dir, library = Path(args.docs_dir).resolve(), Path(args.library).resolve()
     collection = check_collection_name(args.collection or docs_dir.name)
     if not docs_dir.is_dir():
         raise FileNotFoundError(f"{args.docs_dir}: no such folder of documents")
+    if library == docs_dir or library.is_relative_to(docs_dir) or docs_dir.is_relative_to(library):
+        raise LibraryError("--library and DOCS_DIR must be separate folders, neither inside the other")
+    with build_lock(library):
+        return _build_locked(args, docs_dir, library, collection)
+
+
+def _build_locked(args: argparse.Namespace, docs_dir: Path, library: Path, collection: str) -> Manifest:
     previous = read_manifest(library) if current_version(library) else None
     if previous and previous.embedder != args.embedder:
         raise LibraryError(f"{args.library} was built with embedder {previous.embedder!r}, not {args.embedder!r}: "
                            "build a new library (--library NEW_DIR) to change the embedder")
-    documents = list_documents(docs_dir, collection)
+    documents, skipped = list_documents(docs_dir, collection, read_limits(args))
+    if not documents and not args.allow_empty:
+        raise LibraryError(f"{args.docs_dir} holds no documents ({', '.join(SUFFIXES)}): is the volume mounted? "
+                           f"Nothing was changed; --allow-empty publishes collection {collection!r} empty")
     plan = plan_build(documents, previous, collection)
     started = time.perf_counter()
     print(f"[library] collection {collection}: {len(documents)} documents ({len(plan['read']) - plan['changed']} new, "
@@ -177,8 +248,7 @@ def build(args: argparse.Namespace) -> Manifest:
     manifest = previous
     if not (previous and not plan["read"] and not plan["removed"]):
         connect_ray(args.address)
-        version = new_version_name()
-        (library / version).mkdir(parents=True)
+        version = new_version(library)
         try:
             manifest, embedded = build_version(args, library, version, previous, collection, plan)
             publish_version(library, manifest)
@@ -193,12 +263,22 @@ def build(args: argparse.Namespace) -> Manifest:
               f"embedded in {seconds:.1f} s{rate} -> {library}", flush=True)
     else:
         print(f"[library] up to date: version {previous.version}", flush=True)
-    failed = sorted(doc.document + ": " + doc.reason for doc in manifest.failed.values() if doc.collection == collection)
-    if failed:
-        print(f"[library] {len(failed)} file(s) could not be read and were left out:", file=sys.stderr)
-        for line in failed:
-            print(f"  {line}", file=sys.stderr)
+    report(library, collection, manifest, skipped)
     return manifest
+
+
+def report(library: Path, collection: str, manifest: Manifest, skipped: list[dict]) -> None:
+    """Counts and reasons on stderr; the files themselves in LIBRARY/build-report.json (0600)."""
+    left_out = [{"document": doc.document, "reason": doc.reason} for doc in manifest.failed.values()
+                if doc.collection == collection] + skipped
+    left_out.sort(key=lambda entry: entry["document"])
+    write_private(library / REPORT_FILE, json.dumps({"collection": collection, "version": manifest.version,
+                                                     "left_out": left_out}, indent=1))
+    if left_out:
+        reasons = Counter(entry["reason"] for entry in left_out)
+        print(f"[library] {len(left_out)} file(s) left out: " + "; ".join(
+            f"{count} {reason}" for reason, count in sorted(reasons.items(), key=lambda item: -item[1])) +
+            f". Which ones: {library / REPORT_FILE}", file=sys.stderr)
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
@@ -208,6 +288,13 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-passage-words", type=at_least(1), default=MAX_PASSAGE_WORDS,
                         help=f"longest passage in words (default: {MAX_PASSAGE_WORDS})")
     parser.add_argument("--embedder", default=EMBEDDER, help=f"sentence-embedding model (default: {EMBEDDER})")
+    parser.add_argument("--allow-empty", action="store_true",
+                        help="publish the collection even when DOCS_DIR holds no documents (default: refuse)")
+    limits = parser.add_argument_group("limits on reading one file (over one: the file is left out and reported)")
+    for name, field in ReadLimits.__dataclass_fields__.items():
+        kind = type(field.default)
+        limits.add_argument(f"--{name.replace('_', '-')}", type=at_least(1 if kind is int else 0.001, kind),
+                            default=field.default, help=f"(default: {field.default:g})")
     add_actor_flags(parser, "embedding actors")
     parser.add_argument("--batch-size", type=at_least(1), default=64, help="passages per actor call (default: 64)")
     add_address_flag(parser)

@@ -1,6 +1,8 @@
 """The document library: reading PDF/DOCX/HTML/Markdown/text, passages, the Ray Data index build
 (unreadable files, incremental rebuilds, atomic versions) and hybrid search."""
 
+import json
+
 import pytest
 from library_helpers import ARTICLES, write_docx, write_library, write_pdf
 
@@ -74,7 +76,13 @@ def test_build_reports_an_unreadable_file_indexes_the_rest_and_cites_the_page(bu
     root, docs, index = built
     code, out, err = build(docs, index, capsys)
     assert code == 0
-    assert "1 file(s) could not be read" in err and "scan-0001.pdf: could not be read as .pdf" in err
+    # Counts and reasons on the console, never a document's name: those are in the report (0600).
+    assert "1 file(s) left out: 1 could not be read as .pdf (" in err and "scan-0001" not in out + err
+    report = index / "build-report.json"
+    [entry] = json.loads(report.read_text())["left_out"]
+    assert entry["document"] == "scan-0001.pdf" and entry["reason"].startswith("could not be read as .pdf (")
+    assert report.stat().st_mode & 0o777 == 0o600 and index.stat().st_mode & 0o777 == 0o700
+    assert (index / "CURRENT").stat().st_mode & 0o777 == 0o600
     manifest = read_manifest(index)
     assert manifest.summary() == [{"name": "ward", "documents": 4, "passages": 5}]
     assert sorted(doc.document for doc in manifest.documents.values()) == [

@@ -109,6 +109,18 @@ def test_every_application_setting_has_a_flag_and_lands_in_args(tiny_model_dir):
     assert set(packaged["args"]) == {"model"}
 
 
+def test_the_packaged_model_is_what_the_quickstart_exports_and_citations_are_the_index_columns():
+    from qa_common.library.index import CITATION_FIELDS, PASSAGE_COLUMNS
+    from serve_app.schemas import Citation
+    from train_job import run_dir
+    from train_job.config import TrainConfig
+
+    [packaged] = load_serve_config()["applications"]
+    assert packaged["args"]["model"] == f"{TrainConfig.__dataclass_fields__['output_dir'].default}/{run_dir.MODEL}"
+    assert set(Citation.model_fields) == {*CITATION_FIELDS, "passage"}
+    assert PASSAGE_COLUMNS == (*CITATION_FIELDS, "text")
+
+
 def test_without_a_model_the_cli_says_to_train_first(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match="python -m train_job"):
@@ -278,7 +290,7 @@ def test_unknown_paths_and_methods_get_json_errors(client):
     missing = client.get("/v2/answer")
     assert missing.status_code == 404 and "/docs" in missing.json()["error"]
     for no_library in (client.post("/v1/ask", json={"question": "x"}), client.get("/v1/collections")):
-        assert no_library.status_code == 404 and "--library INDEX" in no_library.json()["error"]
+        assert no_library.status_code == 404 and "--library LIBRARY" in no_library.json()["error"]
     assert client.get("/v1/answer").status_code == 405 and "error" in client.get("/v1/answer").json()
 
 

@@ -9,7 +9,10 @@ a PDF's layout rarely does, so a page is mostly one block), ``.docx`` (python-do
 dropped), ``.md`` (``#`` headings), ``.txt`` (paragraphs are separated by blank lines).
 
 A file that cannot be read raises :class:`DocumentError` with a reason that never quotes the
-document's text.
+document's text. Every read is bounded (:class:`ReadLimits`): a file's bytes before it is opened, a
+PDF's pages before its text is extracted, and the characters extracted as they come; the seconds
+and the memory a read may take are bounded by the process that runs it
+(:mod:`qa_common.library.sandbox`).
 """
 
 from __future__ import annotations
@@ -27,22 +30,56 @@ class DocumentError(ValueError):
 
 
 @dataclass(frozen=True)
+class ReadLimits:
+    """What reading one file may take. The defaults hold a hospital library's largest real documents
+    (a 1,000-page formulary, a 60 MB scanned-and-OCRed guideline) with room to spare; each is a flag
+    of ``python -m library_job build`` to raise."""
+
+    max_file_mb: float = 100.0
+    max_pages: int = 2_000
+    max_chars: int = 10_000_000
+    max_seconds: float = 120.0
+    max_memory_mb: int = 2_048
+
+    def __post_init__(self):
+        for name in ("max_file_mb", "max_pages", "max_chars", "max_seconds", "max_memory_mb"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+
+class _Text:
+    """Counts the characters a reader extracts; :class:`DocumentError` past the limit."""
+
+    def __init__(self, limits: ReadLimits):
+        self.limits, self.chars = limits, 0
+
+    def add(self, text: str) -> str:
+        self.chars += len(text)
+        if self.chars > self.limits.max_chars:
+            raise DocumentError(f"has more than {self.limits.max_chars:,} characters of text (--max-chars)")
+        return text
+
+
+@dataclass(frozen=True)
 class Block:
     text: str
     page: int | None
     section: str
 
 
-def read_blocks(path: Path) -> list[Block]:
+def read_blocks(path: Path, limits: ReadLimits = ReadLimits()) -> list[Block]:
     """The text blocks of the document at ``path``, in reading order (see the module docstring)."""
     suffix = path.suffix.lower()
     readers = {".pdf": _pdf_blocks, ".docx": _docx_blocks, ".html": _html_blocks, ".htm": _html_blocks,
                ".md": _markdown_blocks, ".txt": _text_blocks}
     if suffix not in readers:
         raise DocumentError(f"unsupported file type {suffix or '(none)'}; supported: {', '.join(SUFFIXES)}")
+    if path.stat().st_size > limits.max_file_mb * 2**20:
+        raise DocumentError(f"is larger than {limits.max_file_mb:g} MB (--max-file-mb)")
+    text = _Text(limits)
     try:
-        blocks = readers[suffix](path)
-    except DocumentError:
+        blocks = readers[suffix](path, text)
+    except (DocumentError, MemoryError):
         raise
     except UnicodeDecodeError:
         raise DocumentError("not UTF-8 text; save it as UTF-8") from None
@@ -64,24 +101,26 @@ def paragraphs(text: str) -> list[str]:
     return [_clean(part) for part in re.split(r"\n\s*\n", text) if part.strip()]
 
 
-def _pdf_blocks(path: Path) -> list[Block]:
+def _pdf_blocks(path: Path, text: _Text) -> list[Block]:
     from pypdf import PdfReader
 
     reader = PdfReader(path)
     if reader.is_encrypted:
         raise DocumentError("is an encrypted PDF; save an unencrypted copy")
+    if len(reader.pages) > text.limits.max_pages:
+        raise DocumentError(f"has {len(reader.pages):,} pages, more than {text.limits.max_pages:,} (--max-pages)")
     blocks = []
     for number, page in enumerate(reader.pages, start=1):
-        blocks += [Block(paragraph, number, "") for paragraph in paragraphs(page.extract_text() or "")]
+        blocks += [Block(paragraph, number, "") for paragraph in paragraphs(text.add(page.extract_text() or ""))]
     return blocks
 
 
-def _docx_blocks(path: Path) -> list[Block]:
+def _docx_blocks(path: Path, text_: _Text) -> list[Block]:
     import docx
 
     blocks, section = [], ""
     for paragraph in docx.Document(str(path)).paragraphs:
-        text = _clean(paragraph.text)
+        text = _clean(text_.add(paragraph.text))
         style = paragraph.style.name if paragraph.style is not None else ""
         if text and (style.startswith("Heading") or style == "Title"):
             section = text
@@ -90,9 +129,9 @@ def _docx_blocks(path: Path) -> list[Block]:
     return blocks
 
 
-def _markdown_blocks(path: Path) -> list[Block]:
+def _markdown_blocks(path: Path, text: _Text) -> list[Block]:
     blocks, section, lines = [], "", []
-    for line in [*path.read_text(encoding="utf-8").splitlines(), ""]:
+    for line in [*text.add(path.read_text(encoding="utf-8")).splitlines(), ""]:
         heading = re.match(r"#{1,6}\s+(.*)", line)
         if heading or not line.strip():
             blocks.append(Block(_clean(" ".join(lines)), None, section))
@@ -103,8 +142,8 @@ def _markdown_blocks(path: Path) -> list[Block]:
     return blocks
 
 
-def _text_blocks(path: Path) -> list[Block]:
-    return [Block(paragraph, None, "") for paragraph in paragraphs(path.read_text(encoding="utf-8"))]
+def _text_blocks(path: Path, text: _Text) -> list[Block]:
+    return [Block(paragraph, None, "") for paragraph in paragraphs(text.add(path.read_text(encoding="utf-8")))]
 
 
 class _HTMLText(HTMLParser):
@@ -145,9 +184,9 @@ class _HTMLText(HTMLParser):
             self.text.append(data)
 
 
-def _html_blocks(path: Path) -> list[Block]:
+def _html_blocks(path: Path, text: _Text) -> list[Block]:
     parser = _HTMLText()
-    parser.feed(path.read_text(encoding="utf-8"))
+    parser.feed(text.add(path.read_text(encoding="utf-8")))
     parser.close()
     parser.flush()
     return parser.blocks

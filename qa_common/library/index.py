@@ -1,28 +1,40 @@
 """A document library's index on disk: the one module that reads and writes its layout.
 
-    LIBRARY/CURRENT                  the name of the version being served (replaced atomically)
+    LIBRARY/CURRENT                  the name of the version being served (replaced atomically, durably)
+    LIBRARY/.lock                    held by the build that is running (one at a time)
+    LIBRARY/build-report.json        the last build's files that could not be read or were skipped, with why
+    LIBRARY/<version>/.qa-library-version   marks a folder a build wrote (only such folders are ever deleted)
     LIBRARY/<version>/passages.lance one LanceDB table: a row per passage (PASSAGE_SCHEMA + its vector)
     LIBRARY/<version>/manifest.json  the version's :class:`Manifest`: embedder, documents, unreadable files
 
 A build writes a new version beside the served one and switches ``CURRENT`` only once it is
 complete, so a reader never sees half an index; the previous version is kept for readers that
-still have it open, older ones are removed. Paths and file names stay on the server: nothing
-here returns them except to the index's own builder and to an answer's citation (``document``).
+still have it open, older ones are removed, and so are versions a killed build left unpublished.
+A folder that holds anything else is not a library, and nothing is written to it. Everything here
+holds patient text or document names: the folder is 0700 and its files 0600, and nothing here
+returns a name except to the library's own builder (the report) and to an answer's citation.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 CURRENT_FILE = "CURRENT"
+LOCK_FILE = ".lock"
+REPORT_FILE = "build-report.json"
 MANIFEST_FILE = "manifest.json"
+VERSION_MARKER = ".qa-library-version"
+VERSION_PATTERN = re.compile(r"v\d{8}T\d{12}Z")
 TABLE = "passages"
 # What a citation names, then the passage's text: the rows' columns, in order, as search returns them.
 CITATION_FIELDS = ("passage_id", "collection", "document", "page", "section")
@@ -119,6 +131,73 @@ def new_version_name() -> str:
     return datetime.now(timezone.utc).strftime("v%Y%m%dT%H%M%S%fZ")
 
 
+def _is_library_entry(path: Path) -> bool:
+    name = path.name
+    return (name in (CURRENT_FILE, LOCK_FILE, REPORT_FILE) or name.startswith(f".{CURRENT_FILE}.")
+            or (VERSION_PATTERN.fullmatch(name) is not None and path.is_dir()))
+
+
+def _built_versions(library: Path) -> list[Path]:
+    """The version folders a build wrote (name and marker): the only folders ever deleted."""
+    return [path for path in library.iterdir() if VERSION_PATTERN.fullmatch(path.name) and path.is_dir()
+            and not path.is_symlink() and (path / VERSION_MARKER).is_file()]
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` readable by its owner alone (0600), and make it durable."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+        file.write(text)
+        file.flush()
+        os.fsync(file.fileno())
+    os.chmod(path, 0o600)
+
+
+def _fsync_directory(directory: Path) -> None:
+    descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+@contextlib.contextmanager
+def build_lock(library: Path) -> Iterator[None]:
+    """Create ``library`` (0700) if need be and hold its build lock; LibraryError when it is not a
+    library's folder or another build holds the lock. Versions a killed build left unpublished are
+    removed on the way in."""
+    if library.exists():
+        if not library.is_dir() or library.is_symlink():
+            raise LibraryError(f"--library {library}: not a folder; give a new or empty folder for the library")
+        strangers = sorted(path.name for path in library.iterdir() if not _is_library_entry(path))
+        if strangers:
+            raise LibraryError(f"--library {library} holds {len(strangers)} entries that are not a library's "
+                               f"(such as {strangers[0]!r}): nothing was written. Give a new or empty folder, "
+                               "or the folder of an existing library")
+    library.mkdir(mode=0o700, parents=True, exist_ok=True)
+    descriptor = os.open(library / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise LibraryError(f"another build of {library} is running; wait for it to finish") from None
+        served = current_version(library)
+        for orphan in _built_versions(library):
+            if orphan.name != served and not (orphan / MANIFEST_FILE).is_file():
+                shutil.rmtree(orphan, ignore_errors=True)
+        yield
+    finally:
+        os.close(descriptor)  # releases the lock
+
+
+def new_version(library: Path) -> str:
+    """A new, marked version folder in ``library`` (hold :func:`build_lock`)."""
+    version = new_version_name()
+    (library / version).mkdir(mode=0o700)
+    write_private(library / version / VERSION_MARKER, "")
+    return version
+
+
 def current_version(library: Path) -> str | None:
     try:
         return (library / CURRENT_FILE).read_text(encoding="utf-8").strip() or None
@@ -157,21 +236,27 @@ def open_table(library: Path, version: str):
 
 
 def publish_version(library: Path, manifest: Manifest) -> None:
-    """Index the new version's text, write its manifest, then make it the one served (atomically)."""
+    """Index the new version's text, write its manifest, then make it the one served (atomically and
+    durably: a crash leaves either version whole); remove built versions older than the previous one."""
     from lancedb.index import FTS
 
     version = manifest.version
     table = open_table(library, version)
     if table is not None:
         table.create_index("text", config=FTS(), replace=True)
-    (library / version / MANIFEST_FILE).write_text(manifest.to_json(), encoding="utf-8")
+    for path in (library / version).rglob("*"):  # the table's files hold patient text
+        if path.is_file():
+            path.chmod(0o600)
+    write_private(library / version / MANIFEST_FILE, manifest.to_json())
+    _fsync_directory(library / version)
     previous = current_version(library)
     pointer = library / f".{CURRENT_FILE}.{version}"
     try:
-        pointer.write_text(version, encoding="utf-8")
+        write_private(pointer, version)
         os.replace(pointer, library / CURRENT_FILE)
+        _fsync_directory(library)
     finally:
         pointer.unlink(missing_ok=True)
-    for stale in library.iterdir():
-        if stale.is_dir() and stale.name not in (version, previous) and (stale / MANIFEST_FILE).exists():
+    for stale in _built_versions(library):
+        if stale.name not in (version, previous):
             shutil.rmtree(stale, ignore_errors=True)

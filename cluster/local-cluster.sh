@@ -50,11 +50,17 @@ if [ -z "${PYTHON:-}" ]; then
 fi
 
 export RAY_USAGE_STATS_ENABLED=${RAY_USAGE_STATS_ENABLED:-0}
-# Ray 2.5x+ `ray start` turns token authentication on by itself when ~/.ray/auth_token exists, but
-# clients only send the token when RAY_AUTH_MODE=token: say which one explicitly. To use tokens,
-# `ray get-auth-token --generate` once and `export RAY_AUTH_MODE=token` in every shell (nodes,
-# `ray job submit`, `serve deploy`). The dashboard binds to RQA_HEAD_HOST (127.0.0.1) either way.
-export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
+# Ray's own ports (GCS, raylets, the dashboard and its Jobs API, which runs any code it is sent)
+# listen on every interface whatever --node-ip-address says, so Ray's token authentication is on
+# by default: every node and every client (`ray job submit`, `serve deploy`, ray.init) needs
+# RAY_AUTH_MODE=token and the token, from ~/.ray/auth_token (made here if there is none), or
+# RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH. RAY_AUTH_MODE=disabled turns it off, with a warning. The
+# dashboard binds to RQA_HEAD_HOST (127.0.0.1) either way.
+export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}
+if [ "$RAY_AUTH_MODE" = token ] && [ -z "${RAY_AUTH_TOKEN:-}${RAY_AUTH_TOKEN_PATH:-}" ] && [ ! -s ~/.ray/auth_token ]; then
+  "$RAY" get-auth-token --generate >/dev/null
+fi
+[ "$RAY_AUTH_MODE" = token ] || echo "warning: RAY_AUTH_MODE=$RAY_AUTH_MODE: anyone who reaches this machine's Ray ports can run code on the cluster" >&2
 
 gcs_address() { echo "$HEAD_HOST:$GCS_PORT"; }
 dashboard_address() { echo "http://$HEAD_HOST:$DASHBOARD_PORT"; }

@@ -102,7 +102,7 @@ def configure(config: dict, flags: argparse.Namespace) -> dict:
     elif not sections["args"].get("model"):
         raise ValueError("no model to serve: pass --model DIR (a model directory or a Hub name)")
     sections["args"]["model"] = model_to_serve(sections["args"]["model"])
-    for key in ("token_hashes_file", "audit_log", "library"):  # relative to here, not to the Ray worker's directory
+    for key in ("token_hashes_file", "audit_log", "library", "snapshot_dir"):  # relative to here, not to the Ray worker's directory
         if sections["args"].get(key):
             sections["args"][key] = str(Path(sections["args"][key]).expanduser().resolve())
     return config
@@ -115,11 +115,12 @@ def main(argv=None) -> None:
 
         sys.exit(update(argv[1:]))
     flags = parse_args(argv)
-    app_config = {}
+    ours = None  # the application this process deployed
     try:
         config = configure(load_serve_config(flags.config), flags)
         [app_config] = config["applications"]
         url = run_config(config, ray_address=flags.address)
+        ours = app_config["name"]
         print(f"\nServing {app_config['args']['model']} at {url}  (API docs: {url.rstrip('/')}/docs)")
         if app_config["args"].get("library"):
             print(f"Ask the library {app_config['args']['library']}: POST {url.rstrip('/')}/v1/ask, or the page's "
@@ -135,8 +136,8 @@ def main(argv=None) -> None:
         print("Stopping.")
     finally:
         if ray.is_initialized():
-            if flags.address != "local" and app_config:  # leave a shared cluster as we found it
-                serve.delete(app_config["name"])
+            if flags.address != "local" and ours:  # leave a shared cluster as we found it
+                serve.delete(ours)
             ray.shutdown()
 
 

@@ -23,6 +23,7 @@ from serve_app.ingress import INGRESS_DEPLOYMENT, QAIngress
 from serve_app.model import MODEL_DEPLOYMENT, QAModel
 from serve_app.retriever import RETRIEVER_DEPLOYMENT, Retriever
 from serve_app.schemas import ServeArgs
+from serve_app.snapshot import snapshot
 
 DEFAULT_CONFIG = Path(__file__).with_name("config.yaml")
 logger = logging.getLogger(__name__)
@@ -71,13 +72,14 @@ def deployment_options(app_config: dict) -> dict[str, dict]:
     return options
 
 
-def check_authentication(args: ServeArgs, bind_host: str | None) -> list[str]:
-    """The accepted tokens' hashes; refuses (ValueError) to serve without them except on loopback or when told.
+def check_authentication(args: ServeArgs, bind_host: str | None, token_hashes: list[str] | None = None) -> list[str]:
+    """The accepted tokens' hashes (``token_hashes`` when given, else read from ``args.token_hashes_file``
+    and the environment); refuses (ValueError) to serve without them except on loopback or when told.
 
     ``bind_host`` is the HTTP host the service listens on, None when unknown (``serve run``/``deploy``
     of a config file): unknown counts as reachable from other machines.
     """
-    hashes = load_token_hashes(args.token_hashes_file)
+    hashes = load_token_hashes(args.token_hashes_file) if token_hashes is None else token_hashes
     if hashes:
         return hashes
     where = f"on {bind_host}" if bind_host else "where other machines may reach it"
@@ -98,10 +100,11 @@ def check_authentication(args: ServeArgs, bind_host: str | None) -> list[str]:
 
 
 def build_app(args: ServeArgs | dict, options: dict[str, dict], *, bind_host: str | None = None,
-              deployed: dict | None = None) -> Application:
-    """The application for ``args`` and deployment ``options``; ``bind_host``: see check_authentication.
-    ``deployed`` (``{"application": its Serve config entry, "host": bind_host}``) is what the ingress
-    hands ``python -m serve_app update``; None for an application deployed from a config file."""
+              deployed: dict | None = None, token_hashes: list[str] | None = None) -> Application:
+    """The application for ``args`` and deployment ``options``; ``bind_host`` and ``token_hashes``: see
+    check_authentication. ``deployed`` (``{"application": its Serve config entry, "host": bind_host}``)
+    is what the ingress hands ``python -m serve_app update``, with the token hashes it accepts added;
+    None for an application deployed from a config file."""
     args = ServeArgs.model_validate(args)
     try:
         model_path = resolve_model_path(args.model)
@@ -109,6 +112,17 @@ def build_app(args: ServeArgs | dict, options: dict[str, dict], *, bind_host: st
         raise FileNotFoundError(
             f"{error}; train one with `python -m train_job`, or pass another model directory (--model / args.model)"
         ) from None
+    if not Path(model_path).is_dir():
+        raise FileNotFoundError(
+            f"{args.model!r} is no model directory here: the service serves local directories only, never a download "
+            "when a replica starts. Download a Hub model at a pinned revision first (`hf download NAME --revision "
+            "COMMIT --local-dir DIR`) and serve DIR")
+    model_path = snapshot(model_path, args.snapshot_dir)  # what every replica loads, however late it starts
+    args = args.model_copy(update={"model": model_path})
+    if deployed is not None:
+        application = deployed["application"]
+        deployed = {**deployed, "application": {**application, "args": {**application.get("args", {}),
+                                                                          "model": model_path}}}
     if args.backend in ONNX_FILES:
         onnx_file(model_path, args.backend)  # a missing export fails here, naming the command that writes it
     qa_config = resolve_qa_config(model_path, args)
@@ -121,7 +135,9 @@ def build_app(args: ServeArgs | dict, options: dict[str, dict], *, bind_host: st
         )
     if args.library:
         read_manifest(Path(args.library))  # a missing index fails here, naming the command that builds it
-    token_hashes = check_authentication(args, bind_host)
+    token_hashes = check_authentication(args, bind_host, token_hashes)
+    if deployed is not None:
+        deployed = {**deployed, "token_hashes": token_hashes}
     model = QAModel.options(**model_options).bind(model_path, qa_config, args)
     retriever = Retriever.options(**options.get(RETRIEVER_DEPLOYMENT, {})).bind(args.library) if args.library else None
     card = model_card(model_path, args, qa_config, model_options)
@@ -139,24 +155,42 @@ def app_builder(args: dict) -> Application:
     return build_app({**packaged.get("args", {}), **args}, deployment_options(packaged))
 
 
+def serving_http_options() -> tuple[str, int]:
+    """``(host, port)`` the cluster's Serve proxies really listen on: the options of the Serve that
+    runs, which a new ``serve.start`` does not change (Ray only warns)."""
+    from ray.serve.context import _get_global_client
+
+    options = _get_global_client().http_config
+    return options.host, options.port
+
+
 def run_config(config: dict, *, ray_address: str = "local") -> str:
     """Build the config's application, start Serve with its HTTP options and run it; return its URL.
 
-    Connects to Ray at ``ray_address`` (``local``: a new local instance) unless already connected.
-    Returns once the application is running.
+    Connects to Ray at ``ray_address`` (``local``: a new local instance without the dashboard and its
+    Jobs API, with Ray's token authentication, on by default for a local Ray) unless already connected. Authentication is checked against the
+    host the proxies really listen on, and an application of the same name that runs already is
+    never replaced (that is ``python -m serve_app update``'s job, through the gate). Returns once
+    the application is running.
     """
     [app_config] = config["applications"]
     http_options = dict(config.get("http_options") or {})
-    host = http_options.get("host", "127.0.0.1")
-    # Fails before starting anything.
-    app = build_app(app_config.get("args", {}), deployment_options(app_config), bind_host=host,
-                    deployed={"application": app_config, "host": host})
+    args, options = app_config.get("args", {}), deployment_options(app_config)
+    build_app(args, options, bind_host=http_options.get("host", "127.0.0.1"))  # fails before starting anything
     if not ray.is_initialized():
         if ray_address == "local":
-            request_ids.set_proxy_environment()  # the proxies we start drop unsafe client request ids
-        ray.init(address=ray_address)
+            request_ids.set_proxy_environment()  # the proxies we start take client request ids out
+            ray.init(address="local", include_dashboard=False)
+        else:
+            ray.init(address=ray_address)
     serve.start(http_options=http_options)
+    host, port = serving_http_options()
+    if app_config["name"] in serve.status().applications:
+        raise ValueError(f"an application named {app_config['name']!r} runs on this cluster already: change its "
+                         "model with `python -m serve_app update` (gated, without downtime), or give this one "
+                         "another name in the config")
+    app = build_app(args, options, bind_host=host, deployed={"application": app_config, "host": host})
     route_prefix = app_config.get("route_prefix", "/")
     serve.run(app, name=app_config["name"], route_prefix=route_prefix)
     shown_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    return f"http://{shown_host}:{http_options.get('port', 8000)}{route_prefix}"
+    return f"http://{shown_host}:{port}{route_prefix}"

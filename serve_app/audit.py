@@ -1,7 +1,7 @@
 """The ingress's audit trail and request metrics (one of each per ingress process).
 
-The audit log gets one JSON line per HTTP request: when, which request and token (the token's id,
-a prefix of its hash), which route, the status, the latency, how many questions and model windows,
+The audit log gets one JSON line per HTTP request: when, which request (the id the service minted,
+and a hash of the client's own id if it sent one) and token (the token's id, a prefix of its hash), which route, the status, the latency, how many questions and model windows,
 the model version that answered (during an update, the one of the replica that did; else the
 version the ingress serves) and how many questions got no answer. Never a question, a context or an answer.
 The same events feed Prometheus metrics through ``ray.serve.metrics`` (Ray exports them on each
@@ -48,13 +48,15 @@ class RequestLog:
 
     def record(self, *, request_id: str, token_id: str | None, route: str, status: int, latency_s: float,
                questions: int, windows: int, abstained: int, model_version: str | None = None,
-               passages: int | None = None, index_version: str | None = None) -> None:
+               passages: int | None = None, index_version: str | None = None,
+               client_request_id_hash: str | None = None) -> None:
         self.requests.inc(tags={"route": route, "status": str(status)})
         if abstained:
             self.abstentions.inc(abstained)
         self.logger.info(json.dumps({
             "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
             "request_id": request_id,
+            **({"client_request_id_hash": client_request_id_hash} if client_request_id_hash else {}),
             "token_id": token_id,
             "route": route,
             "status": status,
@@ -84,7 +86,9 @@ async def audit_requests(request, call_next):
     Routes fill in ``request.state.audit`` (token id, questions, windows, abstained, model version) as they go.
     """
     started = time.monotonic()
-    request.state.audit = {"token_id": None, "questions": 0, "windows": 0, "abstained": 0}
+    client_hash = request.headers.get(request_ids.HASH_HEADER.decode())
+    request.state.audit = {"token_id": None, "questions": 0, "windows": 0, "abstained": 0,
+                           "client_request_id_hash": client_hash if request_ids.is_client_id_hash(client_hash) else None}
     status = 500
     try:
         response = await call_next(request)
@@ -100,13 +104,13 @@ async def audit_requests(request, call_next):
 
 
 def _serve_request_id() -> str | None:
-    """The id Ray Serve gave this request (it also sends it back as the X-Request-Id header); None
-    when it is not a short safe id, which only a proxy started without our middleware lets through
+    """The id Ray Serve minted for this request (it also sends it back as the X-Request-Id header);
+    None when it is a client's, which only a proxy started without our middleware lets through
     (:mod:`serve_app.request_ids`): that text stays out of the audit log."""
     from ray.serve.context import _get_serve_request_context
 
     request_id = _get_serve_request_context().request_id
-    if request_id and not request_ids.is_safe(request_id):
+    if request_id and not request_ids.is_minted(request_id):
         global _warned_unsafe_id
         if not _warned_unsafe_id:
             _warned_unsafe_id = True

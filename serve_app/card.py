@@ -1,25 +1,14 @@
 """What ``GET /v1/model`` shows: the served model's name and version (and the previous one's, after
-an update), its settings and the request limits. Built once, when the application is."""
+an update), its settings and the request limits. Built once, when the application is. Names are
+directories' names, never their paths."""
 
 from pathlib import Path
 
 from qa_common import QAConfig
 from qa_common.backends import resolve_backend
 from qa_common.modeling import dtype_name
-from serve_app.model import model_version
 from serve_app.schemas import MAX_QUESTION_CHARS, MAX_QUESTIONS_PER_REQUEST, ServeArgs
-
-
-def model_name(model: str, model_path: str) -> str:
-    """What /v1/model calls the model: a Hub name as given; for a directory its name, never its path."""
-    if not Path(model).expanduser().exists():
-        return model
-    return directory_name(Path(model_path))
-
-
-def directory_name(directory: Path) -> str:
-    """A model directory's name for display: runs/quickstart/model is "quickstart"."""
-    return directory.parent.name if directory.name == "model" else directory.name
+from serve_app.snapshot import display_name, version_of
 
 
 def previous_model(model: str | None) -> dict | None:
@@ -27,9 +16,7 @@ def previous_model(model: str | None) -> dict | None:
     if not model:
         return None
     path = Path(model)
-    if not path.is_absolute():  # a Hub name: update stores a directory as an absolute path
-        return {"name": model, "version": model_version(model)}
-    return {"name": directory_name(path), "version": model_version(model) if (path / "config.json").is_file() else None}
+    return {"name": display_name(path), "version": version_of(path) if path.is_dir() else None}
 
 
 def model_card(model_path: str, args: ServeArgs, qa_config: QAConfig, model_options: dict) -> dict:
@@ -39,8 +26,8 @@ def model_card(model_path: str, args: ServeArgs, qa_config: QAConfig, model_opti
     device = "cuda" if actor_options.get("num_gpus", 0) else "cpu"
     backend = resolve_backend(model_path, args.backend, device=device, max_f1_loss=args.max_f1_loss)
     return {
-        "name": args.model_name or model_name(args.model, model_path),
-        "version": model_version(model_path),
+        "name": args.model_name or display_name(Path(model_path)),
+        "version": version_of(model_path),
         "previous": previous_model(args.previous_model),
         "device": device,
         "backend": backend,

@@ -1,6 +1,7 @@
 """HTTP helpers of the ingress: reading a bounded body, decoding JSON, the error responses and their schema."""
 
 import json
+import re
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
@@ -79,10 +80,15 @@ def error_responses(*codes: int) -> dict:
     return {code: {**ERROR_RESPONSES[code], "model": ErrorResponse} for code in codes}
 
 
+SAFE_PATH = re.compile(r"/[A-Za-z0-9/_.-]{0,63}")
+
+
 async def error_as_json(request: Request, error: HTTPException) -> JSONResponse:
     message = error.detail
     if error.status_code == 404 and message == "Not Found":  # Starlette's own: no route matched
-        message = f"no such path {request.url.path!r}; the API is described at /docs"
+        path = request.url.path
+        shown = f" {path!r}" if SAFE_PATH.fullmatch(path) else ""  # never echo other text a client sent
+        message = f"no such path{shown}; the API is described at /docs"
     return JSONResponse({"error": message}, status_code=error.status_code, headers=error.headers)
 
 

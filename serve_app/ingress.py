@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 from fastapi import FastAPI, Request, Response
-from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse
 from ray import serve
 from ray.exceptions import RayActorError
@@ -24,7 +23,7 @@ from starlette.exceptions import HTTPException
 
 from qa_common import NO_ANSWER, PassagesQuestion, QAConfig, Question, count_windows, load_tokenizer
 from qa_common.library.index import BUILD_COMMAND, CITATION_FIELDS, LibraryError, Manifest, read_manifest
-from serve_app import audit
+from serve_app import audit, pages
 from serve_app.auth import TokenChecker
 from serve_app.http import UNAUTHORIZED, busy, crash_as_json, decode_json, error_as_json, error_responses, read_body
 from serve_app.schemas import (
@@ -34,7 +33,6 @@ from serve_app.schemas import (
 from serve_app.work import DEADLINE, WorkItem
 
 INGRESS_DEPLOYMENT = "QAIngress"  # the deployment's name, as in config.yaml
-INDEX_PAGE = Path(__file__).with_name("static") / "index.html"
 MODEL_VERSION_HEADER = "X-Model-Version"
 NO_LIBRARY = (f"this service has no document library: build one with `{BUILD_COMMAND}` and start the service "
               "with --library LIBRARY")
@@ -82,7 +80,8 @@ class QAIngress:
         self.model_card = model_card
         self.tokens = TokenChecker(token_hashes) if token_hashes else None
         self.log = audit.configure(args.audit_log, model_card["version"])
-        self.index_html = INDEX_PAGE.read_text(encoding="utf-8")
+        self.index_html = pages.INDEX_PAGE.read_text(encoding="utf-8")
+        self.docs_assets = pages.load_docs_assets()
         self.openapi_schema = None
 
     def authenticate(self, request: Request) -> None:
@@ -107,8 +106,8 @@ class QAIngress:
         return self.deployed
 
     @api.get("/", response_class=HTMLResponse, include_in_schema=False)
-    async def page(self) -> str:
-        return self.index_html
+    async def page(self) -> HTMLResponse:
+        return pages.html_page(self.index_html)
 
     @api.get("/openapi.json", include_in_schema=False)
     async def openapi(self, request: Request) -> dict:
@@ -124,8 +123,14 @@ class QAIngress:
 
     @api.get("/docs", include_in_schema=False)
     async def docs(self, request: Request) -> HTMLResponse:
-        root_path = request.scope.get("root_path", "").rstrip("/")
-        return get_swagger_ui_html(openapi_url=f"{root_path}/openapi.json", title=f"{api.title} - API docs")
+        return pages.docs_page(request.scope.get("root_path", "").rstrip("/"), f"{api.title} - API docs")
+
+    @api.get(pages.DOCS_ASSETS_ROUTE + "/{name}", include_in_schema=False)
+    async def docs_asset(self, name: str) -> Response:
+        asset = pages.docs_asset(self.docs_assets, name)
+        if asset is None:
+            raise HTTPException(404, "no such file of the API docs")
+        return asset
 
     @api.get("/healthz", summary="The service is up (does not wake a model scaled to zero)")
     async def healthz(self) -> dict:

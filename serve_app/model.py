@@ -10,18 +10,17 @@ response says which model answered.
 """
 
 import asyncio
-import hashlib
 import time
-from pathlib import Path
 
 import ray
 from ray import serve
 from ray.serve.metrics import Histogram
 
-from qa_common import QA_CONFIG_FILE, QAConfig, Question, answer_questions
+from qa_common import QAConfig, Question, answer_questions
 from qa_common.backends import load_runner
 from qa_common.modeling import torch_dtype
 from serve_app.schemas import ServeArgs
+from serve_app.snapshot import version_of
 from serve_app.work import WorkItem, answer_in_chunks
 
 MODEL_DEPLOYMENT = "QAModel"  # the deployment's name, as in config.yaml
@@ -37,7 +36,7 @@ class QAModel:
         threads = max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
         self.runner, self.tokenizer, self.backend = load_model(model_path, args, device=self.device, threads=threads)
         self.qa_config = qa_config
-        self.version = model_version(model_path)
+        self.version = version_of(model_path)
         self.forward_batch_size = args.forward_batch_size
         self.max_windows_per_call = args.max_windows_per_call
         self.answer.set_max_batch_size(args.max_batch_size)
@@ -81,21 +80,6 @@ class QAModel:
     def describe(self) -> dict:
         """How many model calls this replica has run, and where (for operators and tests)."""
         return {"model_calls": self.model_calls, "device": self.device, "model_version": self.version, **self.backend}
-
-
-def model_version(model_path: str) -> str:
-    """A short id of the checkpoint: its config and QA settings, and its weight files' names, sizes and
-    times (a new threshold or calibration is a new version too)."""
-    directory = Path(model_path)
-    if not directory.is_dir():
-        return f"hub:{model_path}"
-    digest = hashlib.sha256((directory / "config.json").read_bytes())
-    if (directory / QA_CONFIG_FILE).is_file():
-        digest.update((directory / QA_CONFIG_FILE).read_bytes())
-    for weights in sorted([*directory.glob("*.safetensors"), *directory.glob("*.bin")]):
-        stat = weights.stat()
-        digest.update(f"{weights.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    return digest.hexdigest()[:12]
 
 
 def load_model(model_path: str, args: ServeArgs, *, device: str, threads: int) -> tuple:

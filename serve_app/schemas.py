@@ -1,5 +1,6 @@
 """The HTTP API's request and response shapes, and the application builder's arguments."""
 
+import re
 from typing import Annotated, Literal
 
 from pydantic import (
@@ -188,11 +189,21 @@ def parse_questions(payload, *, max_context_chars: int) -> tuple[list[AnswerRequ
     )
 
 
+SAFE_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,31}")
+
+
+def safe_key(key: str) -> str:
+    """A client's JSON key as an error message may name it: short identifiers only, never other text."""
+    return key if SAFE_KEY.fullmatch(key) else "(a key)"
+
+
 def describe_validation_errors(errors, shape: str = REQUEST_SHAPE) -> str:
-    """One readable line per problem, e.g. ``[2].top_k: Input should be less than or equal to 20``."""
+    """One readable line per problem, e.g. ``[2].top_k: Input should be less than or equal to 20``; a
+    key the client made up is named only when it is a short identifier."""
     problems = []
     for error in errors:
-        where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in error["loc"]).lstrip(".")
+        where = "".join(f"[{part}]" if isinstance(part, int) else f".{safe_key(str(part))}"
+                        for part in error["loc"]).lstrip(".")
         message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
             message = "unknown field"
@@ -249,6 +260,10 @@ class ServeArgs(BaseModel):
     library: str | None = Field(
         None, description=f"A document library's folder ({BUILD_COMMAND}): enables POST /v1/ask and GET "
         "/v1/collections. On a cluster, a path every node mounts.",
+    )
+    snapshot_dir: str | None = Field(
+        None, description="Where the read-only copies of the served models go (default: .served-models beside the "
+        "model directory); on a cluster, a path every node mounts.",
     )
     previous_model: str | None = Field(
         None, description="The model an update replaced (set by `python -m serve_app update`; "

@@ -12,7 +12,8 @@ validation F1), and only then redeploys the application with it: Ray Serve's rol
 health check, then drains the requests it holds. Every answer carries ``X-Model-Version``; the
 command returns once only the new model takes requests. A refused update changes nothing and
 exits 2. The replica count is kept as it is (a service at zero replicas loads nothing until its
-next request). An application deployed from a config file (``serve deploy``, a RayService) is
+next request), and so are the tokens the service accepts (never re-read from the environment of the
+shell that updates): ``--token-hashes-file`` changes them, explicitly. An application deployed from a config file (``serve deploy``, a RayService) is
 updated by editing ``args.model`` there and deploying it again (docs/serving.md).
 """
 
@@ -23,6 +24,7 @@ import copy
 import math
 import sys
 import time
+from pathlib import Path
 
 from serve_app.app import APP_NAME
 from serve_app.gate import GateError, check_f1, check_model, validation_f1
@@ -48,6 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-f1-drop", type=float, help="refuse it when the new model's F1 on FILE is more than "
                         "this many points below the serving model's on the same file")
     parser.add_argument("--model-name", help="the name /v1/model shows (default: the new model directory's name)")
+    parser.add_argument("--token-hashes-file", metavar="FILE", help="accept the tokens whose hashes FILE holds "
+                        "from now on (default: keep the tokens the service accepts now)")
     flags = parser.parse_args(argv)
     if flags.validate_on and flags.min_f1 is None and flags.max_f1_drop is None:
         parser.error("--validate-on needs --min-f1 or --max-f1-drop: what F1 must the new model reach?")
@@ -126,11 +130,24 @@ def rollout_options(options: dict[str, dict], running: dict[str, int], *, surge:
     return options
 
 
+def tokens_from(hashes_file: str) -> list[str]:
+    from serve_app.auth import parse_token_hashes
+
+    try:
+        hashes = parse_token_hashes(Path(hashes_file).read_text(encoding="utf-8"), source=hashes_file)
+    except (OSError, ValueError) as error:
+        raise GateError(f"--token-hashes-file: {error}") from None
+    if not hashes:
+        raise GateError(f"--token-hashes-file {hashes_file} holds no token hash: the service would accept no token")
+    return hashes
+
+
 def update(flags: argparse.Namespace) -> None:
     import ray
     from ray import serve
 
     from serve_app.app import build_app, deployment_options, model_to_serve
+    from serve_app.snapshot import snapshot
     from serve_app.schemas import ServeArgs
 
     deployed = deployed_application(flags.app)
@@ -142,11 +159,13 @@ def update(flags: argparse.Namespace) -> None:
         target = serving.previous_model
     else:
         try:
-            target = model_to_serve(flags.model)
-        except FileNotFoundError as error:
+            target = snapshot(model_to_serve(flags.model), serving.snapshot_dir)  # exactly what replicas will load
+        except (FileNotFoundError, NotADirectoryError) as error:
+            raise GateError(f"{error}; give a model directory written by train_job (OUTPUT_DIR/model)") from None
+        except OSError as error:
             raise GateError(str(error)) from None
     if target == serving.model:
-        raise GateError(f"{target} is the model being served already")
+        raise GateError(f"{flags.model or target} is the model being served already (the same files)")
     new_args = serving.model_copy(update={"model": target, "previous_model": serving.model,
                                           "model_name": flags.model_name})
     print(f"checking {target} ...", flush=True)
@@ -161,6 +180,11 @@ def update(flags: argparse.Namespace) -> None:
         check_f1(new_f1, min_f1=flags.min_f1, serving_f1=serving_f1, max_f1_drop=flags.max_f1_drop)
     del checked
 
+    if flags.token_hashes_file:
+        token_hashes = tokens_from(flags.token_hashes_file)
+        new_args = new_args.model_copy(update={"token_hashes_file": str(Path(flags.token_hashes_file).resolve())})
+    else:
+        token_hashes = deployed["token_hashes"]  # as deployed: never this shell's environment
     application["args"] = new_args.model_dump(exclude_defaults=True)
     options = deployment_options(application)
     running = running_replicas(flags.app)
@@ -170,7 +194,7 @@ def update(flags: argparse.Namespace) -> None:
               "stops before its replacement starts, and requests wait for the new model's cold start meanwhile",
               file=sys.stderr, flush=True)
     app = build_app(application["args"], rollout_options(options, running, surge=surge), bind_host=deployed["host"],
-                    deployed={**deployed, "application": application})
+                    deployed={**deployed, "application": application}, token_hashes=token_hashes)
     print(f"rolling out (replicas now: {running}); the old model answers until its replacement is healthy ...",
           flush=True)
     started = time.perf_counter()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -93,8 +94,10 @@ class LocalCluster:
             "RQA_WORKER_NODES": "1",
             "RQA_START_TIMEOUT_S": "150",
             "RQA_STOP_TIMEOUT_S": "10",
-            # Nodes and clients agree on authentication whatever ~/.ray holds or earlier tests set.
-            "RAY_AUTH_MODE": "disabled",
+            # Ray's token authentication, as the script turns it on, with a token of this cluster's own
+            # (never ~/.ray's): nodes and clients share it.
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": secrets.token_hex(32),
             "RAY_USAGE_STATS_ENABLED": "0",
             "HF_HUB_OFFLINE": "1",
         }
@@ -160,6 +163,11 @@ def test_two_node_cluster_has_a_head_and_a_worker_node_with_their_own_cpus(two_n
     assert len(alive) == 2
     assert sorted(n["is_head_node"] for n in alive) == [False, True]
     assert sorted(n["cpus"] for n in alive) == [HEAD_CPUS, WORKER_CPUS]
+    # Ray's ports take no request without the cluster's token (the Jobs API would run any code).
+    for auth in ({"RAY_AUTH_TOKEN": secrets.token_hex(32)}, {"RAY_AUTH_MODE": "disabled"}):
+        refused = subprocess.run([sys.executable, "-c", STATE_QUERY, two_node_cluster.dashboard, ""],
+                                 env={**two_node_cluster.env, **auth}, capture_output=True, text=True, timeout=120)
+        assert refused.returncode != 0, auth
 
 
 def test_ray_job_submit_trains_on_workers_spread_over_both_nodes(two_node_cluster):

@@ -8,6 +8,7 @@ the CLI and the application builder, which need no Ray.
 import concurrent.futures
 import json
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -119,6 +120,26 @@ def test_the_packaged_model_is_what_the_quickstart_exports_and_citations_are_the
     assert packaged["args"]["model"] == f"{TrainConfig.__dataclass_fields__['output_dir'].default}/{run_dir.MODEL}"
     assert set(Citation.model_fields) == {*CITATION_FIELDS, "passage"}
     assert PASSAGE_COLUMNS == (*CITATION_FIELDS, "text")
+
+
+def test_a_served_model_is_a_read_only_copy_named_by_the_hash_of_every_file(tiny_model_dir, tmp_path):
+    import shutil
+
+    from serve_app.snapshot import display_name, snapshot, version_of
+
+    model = tmp_path / "run" / "model"
+    shutil.copytree(tiny_model_dir, model)
+    first = Path(snapshot(str(model)))
+    assert first.parent == tmp_path / "run" / ".served-models" and display_name(first) == "run"
+    assert sorted(p.name for p in first.iterdir()) == sorted(p.name for p in model.iterdir())
+    assert all(not p.stat().st_mode & 0o222 for p in [first, *first.iterdir()])  # nobody writes it in place
+    assert snapshot(str(model)) == str(first) and snapshot(str(first)) == str(first)  # taken once
+    (model / "vocab.txt").write_text((model / "vocab.txt").read_text() + "newword\n")  # any file counts
+    second = Path(snapshot(str(model), str(tmp_path / "elsewhere")))
+    assert second.parent == tmp_path / "elsewhere" and version_of(second) != version_of(first)
+    assert version_of(first) == first.name.split("@")[1] and len(version_of(first)) == 12
+    with pytest.raises(FileNotFoundError, match="pinned revision"):
+        build_app({"model": "some-org/some-model"}, {})
 
 
 def test_without_a_model_the_cli_says_to_train_first(tmp_path, monkeypatch):
@@ -299,7 +320,17 @@ def test_page_and_api_docs_are_served(client):
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert 'id="document"' in page.text and 'id="question"' in page.text
     assert "http://" not in page.text and "https://" not in page.text  # nothing from a CDN
-    assert client.get("/docs").status_code == 200
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and "http://" not in docs.text and "https://" not in docs.text
+    for response in (page, docs):  # only their own scripts run, and no other site may frame them
+        policy = response.headers["content-security-policy"]
+        assert "frame-ancestors 'none'" in policy and "script-src 'self' 'sha256-" in policy
+        assert "unsafe-inline" not in policy.split("script-src")[1].split(";")[0]
+    for asset in ("swagger-ui-bundle.js", "swagger-ui.css"):
+        assert f"/docs/assets/{asset}" in docs.text
+        served = client.get(f"/docs/assets/{asset}")
+        assert served.status_code == 200 and len(served.content) > 100_000
+    assert client.get("/docs/assets/..%2Fconfig.yaml").status_code == 404
     answer_route = client.get("/openapi.json").json()["paths"]["/v1/answer"]["post"]
     assert "question" in json.dumps(answer_route["requestBody"])
 

@@ -322,26 +322,40 @@ def test_killing_the_model_replica_under_load_loses_no_request(service, client, 
     assert new_replica["name"] != replica["name"]
 
 
-def test_a_client_request_id_reaches_no_log_unless_it_is_a_short_safe_id(service, client, audit_log):
+def test_a_client_request_id_comes_back_in_the_response_and_only_its_hash_is_logged(service, client, audit_log):
     import ray
 
     from pathlib import Path
 
-    unsafe = f"PATIENT {PATIENT} MRN 4417-2231 ward 7"
-    response = client.post("/v1/answer", json=OK, headers={"X-Request-Id": unsafe})
-    assert response.status_code == 200
-    fresh = response.headers["x-request-id"]
-    assert fresh != unsafe and PATIENT not in fresh and len(fresh) <= 64
-    safe = "ehr-call.2026_12-01"
-    assert client.post("/v1/answer", json=OK, headers={"X-Request-Id": safe}).headers["x-request-id"] == safe
+    from serve_app.request_ids import client_id_hash
+
     logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
 
     def logged(text: str) -> list[str]:
         files = [path for path in logs.rglob("*") if path.is_file()] + [audit_log]
         return [str(path) for path in files if text.encode() in path.read_bytes()]
 
-    wait_until(lambda: logged(safe), timeout_s=30, what="the safe request id in the logs")
-    assert logged("MRN 4417-2231") == []
+    # Letters, digits and dashes only, and still a patient: no pattern makes a client's id safe to log.
+    for client_id in ("Smith_John_1962-03-04_MRN4471902", f"PATIENT {PATIENT} MRN 4417-2231 ward 7"):
+        response = client.post("/v1/answer", json=OK, headers={"X-Request-Id": client_id})
+        assert response.status_code == 200
+        minted = response.headers["x-request-id"]
+        assert minted != client_id and "4471902" not in minted and "4417" not in minted
+        echoed = response.headers.get("x-client-request-id")
+        assert echoed == (client_id if " " not in client_id else None)  # printable ASCII without spaces only
+        wait_until(lambda: logged(minted), timeout_s=30, what="the minted request id in the logs")
+        line = next(json.loads(line) for line in audit_log.read_text().splitlines() if minted in line)
+        assert line["request_id"] == minted and line["client_request_id_hash"] == client_id_hash(client_id)
+    time.sleep(1)
+    assert logged("MRN4471902") == logged("MRN 4417-2231") == []
+
+
+def test_error_bodies_name_no_text_the_client_made_up(client):
+    keys = client.post("/v1/answer", json={**OK, f"{PATIENT} Smith": 1, "note_for_dr": 2})
+    assert keys.status_code == 422 and PATIENT not in keys.text and "note_for_dr: unknown field" in keys.text
+    path = client.get(f"/v1/{PATIENT}%20Smith")
+    assert path.status_code == 404 and PATIENT not in path.text and "/docs" in path.json()["error"]
+    assert "'/v1/nothing'" in client.get("/v1/nothing").json()["error"]
 
 
 def test_no_log_holds_patient_text(service, client, audit_log):

@@ -124,9 +124,16 @@ def test_updating_a_service_at_zero_loads_nothing_until_a_request(service, model
     assert update(["--model", str(model_b)]) == 0
     time.sleep(1)
     assert replica_counts(APP_NAME, MODEL_DEPLOYMENT) == {}
+    gated = card(url)["version"]
+    # Training writes model B's directory again before any replica has loaded it: the replica that
+    # starts now still loads the model the gate checked, the one /v1/model names.
+    build_tiny_model(model_b, seed=7)
     response = httpx.post(f"{url}/v1/answer", json=QUESTION, headers=AUTH, timeout=90)
-    assert response.status_code == 200 and response.headers["x-model-version"] == card(url)["version"] != a
+    assert response.status_code == 200 and response.headers["x-model-version"] == card(url)["version"] == gated != a
     assert card(url)["previous"]["version"] == a
+    assert update(["--model", str(model_b)]) == 0  # the new files are another model: a new version
+    assert card(url)["version"] not in (gated, a)
+    assert update(["--rollback"]) == 0 and card(url)["version"] == gated
 
 
 def test_update_and_rollback_under_load_drop_no_request(service, tiny_model_dir):
@@ -143,3 +150,31 @@ def test_update_and_rollback_under_load_drop_no_request(service, tiny_model_dir)
     assert card(url)["version"] == b and card(url)["previous"]["version"] == a
     assert collections.Counter(status for _, status, _ in responses) == {200: len(responses)}
     assert {version for when, _, version in responses if when > returned} == {b}
+
+
+def test_an_update_keeps_the_services_tokens_and_changes_them_only_when_told(service, tiny_model_dir, model_b, tmp_path,
+                                                                             monkeypatch):
+    from serve_helpers import TOKEN, token_hashes_file
+
+    from serve_app.auth import TOKEN_HASHES_ENV, hash_token
+
+    url, _ = service
+    # The file the service read its tokens from is gone from the updating shell, and its environment
+    # names another token: the service keeps the token it accepted.
+    hashes = token_hashes_file(tiny_model_dir.parent)  # the file service_config gave the service
+    monkeypatch.setenv(TOKEN_HASHES_ENV, hash_token("a-token-of-this-shell"))
+    moved = hashes.rename(tmp_path / "elsewhere.txt")
+    before = card(url)["version"]
+    try:
+        assert update(["--model", str(tiny_model_dir)]) == 0  # B serves after the test before
+    finally:
+        moved.rename(hashes)
+    assert card(url)["version"] != before  # card() sends TOKEN: still accepted
+    ask = lambda token: httpx.post(f"{url}/v1/answer", json=QUESTION, timeout=90,  # noqa: E731
+                                   headers={"Authorization": f"Bearer {token}"}).status_code
+    assert ask("a-token-of-this-shell") == 401 and httpx.post(f"{url}/v1/answer", json=QUESTION).status_code == 401
+
+    new_hashes = tmp_path / "new-token-hashes.txt"
+    new_hashes.write_text(hash_token("the-new-token") + "\n")
+    assert update(["--rollback", "--token-hashes-file", str(new_hashes)]) == 0
+    assert ask("the-new-token") == 200 and ask(TOKEN) == 401

@@ -1,0 +1,42 @@
+"""Starting the service (``serve_app.app.run_config``, what ``python -m serve_app`` runs): its own local Ray
+has no Jobs API and takes Ray's token authentication, a running application is never replaced, and "no
+tokens on loopback" is judged by where the Serve proxies really listen, not by what the config asks for."""
+
+import os
+
+
+import httpx
+import pytest
+from serve_helpers import service_config
+
+from bench.local_service import free_port
+from serve_app.app import APP_NAME, run_config
+
+
+def test_a_local_start_is_loopback_only_never_replaces_an_app_and_checks_the_real_bind(tiny_model_dir):
+    import ray
+    from ray import serve
+
+    config = service_config(tiny_model_dir, free_port(), token_hashes_file=None)  # no tokens: loopback only
+    auth_mode_before = os.environ.get("RAY_AUTH_MODE")
+    try:
+        url = run_config(config, ray_address="local")
+        assert httpx.get(f"{url.rstrip('/')}/healthz", timeout=30).status_code == 200
+        assert not ray._private.worker._global_node.address_info.get("webui_url")  # no dashboard, no Jobs API
+        if auth_mode_before is None:  # an operator's explicit choice is Ray's to honour
+            assert os.environ["RAY_AUTH_MODE"] == "token"  # what Ray sets when it turns token auth on
+
+        with pytest.raises(ValueError, match=f"application named '{APP_NAME}' runs on this cluster already"):
+            run_config(config)
+        assert serve.status().applications[APP_NAME].status == "RUNNING"  # untouched
+
+        # Serve already listening on every interface (a cluster's, say): the config's 127.0.0.1 does not
+        # make it loopback, so without tokens it is refused.
+        serve.shutdown()
+        serve.start(http_options={"host": "0.0.0.0", "port": free_port()})
+        with pytest.raises(ValueError, match="no API tokens: refusing to serve without authentication on 0.0.0.0"):
+            run_config(config)
+        assert APP_NAME not in serve.status().applications
+    finally:
+        serve.shutdown()
+        ray.shutdown()

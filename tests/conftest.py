@@ -1,4 +1,13 @@
-"""Shared fixtures: a tiny BERT QA model and tokenizer built locally (no downloads), fixture data."""
+"""Shared fixtures: a tiny BERT QA model and tokenizer built locally (no downloads), fixture data, and
+one local Ray for the session.
+
+Starting Ray costs seconds; so the modules that drive Ray from this process share one
+(:func:`shared_ray`: 4 logical CPUs, metrics exported every second), and the services they deploy
+share its one Serve (``serve_helpers.serving``: each module deploys its application and deletes it).
+Modules that start Rays of their own (the bench scripts, the two-node cluster, a 2-CPU cluster)
+take the ``isolated_from_ray`` fixture, which stops the shared one first: two local Rays on one
+machine confuse Ray Train's placement-group cleaner. The next module that needs it starts it again.
+"""
 
 from __future__ import annotations
 
@@ -51,8 +60,6 @@ def abstaining_run(tmp_path_factory):
     --negative-ratio, one worker) on the fixture's answerable questions and validated on
     ``tiny-squad-v2.json`` (the same questions plus questions asked of another article's paragraph).
     Settings sized so that the tiny model learns the fixture in a few epochs; trained once per session."""
-    import ray
-
     from train_job.config import TrainConfig
     from train_job.run import run
 
@@ -63,12 +70,8 @@ def abstaining_run(tmp_path_factory):
         output_dir=str(directory / "run"), num_workers=1, epochs=12, learning_rate=3e-3, warmup_ratio=0.0,
         per_device_batch_size=2, negative_ratio=3, max_failures=0, qa=abstaining_qa(),
     ).validate()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        metrics = run(config)
-    finally:
-        ray.shutdown()
-    return directory / "run", metrics
+    shared_ray()
+    return directory / "run", run(config)
 
 
 def abstaining_qa():
@@ -105,14 +108,56 @@ def small_config():
     return QAConfig(max_length=48, stride=16, max_question_length=20)
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    """A local Ray instance for one test module (4 logical CPUs: 2 training workers plus Ray Data)."""
+_SHARED_RAY = {"metrics_port": None}
+
+
+def shared_ray() -> None:
+    """Start the session's local Ray unless this process is connected to one already."""
+    import socket
+
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    from serve_app.request_ids import set_proxy_environment
+
+    if ray.is_initialized():
+        return
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    set_proxy_environment()  # its Serve proxies take client request ids out, as a deployed service's do
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="WARNING",
+             _metrics_export_port=port, _system_config={"metrics_report_interval_ms": 1000})
+    _SHARED_RAY["metrics_port"] = port
+
+
+def ray_metrics_port() -> int:
+    """Where the shared Ray exports its Prometheus metrics (start it first)."""
+    return _SHARED_RAY["metrics_port"]
+
+
+def stop_shared_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()  # Serve, its proxies and every replica go with it
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """The session's local Ray (4 logical CPUs: 2 training workers plus Ray Data), for one test module."""
+    shared_ray()
     yield
-    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def isolated_from_ray():
+    """For modules that start Rays of their own: no Ray of this process runs beside them."""
+    stop_shared_ray()
+    yield
+
+
+def pytest_sessionfinish(session, exitstatus):
+    stop_shared_ray()
 
 
 def _under_ci() -> bool:

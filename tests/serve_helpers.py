@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 from serve_app.app import MODEL_DEPLOYMENT, load_serve_config
@@ -40,3 +41,23 @@ def service_config(model_dir: Path, port: int, *, qa: dict | None = None, **args
             deployment["ray_actor_options"]["num_cpus"] = 0.5
             deployment["autoscaling_config"] = {**deployment["autoscaling_config"], "max_replicas": 1}
     return config
+
+
+@contextmanager
+def serving(config: dict):
+    """``config``'s application deployed on the session's Ray and Serve (started if need be); yields its
+    URL and deletes the application afterwards. Serve listens where its first application asked."""
+    from ray import serve
+
+    from bench.local_service import wait_until
+    from conftest import shared_ray
+    from serve_app.app import run_config
+
+    shared_ray()
+    url = run_config(config).rstrip("/")
+    try:
+        yield url
+    finally:
+        name = config["applications"][0]["name"]
+        serve.delete(name)
+        wait_until(lambda: name not in serve.status().applications, timeout_s=60, what=f"application {name} gone")

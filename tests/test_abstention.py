@@ -7,12 +7,12 @@ import json
 
 import httpx
 import pytest
-from serve_helpers import AUTH, service_config
+from serve_helpers import AUTH, service_config, serving
 
 from conftest import V2_DATA
 from qa_common import Question, answer_questions, load_model_and_tokenizer, load_qa_config, read_squad
 from qa_common.calibration import uncalibrated
-from bench.local_service import free_port, local_serve
+from bench.local_service import free_port
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,7 @@ def test_served_model_abstains_over_http(abstaining_run, records):
     unanswerable = [r for r in records if not r["answers"]["text"]]
     model, tokenizer = load_model_and_tokenizer(str(output / "model"))
     config = load_qa_config(output / "model")
-    with local_serve(service_config(output / "model", free_port(), qa={}), num_cpus=2) as url:
+    with serving(service_config(output / "model", free_port(), qa={})) as url:
         info = httpx.get(f"{url}/v1/model", headers=AUTH, timeout=60).json()
         assert info["version_2_with_negative"] is True and info["no_answer_threshold"] == config.no_answer_threshold
         for record in unanswerable:

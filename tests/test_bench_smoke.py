@@ -13,6 +13,9 @@ import pytest
 
 from conftest import FIXTURES
 
+# Each script starts a Ray of its own, in its own process.
+pytestmark = pytest.mark.usefixtures("isolated_from_ray")
+
 REPO = Path(__file__).resolve().parent.parent
 SMALL_WINDOWS = ["--max-length", "48", "--stride", "16", "--max-question-length", "20"]
 COMMON_KEYS = {"benchmark", "ratios", "results", "settings", "machine", "load_average", "command", "finished_at"}

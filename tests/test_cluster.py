@@ -38,10 +38,10 @@ HEAD_CPUS = WORKER_CPUS = 3
 CPUS_PER_TRAIN_WORKER = 2  # > half a node: two workers cannot share one
 SUBMISSION_ID = "rqa-two-node-train"
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.skipif(
     not sys.platform.startswith("linux") or shutil.which("setsid") is None or shutil.which("bash") is None,
     reason="the local cluster script needs Linux, bash and setsid",
-)
+), pytest.mark.usefixtures("isolated_from_ray")]
 
 # Reads the cluster's state through the dashboard (no driver joins the cluster from this process).
 STATE_QUERY = """

@@ -10,7 +10,7 @@ import shutil
 import httpx
 import numpy as np
 import pytest
-from serve_helpers import AUTH, SMALL_QA, service_config
+from serve_helpers import AUTH, SMALL_QA, service_config, serving
 
 from conftest import FIXTURES
 from qa_common import QAConfig, Question, answer_questions, predict_logits, prepare_eval_features
@@ -19,7 +19,7 @@ from qa_common.export_onnx import CARD_HEADING, INT8_RECIPES, main as export_mai
 from qa_common.inference import OnnxRunner, TorchRunner
 from serve_app.app import build_app
 from serve_app.model import load_model
-from bench.local_service import free_port, local_serve
+from bench.local_service import free_port
 from serve_app.schemas import ServeArgs
 
 pytest.importorskip("onnx", reason="exporting needs the onnx package (the onnx extra, part of dev)")
@@ -196,7 +196,7 @@ def test_the_service_answers_with_the_int8_backend_and_says_so(exported_dir, run
     [expected] = answer_questions(by_backend["onnx-int8"], tokenizer, [Question(record["question"], record["context"])],
                                   QAConfig(**SMALL_QA))
     config = service_config(exported_dir, free_port(), backend="onnx-int8")
-    with local_serve(config, num_cpus=2) as url:
+    with serving(config) as url:
         info = httpx.get(f"{url}/v1/model", headers=AUTH, timeout=60).json()
         assert (info["backend"], info["backend_requested"], info["dtype"], info["threads"]) == ("onnx-int8", "onnx-int8", "int8", 1)
         served = httpx.post(f"{url}/v1/answer", json={"question": record["question"], "context": record["context"]},

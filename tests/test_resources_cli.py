@@ -9,7 +9,7 @@ from conftest import FIXTURES
 
 
 @pytest.fixture(scope="module")
-def two_cpu_ray_address():
+def two_cpu_ray_address(isolated_from_ray):
     import ray
 
     context = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)

@@ -1,6 +1,6 @@
-"""The QA service (serve_app) on a private local Ray with the tiny model.
+"""The QA service (serve_app) on the session's local Ray with the tiny model.
 
-One Ray + Serve for the module: answers and their offsets, equality with qa_common's own decoding,
+One application for the module on the session's Ray + Serve: answers and their offsets, equality with qa_common's own decoding,
 dynamic batching, input validation, the page and docs, scale to zero; plus the config handling of
 the CLI and the application builder, which need no Ray.
 """
@@ -12,9 +12,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from serve_helpers import AUTH, SMALL_QA, service_config
+from serve_helpers import AUTH, SMALL_QA, service_config, serving
 
-from bench.local_service import free_port, local_serve, replica_counts, wait_until
+from bench.local_service import free_port, replica_counts, wait_until
 
 from qa_common import QAConfig, Question, answer_questions, prepare_eval_features
 from serve_app.__main__ import configure, parse_args
@@ -32,7 +32,7 @@ def service(tiny_model_dir):
         # A long batch wait so that concurrent requests reliably land in shared batches.
         batch_wait_timeout_s=0.3, max_body_bytes=MAX_BODY_BYTES, max_context_chars=MAX_CONTEXT_CHARS,
     )
-    with local_serve(config) as url:
+    with serving(config) as url:
         yield url
 
 

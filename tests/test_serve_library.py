@@ -9,8 +9,9 @@ import json
 
 import httpx
 import pytest
+from conftest import shared_ray
 from library_helpers import write_library
-from serve_helpers import AUTH, TOKEN, service_config
+from serve_helpers import AUTH, TOKEN, service_config, serving
 from test_serve_page import headless_chromium
 from test_serve_page import pytestmark as needs_chromium
 
@@ -18,7 +19,7 @@ from qa_common import PassagesQuestion, answer_questions, load_model_and_tokeniz
 from library_job.__main__ import main as library_job
 from qa_common.library.embedding import Embedder
 from qa_common.library.search import Library
-from bench.local_service import free_port, local_serve, wait_until
+from bench.local_service import free_port, wait_until
 from serve_app.retriever import RETRIEVER_DEPLOYMENT
 
 
@@ -29,13 +30,9 @@ def service(abstaining_run, tmp_path_factory):
     model = abstaining_run[0] / "model"
     config = service_config(model, free_port(), qa={}, library=str(index), audit_log=str(audit))
     config["applications"][0]["deployments"].append({"name": RETRIEVER_DEPLOYMENT, "ray_actor_options": {"num_cpus": 0.1}})
-    import ray
-
-    try:  # the build job as a user runs it, on a Ray of its own; the service then refuses no index
-        assert library_job(["build", str(docs), "--library", str(index), "--concurrency", "1"]) == 0
-    finally:
-        ray.shutdown()
-    with local_serve(config, num_cpus=4) as url:
+    shared_ray()
+    assert library_job(["build", str(docs), "--library", str(index), "--concurrency", "1"]) == 0
+    with serving(config) as url:
         yield {"url": url, "docs": docs, "index": index, "audit": audit, "model": model, "root": root}
 
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from serve_helpers import SMALL_QA, TOKEN, service_config
+from serve_helpers import SMALL_QA, TOKEN, service_config, serving
 
-from bench.local_service import free_port, local_serve, wait_until
+from bench.local_service import free_port, wait_until
 
 from qa_common import QAConfig, Question, answer_questions
 
@@ -107,7 +107,7 @@ def headless_chromium(url: str, profile: Path):
 
 @pytest.fixture(scope="module")
 def service(tiny_model_dir):
-    with local_serve(service_config(tiny_model_dir, free_port())) as url:
+    with serving(service_config(tiny_model_dir, free_port())) as url:
         yield url
 
 

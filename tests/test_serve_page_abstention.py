@@ -4,11 +4,11 @@ Its own module (so its own local Ray and service), driven in headless Chromium l
 """
 
 import pytest
-from serve_helpers import SMALL_QA, TOKEN, service_config
+from serve_helpers import SMALL_QA, TOKEN, service_config, serving
 from test_serve_page import headless_chromium, pytestmark  # noqa: F401 (pytestmark: skipped without Chromium)
 
 from qa_common import QAConfig, Question, answer_questions
-from bench.local_service import free_port, local_serve, wait_until
+from bench.local_service import free_port, wait_until
 
 
 def test_the_page_says_not_found_and_greys_the_best_span_as_a_suggestion(tiny_model_dir, fixture_records,
@@ -22,7 +22,7 @@ def test_the_page_says_not_found_and_greys_the_best_span_as_a_suggestion(tiny_mo
     assert expected[0]["start"] == -1
     suggestion = next(a for a in expected if a["start"] >= 0)
 
-    with local_serve(service_config(tiny_model_dir, free_port(), qa=always_abstains)) as url:
+    with serving(service_config(tiny_model_dir, free_port(), qa=always_abstains)) as url:
         with headless_chromium(url + "/", tmp_path / "profile") as page:
             page.type_into("#token", TOKEN)
             page.type_into("#document", record["context"])

@@ -1,6 +1,6 @@
-"""What makes the QA service fit to expose in a hospital, on a private local Ray with the tiny model.
+"""What makes the QA service fit to expose in a hospital, on the session's local Ray with the tiny model.
 
-One Ray + Serve for the module (the application "qa", plus "tight": the same service with tiny
+The session's Ray + Serve, with two applications of this module ("qa", plus "tight": the same service with tiny
 queues and a short deadline): bearer tokens, the refusal to serve a network without them, window
 budgets, 503 + Retry-After when the queue is full or the deadline passes, the audit log, metrics,
 the published schema, a fuzzer, and a model replica killed under load. Last, no log of the
@@ -17,9 +17,9 @@ import jsonschema
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from serve_helpers import AUTH, TOKEN, service_config
+from serve_helpers import AUTH, TOKEN, service_config, serving
 
-from bench.local_service import free_port, local_serve, replica_counts, wait_until
+from bench.local_service import free_port, replica_counts, wait_until
 
 from serve_app import tokens
 from serve_app.app import APP_NAME, MODEL_DEPLOYMENT, app_builder, build_app, deployment_options, load_serve_config
@@ -33,8 +33,10 @@ MAX_WINDOWS = 40
 
 
 @pytest.fixture(scope="module")
-def metrics_port():
-    return free_port()
+def metrics_port(service):
+    from conftest import ray_metrics_port
+
+    return ray_metrics_port()
 
 
 @pytest.fixture(scope="module")
@@ -43,11 +45,11 @@ def audit_log(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def service(tiny_model_dir, metrics_port, audit_log):
+def service(tiny_model_dir, audit_log):
     from ray import serve
 
     config = service_config(tiny_model_dir, free_port(), audit_log=str(audit_log), max_windows_per_request=MAX_WINDOWS)
-    with local_serve(config, metrics_export_port=metrics_port) as url:
+    with serving(config) as url:
         # "tight": a replica holds 2 questions, 1 more may wait, and a lone question waits 1 s for
         # its batch to fill, past the 0.5 s deadline.
         [app] = service_config(tiny_model_dir, port=0)["applications"]
@@ -58,6 +60,7 @@ def service(tiny_model_dir, metrics_port, audit_log):
         args = {**app["args"], "max_batch_size": 2, "batch_wait_timeout_s": 1.0, "request_deadline_s": 0.5}
         serve.run(build_app(args, options), name="tight", route_prefix="/tight")
         yield url
+        serve.delete("tight")
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from bench.local_service import free_port
 from serve_app.app import APP_NAME, run_config
 
 
-def test_a_local_start_is_loopback_only_never_replaces_an_app_and_checks_the_real_bind(tiny_model_dir):
+def test_a_local_start_is_loopback_only_never_replaces_an_app_and_checks_the_real_bind(isolated_from_ray, tiny_model_dir):
     import ray
     from ray import serve
 

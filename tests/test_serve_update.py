@@ -1,6 +1,6 @@
 """Updating the model of a running service (python -m serve_app update): gated, under load, and back.
 
-One Ray + Serve for the module, serving tiny model A and starting at zero replicas; model B is
+One application for the module on the session's Ray + Serve, serving tiny model A with the packaged autoscaling; model B is
 another tiny model. In order: refused updates change nothing; an update at zero loads nothing until
 a request (then B answers); clients keep asking while the service goes back to A and rolls back to
 B: every response must be a 200 naming one of the two, and once the command returns only the new
@@ -16,9 +16,9 @@ import time
 import httpx
 import pytest
 from conftest import FIXTURES, build_tiny_model
-from serve_helpers import AUTH, service_config
+from serve_helpers import AUTH, service_config, serving
 
-from bench.local_service import free_port, local_serve, replica_counts, wait_until
+from bench.local_service import free_port, replica_counts, wait_until
 from serve_app.app import APP_NAME, MODEL_DEPLOYMENT
 from serve_app.app import deployment_options, load_serve_config
 from serve_app.update import main as update
@@ -65,7 +65,7 @@ def service(tiny_model_dir):
     config = service_config(tiny_model_dir, free_port())
     [model] = [d for d in config["applications"][0]["deployments"] if d["name"] == MODEL_DEPLOYMENT]
     model["autoscaling_config"].update(downscale_to_zero_delay_s=1, downscale_delay_s=1)
-    with local_serve(config) as url:
+    with serving(config) as url:
         import ray
 
         yield url, ray.get_runtime_context().gcs_address

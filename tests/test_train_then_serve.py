@@ -4,31 +4,26 @@ import json
 
 import httpx
 import pytest
-from serve_helpers import AUTH, service_config
+from serve_helpers import AUTH, service_config, serving
 from test_train_job import tiny_config
 
 from qa_common import Question, answer_questions, load_model_and_tokenizer, load_qa_config, read_squad
-from conftest import FIXTURES
-from bench.local_service import free_port, local_serve
+from conftest import FIXTURES, shared_ray
+from bench.local_service import free_port
 
 
 @pytest.fixture(scope="module")
 def exported_model(tiny_model_dir, tmp_path_factory):
-    import ray
-
     from qa_common import QAConfig
     from train_job.run import run
 
     output = tmp_path_factory.mktemp("trained")
     # Not QAConfig's defaults, so that serving the defaults would show.
     qa = QAConfig(max_length=40, stride=12, max_question_length=16, n_best=5, max_answer_length=6)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        with pytest.MonkeyPatch.context() as patch:  # 13 validation questions: let the score map be fitted
-            patch.setattr("qa_common.calibration.MIN_SCORE_QUESTIONS", 5)
-            run(tiny_config(tiny_model_dir, output, num_workers=1, epochs=1, qa=qa))
-    finally:
-        ray.shutdown()
+    shared_ray()
+    with pytest.MonkeyPatch.context() as patch:  # 13 validation questions: let the score map be fitted
+        patch.setattr("qa_common.calibration.MIN_SCORE_QUESTIONS", 5)
+        run(tiny_config(tiny_model_dir, output, num_workers=1, epochs=1, qa=qa))
     return output / "model", qa
 
 
@@ -46,7 +41,7 @@ def test_serving_an_exported_model_uses_its_trained_qa_config(exported_model):
     model, tokenizer = load_model_and_tokenizer(str(model_dir))
     expected = answer_questions(model, tokenizer, [Question(r["question"], r["context"], top_k=2) for r in records],
                                 load_qa_config(model_dir))
-    with local_serve(service_config(model_dir, free_port(), qa={})) as url:
+    with serving(service_config(model_dir, free_port(), qa={})) as url:
         info = httpx.get(f"{url}/v1/model", headers=AUTH, timeout=60).json()
         assert {name: info[name] for name in saved} == saved
         for record, wanted in zip(records, expected):

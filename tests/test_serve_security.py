@@ -164,12 +164,18 @@ def test_every_request_leaves_one_json_audit_line_without_text(client, audit_log
     ]
     assert [r.status_code for r in sent] == [200, 422, 401]
 
+    from serve_app.request_ids import client_id_hash
+
+    wanted = {client_id_hash(marker + suffix): suffix for suffix in ("-ok", "-bad", "-anon")}
+
     def lines():
         records = [json.loads(line) for line in audit_log.read_text().splitlines()]
-        return {r["request_id"]: r for r in records if r["request_id"].startswith(marker)}
+        return {wanted[r["client_request_id_hash"]]: r for r in records if r.get("client_request_id_hash") in wanted}
 
     found = wait_until(lambda: len(lines()) == 3 and lines(), timeout_s=20, what="the audit lines")
-    ok, bad, anonymous = (found[marker + suffix] for suffix in ("-ok", "-bad", "-anon"))
+    ok, bad, anonymous = (found[suffix] for suffix in ("-ok", "-bad", "-anon"))
+    assert [found[suffix]["request_id"] for suffix in ("-ok", "-bad", "-anon")] == [
+        r.headers["x-request-id"] for r in sent]  # the ids the service minted
     assert ok["status"] == 200 and ok["route"] == "/v1/answer" and ok["questions"] == 2 and ok["windows"] >= 2
     assert ok["token_id"] == hash_token(TOKEN)[:8] and len(ok["model_version"]) == 12
     assert ok["abstained"] == 0 and ok["latency_ms"] > 0 and ok["time"].endswith("+00:00")

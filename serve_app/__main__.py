@@ -11,6 +11,7 @@ On 127.0.0.1 it may run without tokens; on any other address it needs API tokens
 """
 
 import argparse
+import signal
 import sys
 import time
 import typing
@@ -108,6 +109,10 @@ def configure(config: dict, flags: argparse.Namespace) -> dict:
     return config
 
 
+def _stop(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["update"]:
@@ -121,6 +126,7 @@ def main(argv=None) -> None:
         [app_config] = config["applications"]
         url = run_config(config, ray_address=flags.address)
         ours = app_config["name"]
+        signal.signal(signal.SIGTERM, _stop)  # a service manager's stop: shut down as Ctrl-C does
         print(f"\nServing {app_config['args']['model']} at {url}  (API docs: {url.rstrip('/')}/docs)")
         if app_config["args"].get("library"):
             print(f"Ask the library {app_config['args']['library']}: POST {url.rstrip('/')}/v1/ask, or the page's "

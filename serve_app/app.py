@@ -72,7 +72,8 @@ def deployment_options(app_config: dict) -> dict[str, dict]:
     return options
 
 
-def check_authentication(args: ServeArgs, bind_host: str | None, token_hashes: list[str] | None = None) -> list[str]:
+def check_authentication(args: ServeArgs, bind_host: str | None, token_hashes: list[str] | None = None, *,
+                         warn: bool = True) -> list[str]:
     """The accepted tokens' hashes (``token_hashes`` when given, else read from ``args.token_hashes_file``
     and the environment); refuses (ValueError) to serve without them except on loopback or when told.
 
@@ -84,11 +85,13 @@ def check_authentication(args: ServeArgs, bind_host: str | None, token_hashes: l
         return hashes
     where = f"on {bind_host}" if bind_host else "where other machines may reach it"
     if args.insecure_no_auth:
-        logger.warning("serving WITHOUT authentication %s (insecure_no_auth): anyone who reaches it may send "
-                       "documents; never do this with patient data", where)
+        if warn:
+            logger.warning("serving WITHOUT authentication %s (insecure_no_auth): anyone who reaches it may send "
+                           "documents; never do this with patient data", where)
     elif bind_host is not None and is_loopback(bind_host):
-        logger.warning("serving without authentication on %s: only this machine can reach it. Give tokens "
-                       "(python -m serve_app.tokens new) before serving on a network.", bind_host)
+        if warn:
+            logger.warning("serving without authentication on %s: only this machine can reach it. Give tokens "
+                           "(python -m serve_app.tokens new) before serving on a network.", bind_host)
     else:
         raise ValueError(
             f"no API tokens: refusing to serve without authentication {where}. Make a token with "
@@ -100,9 +103,9 @@ def check_authentication(args: ServeArgs, bind_host: str | None, token_hashes: l
 
 
 def build_app(args: ServeArgs | dict, options: dict[str, dict], *, bind_host: str | None = None,
-              deployed: dict | None = None, token_hashes: list[str] | None = None) -> Application:
+              deployed: dict | None = None, token_hashes: list[str] | None = None, warn: bool = True) -> Application:
     """The application for ``args`` and deployment ``options``; ``bind_host`` and ``token_hashes``: see
-    check_authentication. ``deployed`` (``{"application": its Serve config entry, "host": bind_host}``)
+    check_authentication (``warn``: log serving without tokens). ``deployed`` (``{"application": its Serve config entry, "host": bind_host}``)
     is what the ingress hands ``python -m serve_app update``, with the token hashes it accepts added;
     None for an application deployed from a config file."""
     args = ServeArgs.model_validate(args)
@@ -135,7 +138,7 @@ def build_app(args: ServeArgs | dict, options: dict[str, dict], *, bind_host: st
         )
     if args.library:
         read_manifest(Path(args.library))  # a missing index fails here, naming the command that builds it
-    token_hashes = check_authentication(args, bind_host, token_hashes)
+    token_hashes = check_authentication(args, bind_host, token_hashes, warn=warn)
     if deployed is not None:
         deployed = {**deployed, "token_hashes": token_hashes}
     model = QAModel.options(**model_options).bind(model_path, qa_config, args)
@@ -176,7 +179,7 @@ def run_config(config: dict, *, ray_address: str = "local") -> str:
     [app_config] = config["applications"]
     http_options = dict(config.get("http_options") or {})
     args, options = app_config.get("args", {}), deployment_options(app_config)
-    build_app(args, options, bind_host=http_options.get("host", "127.0.0.1"))  # fails before starting anything
+    build_app(args, options, bind_host=http_options.get("host", "127.0.0.1"), warn=False)  # fails before starting anything
     if not ray.is_initialized():
         if ray_address == "local":
             request_ids.set_proxy_environment()  # the proxies we start take client request ids out

@@ -137,9 +137,15 @@ def ray_metrics_port() -> int:
 
 def stop_shared_ray() -> None:
     import ray
+    from ray import serve
+    from ray._private import auto_init_hook
 
+    # A Serve handle's background task that outlives its Ray would start a new one by itself (Ray's
+    # auto-init) beside the next module's: no Ray starts but the ones the tests start.
+    auto_init_hook.enable_auto_connect = False
     if ray.is_initialized():
-        ray.shutdown()  # Serve, its proxies and every replica go with it
+        serve.shutdown()  # its proxies, replicas and this process's handles
+        ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +160,11 @@ def isolated_from_ray():
     """For modules that start Rays of their own: no Ray of this process runs beside them."""
     stop_shared_ray()
     yield
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """The modules that start Rays of their own run first, so that the shared Ray starts once after them."""
+    items.sort(key=lambda item: "isolated_from_ray" not in item.fixturenames)
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -1,8 +1,9 @@
 """The QA service (serve_app) on the session's local Ray with the tiny model.
 
-One application for the module on the session's Ray + Serve: answers and their offsets, equality with qa_common's own decoding,
-dynamic batching, input validation, the page and docs, scale to zero; plus the config handling of
-the CLI and the application builder, which need no Ray.
+One application for the module on the session's Ray + Serve: answers and their offsets, equality
+with qa_common's own decoding, dynamic batching, input validation, the page and docs, scale to zero;
+plus the config handling of the CLI and the application builder, and served snapshots, which need
+no Ray.
 """
 
 import concurrent.futures

@@ -1,7 +1,7 @@
 """What makes the QA service fit to expose in a hospital, on the session's local Ray with the tiny model.
 
-The session's Ray + Serve, with two applications of this module ("qa", plus "tight": the same service with tiny
-queues and a short deadline): bearer tokens, the refusal to serve a network without them, window
+The session's Ray + Serve, with two applications of this module ("qa", plus "tight": the same service
+with tiny queues and a short deadline): bearer tokens, the refusal to serve a network without them, window
 budgets, 503 + Retry-After when the queue is full or the deadline passes, the audit log, metrics,
 the published schema, a fuzzer, and a model replica killed under load. Last, no log of the
 session holds any of the patient text sent.

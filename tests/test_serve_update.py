@@ -1,10 +1,11 @@
 """Updating the model of a running service (python -m serve_app update): gated, under load, and back.
 
-One application for the module on the session's Ray + Serve, serving tiny model A with the packaged autoscaling; model B is
-another tiny model. In order: refused updates change nothing; an update at zero loads nothing until
-a request (then B answers); clients keep asking while the service goes back to A and rolls back to
-B: every response must be a 200 naming one of the two, and once the command returns only the new
-model may answer.
+One application for the module on the session's Ray + Serve, serving tiny model A with the packaged
+autoscaling (and a one-second idle time before the last replica stops); model B is another tiny
+model. In order: refused updates change nothing; an update at zero loads nothing until a request
+(then B, as the gate saw it, answers); clients keep asking while the service goes back to A and
+rolls back to B: every response must be a 200 naming one of the two, and once the command returns
+only the new model may answer; last, an update keeps the service's tokens unless told.
 """
 
 import collections

@@ -20,16 +20,19 @@ RETRIEVER_DEPLOYMENT = "Retriever"  # the deployment's name, as in config.yaml
 
 
 # Its options live here rather than in config.yaml, which serves applications without a library too
-# (Serve refuses a config entry for a deployment an application does not have).
-@serve.deployment(
-    name=RETRIEVER_DEPLOYMENT,
-    max_ongoing_requests=16,
-    max_queued_requests=64,  # beyond: 503 with Retry-After
-    max_surge_percent=50,
-    autoscaling_config={"min_replicas": 0, "initial_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 4,
-                        "upscale_delay_s": 5, "downscale_delay_s": 300, "downscale_to_zero_delay_s": 3600},
-    ray_actor_options={"num_cpus": 1},
-)
+# (Serve refuses a config entry for a deployment an application does not have); a config entry
+# `- name: Retriever` overrides them key by key, as Serve does.
+RETRIEVER_OPTIONS = {
+    "max_ongoing_requests": 16,
+    "max_queued_requests": 64,  # beyond: 503 with Retry-After
+    "max_surge_percent": 50,
+    "autoscaling_config": {"min_replicas": 0, "initial_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 4,
+                           "upscale_delay_s": 5, "downscale_delay_s": 300, "downscale_to_zero_delay_s": 3600},
+    "ray_actor_options": {"num_cpus": 1},
+}
+
+
+@serve.deployment(name=RETRIEVER_DEPLOYMENT, **RETRIEVER_OPTIONS)
 class Retriever:
     def __init__(self, library: str):
         threads = max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))

@@ -113,20 +113,30 @@ def surge_fits(options: dict[str, dict], running: dict[str, int], free: dict[str
     return not short, ", ".join(short)
 
 
-def rollout_options(options: dict[str, dict], running: dict[str, int], *, surge: bool) -> dict[str, dict]:
-    """The deployment options of this rollout: as configured (config.yaml's ``max_surge_percent``), without
-    a surge when there is no room for it, and the model's replica count kept as it is."""
-    from serve_app.model import MODEL_DEPLOYMENT
+def application_options(application: dict) -> dict[str, dict]:
+    """Every deployment's options as Serve runs them: the config's entries, over the Retriever's own
+    (``RETRIEVER_OPTIONS``) when the application serves a library."""
+    from serve_app.app import deployment_options
+    from serve_app.retriever import RETRIEVER_DEPLOYMENT, RETRIEVER_OPTIONS
 
+    options = deployment_options(application)
+    if application.get("args", {}).get("library"):
+        options[RETRIEVER_DEPLOYMENT] = {**copy.deepcopy(RETRIEVER_OPTIONS), **options.get(RETRIEVER_DEPLOYMENT, {})}
+    return options
+
+
+def rollout_options(options: dict[str, dict], running: dict[str, int], *, surge: bool) -> dict[str, dict]:
+    """The deployment options of this rollout: as configured (``max_surge_percent``), without a surge
+    when there is no room for it, and each autoscaled deployment's replica count kept as it is."""
     options = copy.deepcopy(options)
-    if not surge:
-        for entry in options.values():
+    for name, entry in options.items():
+        if not surge:
             entry["max_surge_percent"] = 0
-    scaling = options.get(MODEL_DEPLOYMENT, {}).get("autoscaling_config")
-    if scaling is not None:
-        # A redeployment starts from initial_replicas: start from what runs now (0 stays 0).
-        lowest, highest = scaling.get("min_replicas", 1), scaling.get("max_replicas", 1)
-        scaling["initial_replicas"] = min(max(running.get(MODEL_DEPLOYMENT, 0), lowest), highest)
+        scaling = entry.get("autoscaling_config")
+        if scaling is not None:
+            # A redeployment starts from initial_replicas: start from what runs now (0 stays 0).
+            lowest, highest = scaling.get("min_replicas", 1), scaling.get("max_replicas", 1)
+            scaling["initial_replicas"] = min(max(running.get(name, 0), lowest), highest)
     return options
 
 
@@ -146,7 +156,7 @@ def update(flags: argparse.Namespace) -> None:
     import ray
     from ray import serve
 
-    from serve_app.app import build_app, deployment_options, model_to_serve
+    from serve_app.app import build_app, model_to_serve
     from serve_app.snapshot import snapshot
     from serve_app.schemas import ServeArgs
 
@@ -186,7 +196,7 @@ def update(flags: argparse.Namespace) -> None:
     else:
         token_hashes = deployed["token_hashes"]  # as deployed: never this shell's environment
     application["args"] = new_args.model_dump(exclude_defaults=True)
-    options = deployment_options(application)
+    options = application_options(application)
     running = running_replicas(flags.app)
     surge, short = surge_fits(options, running, ray.available_resources())
     if not surge:

@@ -23,7 +23,7 @@ from bench.local_service import free_port, replica_counts, wait_until
 from serve_app.app import APP_NAME, MODEL_DEPLOYMENT
 from serve_app.app import deployment_options, load_serve_config
 from serve_app.update import main as update
-from serve_app.update import rollout_options, surge_fits
+from serve_app.update import application_options, rollout_options, surge_fits
 
 QUESTION = {"question": "What do staff clean?", "context": "Staff clean their hands with an alcohol-based rub."}
 
@@ -58,6 +58,22 @@ def test_a_surge_fits_only_where_the_new_replicas_find_free_resources():
     fits, short = surge_fits(options, running, {"CPU": 4.5, "GPU": 1})
     assert not fits and short == "5 CPUs (free: 4.5), 2 GPUs (free: 1)"
     assert surge_fits(options, {MODEL_DEPLOYMENT: 0, "QAIngress": 1}, {"CPU": 1}) == (True, "")
+
+
+def test_with_a_library_the_retrievers_replicas_count_and_keep_their_number():
+    from serve_app.retriever import RETRIEVER_DEPLOYMENT
+
+    [application] = load_serve_config()["applications"]
+    application["args"]["library"] = "/srv/library"
+    options = application_options(application)
+    assert options[RETRIEVER_DEPLOYMENT]["max_surge_percent"] == 50
+    # Two CPUs, all held by one model and one retriever replica: no room for either's surge.
+    running = {MODEL_DEPLOYMENT: 1, RETRIEVER_DEPLOYMENT: 1, "QAIngress": 1}
+    fits, short = surge_fits(options, running, {"CPU": 0})
+    assert not fits and short.startswith("2 CPUs")
+    rollout = rollout_options(options, {**running, RETRIEVER_DEPLOYMENT: 0}, surge=fits)
+    assert {entry["max_surge_percent"] for entry in rollout.values()} == {0}
+    assert rollout[RETRIEVER_DEPLOYMENT]["autoscaling_config"]["initial_replicas"] == 0  # at zero: stays there
 
 
 @pytest.fixture(scope="module")

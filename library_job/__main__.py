@@ -28,8 +28,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command; exit status 2 with a one-line message for what the user can fix."""
     args = parse_args(argv)
-    return COMMANDS[args.command].run(args)
+    command = COMMANDS[args.command]
+    try:
+        command.run(args)
+    except command.USER_ERRORS as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":

@@ -260,10 +260,6 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     add_address_flag(parser)
 
 
-def run(args: argparse.Namespace) -> int:
-    try:
-        build(args)
-    except (FileNotFoundError, LibraryError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+run = build
+# What a user can fix: exit 2 with the message (a failing disk, say, is not: its traceback stays).
+USER_ERRORS = (FileNotFoundError, LibraryError, ValueError)

@@ -170,10 +170,5 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     add_address_flag(parser)
 
 
-def run(args: argparse.Namespace) -> int:
-    try:
-        evaluate(args)
-    except (SquadFormatError, FileNotFoundError, LibraryError, OSError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+run = evaluate
+USER_ERRORS = (SquadFormatError, OSError, ValueError)  # what a user can fix: exit 2 with the message

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -116,6 +117,7 @@ def shared_ray() -> None:
     import socket
 
     import ray
+    from ray._private import auto_init_hook
 
     from serve_app.request_ids import set_proxy_environment
 
@@ -124,6 +126,9 @@ def shared_ray() -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
+    # A Serve handle's background task that outlives its Ray would start a new one by itself (Ray's
+    # auto-init) beside the next module's: no Ray starts but the ones the tests start.
+    auto_init_hook.enable_auto_connect = False
     set_proxy_environment()  # its Serve proxies take client request ids out, as a deployed service's do
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="WARNING",
              _metrics_export_port=port, _system_config={"metrics_report_interval_ms": 1000})
@@ -136,16 +141,16 @@ def ray_metrics_port() -> int:
 
 
 def stop_shared_ray() -> None:
-    import ray
+    # Never the first import of Ray: a pytester run of this conftest would import it inside the run,
+    # and pytester drops the modules a run imported while Ray's native core stays loaded: the next
+    # import of Ray in the process then crashes it.
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return
     from ray import serve
-    from ray._private import auto_init_hook
 
-    # A Serve handle's background task that outlives its Ray would start a new one by itself (Ray's
-    # auto-init) beside the next module's: no Ray starts but the ones the tests start.
-    auto_init_hook.enable_auto_connect = False
-    if ray.is_initialized():
-        serve.shutdown()  # its proxies, replicas and this process's handles
-        ray.shutdown()
+    serve.shutdown()  # its proxies, replicas and this process's handles
+    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,10 @@
     python -m bench.preprocess --full           # the full SQuAD v1.1 train set (../shared, ~88k questions)
 
 - ray-data: the featurisation of ``train_job`` — ``ray.data.from_items`` of the question rows, then
-  ``map_batches(train_job.data.TrainFeaturizer, batch_size=256, concurrency=C,
-  udf_modifying_row_count=True)`` and ``materialize()`` — on a fresh local Ray with C = every CPU.
-  Run ``--runs`` times in the same Ray: the first includes starting the actors' worker processes.
+  ``map_batches(train_job.data.train_features_of, batch_size=256, concurrency=C,
+  udf_modifying_row_count=True)`` (tasks; each worker process keeps the tokenizer) and
+  ``materialize()`` — on a fresh local Ray with C = every CPU. Run ``--runs`` times in the same
+  Ray: the first includes loading the tokenizer in each worker process.
 - single process: ``qa_common.prepare_train_features`` over the same questions in batches of 256 in
   this process (the tokenizer's own Rust threads still run in parallel).
 
@@ -40,7 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="tokenizer: a local model directory or the packaged MiniLM (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=256, help="questions per map_batches call (default: %(default)s)")
     parser.add_argument("--concurrency", type=int, default=os.cpu_count(),
-                        help="featurising actors (default: every CPU, %(default)s)")
+                        help="featurising tasks at once (default: every CPU, %(default)s)")
     parser.add_argument("--cpus", type=int, default=os.cpu_count(), help="CPUs of the local Ray (default: %(default)s)")
     parser.add_argument("--runs", type=int, default=2, help="Ray Data runs in the same Ray (default: %(default)s)")
     parser.add_argument("--skip-baseline", action="store_true", help="skip the single-process baseline")
@@ -94,19 +95,20 @@ def run_single_process(rows, args, qa_config) -> dict:
 def run_ray_data(rows, args, qa_config, run: int) -> dict:
     import ray.data
 
-    from train_job.data import TrainFeaturizer
+    from train_job.data import tokenizer_stamp, train_features_of
 
     clock = benchlib.Stopwatch()
     dataset = ray.data.from_items(rows)
     from_items_s = clock()
     features = dataset.map_batches(
-        TrainFeaturizer, fn_constructor_kwargs={"model": args.tokenizer, "qa_config": qa_config},
+        train_features_of, fn_kwargs={"model": args.tokenizer, "stamp": tokenizer_stamp(args.tokenizer),
+                                      "qa_config": qa_config},
         batch_size=args.batch_size, batch_format="numpy", concurrency=args.concurrency,
         udf_modifying_row_count=True,
     ).materialize()
     seconds = clock()
     count = features.count()
-    return {"method": "Ray Data: map_batches(TrainFeaturizer)", "run": run, "concurrency": args.concurrency,
+    return {"method": "Ray Data: map_batches(train_features_of)", "run": run, "concurrency": args.concurrency,
             "examples": len(rows), "features": count, "seconds": seconds, "from_items_s": from_items_s,
             "examples_per_s": len(rows) / seconds, "features_per_s": count / seconds,
             "load_average": benchlib.load_average()}

@@ -174,9 +174,11 @@ def prepare_eval_features(
     return features
 
 
-def trim_padding(batch: dict, length_key: str = "attention_mask") -> dict:
-    """Cut a batch of padded features to its longest real sequence (saves attention work)."""
-    longest = int(batch[length_key].sum(axis=1).max())
+def trim_padding(batch: dict, length_key: str = "attention_mask", multiple_of: int = 1) -> dict:
+    """Cut a batch of padded features to its longest real sequence (saves attention work), rounded up
+    to ``multiple_of`` tokens (never past the features' width): a few shapes instead of one per length."""
+    width = batch[length_key].shape[1]
+    longest = min(width, -(-int(batch[length_key].sum(axis=1).max()) // multiple_of) * multiple_of)
     return {
         name: value[:, :longest] if getattr(value, "ndim", 0) >= 2 else value
         for name, value in batch.items()

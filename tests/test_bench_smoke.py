@@ -58,6 +58,32 @@ def test_train_scaling_and_variants(tiny_model_dir, tmp_path):
     assert len(variants) >= 5 and all(row["features_per_s"] > 0 for row in variants)
 
 
+def test_train_limits(tiny_model_dir, tmp_path):
+    document = run_bench("train_limits", tmp_path / "limits.json", "--model", str(tiny_model_dir),
+                         "--data", str(FIXTURES / "tiny-squad.jsonl"), "--questions", "20", "--steps", "10",
+                         "--profile-steps", "1", "--variants", "before,now")
+    variants = {row["variant"]: row for row in document["results"]["variants"]}
+    assert set(variants) == {"before", "now"}
+    for row in variants.values():
+        assert len(row["losses"]) == 10 and len(row["resident_mib_per_tenth"]) == 10
+        assert 0 < row["share_of_matmul_rate"] and row["peak_resident_mib"] > 0
+    assert [p["attention_dropout"] for p in document["results"]["profiles"]] == [None, 0.0]
+    for profile in document["results"]["profiles"]:
+        assert sum(profile["share_of_cpu_time"].values()) == pytest.approx(1.0)
+        assert profile["share_of_cpu_time"]["matmul"] > 0
+    assert document["results"]["matmul_rate"]["gflop_per_s"] > 0
+    assert document["ratios"]["now_vs_before_windows_per_s"] > 0
+
+
+def test_ray_overhead_names_rays_processes():
+    from bench.ray_overhead import process_name
+
+    assert process_name([b"ray::RayTrainWorker.train_fn", b""]) == "ray::RayTrainWorker.train_fn"
+    assert process_name([b"/usr/bin/python3.11", b"-m", b"train_job", b"--preset", b"squad-minilm"]) == "python train_job"
+    assert process_name([b"/venv/bin/python", b"/venv/lib/ray/dashboard/dashboard.py", b"--x"]) == "python dashboard.py"
+    assert process_name([b"/venv/lib/ray/core/src/ray/gcs/gcs_server", b"--port"]) == "gcs_server"
+
+
 def test_preprocess(tiny_model_dir, tmp_path):
     document = run_bench(
         "preprocess", tmp_path / "preprocess.json",

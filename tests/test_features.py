@@ -92,6 +92,8 @@ def test_trim_padding_cuts_to_the_longest_row():
     assert trimmed["input_ids"].tolist() == [[5, 6, 7], [5, 6, 0]]
     assert trimmed["offset_mapping"].shape == (2, 3, 2)
     assert trimmed["start_positions"].tolist() == [1, 2]
+    assert trim_padding(batch, multiple_of=2)["input_ids"].tolist() == [[5, 6, 7, 0], [5, 6, 0, 0]]
+    assert trim_padding(batch, multiple_of=8)["offset_mapping"].shape == (2, 5, 2)  # never past the width
 
 
 @pytest.mark.parametrize(

@@ -123,6 +123,38 @@ def test_length_grouping_batches_similar_lengths_within_the_shuffled_order():
     assert all(np.ptp(lengths[b]) == 7 for b in batches)  # one group of 64: sorted, then cut
 
 
+def test_attention_dropout_changes_the_attention_layers_only_and_not_the_saved_config(tiny_model_dir):
+    from transformers import AutoModelForQuestionAnswering
+
+    from train_job.optim import set_attention_dropout
+
+    model = AutoModelForQuestionAnswering.from_pretrained(tiny_model_dir)
+    dropouts = lambda: {name: module.p for name, module in model.named_modules() if isinstance(module, torch.nn.Dropout)}
+    before = dropouts()
+    assert set_attention_dropout(model, None) == 0 and dropouts() == before
+    assert set_attention_dropout(model, 0.0) == model.config.num_hidden_layers
+    after = dropouts()
+    changed = {name for name in before if after[name] != before[name]}
+    assert changed and all(name.endswith("attention.self.dropout") for name in changed)
+    assert {after[name] for name in changed} == {0.0} and model.config.attention_probs_dropout_prob == 0.1
+    with pytest.raises(ValueError, match="--attention-dropout must be in"):
+        config(attention_dropout=1.0)
+
+
+def test_the_featurising_tokenizer_is_loaded_once_per_process_and_again_when_its_files_change(tiny_model_dir, tmp_path):
+    import shutil
+
+    from train_job.data import featurizing_tokenizer, tokenizer_stamp
+
+    model = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    first = featurizing_tokenizer(str(model), tokenizer_stamp(str(model)))
+    assert featurizing_tokenizer(str(model), tokenizer_stamp(str(model))) is first
+    first.add_tokens(["newword"])  # a retrained model's tokenizer saved over the old one
+    first.save_pretrained(model)
+    reloaded = featurizing_tokenizer(str(model), tokenizer_stamp(str(model)))
+    assert reloaded is not first and "newword" in reloaded.get_vocab()
+
+
 # --- checkpoints ------------------------------------------------------------------------------
 
 

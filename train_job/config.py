@@ -55,6 +55,10 @@ class TrainConfig:
     per_device_batch_size: int = _flag("training features per worker per step", default=16)
     eval_batch_size: int = _flag("features per forward pass during evaluation", default=FORWARD_BATCH_SIZE)
     group_by_length: bool = _flag("batch windows of similar length together so less padding is computed", default=True)
+    attention_dropout: float | None = _flag(
+        "dropout on attention probabilities while training (default: the model's own, 0.1 for BERTs); 0 lets "
+        "PyTorch use its fused attention kernel on CPU, 1.4x faster steps for the squad-minilm preset "
+        "(BENCHMARKS.md)", default=None)
     compile: bool = _flag("torch.compile the model (pays off on GPUs for long runs; slow start)", default=False)
     precision: str = _flag("fp32, bf16 (autocast), fp16 (autocast + loss scaling; GPU only), or auto: bf16 where the "
                            "worker's GPU or CPU computes it natively (AVX512-BF16/AMX), else fp32", default="fp32")
@@ -117,6 +121,8 @@ class TrainConfig:
             raise ValueError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.weight_decay < 0 or self.max_failures < 0 or self.checkpoints_to_keep < 1:
             raise ValueError("--weight-decay and --max-failures must be >= 0, --checkpoints-to-keep >= 1")
+        if self.attention_dropout is not None and not 0 <= self.attention_dropout < 1:
+            raise ValueError(f"--attention-dropout must be in [0, 1), got {self.attention_dropout}")
         if not self.negative_ratio >= 0:
             raise ValueError(f"--negative-ratio must be >= 0, got {self.negative_ratio}")
         for name in ("max_train_samples", "max_eval_samples", "holdout_questions"):

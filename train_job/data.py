@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-import math
 import random
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 
 from qa_common import (
     QAConfig, length_grouped_batches, load_hub_squad, load_tokenizer, prepare_eval_features, prepare_train_features,
-    read_squad, synthesise_negatives,
+    read_squad, resolve_model_path, synthesise_negatives,
 )
 from qa_common.splits import hold_out_articles, sample_questions
 from train_job.config import TrainConfig
+
+FEATURIZE_BATCH = 256  # questions per Ray Data task
 
 
 def load_splits(config: TrainConfig) -> tuple[list[dict], list[dict]]:
@@ -61,41 +64,50 @@ def with_negatives(records: list[dict], config: TrainConfig, split: str) -> list
     return records
 
 
-class TrainFeaturizer:
-    """Ray Data UDF: question batches -> training features. The tokenizer loads once per actor."""
-
-    def __init__(self, model: str, qa_config: QAConfig):
-        self.tokenizer, self.qa_config = load_tokenizer(model), qa_config
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return prepare_train_features(
-            batch["question"], batch["context"], batch["answer_start"], batch["answer_text"],
-            self.tokenizer, self.qa_config,
-        )
+def featurizing_tokenizer(model: str, stamp: tuple):
+    """The tokenizer of ``model``, loaded once per Ray worker process and kept for the tasks after it
+    (``stamp``: its files' sizes and times, so a model directory rewritten in place is read again)."""
+    key = (model, stamp)
+    if key not in _TOKENIZERS:
+        _TOKENIZERS.clear()
+        _TOKENIZERS[key] = load_tokenizer(model)
+    return _TOKENIZERS[key]
 
 
-class EvalFeaturizer:
+_TOKENIZERS: dict = {}
+
+
+def tokenizer_stamp(model: str) -> tuple:
+    """Sizes and modification times of a local model directory's files (a Hub name: empty)."""
+    directory = Path(resolve_model_path(model))
+    if not directory.is_dir():
+        return ()
+    return tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in directory.iterdir() if p.is_file()))
+
+
+def train_features_of(batch: dict[str, np.ndarray], *, model: str, stamp: tuple, qa_config: QAConfig) -> dict[str, np.ndarray]:
+    """Ray Data UDF: question batches -> training features."""
+    return prepare_train_features(batch["question"], batch["context"], batch["answer_start"], batch["answer_text"],
+                                  featurizing_tokenizer(model, stamp), qa_config)
+
+
+def eval_features_of(batch: dict[str, np.ndarray], *, model: str, stamp: tuple, qa_config: QAConfig) -> dict[str, np.ndarray]:
     """Ray Data UDF: question batches -> evaluation features, keeping each feature's example index."""
-
-    def __init__(self, model: str, qa_config: QAConfig):
-        self.tokenizer, self.qa_config = load_tokenizer(model), qa_config
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        features = prepare_eval_features(
-            batch["example_index"], batch["question"], batch["context"], self.tokenizer, self.qa_config
-        )
-        features["example_index"] = features.pop("example_id").astype(np.int64)
-        return features
+    features = prepare_eval_features(batch["example_index"], batch["question"], batch["context"],
+                                     featurizing_tokenizer(model, stamp), qa_config)
+    features["example_index"] = features.pop("example_id").astype(np.int64)
+    return features
 
 
-def feature_datasets(config: TrainConfig, train: list[dict], validation: list[dict], *, concurrency: int | None = None):
-    """Materialised Ray Datasets of training and validation features.
+def feature_datasets(config: TrainConfig, train: list[dict], validation: list[dict]):
+    """Training and validation features, as one array per column each.
 
-    Sliding windows turn one question into one or more features, hence
-    ``udf_modifying_row_count=True``. Validation features keep the index of their question, which
-    decides the worker that evaluates it (all windows of a question on one worker).
+    Ray Data featurises both at once, in tasks (Ray's worker processes keep the tokenizer between
+    tasks, so a run on a warm cluster starts no process for it). Sliding windows turn one question
+    into one or more features, hence ``udf_modifying_row_count=True``. Validation features keep the
+    index of their question, which decides the worker that evaluates it (all windows of a question
+    on one worker).
     """
-    import ray
     import ray.data
 
     train_rows = [  # an unanswerable question has answer text "" (labelled at [CLS])
@@ -106,24 +118,21 @@ def feature_datasets(config: TrainConfig, train: list[dict], validation: list[di
     validation_rows = [
         {"example_index": i, "question": r["question"], "context": r["context"]} for i, r in enumerate(validation)
     ]
+    kwargs = {"model": config.model, "stamp": tokenizer_stamp(config.model), "qa_config": config.qa}
 
-    def featurize(rows: list[dict], featurizer):
-        # One tokenizer actor per ~2,000 questions, at most one per CPU of the cluster: actors take
-        # seconds to start, so small data sets keep few of them.
-        actors = concurrency or max(1, min(int(ray.cluster_resources().get("CPU", 1)), math.ceil(len(rows) / 2000)))
-        return ray.data.from_items(rows).map_batches(
-            featurizer, fn_constructor_kwargs={"model": config.model, "qa_config": config.qa},
-            batch_size=256, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
-            udf_modifying_row_count=True,
-        ).materialize()
+    def featurize(rows: list[dict], udf):
+        dataset = ray.data.from_items(rows).map_batches(udf, fn_kwargs=kwargs, batch_size=FEATURIZE_BATCH,
+                                                        batch_format="numpy", udf_modifying_row_count=True)
+        dataset.context.enable_progress_bars = False  # two at once would draw over each other
+        return feature_columns(dataset)
 
-    train_features = featurize(train_rows, TrainFeaturizer)
-    validation_features = featurize(validation_rows, EvalFeaturizer)
-    return train_features, validation_features
+    with ThreadPoolExecutor(1) as other:  # both pipelines share the cluster's CPUs
+        validation_features = other.submit(featurize, validation_rows, eval_features_of)
+        return featurize(train_rows, train_features_of), validation_features.result()
 
 
 def feature_columns(dataset) -> dict[str, np.ndarray]:
-    """A materialised Ray Dataset as one array per column (to ``ray.put`` once and index per epoch)."""
+    """A Ray Dataset as one array per column (to ``ray.put`` once and index per epoch)."""
     blocks = list(dataset.iter_batches(batch_size=None, batch_format="numpy"))
     return {name: np.concatenate([block[name] for block in blocks]) for name in blocks[0]}
 

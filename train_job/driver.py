@@ -8,9 +8,9 @@ import time
 
 from train_job import checkpoint
 from train_job.config import TrainConfig, TrainJobError
-from train_job.data import feature_columns, feature_datasets
+from train_job.data import feature_datasets
 from train_job.loop import steps_per_epoch, train_loop_per_worker
-from train_job.resources import ResourceError, check_fits, cluster_capacity, resolve_cpus_per_worker
+from train_job.resources import ResourceError, check_fits, cluster_capacity, one_machine, resolve_cpus_per_worker
 
 # Ray Train v2 reads these variables in the process that builds the trainer and passes them on to
 # its controller and workers.
@@ -19,14 +19,18 @@ WORKER_GROUP_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 # sys.__stdout__, so it "tees") and to a logger with a console handler: log_to_driver then shows
 # every line twice, and the progress bar's updates twice. Plain print: each line once.
 PRINT_PATCH_ENV = "RAY_TRAIN_ENABLE_PRINT_PATCH"
+# Train's preemption watcher (an actor polling for nodes being drained) has nothing to watch on one
+# machine, and took 0.7 % of a 2-core machine's CPU (BENCHMARKS.md, "Ray's own processes").
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 
 
 class PreparedData:
     """Records and feature data, shared by a run or by every trial of a search.
 
-    The training windows go into the object store once, as one array per column
-    (``train_features_ref``): each worker draws its shuffled share of them every epoch
-    (``train_job.data.epoch_shard``). The validation features stay a Ray Dataset that every worker reads.
+    The training and validation windows go into the object store once each, as one array per column
+    (``train_features_ref``, ``validation_features_ref``): each worker draws its shuffled share of
+    the training windows every epoch (``train_job.data.epoch_shard``) and evaluates the validation
+    questions assigned to it.
     """
 
     def __init__(self, config: TrainConfig, train_records: list[dict], validation_records: list[dict]):
@@ -34,12 +38,11 @@ class PreparedData:
 
         started = time.perf_counter()
         self.train_records, self.validation_records = train_records, validation_records
-        train_features, self.validation_features = feature_datasets(config, self.train_records, self.validation_records)
-        self.validation_features.context.enable_progress_bars = False  # the loop shows its own progress
-        columns = feature_columns(train_features)
-        self.train_feature_count = len(columns["input_ids"])
-        self.train_features_ref = ray.put(columns)
-        del columns, train_features
+        train_features, validation_features = feature_datasets(config, self.train_records, self.validation_records)
+        self.train_feature_count = len(train_features["input_ids"])
+        self.train_features_ref = ray.put(train_features)
+        self.validation_features_ref = ray.put(validation_features)
+        del train_features, validation_features
         self.validation_ref = ray.put(self.validation_records)
         print(f"[train_job] {len(self.train_records)} training questions -> {self.train_feature_count} windows, "
               f"{len(self.validation_records)} validation questions; prepared in {time.perf_counter() - started:.1f} s",
@@ -58,13 +61,15 @@ def build_trainer(config: TrainConfig, data: PreparedData, *, name: str, storage
     ``after_step(epoch, step_in_epoch, resumed=...)`` after each training step (and its mid-epoch
     checkpoint, if any); tests raise in them to inject a failure.
     """
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     # Workers that cannot be placed within the timeout fail the run (controller_failure_limit=0)
     # instead of Ray Train retrying the start forever.
     os.environ[WORKER_GROUP_START_TIMEOUT_ENV] = str(config.worker_start_timeout_s)
     os.environ.setdefault(PRINT_PATCH_ENV, "0")
+    if one_machine():
+        os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -73,6 +78,7 @@ def build_trainer(config: TrainConfig, data: PreparedData, *, name: str, storage
             "fingerprint": fingerprint,
             "steps_per_epoch": steps_per_epoch(data.train_feature_count, config.num_workers, config.per_device_batch_size),
             "train_features": data.train_features_ref,
+            "validation_features": data.validation_features_ref,
             "validation_records": data.validation_ref,
             "after_epoch": after_epoch,
             "after_step": after_step,
@@ -91,9 +97,6 @@ def build_trainer(config: TrainConfig, data: PreparedData, *, name: str, storage
             ),
             callbacks=list(callbacks),
         ),
-        # Every worker sees all validation features and evaluates the questions assigned to it.
-        datasets={"validation": data.validation_features},
-        dataset_config=DataConfig(datasets_to_split=[]),
     )
 
 

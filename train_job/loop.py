@@ -25,10 +25,13 @@ from qa_common import NO_ANSWER, decode_predictions, evaluate_answers, load_mode
 from train_job import checkpoint
 from train_job.config import TrainConfig
 from train_job.data import epoch_batches, epoch_shard
-from train_job.optim import build_optimizer, build_scheduler, resolve_precision, train_step
+from train_job.optim import build_optimizer, build_scheduler, resolve_precision, set_attention_dropout, train_step
 from train_job.tracking import Trackers
 
 GROUP_BATCHES = 32  # length grouping sorts this many batches' worth of features at a time
+# Batches are cut to a multiple of this many tokens: with a new length every step, glibc's heap
+# fragments and the worker grew without bound (BENCHMARKS.md, "Training near the machine's limit").
+LENGTH_MULTIPLE = 32
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 EPOCH_START = {"loss_sum": 0.0, "features": 0, "seconds": 0.0}  # an epoch's running totals, kept mid-epoch
 
@@ -61,8 +64,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     train_features = ray.get(loop_config["train_features"])
     lengths = train_features["attention_mask"].sum(axis=1)
     validation_records = ray.get(loop_config["validation_records"])
+    validation_features = my_questions(ray.get(loop_config["validation_features"]), worker.rank, worker.world_size)
     worker_node_ids = gather_objects(ray.get_runtime_context().get_node_id(), worker.world_size)
-    validation_features = ray.train.get_dataset_shard("validation")
     after_epoch = loop_config.get("after_epoch")  # a test seam: called after each epoch's report
 
     for epoch in range(worker.state["epoch"], config.epochs):
@@ -108,6 +111,7 @@ def set_up(config: TrainConfig, loop_config: dict) -> Worker:
     else:
         # fp32 master weights whatever the stored dtype (transformers 5 would keep a bf16 checkpoint in bf16).
         model, tokenizer = load_model_and_tokenizer(config.model, dtype=torch.float32)
+    set_attention_dropout(model, config.attention_dropout)
     model = ray.train.torch.prepare_model(model)
     if config.compile:
         # Trimmed batches change length every step: compile for dynamic shapes once, not per length.
@@ -162,8 +166,9 @@ def train_epoch(worker: Worker, train_features: dict, lengths: np.ndarray, epoch
     # join lets the workers that finish first take part in the others' gradient all-reduce.
     with worker.model.join() if worker.world_size > 1 else contextlib.nullcontext():
         for step_in_epoch in range(first_step, len(batches) + 1):
+            rows = batches[step_in_epoch - 1]
             batch = {name: torch.as_tensor(values, dtype=torch.long, device=worker.device) for name, values in
-                     trim_padding({n: v[batches[step_in_epoch - 1]] for n, v in train_features.items()}).items()}
+                     trim_padding({n: v[rows] for n, v in train_features.items()}, multiple_of=LENGTH_MULTIPLE).items()}
             try:
                 loss = train_step(worker.model, batch, optimizer=worker.optimizer, scheduler=worker.scheduler,
                                   scaler=worker.scaler, autocast=worker.autocast)
@@ -230,9 +235,15 @@ def show_progress(worker: Worker, bar, loss: torch.Tensor, windows_per_s: float,
                                  "train/windows_per_s": windows_per_s}, step)
 
 
-def evaluate(worker: Worker, validation_features, validation_records):
+def my_questions(validation_features: dict, rank: int, world_size: int) -> dict:
+    """The validation windows worker ``rank`` evaluates: every ``world_size``-th question's, all its windows."""
+    mine = validation_features["example_index"] % world_size == rank
+    return {name: values[mine] for name, values in validation_features.items()}
+
+
+def evaluate(worker: Worker, validation_features: dict, validation_records: list[dict]):
     """The metrics over every validation question (:func:`qa_common.evaluate_answers`); each worker
-    decodes every n-th question.
+    decodes its share of the questions (:func:`my_questions`).
 
     All windows of one question go to the same worker, which decodes them together (the best span
     and its no-answer probability); the answers are then gathered and every worker computes the
@@ -243,25 +254,13 @@ def evaluate(worker: Worker, validation_features, validation_records):
     config, rank, world_size = worker.config, worker.rank, worker.world_size
     model = getattr(worker.model, "module", worker.model)
     model.eval()
-    kept = {"example_index": [], "offset_mapping": [], "start_logits": [], "end_logits": []}
-    for batch in validation_features.iter_batches(batch_size=config.eval_batch_size, batch_format="numpy"):
-        mine = batch["example_index"] % world_size == rank
-        if not mine.any():
-            continue
-        batch = {name: values[mine] for name, values in batch.items()}
+    contexts = {i: validation_records[i]["context"] for i in range(rank, len(validation_records), world_size)}
+    if len(validation_features["example_index"]):
         with worker.autocast:
-            start_logits, end_logits = predict_logits(model, batch, batch_size=config.eval_batch_size)
-        kept["example_index"].append(batch["example_index"])
-        kept["offset_mapping"].append(batch["offset_mapping"])
-        kept["start_logits"].append(start_logits)
-        kept["end_logits"].append(end_logits)
-    my_indices = range(rank, len(validation_records), world_size)
-    contexts = {i: validation_records[i]["context"] for i in my_indices}
-    if kept["example_index"]:
-        arrays = {name: np.concatenate(values) for name, values in kept.items()}
+            start_logits, end_logits = predict_logits(model, validation_features, batch_size=config.eval_batch_size)
         # The best span even where the model would abstain: the threshold is chosen afterwards.
         decoded = decode_predictions(
-            arrays["example_index"], arrays["start_logits"], arrays["end_logits"], arrays["offset_mapping"],
+            validation_features["example_index"], start_logits, end_logits, validation_features["offset_mapping"],
             contexts, config.qa.replace(version_2_with_negative=False),
         )
     else:

@@ -25,6 +25,23 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bf16" if flags & set(NATIVE_BF16_CPU_FLAGS) else "fp32"
 
 
+def set_attention_dropout(model: torch.nn.Module, attention_dropout: float | None) -> int:
+    """Set the attention-probability dropout of every attention layer for this training (None: keep
+    the model's; the saved config keeps it either way); returns the layers changed.
+
+    PyTorch's fused attention kernel on CPU takes no dropout: with any, attention runs unfused,
+    materialising every score matrix and drawing a random number for each of its entries (a quarter
+    of the squad-minilm preset's step).
+    """
+    if attention_dropout is None:
+        return 0
+    layers = [module for module in model.modules()
+              if type(module).__name__.endswith("SelfAttention") and isinstance(getattr(module, "dropout", None), torch.nn.Dropout)]
+    for module in layers:
+        module.dropout.p = attention_dropout
+    return len(layers)
+
+
 def build_optimizer(model: torch.nn.Module, *, learning_rate: float, weight_decay: float,
                     fused: bool | None = None) -> torch.optim.AdamW:
     """AdamW with weight decay on the weight matrices only: biases and LayerNorm are not decayed (as BERT).

@@ -6,7 +6,8 @@ import argparse
 import os
 from dataclasses import dataclass
 
-ADDRESS_HELP = "Ray cluster address (default: RAY_ADDRESS, else a new local Ray)"
+ADDRESS_HELP = ("Ray cluster address (default: RAY_ADDRESS, else a new local Ray without the dashboard; to watch a "
+                "run in the dashboard, `ray start --head` first and pass --address auto)")
 
 
 def add_address_flag(parser: argparse.ArgumentParser) -> None:
@@ -14,11 +15,19 @@ def add_address_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def connect_ray(address: str | None, **options) -> None:
-    """Join the cluster at ``address`` (else ``RAY_ADDRESS``, else start a local Ray), unless connected."""
+    """Join the cluster at ``address`` (else ``RAY_ADDRESS``, else start a local Ray), unless connected.
+
+    A local Ray started here has no dashboard: its processes took CPU from the training on a
+    two-core machine, and nobody can open it before the job starts (BENCHMARKS.md, "Ray's own
+    processes").
+    """
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=address or os.environ.get("RAY_ADDRESS"), **options)
+        address = address or os.environ.get("RAY_ADDRESS")
+        if not address:
+            options.setdefault("include_dashboard", False)
+        ray.init(address=address, **options)
 
 
 def add_actor_flags(parser: argparse.ArgumentParser, what: str, *, gpus: bool = False) -> None:

@@ -54,6 +54,13 @@ def cluster_capacity() -> Capacity:
     return Capacity(cpus, gpus, largest)
 
 
+def one_machine() -> bool:
+    """Whether the connected cluster is one node that cannot grow (a laptop, a workstation)."""
+    import ray
+
+    return sum(1 for node in ray.nodes() if node.get("Alive")) == 1 and not _autoscaler_max_resources()
+
+
 def _autoscaler_max_resources() -> dict | None:
     try:
         from ray._private.state import state

@@ -1,0 +1,110 @@
+"""What Ray's own processes take from a one-machine training run: CPU time by process, sampled from /proc.
+
+    python -m bench.ray_overhead                      # the squad-minilm preset's recipe on 1,000 questions
+    python -m bench.ray_overhead -- --max-train-samples 4000
+
+Runs ``python -m train_job`` (its own local Ray) with the preset's recipe on a slice of SQuAD train
+(``../shared``; else the quickstart data), reads every process's CPU time from ``/proc`` each
+second, and reports, over the training epoch only (from the training worker's first busy second
+to its last), each process's share of the machine's CPU time: the training worker, the driver, and
+each of Ray's own (GCS, raylet, dashboard, agents, Train's controller and helpers, idle workers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench import benchlib
+
+DEFAULT_OUT = benchlib.RESULTS / "ray_overhead.json"
+TRAINING_WORKER = "ray::RayTrainWorker"
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.ray_overhead", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--questions", type=int, default=1000, help="training questions (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON result file (default: %(default)s)")
+    parser.add_argument("train_flags", nargs="*", help="more train_job flags, after --")
+    return parser.parse_args(argv)
+
+
+def process_times() -> dict[int, tuple[str, float]]:
+    """``{pid: (name, CPU seconds)}`` of every process readable now."""
+    times = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{entry.name}/cmdline", "rb") as cmdline:
+                argv = cmdline.read().split(b"\0")
+        except OSError:
+            continue
+        times[int(entry.name)] = (process_name(argv), (int(fields[11]) + int(fields[12])) / TICKS)
+    return times
+
+
+def process_name(argv: list[bytes]) -> str:
+    """A readable name: Ray's actor or worker title, the binary, or the Python module run."""
+    words = [word.decode(errors="replace") for word in argv if word]
+    if not words:
+        return "?"
+    if words[0].startswith("ray::"):
+        return words[0].split()[0]
+    binary = Path(words[0]).name
+    if binary.startswith("python"):
+        module = next((words[i + 1] for i, word in enumerate(words[:-1]) if word == "-m"), None)
+        script = next((Path(word).name for word in words[1:] if word.endswith(".py")), None)
+        return f"python {module or script or ('-c' if '-c' in words else '')}".strip()
+    return binary
+
+
+def measure(args, workdir: Path, load_before: list[float]) -> int:
+    data = benchlib.SQUAD_FULL_TRAIN if benchlib.SQUAD_FULL_TRAIN.is_file() else benchlib.QUICKSTART_TRAIN
+    command = [sys.executable, "-m", "train_job", "--preset", "squad-minilm", "--train-file", str(data),
+               "--max-train-samples", str(args.questions), "--holdout-questions", "100", "--max-eval-samples", "100",
+               "--output-dir", str(workdir / "run"), "--checkpoint-every-steps", "100000", *args.train_flags]
+    before = set(process_times())
+    samples = []
+    child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while child.poll() is None:
+        samples.append((time.monotonic(), {pid: value for pid, value in process_times().items() if pid not in before}))
+        time.sleep(1.0)
+    if child.returncode != 0:
+        raise SystemExit(f"train_job failed (exit {child.returncode}): {' '.join(command)}")
+    busy = [i for i, (_, procs) in enumerate(samples) if any(name == TRAINING_WORKER for name, _ in procs.values())]
+    first, last = busy[0], busy[-1]
+    (started, start_procs), (ended, end_procs) = samples[first], samples[last]
+    seconds, cpus = ended - started, os.cpu_count()
+    shares: dict[str, float] = {}
+    for pid, (name, cpu) in end_procs.items():
+        used = cpu - start_procs.get(pid, (name, 0.0))[1]
+        shares[name] = shares.get(name, 0.0) + used / (seconds * cpus)
+    driver = shares.pop("python train_job", 0.0)
+    worker = shares.pop(TRAINING_WORKER, 0.0)
+    rows = sorted(({"process": name, "share_of_cpu": share} for name, share in shares.items() if share > 0),
+                  key=lambda row: -row["share_of_cpu"])
+    ratios = {"ray_own_processes_share_of_cpu": sum(row["share_of_cpu"] for row in rows),
+              "training_worker_share_of_cpu": worker, "driver_share_of_cpu": driver}
+    benchlib.print_table("Ratios", [{"ratio": k, "value": v} for k, v in ratios.items()], ["ratio", "value"])
+    benchlib.print_table(f"Ray's own processes over {seconds:.0f} s of training ({cpus} CPUs)", rows,
+                         ["process", "share_of_cpu"])
+    benchlib.write_json(args.out, "ray_overhead", ratios, {"processes": rows, "training_seconds": seconds},
+                        {"command": command, "data": benchlib.data_label(data)}, load_before)
+    return 0
+
+
+def main(argv=None) -> int:
+    return benchlib.run_in_workdir(measure, parse_args(argv), prefix="bench-ray-overhead-")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,315 @@
+"""Where a training step's time and memory go, and how near the machine's own matmul rate the loop runs.
+
+    python -m bench.train_limits                       # the squad-minilm preset's windows (../shared SQuAD)
+    python -m bench.train_limits --steps 400 --variants before,now
+
+In one run, on the preset's own windows (SQuAD train questions with the preset's synthesised
+negatives, 256-token windows, batches of 16, length-grouped as the loop groups them, bf16 autocast
+where the CPU has it):
+
+1. **Profile** of the step (``train_job.optim.train_step``, torch.profiler) at the windows' median
+   length, its CPU time by kind: matmuls, fused attention, dropout's random numbers, the optimiser,
+   other element-wise work.
+2. **Variants** of the loop, each in a fresh process (the allocator's state and its environment are
+   per process): ``--steps`` steps of the real step over the same batches in the same order; windows/s
+   per tenth of the run and resident memory per tenth and at its peak. ``before``: batches cut to
+   their longest window (a new shape nearly every step); ``now``: cut to a multiple of 32 tokens, as
+   every ``train_job`` run now does; ``attention-dropout-0``: that and ``--attention-dropout 0``.
+3. **The machine's rate** at the model's own matmuls: every matmul of a training step at the median
+   length (forward, and both products of the backward), timed alone in the same dtype; the loop's
+   model FLOP/s as a share of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench import benchlib
+
+DEFAULT_OUT = benchlib.RESULTS / "train_limits.json"
+VARIANTS = {  # name -> (tokens batches are cut to a multiple of, --attention-dropout)
+    "before": (1, None),  # the loop before length buckets: a new shape nearly every step
+    "now": (None, None),  # every train_job run now (train_job.loop.LENGTH_MULTIPLE)
+    "attention-dropout-0": (None, 0.0),  # and --attention-dropout 0: PyTorch's fused attention
+}
+KINDS = {  # profiler op name prefixes -> kind
+    "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear"),
+    "fused attention": ("aten::_scaled_dot_product_flash_attention",),
+    "dropout random numbers": ("aten::bernoulli", "aten::native_dropout"),
+    "optimiser": ("aten::_foreach", "aten::addcdiv", "aten::lerp", "aten::sqrt", "aten::addcmul"),
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.train_limits", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=None,
+                        help=f"SQuAD training file (default: {benchlib.data_label(benchlib.SQUAD_FULL_TRAIN)}, "
+                             "else the quickstart questions)")
+    parser.add_argument("--model", default="sentence-transformers/all-MiniLM-L6-v2", help="model (default: %(default)s)")
+    parser.add_argument("--questions", type=int, default=3000, help="training questions sampled (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=300, help="steps per variant (default: %(default)s)")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, of: " + ", ".join(VARIANTS))
+    parser.add_argument("--profile-steps", type=int, default=3, help="steps profiled (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON result file (default: %(default)s)")
+    parser.add_argument("--run-variant", default=None, help=argparse.SUPPRESS)  # internal: one variant, in a child
+    parser.add_argument("--features", type=Path, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.variants = [name.strip() for name in args.variants.split(",") if name.strip()]
+    unknown = set(args.variants) - set(VARIANTS)
+    if unknown:
+        parser.error(f"unknown --variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
+    return args
+
+
+def preset_config():
+    from train_job.config import PRESETS, TrainConfig
+
+    return TrainConfig.from_dict({**TrainConfig().to_dict(), **{k: v for k, v in PRESETS["squad-minilm"].items()
+                                                                if k not in ("dataset", "output_dir")}})
+
+
+def prepare_features(args, path: Path) -> dict:
+    """The preset's training windows of ``--questions`` questions (and their negatives), saved to ``path``."""
+    from qa_common import load_tokenizer, prepare_train_features, read_squad
+    from qa_common.splits import sample_questions
+    from train_job.data import with_negatives
+
+    config = preset_config()
+    data = args.data or (benchlib.SQUAD_FULL_TRAIN if benchlib.SQUAD_FULL_TRAIN.is_file() else benchlib.QUICKSTART_TRAIN)
+    records = with_negatives(sample_questions(read_squad(data), args.questions, seed=config.seed), config, "training")
+    features = prepare_train_features(
+        [r["question"] for r in records], [r["context"] for r in records],
+        [(r["answers"]["answer_start"] or [0])[0] for r in records], [(r["answers"]["text"] or [""])[0] for r in records],
+        load_tokenizer(args.model), config.qa)
+    np.savez(path, **{name: np.asarray(values) for name, values in features.items()})
+    return {"data": benchlib.data_label(Path(data)), "questions": len(records), "windows": len(features["input_ids"])}
+
+
+def resident_mib() -> float:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def run_variant(args) -> dict:
+    """One variant's run, in this (fresh) process: windows/s and resident memory per tenth."""
+    import resource
+
+    import torch
+
+    from qa_common import load_model_and_tokenizer, trim_padding
+    from train_job.data import epoch_batches
+    from train_job.loop import AUTOCAST_DTYPES, GROUP_BATCHES, LENGTH_MULTIPLE
+    from train_job.optim import build_optimizer, build_scheduler, resolve_precision, set_attention_dropout, train_step
+
+    config = preset_config()
+    length_multiple, attention_dropout = VARIANTS[args.run_variant]
+    length_multiple = length_multiple or LENGTH_MULTIPLE
+    features = dict(np.load(args.features))
+    torch.set_num_threads(os.cpu_count())
+    torch.manual_seed(config.seed)
+    model, _ = load_model_and_tokenizer(args.model, dtype=torch.float32)
+    set_attention_dropout(model, attention_dropout)
+    precision = resolve_precision(config.precision, torch.device("cpu"))
+    autocast = torch.autocast("cpu", dtype=AUTOCAST_DTYPES.get(precision), enabled=precision in AUTOCAST_DTYPES)
+    lengths = features["attention_mask"].sum(axis=1)
+    rng = np.random.default_rng(config.seed)
+    batches = epoch_batches(rng.permutation(len(lengths)), lengths, config.per_device_batch_size, rng, GROUP_BATCHES)
+    batches = (batches * (1 + args.steps // len(batches)))[: args.steps]
+    optimizer = build_optimizer(model, learning_rate=config.learning_rate, weight_decay=config.weight_decay)
+    scheduler = build_scheduler(optimizer, warmup_steps=int(config.warmup_ratio * args.steps), total_steps=args.steps)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    model.train()
+    tenth, tenths, losses = max(1, args.steps // 10), [], []
+    rss_start, started, windows, tokens = resident_mib(), time.perf_counter(), 0, 0
+    for step, rows in enumerate(batches, 1):
+        batch = {name: torch.as_tensor(values, dtype=torch.long)
+                 for name, values in trim_padding({n: v[rows] for n, v in features.items()},
+                                                                   multiple_of=length_multiple).items()}
+        losses.append(float(train_step(model, batch, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                                       autocast=autocast)))
+        windows += len(rows)
+        tokens += batch["input_ids"].numel()
+        if step % tenth == 0:
+            seconds = time.perf_counter() - started
+            tenths.append({"windows_per_s": windows / seconds, "padded_tokens": tokens, "seconds": seconds,
+                           "resident_mib": resident_mib()})
+            started, windows, tokens = time.perf_counter(), 0, 0
+    return {"variant": args.run_variant, "precision": precision, "steps": args.steps, "tenths": tenths,
+            "resident_mib_before_steps": rss_start, "peak_resident_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "loss_first_tenth": float(np.mean(losses[:tenth])), "loss_last_tenth": float(np.mean(losses[-tenth:])),
+            "losses": losses}
+
+
+def step_inputs(model, length: int, batch_size: int, seed: int = 0):
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    return {"input_ids": torch.randint(1000, model.config.vocab_size, (batch_size, length), generator=generator),
+            "token_type_ids": torch.zeros(batch_size, length, dtype=torch.long),
+            "attention_mask": torch.ones(batch_size, length, dtype=torch.long),
+            "start_positions": torch.randint(0, length, (batch_size,), generator=generator),
+            "end_positions": torch.randint(0, length, (batch_size,), generator=generator)}
+
+
+def profile_step(args, length: int, *, attention_dropout: float | None) -> dict:
+    """CPU time of ``--profile-steps`` steps at ``length`` tokens by kind of op (torch.profiler)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from qa_common import load_model_and_tokenizer
+    from train_job.loop import AUTOCAST_DTYPES
+    from train_job.optim import build_optimizer, build_scheduler, resolve_precision, set_attention_dropout, train_step
+
+    config = preset_config()
+    model, _ = load_model_and_tokenizer(args.model, dtype=torch.float32)
+    set_attention_dropout(model, attention_dropout)
+    precision = resolve_precision(config.precision, torch.device("cpu"))
+    autocast = torch.autocast("cpu", dtype=AUTOCAST_DTYPES.get(precision), enabled=precision in AUTOCAST_DTYPES)
+    optimizer = build_optimizer(model, learning_rate=config.learning_rate, weight_decay=config.weight_decay)
+    scheduler = build_scheduler(optimizer, warmup_steps=0, total_steps=1000)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    model.train()
+    step = lambda: train_step(model, step_inputs(model, length, config.per_device_batch_size), optimizer=optimizer,
+                              scheduler=scheduler, scaler=scaler, autocast=autocast)
+    for _ in range(2):
+        step()
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        started = time.perf_counter()
+        for _ in range(args.profile_steps):
+            step()
+        seconds = (time.perf_counter() - started) / args.profile_steps
+    by_kind = dict.fromkeys([*KINDS, "other"], 0.0)
+    for event in profiler.key_averages():
+        kind = next((k for k, prefixes in KINDS.items() if event.key.startswith(prefixes)), "other")
+        by_kind[kind] += event.self_cpu_time_total / 1e6 / args.profile_steps
+    total = sum(by_kind.values())
+    return {"length": length, "attention_dropout": attention_dropout, "step_s": seconds, "windows_per_s": config.per_device_batch_size / seconds,
+            "share_of_cpu_time": {kind: value / total for kind, value in by_kind.items()}}
+
+
+def matmul_rate(args, length: int) -> dict:
+    """GFLOP/s of every matmul of one training step at ``length`` tokens, each timed alone (bf16 where the
+    step computes in bf16): the linear layers' forward and both backward products, and attention's two
+    batched products forward and backward."""
+    import torch
+
+    from transformers import AutoConfig
+
+    from qa_common import resolve_model_path
+    from train_job.optim import resolve_precision
+
+    model_config = AutoConfig.from_pretrained(resolve_model_path(args.model))
+    config = preset_config()
+    precision = resolve_precision(config.precision, torch.device("cpu"))
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    hidden, inner, layers = model_config.hidden_size, model_config.intermediate_size, model_config.num_hidden_layers
+    heads = model_config.num_attention_heads
+    tokens, batch = config.per_device_batch_size * length, config.per_device_batch_size
+    linear = [(tokens, hidden, hidden)] * 4 + [(tokens, hidden, inner), (tokens, inner, hidden)]  # (T, in, out) per layer
+    products = []  # (a shape, b shape) of every mm of one layer's forward + backward
+    for t, fan_in, fan_out in linear:
+        products += [((t, fan_in), (fan_in, fan_out)), ((t, fan_out), (fan_out, fan_in)), ((fan_in, t), (t, fan_out))]
+    head_dim = hidden // heads
+    attention = [((batch * heads, length, head_dim), (batch * heads, head_dim, length)),
+                 ((batch * heads, length, length), (batch * heads, length, head_dim))]
+    products += attention * 3  # forward, and the two products of each backward, have these FLOPs
+    flops, seconds = 0.0, 0.0
+    for a_shape, b_shape in products:
+        a, b = torch.randn(a_shape, dtype=dtype), torch.randn(b_shape, dtype=dtype)
+        multiply = torch.bmm if len(a_shape) == 3 else torch.mm
+        multiply(a, b)
+        started, repeats = time.perf_counter(), 5
+        for _ in range(repeats):
+            multiply(a, b)
+        seconds += (time.perf_counter() - started) / repeats
+        flops += 2 * np.prod(a_shape) * b_shape[-1]
+    return {"length": length, "dtype": str(dtype).removeprefix("torch."), "gflop_per_step": flops * layers / 1e9,
+            "gflop_per_s": flops / seconds / 1e9, "matmul_s_per_step": seconds * layers}
+
+
+def model_gflop_per_window(args, padded_tokens_per_window: float, length: float) -> float:
+    """Training FLOPs per window of the encoder's matmuls (6 per weight per token, and attention's 12·L·H)."""
+    from transformers import AutoConfig
+
+    from qa_common import resolve_model_path
+
+    model_config = AutoConfig.from_pretrained(resolve_model_path(args.model))
+    hidden, inner = model_config.hidden_size, model_config.intermediate_size
+    per_token = model_config.num_hidden_layers * (6 * (4 * hidden * hidden + 2 * hidden * inner) + 12 * length * hidden)
+    return per_token * padded_tokens_per_window / 1e9
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.run_variant:
+        benchlib.quiet_libraries()
+        print(json.dumps(run_variant(args)))
+        return 0
+    return benchlib.run_in_workdir(measure, args, prefix="bench-limits-")
+
+
+def measure(args, workdir: Path, load_before: list[float]) -> int:
+    benchlib.quiet_libraries()
+    features_path = workdir / "features.npz"
+    data = prepare_features(args, features_path)
+    lengths = np.load(features_path)["attention_mask"].sum(axis=1)
+    median_length = int(np.median(lengths))
+    print(f"{data['windows']} windows of {data['questions']} questions; median length {median_length}", flush=True)
+    runs = []
+    for variant in args.variants:
+        print(f"variant {variant}: {args.steps} steps in a fresh process", flush=True)
+        child = subprocess.run([sys.executable, "-m", "bench.train_limits", "--run-variant", variant, "--features",
+                                str(features_path), "--steps", str(args.steps), "--model", args.model],
+                               capture_output=True, text=True, check=True)
+        runs.append(json.loads(child.stdout.strip().splitlines()[-1]))
+    profiles = [profile_step(args, median_length, attention_dropout=dropout) for dropout in (None, 0.0)]
+    rate = matmul_rate(args, median_length)
+    rows = []
+    for run in runs:
+        tenths = run.pop("tenths")
+        settled = tenths[1:]  # the first tenth includes oneDNN's first primitives and the allocator's growth
+        windows_per_s = sum(t["seconds"] * t["windows_per_s"] for t in settled) / sum(t["seconds"] for t in settled)
+        padded = sum(t["padded_tokens"] for t in settled) / sum(t["seconds"] * t["windows_per_s"] for t in settled)
+        loop_gflop_s = windows_per_s * model_gflop_per_window(args, padded, padded)
+        rows.append({"variant": run["variant"], "windows_per_s": windows_per_s,
+                     "second_tenth_windows_per_s": settled[0]["windows_per_s"],
+                     "last_tenth_windows_per_s": settled[-1]["windows_per_s"],
+                     "last_vs_second_tenth": settled[-1]["windows_per_s"] / settled[0]["windows_per_s"],
+                     "resident_mib_per_tenth": [round(t["resident_mib"]) for t in tenths],
+                     "peak_resident_mib": run["peak_resident_mib"], "loop_gflop_per_s": loop_gflop_s,
+                     "share_of_matmul_rate": loop_gflop_s / rate["gflop_per_s"],
+                     "loss_first_tenth": run["loss_first_tenth"], "loss_last_tenth": run["loss_last_tenth"],
+                     "losses": run["losses"]})
+    by_name = {row["variant"]: row for row in rows}
+    ratios = {}
+    for name in [n for n in by_name if n != "before"] if "before" in by_name else ():
+        ratios[f"{name}_vs_before_windows_per_s"] = by_name[name]["windows_per_s"] / by_name["before"]["windows_per_s"]
+        ratios[f"{name}_vs_before_peak_memory"] = by_name[name]["peak_resident_mib"] / by_name["before"]["peak_resident_mib"]
+    ratios.update({f"{row['variant']}_share_of_matmul_rate": row["share_of_matmul_rate"] for row in rows})
+    benchlib.print_table("Ratios", [{"ratio": k, "value": v} for k, v in ratios.items()], ["ratio", "value"])
+    benchlib.print_table("The loop, each variant in a fresh process", rows,
+                         ["variant", "windows_per_s", "second_tenth_windows_per_s", "last_tenth_windows_per_s",
+                          "peak_resident_mib", "loop_gflop_per_s", "share_of_matmul_rate", "loss_last_tenth"])
+    benchlib.print_table(f"One step at {median_length} tokens, CPU time by kind",
+                         [{"attention_dropout": p["attention_dropout"], "windows_per_s": p["windows_per_s"],
+                           **{k: f"{v:.1%}" for k, v in p["share_of_cpu_time"].items()}} for p in profiles],
+                         ["attention_dropout", "windows_per_s", *KINDS, "other"])
+    print(f"matmul rate at the model's shapes ({rate['dtype']}, {median_length} tokens): {rate['gflop_per_s']:.0f} GFLOP/s")
+    benchlib.write_json(args.out, "train_limits", ratios,
+                        {"variants": rows, "profiles": profiles, "matmul_rate": rate},
+                        {**{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, **data,
+                         "median_length": median_length}, load_before)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -153,7 +153,7 @@ def step_inputs(model, length: int, batch_size: int, seed: int = 0):
     import torch
 
     generator = torch.Generator().manual_seed(seed)
-    return {"input_ids": torch.randint(1000, model.config.vocab_size, (batch_size, length), generator=generator),
+    return {"input_ids": torch.randint(0, model.config.vocab_size, (batch_size, length), generator=generator),
             "token_type_ids": torch.zeros(batch_size, length, dtype=torch.long),
             "attention_mask": torch.ones(batch_size, length, dtype=torch.long),
             "start_positions": torch.randint(0, length, (batch_size,), generator=generator),

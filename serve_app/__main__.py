@@ -124,9 +124,9 @@ def main(argv=None) -> None:
     try:
         config = configure(load_serve_config(flags.config), flags)
         [app_config] = config["applications"]
-        url = run_config(config, ray_address=flags.address)
+        # A service manager's stop shuts down as Ctrl-C does, also while the replicas are starting.
+        url = run_config(config, ray_address=flags.address, on_connected=lambda: signal.signal(signal.SIGTERM, _stop))
         ours = app_config["name"]
-        signal.signal(signal.SIGTERM, _stop)  # a service manager's stop: shut down as Ctrl-C does
         print(f"\nServing {app_config['args']['model']} at {url}  (API docs: {url.rstrip('/')}/docs)")
         if app_config["args"].get("library"):
             print(f"Ask the library {app_config['args']['library']}: POST {url.rstrip('/')}/v1/ask, or the page's "

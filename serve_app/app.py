@@ -167,14 +167,15 @@ def serving_http_options() -> tuple[str, int]:
     return options.host, options.port
 
 
-def run_config(config: dict, *, ray_address: str = "local") -> str:
+def run_config(config: dict, *, ray_address: str = "local", on_connected=None) -> str:
     """Build the config's application, start Serve with its HTTP options and run it; return its URL.
 
     Connects to Ray at ``ray_address`` (``local``: a new local instance without the dashboard and its
     Jobs API, with Ray's token authentication, on by default for a local Ray) unless already connected. Authentication is checked against the
     host the proxies really listen on, and an application of the same name that runs already is
     never replaced (that is ``python -m serve_app update``'s job, through the gate). Returns once
-    the application is running.
+    the application is running. ``on_connected()`` runs once Ray is connected, before Serve starts
+    (``ray.init`` installs Ray's own signal handlers: a caller's go after it).
     """
     [app_config] = config["applications"]
     http_options = dict(config.get("http_options") or {})
@@ -186,6 +187,8 @@ def run_config(config: dict, *, ray_address: str = "local") -> str:
             ray.init(address="local", include_dashboard=False)
         else:
             ray.init(address=ray_address)
+    if on_connected is not None:
+        on_connected()
     serve.start(http_options=http_options)
     host, port = serving_http_options()
     if app_config["name"] in serve.status().applications:

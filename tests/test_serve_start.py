@@ -40,3 +40,33 @@ def test_a_local_start_is_loopback_only_never_replaces_an_app_and_checks_the_rea
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+@pytest.mark.parametrize("when", ["while starting", "once serving"])
+def test_sigterm_stops_the_service_cleanly(isolated_from_ray, tiny_model_dir, when):
+    """A service manager's stop (SIGTERM) shuts down as Ctrl-C does, also before the replicas are up
+    (ray.init installs Ray's own handler, which dumps a stack and exits 15)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    port = free_port()
+    service = subprocess.Popen([sys.executable, "-m", "serve_app", "--model", str(tiny_model_dir), "--port", str(port)],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    ready = "Started a local Ray instance" if when == "while starting" else "Press Ctrl-C"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not any(ready in line for line in lines):
+        line = service.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+    assert any(ready in line for line in lines), "".join(lines)[-3000:]
+    if when == "while starting":
+        time.sleep(1)  # past ray.init's return, into Serve's start
+    service.send_signal(signal.SIGTERM)
+    rest, _ = service.communicate(timeout=60)
+    output = "".join(lines) + rest
+    assert service.returncode == 0, output[-3000:]
+    assert "Stopping." in output and "SIGTERM received" not in output

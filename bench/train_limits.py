@@ -71,10 +71,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def preset_config():
-    from train_job.config import PRESETS, TrainConfig
+    from train_job.config import TrainConfig, preset_values
 
-    return TrainConfig.from_dict({**TrainConfig().to_dict(), **{k: v for k, v in PRESETS["squad-minilm"].items()
-                                                                if k not in ("dataset", "output_dir")}})
+    return TrainConfig.from_dict({k: v for k, v in preset_values("squad-minilm").items() if k not in ("dataset", "output_dir")})
 
 
 def prepare_features(args, path: Path) -> dict:

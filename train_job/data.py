@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import random
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -64,17 +65,11 @@ def with_negatives(records: list[dict], config: TrainConfig, split: str) -> list
     return records
 
 
+@functools.lru_cache(maxsize=1)
 def featurizing_tokenizer(model: str, stamp: tuple):
     """The tokenizer of ``model``, loaded once per Ray worker process and kept for the tasks after it
     (``stamp``: its files' sizes and times, so a model directory rewritten in place is read again)."""
-    key = (model, stamp)
-    if key not in _TOKENIZERS:
-        _TOKENIZERS.clear()
-        _TOKENIZERS[key] = load_tokenizer(model)
-    return _TOKENIZERS[key]
-
-
-_TOKENIZERS: dict = {}
+    return load_tokenizer(model)
 
 
 def tokenizer_stamp(model: str) -> tuple:

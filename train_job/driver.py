@@ -20,7 +20,7 @@ WORKER_GROUP_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 # every line twice, and the progress bar's updates twice. Plain print: each line once.
 PRINT_PATCH_ENV = "RAY_TRAIN_ENABLE_PRINT_PATCH"
 # Train's preemption watcher (an actor polling for nodes being drained) has nothing to watch on one
-# machine, and took 0.7 % of a 2-core machine's CPU (BENCHMARKS.md, "Ray's own processes").
+# machine that cannot grow, and it costs CPU there (BENCHMARKS.md, "Ray's own processes during training").
 PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 
 

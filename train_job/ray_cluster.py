@@ -18,8 +18,8 @@ def connect_ray(address: str | None, **options) -> None:
     """Join the cluster at ``address`` (else ``RAY_ADDRESS``, else start a local Ray), unless connected.
 
     A local Ray started here has no dashboard: its processes took CPU from the training on a
-    two-core machine, and nobody can open it before the job starts (BENCHMARKS.md, "Ray's own
-    processes").
+    two-core machine (BENCHMARKS.md, "Ray's own processes during training"); ``ray start --head``
+    and ``--address auto`` give a run one to watch.
     """
     import ray
 

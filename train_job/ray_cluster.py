@@ -6,8 +6,7 @@ import argparse
 import os
 from dataclasses import dataclass
 
-ADDRESS_HELP = ("Ray cluster address (default: RAY_ADDRESS, else a new local Ray without the dashboard; to watch a "
-                "run in the dashboard, `ray start --head` first and pass --address auto)")
+ADDRESS_HELP = "Ray cluster address (default: RAY_ADDRESS, else a new local Ray)"
 
 
 def add_address_flag(parser: argparse.ArgumentParser) -> None:
@@ -15,19 +14,11 @@ def add_address_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def connect_ray(address: str | None, **options) -> None:
-    """Join the cluster at ``address`` (else ``RAY_ADDRESS``, else start a local Ray), unless connected.
-
-    A local Ray started here has no dashboard: its processes took CPU from the training on a
-    two-core machine (BENCHMARKS.md, "Ray's own processes during training"); ``ray start --head``
-    and ``--address auto`` give a run one to watch.
-    """
+    """Join the cluster at ``address`` (else ``RAY_ADDRESS``, else start a local Ray), unless connected."""
     import ray
 
     if not ray.is_initialized():
-        address = address or os.environ.get("RAY_ADDRESS")
-        if not address:
-            options.setdefault("include_dashboard", False)
-        ray.init(address=address, **options)
+        ray.init(address=address or os.environ.get("RAY_ADDRESS"), **options)
 
 
 def add_actor_flags(parser: argparse.ArgumentParser, what: str, *, gpus: bool = False) -> None:

@@ -25,6 +25,12 @@ on a validation split, :mod:`qa_common.calibration`, so that a score of 0.8 is r
 in 10; empty: the raw softmax). The top answer therefore has the highest score and the scores of
 the ``top_k`` answers never increase with rank; uncalibrated, they sum to at most 1.
 
+**Different answers.** A ``top_k`` list holds different answers (:func:`distinct_answers`): a
+candidate is left out when its span overlaps one ranked above it (the same words with more or fewer
+around them: "Denver Broncos" after "the Denver Broncos") or its text, normalised as SQuAD scores it,
+equals one ranked above it (the same answer found in a duplicate passage). Each answer keeps its own
+score, so the top answer and its score never depend on ``top_k``.
+
 **The null answer ("not in this document", SQuAD 2.0).** As in Hugging Face's ``run_qa.py
 --version_2_with_negative``: the null score is the [CLS] token's start + end logit, the *minimum*
 over the question's windows (a window that does not hold the answer points at [CLS] whether or not
@@ -54,6 +60,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from qa_common.config import QAConfig
+from qa_common.metric import normalize_answer
 
 NULL_SPAN = (-1, -1)  # start and end of an answer that is no span: the null answer, or no valid span at all
 NO_ANSWER = {"answer": "", "score": 0.0, "start": NULL_SPAN[0], "end": NULL_SPAN[1], "no_answer_probability": 1.0}
@@ -176,6 +183,33 @@ def rank_candidates(
     return Candidates(spans, span_scores, null_score, best_span_score, p_no_answer)
 
 
+def distinct_answers(spans: Sequence[tuple[int, int]], texts: Sequence[str], top_k: int) -> list[int]:
+    """Indices of the first ``top_k`` candidates that are different answers, in rank order.
+
+    ``spans`` are character spans in one coordinate system (passages laid end to end never overlap).
+    A candidate is skipped when its normalised text equals a kept one's (its span then stands for
+    that answer too) or its span overlaps a kept answer's span or one of those stand-ins: in a
+    duplicate passage, "Blood clotting, in the body" is the kept "blood clotting" with more around it.
+    The null span (:data:`NULL_SPAN`) is its own answer and overlaps nothing.
+    """
+    kept: list[int] = []
+    taken: list[tuple[int, int]] = []  # spans of kept answers and of their copies
+    kept_texts: set[str] = set()
+    for index, (span, text) in enumerate(zip(spans, texts)):
+        if len(kept) == top_k:
+            break
+        if span != NULL_SPAN:
+            if any(span[0] < end and start < span[1] for start, end in taken):
+                continue
+            taken.append(span)
+            key = normalize_answer(text)
+            if key in kept_texts:
+                continue
+            kept_texts.add(key)
+        kept.append(index)
+    return kept
+
+
 def decode_spans(
     start_logits: np.ndarray,
     end_logits: np.ndarray,
@@ -193,10 +227,11 @@ def decode_spans(
     if not candidates.spans:
         return [dict(NO_ANSWER)]
     probabilities = candidates.scores(config)
+    texts = [context[start:end] if (start, end) != NULL_SPAN else "" for start, end in candidates.spans]
     return [
-        {"answer": context[start:end] if (start, end) != NULL_SPAN else "", "score": float(probability),
-         "start": start, "end": end, "no_answer_probability": candidates.no_answer_probability}
-        for (start, end), probability in zip(candidates.spans[:top_k], probabilities[:top_k])
+        {"answer": texts[i], "score": float(probabilities[i]), "start": candidates.spans[i][0],
+         "end": candidates.spans[i][1], "no_answer_probability": candidates.no_answer_probability}
+        for i in distinct_answers(candidates.spans, texts, top_k)
     ]
 
 
@@ -227,14 +262,17 @@ def decode_passages(
     candidates = rank_candidates(start_logits, end_logits, np.where(offsets >= 0, offsets + shift, offsets), config)
     if not candidates.spans:
         return [{**NO_ANSWER, "passage": -1}]
-    answers = []
-    for (start, end), probability in zip(candidates.spans[:top_k], candidates.scores(config)[:top_k]):
-        passage = -1 if (start, end) == NULL_SPAN else int(np.searchsorted(bases, start, side="right") - 1)
-        local = NULL_SPAN if passage < 0 else (start - int(bases[passage]), end - int(bases[passage]))
-        answers.append({"answer": passages[passage][local[0]:local[1]] if passage >= 0 else "",
-                        "score": float(probability), "start": local[0], "end": local[1],
-                        "no_answer_probability": candidates.no_answer_probability, "passage": passage})
-    return answers
+    starts = np.array([start for start, _ in candidates.spans], dtype=np.int64)
+    of_passage = np.where(starts >= 0, np.searchsorted(bases, starts, side="right") - 1, -1).tolist()
+    located = [(p, NULL_SPAN if p < 0 else (start - int(bases[p]), end - int(bases[p])))
+               for p, (start, end) in zip(of_passage, candidates.spans)]  # (passage, span in it) of each candidate
+    texts = [passages[p][span[0]:span[1]] if p >= 0 else "" for p, span in located]
+    probabilities = candidates.scores(config)
+    return [
+        {"answer": texts[i], "score": float(probabilities[i]), "start": located[i][1][0], "end": located[i][1][1],
+         "no_answer_probability": candidates.no_answer_probability, "passage": located[i][0]}
+        for i in distinct_answers(candidates.spans, texts, top_k)
+    ]
 
 
 def decode_predictions(

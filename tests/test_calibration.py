@@ -10,7 +10,7 @@ from qa_common.calibration import (
     MIN_SCORE_QUESTIONS, expected_calibration_error, fit, fit_no_answer_scaling, fit_score_map, reliability,
     uncalibrated,
 )
-from qa_common.decoding import calibrated_scores
+from qa_common.decoding import calibrated_scores, rank_candidates
 
 CONTEXT = "Warfarin slows blood clotting in the body."
 OFFSETS = np.array([[-1, -1], [-1, -1], [0, 8], [9, 14], [15, 20], [21, 29], [-1, -1]])
@@ -85,11 +85,13 @@ def test_calibration_keeps_every_decision_and_decoding_applies_it():
 
 def test_the_score_map_is_applied_stored_and_validated(tmp_path):
     start, end, offsets = _question(3, null=-5.0, gap=4.0)
-    plain = [a["score"] for a in decode_spans(start, end, offsets, CONTEXT, QAConfig(), top_k=50)]
+    plain = rank_candidates(start, end, offsets, QAConfig()).scores()
     mapped = QAConfig(score_calibration=[[0.0, 0.2], [1.0, 0.9]])  # JSON gives lists
-    scores = [a["score"] for a in decode_spans(start, end, offsets, CONTEXT, mapped, top_k=50)]
+    scores = rank_candidates(start, end, offsets, mapped).scores(mapped)
     assert scores == pytest.approx([0.2 + 0.7 * p for p in plain])
     assert sum(plain) == pytest.approx(1.0) and max(scores) == scores[0]
+    answers = decode_spans(start, end, offsets, CONTEXT, mapped, top_k=50)
+    assert answers[0]["score"] == pytest.approx(scores[0]) and len(answers) < len(scores)
     save_qa_config(mapped, tmp_path)
     assert load_qa_config(tmp_path).score_calibration == ((0.0, 0.2), (1.0, 0.9))
     for bad in ([[0.0, 0.5], [1.0, 0.4]], [[0.0, 0.1], [1.5, 0.9]], [[0.5, 0.5]], [[0.0, 0.1], [0.0, 0.2]], "x"):

@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from qa_common import NO_ANSWER, QAConfig, decode_passages, decode_predictions, decode_spans
+from qa_common.decoding import NULL_SPAN, distinct_answers, rank_candidates
 
 CONTEXT = "Warfarin slows blood clotting in the body."
 # token:          [CLS] what  ?   [SEP] Warfarin slows  blood  clotting  in     the    body   .     [SEP]
@@ -45,11 +46,34 @@ def test_skips_end_before_start_and_spans_over_max_answer_length():
     assert decode_spans(start, end, OFFSETS[None], CONTEXT, QAConfig(max_answer_length=3))[0]["answer"] == "in the body"
 
 
-def test_top_k_answers_are_ranked_and_distinct():
-    start, end = _logits({4: 3.0, 6: 2.0}, {7: 3.0, 4: 2.5})
-    answers = decode_spans(start, end, OFFSETS[None], CONTEXT, QAConfig(), top_k=3)
-    assert [a["answer"] for a in answers] == ["Warfarin slows blood clotting", "Warfarin", "blood clotting"]
-    assert len({(a["start"], a["end"]) for a in answers}) == 3
+def test_top_k_answers_are_ranked_and_different_answers():
+    # Ranked spans: "Warfarin slows blood clotting" 6, "Warfarin" 5.5 and "blood clotting" 5 (both inside
+    # the first), "Warfarin slows blood clotting in the body" 5 (around it), then "the body" 4.
+    start, end = _logits({4: 3.0, 6: 2.0, 9: 2.0}, {7: 3.0, 4: 2.5, 10: 2.0})
+    ranked = rank_candidates(start, end, OFFSETS[None], QAConfig())
+    texts = [CONTEXT[s:e] for s, e in ranked.spans]
+    assert texts[0] == "Warfarin slows blood clotting"
+    assert set(texts[1:4]) == {"Warfarin", "blood clotting", "Warfarin slows blood clotting in the body"}
+    answers = decode_spans(start, end, OFFSETS[None], CONTEXT, QAConfig(), top_k=2)
+    assert [a["answer"] for a in answers] == ["Warfarin slows blood clotting", "the body"]
+    # Each keeps its own share of the softmax: the top answer does not change with top_k.
+    scores = ranked.scores()
+    assert [a["score"] for a in answers] == pytest.approx([scores[0], scores[texts.index("the body")]])
+    assert decode_spans(start, end, OFFSETS[None], CONTEXT, QAConfig())[0] == answers[0]
+
+
+def test_the_same_answer_from_duplicate_passages_is_given_once():
+    copy = CONTEXT.replace("blood clotting", "Blood clotting,")  # the same answer once normalised
+    start, end = _logits({6: 5.0, 10: 1.0}, {7: 5.0, 10: 1.0})
+    offsets = OFFSETS.copy()
+    offsets[7] = (21, 30)  # "clotting," in the copy, one character longer from there on
+    offsets[8:12] += 1
+    answers = decode_passages(np.vstack([start, start]), np.vstack([end, end]), np.stack([OFFSETS, offsets]),
+                              [0, 1], [CONTEXT, copy], QAConfig(), top_k=2)
+    assert [a["answer"] for a in answers] == ["blood clotting", "body"]  # from either copy
+    assert all([CONTEXT, copy][a["passage"]][a["start"]:a["end"]] == a["answer"] for a in answers)
+    assert distinct_answers([(0, 5), (10, 15), (3, 12), (20, 25)], ["a b", "c", "d", "A, b."], 4) == [0, 1]
+    assert distinct_answers([NULL_SPAN, (0, 5), (2, 3)], ["", "x", "y"], 5) == [0, 1]  # the null overlaps nothing
 
 
 def test_no_valid_span_gives_the_empty_answer():
@@ -98,12 +122,13 @@ def test_the_top_answer_has_the_highest_score_across_windows():
     # The reproduction: window 0 flat at 10 (many candidates), window 1 peaked at 9.5 on one token.
     flat_start, flat_end = np.full((1, len(OFFSETS)), 10.0), np.full((1, len(OFFSETS)), 10.0)
     peaked_start, peaked_end = _logits({7: 9.5}, {7: 9.5})
-    answers = decode_spans(np.vstack([flat_start, peaked_start]), np.vstack([flat_end, peaked_end]),
-                           np.stack([OFFSETS, OFFSETS]), CONTEXT, QAConfig(), top_k=200)
-    assert answers[0]["score"] == max(a["score"] for a in answers)
-    assert sum(a["score"] for a in answers) == pytest.approx(1.0)
+    windows = (np.vstack([flat_start, peaked_start]), np.vstack([flat_end, peaked_end]), np.stack([OFFSETS, OFFSETS]))
+    scores = rank_candidates(*windows, QAConfig()).scores()
+    assert sum(scores) == pytest.approx(1.0)
+    answers = decode_spans(*windows, CONTEXT, QAConfig(), top_k=200)
+    assert answers[0]["score"] == max(scores) == max(a["score"] for a in answers)
     # Every distinct span of the flat window ties at 20: each gets the same share.
-    assert answers[0]["score"] == pytest.approx(answers[1]["score"])
+    assert scores[0] == pytest.approx(scores[1])
 
 
 def _windows(windows: int):

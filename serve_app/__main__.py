@@ -103,7 +103,7 @@ def configure(config: dict, flags: argparse.Namespace) -> dict:
     elif not sections["args"].get("model"):
         raise ValueError("no model to serve: pass --model DIR (a model directory or a Hub name)")
     sections["args"]["model"] = model_to_serve(sections["args"]["model"])
-    for key in ("token_hashes_file", "audit_log", "library", "snapshot_dir"):  # relative to here, not to the Ray worker's directory
+    for key in ("token_hashes_file", "audit_log", "library", "feedback", "snapshot_dir"):  # relative to here, not to the Ray worker's directory
         if sections["args"].get(key):
             sections["args"][key] = str(Path(sections["args"][key]).expanduser().resolve())
     return config
@@ -131,6 +131,9 @@ def main(argv=None) -> None:
         if app_config["args"].get("library"):
             print(f"Ask the library {app_config['args']['library']}: POST {url.rstrip('/')}/v1/ask, or the page's "
                   "library mode")
+        if app_config["args"].get("feedback"):
+            print(f"Ratings (POST {url.rstrip('/')}/v1/feedback, the page's buttons) are kept in "
+                  f"{app_config['args']['feedback']}: python -m serve_app.feedback --help")
         print(f"Another model, without downtime: python -m serve_app update --address "
               f"{ray.get_runtime_context().gcs_address} --model NEW_DIR")
         print("Press Ctrl-C to stop.", flush=True)

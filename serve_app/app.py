@@ -21,6 +21,8 @@ from serve_app.auth import is_loopback, load_token_hashes
 from serve_app.card import model_card
 from serve_app.ingress import INGRESS_DEPLOYMENT, QAIngress
 from serve_app.model import MODEL_DEPLOYMENT, QAModel
+from serve_app.feedback.keeper import FEEDBACK_DEPLOYMENT, FeedbackKeeper
+from serve_app.feedback.receipts import load_or_create_key
 from serve_app.retriever import RETRIEVER_DEPLOYMENT, Retriever
 from serve_app.schemas import ServeArgs
 from serve_app.snapshot import snapshot
@@ -65,9 +67,9 @@ def deployment_options(app_config: dict) -> dict[str, dict]:
     for entry in app_config.get("deployments", []):
         entry = dict(entry)
         name = entry.pop("name", None)
-        if name not in (INGRESS_DEPLOYMENT, MODEL_DEPLOYMENT, RETRIEVER_DEPLOYMENT):
+        if name not in (INGRESS_DEPLOYMENT, MODEL_DEPLOYMENT, RETRIEVER_DEPLOYMENT, FEEDBACK_DEPLOYMENT):
             raise ValueError(f"the config names deployment {name!r}; this application has {INGRESS_DEPLOYMENT}, "
-                             f"{MODEL_DEPLOYMENT} and {RETRIEVER_DEPLOYMENT}")
+                             f"{MODEL_DEPLOYMENT}, {RETRIEVER_DEPLOYMENT} and {FEEDBACK_DEPLOYMENT}")
         options[name] = entry
     return options
 
@@ -138,14 +140,18 @@ def build_app(args: ServeArgs | dict, options: dict[str, dict], *, bind_host: st
         )
     if args.library:
         read_manifest(Path(args.library))  # a missing index fails here, naming the command that builds it
+    if args.feedback:
+        load_or_create_key(args.feedback)  # an unwritable folder fails here; replicas then find the key made
     token_hashes = check_authentication(args, bind_host, token_hashes, warn=warn)
     if deployed is not None:
         deployed = {**deployed, "token_hashes": token_hashes}
     model = QAModel.options(**model_options).bind(model_path, qa_config, args)
     retriever = Retriever.options(**options.get(RETRIEVER_DEPLOYMENT, {})).bind(args.library) if args.library else None
+    keeper = FeedbackKeeper.options(**{**options.get(FEEDBACK_DEPLOYMENT, {}), "num_replicas": 1}).bind(
+        args.feedback, args.library) if args.feedback else None
     card = model_card(model_path, args, qa_config, model_options)
     return QAIngress.options(**ingress_options).bind(model, args, model_path, qa_config, card, token_hashes, deployed,
-                                                     retriever)
+                                                     retriever, keeper)
 
 
 def app_builder(args: dict) -> Application:

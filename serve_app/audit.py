@@ -3,7 +3,8 @@
 The audit log gets one JSON line per HTTP request: when, which request (the id the service minted,
 and a hash of the client's own id if it sent one) and token (the token's id, a prefix of its hash), which route, the status, the latency, how many questions and model windows,
 the model version that answered (during an update, the one of the replica that did; else the
-version the ingress serves) and how many questions got no answer. Never a question, a context or an answer.
+version the ingress serves) and how many questions got no answer; for feedback, the stored record's id and
+the verdict. Never a question, a context, an answer or feedback's words.
 The same events feed Prometheus metrics through ``ray.serve.metrics`` (Ray exports them on each
 node's metrics export port).
 """
@@ -45,11 +46,14 @@ class RequestLog:
             tag_keys=("reason",),
         )
         self.abstentions = Counter("qa_abstentions", "Questions answered with no answer (empty span).")
+        self.rated = Counter("qa_rated_answers", "Answers rated through /v1/feedback, by the model version that gave "
+                             "them and the verdict.", tag_keys=("model_version", "verdict"))
 
     def record(self, *, request_id: str, token_id: str | None, route: str, status: int, latency_s: float,
                questions: int, windows: int, abstained: int, model_version: str | None = None,
                passages: int | None = None, index_version: str | None = None,
-               client_request_id_hash: str | None = None) -> None:
+               client_request_id_hash: str | None = None, feedback_id: int | None = None,
+               verdict: str | None = None) -> None:
         self.requests.inc(tags={"route": route, "status": str(status)})
         if abstained:
             self.abstentions.inc(abstained)
@@ -67,6 +71,8 @@ class RequestLog:
             "abstained": abstained,
             # /v1/ask: how many library passages were read, and from which index version
             **({"passages": passages, "index_version": index_version} if index_version else {}),
+            # /v1/feedback: which stored record, and the verdict (never the question or the words)
+            **({"feedback_id": feedback_id, "verdict": verdict} if feedback_id is not None else {}),
         }))
 
 

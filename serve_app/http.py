@@ -64,7 +64,10 @@ ERROR_RESPONSES = {
         "description": "No valid bearer token: send `Authorization: Bearer TOKEN`.",
         "headers": {"WWW-Authenticate": {"schema": {"type": "string"}, "description": "Bearer"}},
     },
-    404: {"description": "This service has no document library (start it with --library LIBRARY)."},
+    403: {"description": "Feedback whose response_id, question or context is not what this service answered."},
+    404: {"description": "This service has no document library (start it with --library LIBRARY), or keeps no "
+                         "feedback (start it with --feedback DIR)."},
+    409: {"description": "The library no longer holds the passages of the answer being rated: ask again."},
     413: {"description": "The body is over the byte limit, or its questions need more model windows than the "
                          "per-request budget (see /v1/model): send shorter documents or fewer questions."},
     422: {"description": "JSON that does not match the request schema; the message names each field to fix."},

@@ -11,7 +11,6 @@ answer response names the model version that made it (``X-Model-Version``).
 import asyncio
 import json
 import time
-from pathlib import Path
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import HTMLResponse
@@ -22,9 +21,11 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 
 from qa_common import NO_ANSWER, PassagesQuestion, QAConfig, Question, count_windows, load_tokenizer
-from qa_common.library.index import BUILD_COMMAND, CITATION_FIELDS, LibraryError, Manifest, read_manifest
 from serve_app import audit, pages
+from serve_app.feedback.receipts import MAX_RECEIPTS_HEADER, RECEIPT_HEADER, issue, load_or_create_key
+from serve_app.feedback.request import FEEDBACK_SHAPE, parse_feedback
 from serve_app.auth import TokenChecker
+from serve_app.library_answers import NO_LIBRARY, cite, served_manifest
 from serve_app.http import UNAUTHORIZED, busy, crash_as_json, decode_json, error_as_json, error_responses, read_body
 from serve_app.schemas import (
     ASK_SHAPE, REQUEST_SHAPE, AnswerResponse, AskResponse,
@@ -34,8 +35,7 @@ from serve_app.work import DEADLINE, WorkItem
 
 INGRESS_DEPLOYMENT = "QAIngress"  # the deployment's name, as in config.yaml
 MODEL_VERSION_HEADER = "X-Model-Version"
-NO_LIBRARY = (f"this service has no document library: build one with `{BUILD_COMMAND}` and start the service "
-              "with --library LIBRARY")
+NO_FEEDBACK = "this service keeps no feedback: start it with --feedback DIR (a folder for the feedback store)"
 
 
 # @serve.ingress freezes a copy of this app, with the globals its routes use, when the ingress
@@ -55,14 +55,6 @@ api.exception_handler(HTTPException)(error_as_json)
 api.exception_handler(Exception)(crash_as_json)
 
 
-def cite(answer: dict, passages: list[dict]) -> dict:
-    """A library answer: the answer with its passage's citation (all None for 'not in these documents')."""
-    passage = passages[answer["passage"]] if answer["passage"] >= 0 else None
-    return {**{key: value for key, value in answer.items() if key != "passage"},
-            **{field: passage[field] if passage else None for field in CITATION_FIELDS},
-            "passage": passage["text"] if passage else None}
-
-
 @serve.deployment(name=INGRESS_DEPLOYMENT)
 @serve.ingress(api)
 class QAIngress:
@@ -70,9 +62,11 @@ class QAIngress:
 
     def __init__(self, model: DeploymentHandle, args: ServeArgs, model_path: str, qa_config: QAConfig,
                  model_card: dict, token_hashes: list[str], deployed: dict | None = None,
-                 retriever: DeploymentHandle | None = None):
+                 retriever: DeploymentHandle | None = None, feedback: DeploymentHandle | None = None):
         self.model = model
         self.retriever = retriever
+        self.feedback = feedback
+        self.receipt_key = load_or_create_key(args.feedback) if feedback is not None else None
         self.deployed = deployed
         self.args = args
         self.qa_config = qa_config
@@ -181,8 +175,13 @@ class QAIngress:
             for q, count in zip(questions, windows)
         ]
         results, versions = await self.ask_model(items, deadline)
-        response.headers[MODEL_VERSION_HEADER] = request.state.audit["model_version"] = ",".join(versions)
+        response.headers[MODEL_VERSION_HEADER] = request.state.audit["model_version"] = ",".join(sorted(set(versions)))
         request.state.audit["abstained"] = sum(answers[0]["answer"] == "" for answers in results)
+        if self.receipt_key is not None:
+            receipts = ",".join(issue(self.receipt_key, "answer", version, None, q.question, [q.context], answers)
+                                for q, answers, version in zip(questions, results, versions))
+            if len(receipts) <= MAX_RECEIPTS_HEADER:  # beyond, clients' header limits (16 KiB in h11) bite
+                response.headers[RECEIPT_HEADER] = receipts
         shaped = [answers if q.top_k > 1 else answers[0] for q, answers in zip(questions, results)]
         return shaped if is_list else shaped[0]
 
@@ -192,17 +191,8 @@ class QAIngress:
     )
     async def collections(self, request: Request) -> dict:
         self.authenticate(request)
-        manifest = await asyncio.to_thread(self.library_manifest)
+        manifest = await asyncio.to_thread(served_manifest, self.args.library)
         return {"index_version": manifest.version, "built_at": manifest.built_at, "collections": manifest.summary()}
-
-    def library_manifest(self) -> Manifest:
-        if not self.args.library:
-            raise HTTPException(404, NO_LIBRARY)
-        try:
-            return read_manifest(Path(self.args.library))
-        except (LibraryError, FileNotFoundError):
-            raise HTTPException(503, "the document library's index cannot be read on this server; build it "
-                                f"with `{BUILD_COMMAND}` where the service can read it") from None
 
     @api.post(
         "/v1/ask",
@@ -239,9 +229,12 @@ class QAIngress:
         if texts:
             item = WorkItem(PassagesQuestion(ask.question, texts, ask.top_k, ask.max_answer_length,
                                              ask.allow_no_answer), sum(windows), deadline)
-            [answers], versions = await self.ask_model([item], deadline)
-            response.headers[MODEL_VERSION_HEADER] = request.state.audit["model_version"] = ",".join(versions)
-        else:  # an empty library, or filters that match nothing
+            [answers], [version] = await self.ask_model([item], deadline)
+            response.headers[MODEL_VERSION_HEADER] = request.state.audit["model_version"] = version
+            if self.receipt_key is not None:
+                response.headers[RECEIPT_HEADER] = issue(self.receipt_key, "ask", version, found["version"],
+                                                         ask.question, [p["passage_id"] for p in passages], answers)
+        else:  # an empty library, or filters that match nothing: nothing to rate
             answers = [{**NO_ANSWER, "passage": -1}]
         request.state.audit["abstained"] = int(answers[0]["answer"] == "")
         return {"answers": [cite(answer, passages) for answer in answers], "passages_read": len(texts),
@@ -256,6 +249,39 @@ class QAIngress:
             call.cancel()
             raise self.turned_away(error, "library") from None
 
+    @api.post(
+        "/v1/feedback", status_code=201,
+        summary="Rate an answer: right, wrong (with the right words, if you select them), or not in the documents",
+        description=f"Body: {FEEDBACK_SHAPE}. 201 with the stored record's id; 200 when this key was stored before. "
+        "The answer is named by the X-Response-Id its response carried; the question (and for /v1/answer the "
+        "context) must be the ones asked. Stored where the operator keeps feedback; never logged.",
+        responses=error_responses(400, 401, 403, 404, 409, 413, 422, 503, 500),
+        openapi_extra={"security": [{"bearer": []}]},
+    )
+    async def rate(self, request: Request, response: Response) -> dict:
+        self.authenticate(request)
+        if self.feedback is None:
+            raise HTTPException(404, NO_FEEDBACK)
+        payload = decode_json(await read_body(request, self.args.max_body_bytes))
+        try:
+            rating = parse_feedback(payload)
+        except InvalidRequest as error:
+            raise HTTPException(422, str(error)) from None
+        call = self.feedback.record.remote(rating, request.state.audit["token_id"])
+        try:
+            outcome = await asyncio.wait_for(call, timeout=self.args.request_deadline_s)
+        except (asyncio.TimeoutError, BackPressureError, RayActorError) as error:
+            call.cancel()
+            raise self.turned_away(error, "feedback store") from None
+        if "error" in outcome:
+            raise HTTPException(outcome["status"], outcome["error"])
+        request.state.audit.update(feedback_id=outcome["feedback_id"], verdict=outcome["verdict"],
+                                   model_version=outcome["model_version"])
+        if outcome["created"]:
+            self.log.rated.inc(tags={"model_version": outcome["model_version"], "verdict": outcome["verdict"]})
+        response.status_code = outcome["status"]
+        return {"feedback_id": outcome["feedback_id"], "created": outcome["created"]}
+
     def turned_away(self, error: Exception, what: str) -> HTTPException:
         """The 503 for a call to the ``what`` deployment that was too late, queued out or lost (counted)."""
         reason, why = {
@@ -266,7 +292,7 @@ class QAIngress:
         return busy(self.args.retry_after_s, why)
 
     async def ask_model(self, items: list[WorkItem], deadline: float) -> tuple[list[list[dict]], list[str]]:
-        """Every item's answers and the model versions that made them, or the HTTP error of the first
+        """Every item's answers and the model version that made each, or the HTTP error of the first
         item that has none."""
         tasks = [asyncio.ensure_future(self.ask_with_one_retry(item)) for item in items]
         try:
@@ -281,7 +307,7 @@ class QAIngress:
                 raise busy(self.args.retry_after_s, "no answer within the deadline")
             if "error" in outcome:
                 raise HTTPException(500, f"the model failed on question {position} ({outcome['type']}); try again")
-        return [outcome["answers"] for outcome in outcomes], sorted({outcome["model_version"] for outcome in outcomes})
+        return [outcome["answers"] for outcome in outcomes], [outcome["model_version"] for outcome in outcomes]
 
     async def ask_with_one_retry(self, item: WorkItem) -> dict:
         """Answering is idempotent: when the replica dies under the question, ask once more (within the deadline)."""

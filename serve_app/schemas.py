@@ -103,14 +103,19 @@ class AskRequest(BaseModel):
         return value
 
 
+def parse_object(payload, schema: type[BaseModel], shape: str):
+    """A decoded JSON body that must be one object of ``schema`` (``shape`` in words), or :class:`InvalidRequest`."""
+    if not isinstance(payload, dict):
+        raise InvalidRequest(f"the body must be a JSON object, got {type(payload).__name__}; send {shape}")
+    try:
+        return schema.model_validate(payload)
+    except ValidationError as error:
+        raise InvalidRequest(describe_validation_errors(error.errors(), shape)) from None
+
+
 def parse_ask(payload) -> AskRequest:
     """The library question in a decoded JSON body, or :class:`InvalidRequest`."""
-    if not isinstance(payload, dict):
-        raise InvalidRequest(f"the body must be a JSON object, got {type(payload).__name__}; send {ASK_SHAPE}")
-    try:
-        return AskRequest.model_validate(payload)
-    except ValidationError as error:
-        raise InvalidRequest(describe_validation_errors(error.errors(), ASK_SHAPE)) from None
+    return parse_object(payload, AskRequest, ASK_SHAPE)
 
 
 class Answer(BaseModel):
@@ -260,6 +265,10 @@ class ServeArgs(BaseModel):
     library: str | None = Field(
         None, description=f"A document library's folder ({BUILD_COMMAND}): enables POST /v1/ask and GET "
         "/v1/collections. On a cluster, a path every node mounts.",
+    )
+    feedback: str | None = Field(
+        None, description="A folder for clinicians' feedback (a SQLite store holding patient text, 0600): enables "
+        "POST /v1/feedback and a receipt (X-Response-Id) on every answer. On a cluster, a path every node mounts.",
     )
     snapshot_dir: str | None = Field(
         None, description="Where the read-only copies of the served models go (default: .served-models beside the "

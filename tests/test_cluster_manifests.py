@@ -33,6 +33,7 @@ PARAMETERS = {
     "IMAGE": "registry.example.com/ray-extractive-qa:0.1.0",
     "MODEL": "bert-base-cased",
     "SHARED_PVC": "qa-shared",
+    "FEEDBACK_PVC": "qa-feedback",
     "STORAGE_PATH": "s3://my-bucket/qa/checkpoints",
     "DATA": "/mnt/shared/data/questions/*.jsonl",
 }
@@ -412,10 +413,11 @@ def test_rayservice_carries_the_serve_app_config():
     for key in ("name", "route_prefix", "import_path"):
         assert remote_app.get(key) == local_app.get(key), key
     local_args = {k: v for k, v in local_app.get("args", {}).items() if k != "model"}
-    remote_args = {k: v for k, v in remote_app["args"].items() if k != "model"}
+    remote_args = {k: v for k, v in remote_app["args"].items() if k not in ("model", "feedback")}
     assert remote_args == local_args
     local_deployments = {d["name"]: d for d in local_app.get("deployments", [])}
-    remote_deployments = {d["name"]: d for d in remote_app["deployments"]}
+    # The feedback keeper's entry is the cluster's own: it pins the store's writer to its volume.
+    remote_deployments = {d["name"]: d for d in remote_app["deployments"] if d["name"] != "FeedbackKeeper"}
     assert set(remote_deployments) == set(local_deployments)
     for name, local_deployment in local_deployments.items():
         remote_deployment = copy.deepcopy(remote_deployments[name])
@@ -426,6 +428,28 @@ def test_rayservice_carries_the_serve_app_config():
         assert {k: v for k, v in remote_actor.items() if k != "num_gpus"} == \
                {k: v for k, v in local_actor.items() if k != "num_gpus"}, name
         assert remote_deployment == local_deployment, f"{name}: autoscaling/replica settings differ"
+
+
+def test_rayservice_keeps_feedback_on_the_head_that_mounts_its_volume():
+    from serve_app.feedback.keeper import FEEDBACK_DEPLOYMENT
+    from serve_app.feedback.receipts import KEY_ENV
+
+    manifest = load_manifest("rayservice.yaml")
+    [app] = serve_config_v2()["applications"]
+    [keeper] = [d for d in app["deployments"] if d["name"] == FEEDBACK_DEPLOYMENT]
+    [resource] = keeper["ray_actor_options"]["resources"]
+    cluster = manifest["spec"]["rayClusterConfig"]
+    head = cluster["headGroupSpec"]
+    assert resource in json.loads(yaml.safe_load(head["rayStartParams"]["resources"]))  # only the head has it
+    assert all(resource not in str(group["rayStartParams"]) for group in cluster["workerGroupSpecs"])
+    [container] = head["template"]["spec"]["containers"]
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert mounts["feedback"] == app["args"]["feedback"]
+    claims = {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName") for v in head["template"]["spec"]["volumes"]}
+    assert claims["feedback"] == PARAMETERS["FEEDBACK_PVC"]
+    for spec in [head["template"]["spec"], *(g["template"]["spec"] for g in cluster["workerGroupSpecs"])]:
+        env = {e["name"]: e for e in spec["containers"][0]["env"]}
+        assert env[KEY_ENV]["valueFrom"]["secretKeyRef"]["name"] == "qa-serve-feedback-key"
 
 
 # --- cluster launcher ------------------------------------------------------------------------------

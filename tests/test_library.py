@@ -100,6 +100,8 @@ def test_build_reports_an_unreadable_file_indexes_the_rest_and_cites_the_page(bu
     only = library.search(question, embedder.embed([question])[0], 5, document="stroke.html")
     assert {hit.passage["document"] for hit in only} == {"stroke.html"}
     assert library.search(question, embedder.embed([question])[0], 5, collection="elsewhere") == []
+    # Passages by id (how feedback finds what an answer was read from), quotes and all.
+    assert library.passages([best.passage["passage_id"], "gone-00001", "it's-00002"]) == [best.passage]
 
 
 def test_a_rebuild_reads_only_changed_files_and_drops_deleted_ones(built, embedder, capsys):

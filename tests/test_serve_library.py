@@ -6,6 +6,7 @@ One service for the module: conftest's abstaining tiny model, and an index of th
 """
 
 import json
+import time
 
 import httpx
 import pytest
@@ -28,12 +29,14 @@ def service(abstaining_run, tmp_path_factory):
     root = tmp_path_factory.mktemp("served-library")
     docs, index, audit = write_library(root / "ward"), root / "index", root / "audit.jsonl"
     model = abstaining_run[0] / "model"
-    config = service_config(model, free_port(), qa={}, library=str(index), audit_log=str(audit))
+    config = service_config(model, free_port(), qa={}, library=str(index), audit_log=str(audit),
+                            feedback=str(root / "feedback"))
     config["applications"][0]["deployments"].append({"name": RETRIEVER_DEPLOYMENT, "ray_actor_options": {"num_cpus": 0.1}})
     shared_ray()
     assert library_job(["build", str(docs), "--library", str(index), "--concurrency", "1"]) == 0
     with serving(config) as url:
-        yield {"url": url, "docs": docs, "index": index, "audit": audit, "model": model, "root": root}
+        yield {"url": url, "docs": docs, "index": index, "audit": audit, "model": model, "root": root,
+               "feedback": root / "feedback"}
 
 
 def ask(service, body, headers=AUTH):
@@ -53,7 +56,7 @@ def test_an_answer_cites_its_document_page_and_passage_and_equals_the_reader_ove
     library = Library(service["index"])
     rows = {hit.passage["passage_id"]: hit.passage for hit in library.search("x", Embedder().embed(["x"])[0], 20,
                                                                              mode="dense")}
-    for answer in body["answers"]:  # each citation is its passage's row in the index
+    for answer in (a for a in body["answers"] if a["start"] >= 0):  # each citation is its passage's row in the index
         assert answer["passage"][answer["start"]:answer["end"]] == answer["answer"]
         row = rows[answer["passage_id"]]
         assert {key: answer[key] for key in row if key != "text"} == {key: row[key] for key in row if key != "text"}
@@ -125,6 +128,34 @@ def test_audit_lines_of_library_questions_carry_counts_and_versions_never_text(s
         assert secret not in text
 
 
+def test_a_library_answer_is_rated_against_the_passages_it_was_read_from(service):
+    from serve_app.feedback.store import FeedbackStore
+
+    question = "Which spores are not killed by alcohol?"
+    response = ask(service, {"question": question, "top_k": 2})
+    rank, best = next((i, a) for i, a in enumerate(response.json()["answers"]) if a["start"] >= 0)
+    rate = {"response_id": response.headers["x-response-id"], "question": question, "answer": rank,
+            "key": f"r-{time.time_ns()}"}
+    right = httpx.post(f"{service['url']}/v1/feedback", json={**rate, "verdict": "right"}, headers=AUTH, timeout=60)
+    assert right.status_code == 201, right.text
+    # "Not in the documents" for a question asked of one document: every passage read is stored.
+    response = ask(service, {"question": "What is the dose of heparin?", "document": "warfarin.docx"})
+    nothing = {"response_id": response.headers["x-response-id"], "question": "What is the dose of heparin?",
+               "verdict": "not_in_documents", "key": f"n-{time.time_ns()}"}
+    assert httpx.post(f"{service['url']}/v1/feedback", json=nothing, headers=AUTH, timeout=60).status_code == 201
+    with_context = {**rate, "verdict": "right", "context": "x", "key": "other"}
+    refused = httpx.post(f"{service['url']}/v1/feedback", json=with_context, headers=AUTH, timeout=60)
+    assert refused.status_code == 422 and "context goes with feedback on /v1/answer only" in refused.text
+    with FeedbackStore(service["feedback"]) as store:
+        records = {record.verdict: record for record in store.records()}
+    shown = records["right"].passages[records["right"].shown.passage]
+    assert (shown.passage_id, shown.document, shown.text[records["right"].shown.start:records["right"].shown.end]) == (
+        best["passage_id"], best["document"], best["answer"])
+    assert [p.document for p in records["not_in_documents"].passages] == ["warfarin.docx"]
+    assert records["right"].index_version == response.json()["index_version"]
+    assert question not in service["audit"].read_text()
+
+
 def test_a_rebuilt_library_is_served_without_a_restart(service, tmp_path):
     before = httpx.get(f"{service['url']}/v1/collections", headers=AUTH, timeout=30).json()
     (service["docs"] / "new-leaflet.txt").write_text("The ward phone number is 4477.")
@@ -139,8 +170,27 @@ def test_a_rebuilt_library_is_served_without_a_restart(service, tmp_path):
         (service["docs"] / "new-leaflet.txt").unlink()
 
 
+# Selects the first three words of the passage on screen as a reader would with the mouse; returns them.
+SELECT_FIRST_WORDS = """(() => {
+    const view = document.getElementById('passage-view');
+    const words = view.textContent.split(' ').slice(0, 3).join(' ');
+    const walker = document.createTreeWalker(view, NodeFilter.SHOW_TEXT);
+    const range = document.createRange();
+    let seen = 0, node;
+    while ((node = walker.nextNode())) {
+        const length = node.textContent.length;
+        if (seen === 0) range.setStart(node, 0);
+        if (seen + length >= words.length) { range.setEnd(node, words.length - seen); break; }
+        seen += length;
+    }
+    window.getSelection().removeAllRanges();
+    window.getSelection().addRange(range);
+    return words;
+})()"""
+
+
 @needs_chromium
-def test_the_page_asks_the_library_and_shows_the_cited_passage(service, tmp_path):
+def test_the_page_asks_the_library_shows_the_cited_passage_and_takes_a_correction(service, tmp_path):
     question = "Which spores are not killed by alcohol?"
     expected = next(a for a in ask(service, {"question": question, "top_k": 3}).json()["answers"] if a["start"] >= 0)
     with headless_chromium(service["url"] + "/", tmp_path / "profile") as page:
@@ -162,6 +212,23 @@ def test_the_page_asks_the_library_and_shows_the_cited_passage(service, tmp_path
             passageSource: document.getElementById('passage-source').textContent,
             notFound: !document.getElementById('library-not-found').hidden,
         })""")
+        # Wrong, and the right words selected in the passage shown: the first three words, say.
+        assert page.evaluate("!document.getElementById('feedback').hidden")
+        page.click("#rate-wrong")
+        selected = page.evaluate(SELECT_FIRST_WORDS)
+        wait_until(lambda: page.evaluate("!document.getElementById('send-correction').disabled"), timeout_s=10,
+                   what="the selection to enable sending it")
+        page.click("#send-correction")
+        recorded = wait_until(lambda: page.evaluate("document.getElementById('feedback-status').textContent")
+                              .startswith("Thank you") and page.evaluate(
+                                  "document.getElementById('feedback-status').textContent"),
+                              timeout_s=30, what="the rating to be recorded")
+    from serve_app.feedback.store import FeedbackStore
+
+    with FeedbackStore(service["feedback"]) as store:
+        record = next(r for r in store.records() if f"(number {r.id})." in recorded)
+    fix = record.correction
+    assert record.verdict == "wrong" and record.passages[fix.passage].text[fix.start:fix.end] == selected
     assert shown["status"] == "" and shown["documentHidden"] and not shown["notFound"]
     assert shown["marked"] == expected["answer"] and shown["first"].startswith(expected["answer"])
     citation = " · ".join([expected["document"], *([f"page {expected['page']}"] if expected["page"] else []),

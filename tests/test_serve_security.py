@@ -45,10 +45,16 @@ def audit_log(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def service(tiny_model_dir, audit_log):
+def feedback_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("feedback") / "store"
+
+
+@pytest.fixture(scope="module")
+def service(tiny_model_dir, audit_log, feedback_dir):
     from ray import serve
 
-    config = service_config(tiny_model_dir, free_port(), audit_log=str(audit_log), max_windows_per_request=MAX_WINDOWS)
+    config = service_config(tiny_model_dir, free_port(), audit_log=str(audit_log), max_windows_per_request=MAX_WINDOWS,
+                            feedback=str(feedback_dir))
     with serving(config) as url:
         # "tight": a replica holds 2 questions, 1 more may wait, and a lone question waits 1 s for
         # its batch to fill, past the 0.5 s deadline.
@@ -198,6 +204,50 @@ def test_prometheus_metrics_count_requests_and_model_work(client, metrics_port):
                 and 'route="/v1/answer"' in line and 'status="200"' in line]
     assert answered and float(answered[0].rsplit(" ", 1)[1]) >= 1
     assert PATIENT not in text
+
+
+def test_a_rating_is_stored_once_audited_by_id_and_counted_per_model_version(client, audit_log, feedback_dir,
+                                                                             metrics_port):
+    from serve_app.feedback.store import FeedbackStore
+
+    answered = client.post("/v1/answer", json=[OK, {**OK, "top_k": 2}])
+    receipts = answered.headers["x-response-id"].split(",")
+    assert answered.status_code == 200 and len(receipts) == 2
+    words = (CONTEXT.index("warfarin"), CONTEXT.index("warfarin") + len("warfarin"))
+    body = {"response_id": receipts[1], "question": OK["question"], "context": CONTEXT, "verdict": "wrong",
+            "correction": {"start": words[0], "end": words[1]}, "key": f"rating-{time.time_ns()}"}
+    first = client.post("/v1/feedback", json=body)
+    assert first.status_code == 201, first.text
+    again = client.post("/v1/feedback", json=body)  # a retry: nothing new
+    assert again.status_code == 200 and again.json() == {**first.json(), "created": False}
+    refused = [client.post("/v1/feedback", json={**body, "response_id": receipts[0][:-4] + "AAAA"}),
+               client.post("/v1/feedback", json={**body, "question": "Which drug was someone else given?"}),
+               client.post("/v1/feedback", json={**body, "correction": {"start": 0, "end": 10_000}, "key": "other"}),
+               client.post("/v1/feedback", json={**body, "note": "free text"}),
+               httpx.post(client.base_url.join("/v1/feedback"), json=body)]
+    assert [r.status_code for r in refused] == [403, 403, 422, 422, 401]
+    assert "not one this service issued" in refused[0].json()["error"]
+    with FeedbackStore(feedback_dir) as store:
+        [record] = [r for r in store.records() if r.id == first.json()["feedback_id"]]
+    assert record.passages[0].text == CONTEXT and record.question == OK["question"]
+    assert record.passages[0].text[record.correction.start:record.correction.end] == "warfarin"
+    assert record.model_version == answered.headers["x-model-version"] and record.token_id == hash_token(TOKEN)[:8]
+
+    def audited():
+        lines = [json.loads(line) for line in audit_log.read_text().splitlines()]
+        return [line for line in lines if line["route"] == "/v1/feedback" and line["status"] in (200, 201)] or None
+
+    stored = wait_until(audited, timeout_s=20, what="the feedback's audit lines")
+    assert {line.get("feedback_id") for line in stored} == {record.id} and stored[0]["verdict"] == "wrong"
+    assert PATIENT not in audit_log.read_text()
+
+    def rated():
+        text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+        return [line for line in text.splitlines() if line.startswith("ray_qa_rated_answers_total{")
+                and 'verdict="wrong"' in line and f'model_version="{record.model_version}"' in line] or None
+
+    [line] = wait_until(rated, timeout_s=90, what="the rated-answers metric", interval_s=2)
+    assert float(line.rsplit(" ", 1)[1]) == 1  # the retry is not counted again
 
 
 def test_openapi_documents_every_status_and_bound(client):
@@ -382,6 +432,11 @@ def test_no_log_holds_patient_text(service, client, audit_log):
             client.post("/v1/answer", content=f'{{"question": "{patient}", "context": '.encode()),
             client.post("/v1/ask", json={"question": f"What was {patient} given?"})]
     assert [r.status_code for r in sent] == [200, 200, 422, 413, 400, 404]
+    rating = {"response_id": sent[0].headers["x-response-id"], "question": f"What was {patient} given?",
+              "context": context, "verdict": "wrong", "correction": {"start": 0, "end": len(patient)}, "key": patient}
+    sent += [client.post("/v1/feedback", json=rating),
+             client.post("/v1/feedback", json={**rating, "question": f"{patient} again?", "key": "other"})]
+    assert [r.status_code for r in sent[-2:]] == [201, 403]
     assert sent[0].json()["answer"]  # the service read the text
     logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
     time.sleep(2)  # log lines reach their files asynchronously

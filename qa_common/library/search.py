@@ -116,6 +116,14 @@ class Library:
             if lexical and query.strip() else []
         return dense_hits, lexical_hits
 
+    def passages(self, ids: Sequence[str]) -> list[dict]:
+        """The passages (PASSAGE_COLUMNS) with these ids that this version holds, in no order."""
+        if self.table is None or not ids:
+            return []
+        rows = (self.table.search().where(f"passage_id IN ({', '.join(_quoted(i) for i in ids)})")
+                .select(list(PASSAGE_COLUMNS)).limit(len(ids)).to_list())
+        return [{column: row[column] for column in PASSAGE_COLUMNS} for row in rows]
+
     @staticmethod
     def _ranked(query, where: str | None, limit: int, score_column: str) -> list[Hit]:
         if where:

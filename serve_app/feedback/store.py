@@ -153,12 +153,13 @@ def create_private_file(path: Path) -> None:
 
 
 class FeedbackStore:
-    """The feedback database in ``folder`` (created if missing). One connection; not thread-safe."""
+    """The feedback database in ``folder`` (created if missing): one connection, used by one thread at a time."""
 
     def __init__(self, folder: str | Path):
         self.path = Path(folder) / STORE_FILE
         create_private_file(self.path)
-        self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)  # transactions explicit
+        # Transactions explicit; any one thread at a time (the keeper serialises its calls, from a thread pool).
+        self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
         self.db.row_factory = sqlite3.Row
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")

@@ -2,8 +2,9 @@
 
 Run in the updating process, before anything changes on the service: the model resolves, its
 ``qa_config.json`` and the service's ``qa`` overrides are valid, its tokenizer and the backend the
-service asks for load, and it answers a probe question. Optionally it answers a SQuAD-format
-validation file as it would be served (its own threshold and calibration) and must reach an F1.
+service asks for load, and it answers a probe question. Optionally it answers SQuAD-format
+validation files as it would be served (its own threshold and calibration) and must reach an F1,
+stay within a drop of the serving model's, or beat it.
 """
 
 from __future__ import annotations
@@ -73,3 +74,11 @@ def check_f1(new_f1: float, *, min_f1: float | None, serving_f1: float | None, m
     if max_f1_drop is not None and serving_f1 is not None and new_f1 < serving_f1 - max_f1_drop:
         raise GateError(f"the new model's F1 on the validation file is {new_f1:.2f}, more than --max-f1-drop "
                         f"{max_f1_drop:g} below the serving model's {serving_f1:.2f}: not deployed")
+
+
+def check_gain(new_f1: float, serving_f1: float, *, min_gain: float) -> None:
+    """Refuse (GateError) a model that does not beat the serving one by more than ``min_gain`` F1
+    points (on the clinicians' own validation questions: an update must help where it was asked to)."""
+    if not new_f1 > serving_f1 + min_gain:
+        raise GateError(f"the new model's F1 on the --improve-on file is {new_f1:.2f}, not more than --min-gain "
+                        f"{min_gain:g} above the serving model's {serving_f1:.2f}: not deployed")

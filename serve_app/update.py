@@ -2,6 +2,8 @@
 
     python -m serve_app update --model runs/squad-minilm/model          # the service on this machine
     python -m serve_app update --model DIR --validate-on dev.json --min-f1 70 --max-f1-drop 1
+    python -m serve_app update --model DIR --improve-on runs/feedback-export/validation.json \
+        --validate-on squad-slice.json --max-f1-drop 1     # better on the feedback, no worse elsewhere
     python -m serve_app update --rollback                               # back to the model before
     ray job submit --address http://HEAD:8265 -- python -m serve_app update --model /shared/models/v2
 
@@ -27,7 +29,7 @@ import time
 from pathlib import Path
 
 from serve_app.app import APP_NAME
-from serve_app.gate import GateError, check_f1, check_model, validation_f1
+from serve_app.gate import GateError, check_f1, check_gain, check_model, validation_f1
 
 
 
@@ -49,6 +51,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--min-f1", type=float, help="refuse the update when the new model's F1 on FILE is below this")
     parser.add_argument("--max-f1-drop", type=float, help="refuse it when the new model's F1 on FILE is more than "
                         "this many points below the serving model's on the same file")
+    parser.add_argument("--improve-on", metavar="FILE", help="SQuAD-format file (e.g. the validation split of "
+                        "`python -m serve_app.feedback export`) on which the new model's F1 must beat the serving "
+                        "model's by more than --min-gain points")
+    parser.add_argument("--min-gain", type=float, default=0.0, help="with --improve-on: the least gain in F1 points "
+                        "(default: %(default)s: any gain)")
     parser.add_argument("--model-name", help="the name /v1/model shows (default: the new model directory's name)")
     parser.add_argument("--token-hashes-file", metavar="FILE", help="accept the tokens whose hashes FILE holds "
                         "from now on (default: keep the tokens the service accepts now)")
@@ -180,15 +187,21 @@ def update(flags: argparse.Namespace) -> None:
                                           "model_name": flags.model_name})
     print(f"checking {target} ...", flush=True)
     checked = check_model(target, new_args)
+    serving_checked = None
+    if flags.max_f1_drop is not None or flags.improve_on:
+        serving_checked = check_model(serving.model, serving)
+    if flags.improve_on:
+        new_f1, serving_f1 = validation_f1(checked, flags.improve_on), validation_f1(serving_checked, flags.improve_on)
+        print(f"F1 on {flags.improve_on}: the new model's {new_f1:.2f}, the serving model's {serving_f1:.2f}",
+              flush=True)
+        check_gain(new_f1, serving_f1, min_gain=flags.min_gain)
     if flags.validate_on:
         new_f1 = validation_f1(checked, flags.validate_on)
-        serving_f1 = None
-        if flags.max_f1_drop is not None:
-            serving_f1 = validation_f1(check_model(serving.model, serving), flags.validate_on)
+        serving_f1 = validation_f1(serving_checked, flags.validate_on) if flags.max_f1_drop is not None else None
         shown = f", the serving model's {serving_f1:.2f}" if serving_f1 is not None else ""
         print(f"validation F1 on {flags.validate_on}: the new model's {new_f1:.2f}{shown}", flush=True)
         check_f1(new_f1, min_f1=flags.min_f1, serving_f1=serving_f1, max_f1_drop=flags.max_f1_drop)
-    del checked
+    del checked, serving_checked
 
     if flags.token_hashes_file:
         token_hashes = tokens_from(flags.token_hashes_file)

@@ -115,7 +115,7 @@ def under_load(url: str, action, *, clients: int = 4) -> tuple[list, float]:
     return responses, returned
 
 
-def test_a_refused_update_changes_nothing_and_says_why(service, tmp_path, model_b):
+def test_a_refused_update_changes_nothing_and_says_why(service, tmp_path, model_b, capsys):
     url, address = service
     version = card(url)["version"]
     broken = tmp_path / "broken"
@@ -129,6 +129,11 @@ def test_a_refused_update_changes_nothing_and_says_why(service, tmp_path, model_
     # A model below --min-f1 on a validation file (the tiny models answer at random).
     assert update(["--model", str(model_b), "--validate-on", str(FIXTURES / "tiny-squad.json"),
                    "--min-f1", "99"]) == 2
+    # Not better than the serving model on the clinicians' questions (no model gains 101 points).
+    capsys.readouterr()
+    assert update(["--model", str(model_b), "--improve-on", str(FIXTURES / "tiny-squad.json"),
+                   "--min-gain", "101"]) == 2
+    assert "not more than --min-gain 101 above the serving model's" in capsys.readouterr().err
     assert update(["--rollback"]) == 2  # never updated: nothing to roll back to
     after = card(url)
     assert after["version"] == version and after["previous"] is None

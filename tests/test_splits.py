@@ -62,3 +62,26 @@ def test_training_validates_on_held_out_articles_with_negatives_on_both_sides(ca
     assert (settings["sample"], settings["holdout_questions"], settings["negative_source"]) == ("spread", 5, "mix")
     with pytest.raises(ValueError, match="--validation-file or --holdout-questions, not both"):
         TrainConfig(train_file="t.json", validation_file="v.json", holdout_questions=3).validate()
+
+
+def test_a_mix_file_adds_its_share_of_questions_spread_over_its_articles(tmp_path, capsys):
+    import json
+
+    from conftest import FIXTURES
+    from train_job.config import TrainConfig
+    from train_job.data import load_splits
+
+    feedback = {"version": "v2.0", "data": [{"title": "ward/leaflet.pdf", "paragraphs": [{
+        "context": "Hold warfarin when the INR is above 4.",
+        "qas": [{"id": f"feedback-{i}", "question": f"When is warfarin held ({i})?", "is_impossible": False,
+                 "answers": [{"text": "when the INR is above 4", "answer_start": 14}]} for i in range(4)]}]}]}
+    (tmp_path / "train.json").write_text(json.dumps(feedback))
+    config = TrainConfig(train_file=str(tmp_path / "train.json"), validation_file=str(tmp_path / "train.json"),
+                         mix_file=str(FIXTURES / "tiny-squad.jsonl"), mix_ratio=2, seed=1).validate()
+    train, _ = load_splits(config)
+    mixed = [r for r in train if not r["id"].startswith("feedback-")]
+    assert len(train) == 4 + 8 and len({r["title"] for r in mixed}) > 1  # two per question, spread over articles
+    assert train != sorted(train, key=lambda r: r["id"].startswith("feedback-"))  # shuffled together
+    assert "mixed 8 questions of --mix-file into 4" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--mix-ratio must be positive"):
+        TrainConfig(train_file="t.json", validation_file="v.json", mix_ratio=0).validate()

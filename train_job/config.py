@@ -70,6 +70,12 @@ class TrainConfig:
     holdout_questions: int | None = _flag(
         "validate on whole articles held out of the training data (seeded, at least N questions) instead of a "
         "validation file or split, which then stays untouched for a final report", default=None)
+    mix_file: str | None = _flag(
+        "a SQuAD-format file whose questions are mixed into the training data (e.g. SQuAD's training set when "
+        "fine-tuning a SQuAD model on clinicians' feedback), so a model taught a few hundred new questions keeps "
+        "what it knew", default=None)
+    mix_ratio: float = _flag("questions drawn from --mix-file per training question (seeded, spread over its "
+                             "articles)", default=1.0)
     negative_ratio: float = _flag(
         "unanswerable questions to synthesise per answerable question (its question paired with another "
         "paragraph holding none of its answers), in training and, when it has none, validation data; > 0 trains "
@@ -123,6 +129,8 @@ class TrainConfig:
             raise ValueError("--weight-decay and --max-failures must be >= 0, --checkpoints-to-keep >= 1")
         if self.attention_dropout is not None and not 0 <= self.attention_dropout < 1:
             raise ValueError(f"--attention-dropout must be in [0, 1), got {self.attention_dropout}")
+        if not self.mix_ratio > 0:
+            raise ValueError(f"--mix-ratio must be positive, got {self.mix_ratio}")
         if not self.negative_ratio >= 0:
             raise ValueError(f"--negative-ratio must be >= 0, got {self.negative_ratio}")
         for name in ("max_train_samples", "max_eval_samples", "holdout_questions"):

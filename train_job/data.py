@@ -24,7 +24,8 @@ def load_splits(config: TrainConfig) -> tuple[list[dict], list[dict]]:
 
     The validation split is the validation file (or data set split), or with
     ``config.holdout_questions`` whole articles held out of the training data. ``max_*_samples``
-    then choose questions (``config.sample``: spread over the articles, or the first N). With
+    then choose questions (``config.sample``: spread over the articles, or the first N);
+    ``config.mix_file`` adds ``mix_ratio`` of its questions per training question. With
     ``config.negative_ratio`` > 0, synthetic unanswerable questions are added per answerable
     question: to the training data from its own paragraphs, and to validation data that has no
     unanswerable question from the validation paragraphs (so the no-answer threshold and the
@@ -44,6 +45,8 @@ def load_splits(config: TrainConfig) -> tuple[list[dict], list[dict]]:
               f"{len({r['title'] for r in validation})} held-out article(s) (--holdout-questions)", flush=True)
     train = sample_questions(train, config.max_train_samples, seed=config.seed, how=config.sample)
     validation = sample_questions(validation, config.max_eval_samples, seed=config.seed, how=config.sample)
+    if config.mix_file:
+        train = mixed_in(train, config)
     if config.negative_ratio > 0:
         train = with_negatives(train, config, "training")
         if all(r["answers"]["text"] for r in validation):
@@ -53,6 +56,20 @@ def load_splits(config: TrainConfig) -> tuple[list[dict], list[dict]]:
               "(--version-2-with-negative)", flush=True)
         config.qa = config.qa.replace(version_2_with_negative=True)
     return train, validation
+
+
+def mixed_in(train: list[dict], config: TrainConfig) -> list[dict]:
+    """``train`` and ``mix_ratio`` questions per training question from ``config.mix_file`` (a
+    seeded draw spread over its articles), shuffled together (seeded)."""
+    pool = read_squad(config.mix_file, require_answers=False)
+    mix = sample_questions(pool, round(config.mix_ratio * len(train)), seed=config.seed, how="spread")
+    taken = {record["id"] for record in train}
+    mix = [record if record["id"] not in taken else {**record, "id": f"mix-{record['id']}"} for record in mix]
+    print(f"[train_job] mixed {len(mix)} questions of --mix-file into {len(train)} training questions "
+          f"(--mix-ratio {config.mix_ratio:g})", flush=True)
+    records = train + mix
+    random.Random(config.seed).shuffle(records)
+    return records
 
 
 def with_negatives(records: list[dict], config: TrainConfig, split: str) -> list[dict]:

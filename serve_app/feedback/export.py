@@ -80,9 +80,14 @@ def resolve(records: Iterable[Feedback], counts: ExportCounts) -> list[Feedback]
     return latest
 
 
-def in_validation(document: str, share: float, seed: int) -> bool:
+def _draw(document: str, seed: int) -> float:
+    """The document's seeded place in [0, 1): the same in every export."""
     digest = hashlib.sha256(f"{seed}:{document}".encode("utf-8", "surrogateescape")).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < share
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def in_validation(document: str, share: float, seed: int) -> bool:
+    return _draw(document, seed) < share
 
 
 def squad_questions(feedback: Feedback) -> list[tuple[str, dict]]:
@@ -113,7 +118,7 @@ def split_by_document(records: Iterable[Feedback], *, validation_share: float, s
     documents = sorted({document for document, _ in pairs})
     validation = {d for d in documents if in_validation(d, validation_share, seed)}
     if not validation and len(documents) >= 2 and validation_share > 0:
-        validation = {min(documents, key=lambda d: hashlib.sha256(f"{seed}:{d}".encode()).digest())}
+        validation = {min(documents, key=lambda d: _draw(d, seed))}
     splits: dict[str, list[dict]] = {"train": [], "validation": []}
     for document, squad in pairs:
         split = "validation" if document in validation else "train"

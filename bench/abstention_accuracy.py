@@ -166,12 +166,9 @@ def no_answer_auc(na_probs: dict, golds: dict) -> float:
 def measure(args, workdir: Path, load_before: list[float]) -> int:
     import shutil
 
-    import ray
-
     validation_file, eval_sets = build_eval_sets(args, workdir)
-    benchlib.init_local_ray(args.cpus)
     rows, results = [], {}
-    try:
+    with benchlib.local_ray(args.cpus):
         for label, ratio in (("with negatives", args.negative_ratio), ("without (always answers)", 0.0)):
             kept = args.keep / f"negatives-{ratio:g}" if args.keep else None
             if args.reuse and kept.is_dir():
@@ -191,8 +188,6 @@ def measure(args, workdir: Path, load_before: list[float]) -> int:
                              "threshold": scores["no_answer_threshold"] if scores["abstains"] else "-",
                              "no-answer AUC": scores["no_answer_auc"],
                              "train s": train_metrics["bench_wall_s"]})
-    finally:
-        ray.shutdown()
     rows.sort(key=lambda row: row["unanswerable on"] != "notre-dame")
     test_sizes = {design: len(test) for design, (_, test) in eval_sets.items()}
     title = f"Abstention on {max(test_sizes.values())} test questions (half unanswerable), official SQuAD 2.0 metric, percent"

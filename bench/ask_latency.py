@@ -62,8 +62,6 @@ def main(argv=None) -> int:
     load_before = benchlib.load_average()
 
     import httpx
-    import ray
-    from ray import serve
 
     from qa_common import read_squad
     from serve_app.app import run_config
@@ -76,8 +74,7 @@ def main(argv=None) -> int:
     app["deployments"].append({"name": RETRIEVER_DEPLOYMENT, "ray_actor_options": {"num_cpus": 1},
                                "autoscaling_config": {"min_replicas": 0, "initial_replicas": 0, "max_replicas": 1,
                                                       "downscale_to_zero_delay_s": 3600}})
-    benchlib.init_local_ray(2)
-    try:
+    with benchlib.local_ray(2):
         url = run_config(config).rstrip("/")
         assert replica_counts(APP_NAME, RETRIEVER_DEPLOYMENT).get("RUNNING", 0) == 0
         clock = benchlib.Stopwatch()
@@ -93,9 +90,6 @@ def main(argv=None) -> int:
             levels.append(asyncio.run(send(url, questions[: args.requests], concurrency, timeout_s=120)))
             print(levels[-1], flush=True)
         backend = httpx.get(f"{url}/v1/model", timeout=30).json()["backend"]
-    finally:
-        serve.shutdown()
-        ray.shutdown()
     ratios = {"p50_ms_1_client": levels[0]["p50_ms"], "retriever_cold_start_s": round(cold_s, 2)}
     benchlib.write_json(args.out, "ask_latency", ratios,
                         {"cold_first_answer_s": round(cold_s, 2), "next_answer_s": round(warm_s, 2), "levels": levels},

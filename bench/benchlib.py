@@ -7,6 +7,7 @@ saved with MiniLM's tokenizer.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -283,10 +284,16 @@ def quiet_libraries() -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
-def init_local_ray(num_cpus: int | None = None) -> None:
-    """A private local Ray for this script (never a cluster that happens to run here)."""
+@contextlib.contextmanager
+def local_ray(num_cpus: int | None = None):
+    """A private local Ray for the measurement (never a cluster that happens to run here), shut down
+    after it with its Serve. A Ray this process already runs (a caller that imports the script and
+    calls ``main``, as the test suite does) is used as it is and left running."""
     import ray
 
+    if ray.is_initialized():
+        yield
+        return
     # Workers' logs stay in Ray's log files (BENCH_VERBOSE=1 streams them here): printing them would cost
     # this process CPU time, and it is the load generator of the serve benchmarks.
     ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
@@ -294,6 +301,14 @@ def init_local_ray(num_cpus: int | None = None) -> None:
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        yield
+    finally:
+        if "ray.serve" in sys.modules:
+            from ray import serve
+
+            serve.shutdown()
+        ray.shutdown()
 
 
 # --- the Serve app ------------------------------------------------------------------------------

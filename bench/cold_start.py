@@ -71,8 +71,6 @@ def main(argv=None) -> int:
 
 
 def measure(args, workdir: Path, load_before: list[float]) -> int:
-    import ray
-    from ray import serve
 
     from serve_app.app import run_config
 
@@ -85,9 +83,8 @@ def measure(args, workdir: Path, load_before: list[float]) -> int:
                                        dtype=args.dtype, backend=args.backend,
                                        # a start slower than the service's deadline would read as a 503
                                        request_deadline_s=args.request_timeout_s)
-    benchlib.init_local_ray(args.cpus)
     rows = []
-    try:
+    with benchlib.local_ray(args.cpus):
         clock = benchlib.Stopwatch()
         url = run_config(config).rstrip("/")
         deploy_s = clock()
@@ -104,9 +101,6 @@ def measure(args, workdir: Path, load_before: list[float]) -> int:
             warm_s, _ = timed_post(url, args.request_timeout_s)
             rows.append({"repeat": repeat, "time_to_first_answer_s": cold_s, "next_request_s": warm_s,
                          "idle_to_zero_s": to_zero_s, "answer": answer["answer"], "load_average": load})
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
     cold = [row["time_to_first_answer_s"] for row in rows]
     ratios = {"cold_start_median_s": round(benchlib.median(cold), 2), "cold_start_max_s": round(max(cold), 2),

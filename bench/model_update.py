@@ -127,7 +127,6 @@ def main(argv=None) -> int:
 def measure(args, workdir: Path, load_before: list[float]) -> int:
     import httpx
     import ray
-    from ray import serve
 
     from serve_app.app import run_config
     from serve_app.auth import hash_token
@@ -141,9 +140,8 @@ def measure(args, workdir: Path, load_before: list[float]) -> int:
     config = benchlib.serve_app_config(model_a, free_port(), max_batch_size=8, replica_cpus=args.replica_cpus,
                                        backend=args.backend)
     config["applications"][0]["args"]["token_hashes_file"] = str(hashes)
-    benchlib.init_local_ray(args.cpus)
     results = {}
-    try:
+    with benchlib.local_ray(args.cpus):
         base_url = run_config(config).rstrip("/")
         update = [sys.executable, "-m", "serve_app", "update", "--address", ray.get_runtime_context().gcs_address]
 
@@ -157,9 +155,6 @@ def measure(args, workdir: Path, load_before: list[float]) -> int:
             results[name] = summarise(result, before, version() if command else None)
             benchlib.print_table(name, [results[name]], [k for k in results[name] if k not in ("statuses", "versions")])
             print(f"  statuses {results[name]['statuses']}, versions {results[name]['versions']}", flush=True)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
     steady = results["steady"]
     ratios = {f"{name}_during_command_p99_vs_steady_p99": benchlib.ratio(results[name].get("during_command_p99_ms"),
                                                                           steady["p99_ms"]) for name in PHASES[1:]}

@@ -205,7 +205,6 @@ def main(argv=None) -> int:
 
 
 def measure(args, workdir: Path, load_before: list[float]) -> int:
-    import ray
 
     model_dir = benchlib.prepare_model_dir(args.model, workdir / "model")
     records = benchmark_records(args)
@@ -218,13 +217,10 @@ def measure(args, workdir: Path, load_before: list[float]) -> int:
     if not args.skip_baseline:
         print("[bench] single process ...", flush=True)
         runs.append(run_single_process(records, model_dir, args, windows))
-    benchlib.init_local_ray(args.cpus)
-    try:
+    with benchlib.local_ray(args.cpus):
         for actors in args.actors:
             print(f"[bench] train_job.predict, {actors} actor(s) ...", flush=True)
             runs.append(run_pipeline(data, model_dir, args, actors, windows, workdir))
-    finally:
-        ray.shutdown()
 
     memory = []
     if args.memory:

@@ -131,15 +131,10 @@ def main(argv=None) -> int:
     if not args.skip_baseline:
         print("[bench] single process ...", flush=True)
         results["runs"].append(run_single_process(rows, args, qa_config))
-    benchlib.init_local_ray(args.cpus)
-    import ray
-
-    try:
+    with benchlib.local_ray(args.cpus):
         for run in range(1, args.runs + 1):
             print(f"[bench] Ray Data run {run} ...", flush=True)
             results["runs"].append(run_ray_data(rows, args, qa_config, run))
-    finally:
-        ray.shutdown()
 
     ray_runs = [r for r in results["runs"] if r["method"].startswith("Ray Data")]
     best = max(ray_runs, key=lambda r: r["examples_per_s"])

@@ -188,24 +188,17 @@ def main(argv=None) -> int:
 
 
 def measure(args, workdir: Path, load_before: list[float]) -> int:
-    import ray
-    from ray import serve
-
     model_dir = benchlib.prepare_model_dir(args.model, workdir / "model")
     payloads = benchlib.question_payloads(args.data, args.warmup + args.requests)
     windows = benchlib.windows_per_payload(payloads, model_dir)
     print(f"[bench] {args.requests} timed requests ({sum(windows[args.warmup:])} windows) from "
           f"{benchlib.data_label(args.data)}; model {benchlib.model_summary(model_dir)}", flush=True)
-    benchlib.init_local_ray(args.cpus)
     port = free_port()
     rows = []
-    try:
+    with benchlib.local_ray(args.cpus):
         for mode in args.modes:
             print(f"[bench] {mode}: {args.requests} requests, {args.concurrency} concurrent ...", flush=True)
             rows.append(run_mode(mode, args, model_dir, port, payloads, windows))
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
     by_mode = {row["mode"]: row for row in rows}
     ratios = {}

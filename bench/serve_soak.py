@@ -172,8 +172,6 @@ def main(argv=None) -> int:
 
 
 def measure(args, workdir: Path, load_before: list[float]) -> int:
-    import ray
-    from ray import serve
 
     from serve_app.app import run_config
     from serve_app.auth import hash_token
@@ -190,14 +188,10 @@ def measure(args, workdir: Path, load_before: list[float]) -> int:
     deadline_s = app["args"].get("request_deadline_s", 30)
     print(f"[bench] {args.clients} clients x {args.duration_s:g} s, 1 in {args.long_every} with {args.long_chars:,} "
           f"characters, replica killed at {args.kill_at_s:g} s; model {benchlib.model_summary(model_dir)}", flush=True)
-    benchlib.init_local_ray(args.cpus)
-    try:
+    with benchlib.local_ray(args.cpus):
         base_url = run_config(config).rstrip("/")
         result = asyncio.run(soak(base_url, token, short, long, args, deadline_s))
         replicas_after = replica_counts(APP_NAME, MODEL_DEPLOYMENT)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
     summary = {**summarise(result, deadline_s), "replicas_after": replicas_after}
     benchlib.print_table("Soak", [summary], ["requests", "answered", "rejected_503", "outside_200_503", "p50_ms",

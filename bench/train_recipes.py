@@ -98,28 +98,19 @@ def settings_of(args, prepared: dict) -> dict:
 
 
 class OurRuns:
-    """Ray Train runs of ``train_job`` on one local Ray, featurising the training windows once."""
+    """Ray Train runs of ``train_job`` on the connected Ray (``benchlib.local_ray``), featurising the
+    training windows once."""
 
     def __init__(self, args, prepared: dict, workdir: Path):
         self.args, self.prepared, self.workdir, self.data = args, prepared, workdir, None
 
     def fit(self, label: str, title: str, **overrides) -> dict:
-        import ray
-
-        if not ray.is_initialized():
-            benchlib.init_local_ray(max(self.args.cpus, 2))  # at least 2 for a 2-worker run
         print(f"[bench] {title} ...", flush=True)
         config = train_config(self.args, self.prepared["model_dir"], self.workdir, self.prepared["train_file"], label,
                               **overrides)
         run = run_ours(config, title, data=self.data)
         self.data = run.pop("data")
         return {**run, "load_average": benchlib.load_average()}
-
-    def close(self) -> None:
-        import ray
-
-        if ray.is_initialized():
-            ray.shutdown()
 
 
 def training_records(args) -> list[dict]:

@@ -35,11 +35,9 @@ def measure(args, workdir: Path, load_before: list[float]) -> int:
     # CPU: workers of 1 CPU each; GPU: 1 GPU each, with half the CPUs (at most 8) each.
     cpus_per_worker = max(1, min(8, args.cpus // 2)) if args.gpu else 1
     runs = OurRuns(args, prepared, workdir)
-    try:
+    with benchlib.local_ray(max(args.cpus, 2)):  # at least 2 for a 2-worker run
         rows = [runs.fit(f"scaling-{workers}", f"scaling: {workers} worker(s) of 1 {'GPU' if args.gpu else 'CPU'}",
                          num_workers=workers, cpus_per_worker=cpus_per_worker) for workers in (1, 2)]
-    finally:
-        runs.close()
     one, two = rows
     ratios = {"scaling_efficiency_2_workers": benchlib.ratio(two["features_per_s_per_worker"], one["features_per_s_per_worker"]),
               "scaling_speedup_2_workers": benchlib.ratio(two["features_per_s"], one["features_per_s"])}

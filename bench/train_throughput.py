@@ -51,7 +51,7 @@ def measure(args, workdir: Path, load_before: list[float]) -> int:
     print("[bench] seed recipe: HF Trainer ...", flush=True)
     seed = {**run_seed(args, prepared["model_dir"], prepared["features"], workdir), "load_average": benchlib.load_average()}
     runs = OurRuns(args, prepared, workdir)
-    try:
+    with benchlib.local_ray(max(args.cpus, 2)):  # at least 2 for a 2-worker run
         ours = runs.fit("ours", "ours: train_job (Ray Train)")
         results = {"seed": seed, "ours": ours}
         ratios = {"ours_vs_seed_features_per_s": benchlib.ratio(ours["features_per_s"], seed["features_per_s"])}
@@ -61,8 +61,6 @@ def measure(args, workdir: Path, load_before: list[float]) -> int:
                 row = runs.fit(f"ablate-{name}", f"ours, {name}={value}", **{name: value})
                 results["ablation"].append(row)
                 ratios[f"ours_default_vs_{name}_{value}"] = benchlib.ratio(ours["features_per_s"], row["features_per_s"])
-    finally:
-        runs.close()
     rows = [seed, ours, *results.get("ablation", [])]
     benchlib.print_table("Ratios", [{"ratio": name, "value": value} for name, value in ratios.items()], ["ratio", "value"])
     benchlib.print_table("Training throughput (features/s, excluding start-up)", rows,

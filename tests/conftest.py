@@ -20,6 +20,10 @@ from pathlib import Path
 import pytest
 
 FIXTURES = Path(__file__).parent / "fixtures"
+# Ray Train's controller looks at its workers every 2 s: a tiny run of a few seconds would spend about
+# as long again waiting for those looks (at start, after each report, at the end). The suite's runs,
+# and the subprocesses it starts, look five times a second.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
@@ -117,7 +121,8 @@ def shared_ray() -> None:
     import socket
 
     import ray
-    from ray._private import auto_init_hook
+    from ray import serve  # noqa: F401 -- imported here, never under a test's captured output: Serve's
+    from ray._private import auto_init_hook  # logger keeps the sys.stderr of its first import
 
     from serve_app.request_ids import set_proxy_environment
 

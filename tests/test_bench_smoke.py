@@ -1,65 +1,58 @@
 """The bench scripts run end to end with a tiny model and tiny settings, and write valid JSON.
 
-Each script runs as a subprocess (its own private local Ray, HTTP on 127.0.0.1 only) with a hard
-timeout; the figures themselves are not checked, only that they are there.
+The scripts run in this process, on the session's Ray (``main`` as ``python -m bench.<script>`` calls
+it; a script uses a Ray it finds running and leaves it so); the serving ones, which start and stop
+Serve, run as subprocesses in ``test_bench_services.py``. The figures themselves are not checked,
+only that they are there.
 """
 
+import importlib
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from bench_helpers import REPO, check_document
 
 from conftest import FIXTURES
 
-# Each script starts a Ray of its own, in its own process.
-pytestmark = pytest.mark.usefixtures("isolated_from_ray")
-
-REPO = Path(__file__).resolve().parent.parent
 SMALL_WINDOWS = ["--max-length", "48", "--stride", "16", "--max-question-length", "20"]
-COMMON_KEYS = {"benchmark", "ratios", "results", "settings", "machine", "load_average", "command", "finished_at"}
 
 
-def run_bench(script: str, out: Path, *flags: str, timeout: int = 240) -> dict:
-    result = subprocess.run(
-        [sys.executable, "-m", f"bench.{script}", "--out", str(out), *flags],
-        cwd=REPO, capture_output=True, text=True, timeout=timeout,
-    )
-    assert result.returncode == 0, f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
-    document = json.loads(out.read_text(encoding="utf-8"))
-    assert COMMON_KEYS <= document.keys()
-    assert list(document)[:2] == ["benchmark", "ratios"]  # ratios first
-    assert document["machine"]["nproc"] >= 1 and document["machine"]["torch"]
-    assert "Ratios" in result.stdout  # the printed table
-    return document
+def run_bench(script: str, out: Path, capsys, *flags: str) -> dict:
+    import ray
+
+    running = ray.is_initialized()
+    assert importlib.import_module(f"bench.{script}").main(["--out", str(out), *flags]) == 0
+    assert ray.is_initialized() == running  # a Ray the caller runs is left running, and no other is left behind
+    return check_document(out, capsys.readouterr().out)
 
 
 TRAIN_FLAGS = ["--data", str(FIXTURES / "tiny-squad.jsonl"), "--eval-data", str(FIXTURES / "tiny-squad.json"),
                *SMALL_WINDOWS, "--batch-size", "4", "--epochs", "1", "--eval-questions", "2", "--cpus", "1"]
 
 
-def test_train_throughput(tiny_model_dir, tmp_path):
+def test_train_throughput(local_ray, tiny_model_dir, tmp_path, capsys):
     pytest.importorskip("accelerate", reason="the seed recipe's HF Trainer needs accelerate (the dev extra)")
-    document = run_bench("train_throughput", tmp_path / "train.json", "--model", str(tiny_model_dir), *TRAIN_FLAGS,
+    document = run_bench("train_throughput", tmp_path / "train.json", capsys, "--model", str(tiny_model_dir), *TRAIN_FLAGS,
                          "--seed-steps", "2", "--warmup-steps", "1")
     results, ratios = document["results"], document["ratios"]
     assert results["seed"]["features_per_s"] > 0 and results["ours"]["features_per_s"] > 0
     assert ratios["ours_vs_seed_features_per_s"] > 0
 
 
-def test_train_scaling_and_variants(tiny_model_dir, tmp_path):
-    document = run_bench("train_scaling", tmp_path / "scaling.json", "--model", str(tiny_model_dir), *TRAIN_FLAGS)
+def test_train_scaling_and_variants(local_ray, tiny_model_dir, tmp_path, capsys):
+    document = run_bench("train_scaling", tmp_path / "scaling.json", capsys, "--model", str(tiny_model_dir), *TRAIN_FLAGS)
     assert [row["workers"] for row in document["results"]["scaling"]] == [1, 2]
     assert document["ratios"]["scaling_efficiency_2_workers"] > 0
-    document = run_bench("train_variants", tmp_path / "variants.json", "--model", str(tiny_model_dir), *TRAIN_FLAGS,
+    document = run_bench("train_variants", tmp_path / "variants.json", capsys, "--model", str(tiny_model_dir), *TRAIN_FLAGS,
                          "--variant-features", "8")
     variants = document["results"]["variants"]
     assert len(variants) >= 5 and all(row["features_per_s"] > 0 for row in variants)
 
 
-def test_train_limits(tiny_model_dir, tmp_path):
-    document = run_bench("train_limits", tmp_path / "limits.json", "--model", str(tiny_model_dir),
+def test_train_limits(tiny_model_dir, tmp_path, capsys):
+    document = run_bench("train_limits", tmp_path / "limits.json", capsys, "--model", str(tiny_model_dir),
                          "--data", str(FIXTURES / "tiny-squad.jsonl"), "--questions", "20", "--steps", "10",
                          "--profile-steps", "1", "--variants", "before,now")
     variants = {row["variant"]: row for row in document["results"]["variants"]}
@@ -84,9 +77,9 @@ def test_ray_overhead_names_rays_processes():
     assert process_name([b"/venv/lib/ray/core/src/ray/gcs/gcs_server", b"--port"]) == "gcs_server"
 
 
-def test_preprocess(tiny_model_dir, tmp_path):
+def test_preprocess(local_ray, tiny_model_dir, tmp_path, capsys):
     document = run_bench(
-        "preprocess", tmp_path / "preprocess.json",
+        "preprocess", tmp_path / "preprocess.json", capsys,
         "--data", str(FIXTURES / "tiny-squad.jsonl"), "--examples", "200", "--tokenizer", str(tiny_model_dir),
         *SMALL_WINDOWS, "--runs", "1", "--cpus", "2", "--concurrency", "2",
     )
@@ -97,49 +90,9 @@ def test_preprocess(tiny_model_dir, tmp_path):
     assert document["ratios"]["ray_data_best_vs_single_process"] > 0
 
 
-def test_serve_load(tiny_model_dir, tmp_path):
+def test_predict_throughput(local_ray, tiny_model_dir, tmp_path, capsys):
     document = run_bench(
-        "serve_load", tmp_path / "serve.json",
-        "--model", str(tiny_model_dir), "--data", str(FIXTURES / "tiny-squad.jsonl"),
-        "--requests", "24", "--concurrency", "4", "--warmup", "2", "--max-batch-size", "4", "--cpus", "2",
-        "--replica-cpus", "0.5", "--time-limit-s", "90",
-    )
-    modes = {row["mode"]: row for row in document["results"]["modes"]}
-    assert set(modes) == {"batched", "unbatched"}
-    for row in modes.values():
-        assert row["answered"] == 24 and row["errors"] == 0
-        assert row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"]
-        assert row["windows_per_s"] >= row["requests_per_s"] > 0
-    assert modes["unbatched"]["questions_per_model_call"] == 1
-    assert document["ratios"]["batched_vs_unbatched_requests_per_s"] > 0
-
-
-def test_cold_start(tiny_model_dir, tmp_path):
-    document = run_bench(
-        "cold_start", tmp_path / "cold.json",
-        "--model", str(tiny_model_dir), "--repeats", "1", "--cpus", "2", "--replica-cpus", "0.5",
-    )
-    [row] = document["results"]["cold_starts"]
-    assert 0 < row["next_request_s"] < row["time_to_first_answer_s"]
-    assert document["ratios"]["cold_start_median_s"] > 0
-
-
-def test_serve_soak(tiny_model_dir, tmp_path):
-    document = run_bench(
-        "serve_soak", tmp_path / "soak.json",
-        "--model", str(tiny_model_dir), "--data", str(FIXTURES / "tiny-squad.jsonl"), "--clients", "4",
-        "--duration-s", "8", "--long-every", "3", "--long-chars", "2000", "--kill-at-s", "3", "--cpus", "2",
-        "--replica-cpus", "0.5",
-    )
-    soak = document["results"]["soak"]
-    assert soak["answered"] > 0 and soak["answered_long"] > 0 and soak["killed_at_s"] >= 3
-    assert soak["outside_200_503"] == 0 and soak["offset_mismatches"] == 0
-    assert soak["replicas_after"] == {"RUNNING": 1}
-
-
-def test_predict_throughput(tiny_model_dir, tmp_path):
-    document = run_bench(
-        "predict_throughput", tmp_path / "predict.json",
+        "predict_throughput", tmp_path / "predict.json", capsys,
         "--model", str(tiny_model_dir), "--data", str(FIXTURES / "tiny-squad.json"), "--long-documents", "2",
         "--actors", "1", "--cpus", "2", "--memory", "--memory-questions", "30", "--memory-model", str(tiny_model_dir),
     )
@@ -158,8 +111,6 @@ BENCH_SCRIPTS = sorted(path.stem for path in (REPO / "bench").glob("*.py")
 
 @pytest.mark.parametrize("script", BENCH_SCRIPTS)
 def test_every_script_has_help(script, capsys):
-    import importlib
-
     assert len(BENCH_SCRIPTS) >= 20  # every runnable module of bench/ is here
     with pytest.raises(SystemExit) as exited:
         importlib.import_module(f"bench.{script}").main(["--help"])
@@ -168,8 +119,6 @@ def test_every_script_has_help(script, capsys):
 
 def parse_step(argv: list[str]):
     """Parse one GPU-suite step's command line with that program's own parser (nothing runs)."""
-    import importlib
-
     assert argv[0] == "-m" and argv[1].startswith("bench.")
     return importlib.import_module(argv[1]).parse_args(argv[2:])
 

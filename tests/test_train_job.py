@@ -197,20 +197,21 @@ def test_bad_input_fails_before_any_worker_starts(tmp_path, flags, message):
     assert "Ray" not in result.stderr and not (tmp_path / "out").exists()
 
 
-def test_a_second_stage_starts_from_the_first_stages_qa_head(local_ray, tiny_model_dir, tmp_path):
+def test_a_second_stage_starts_from_the_first_stages_qa_head(abstaining_run, local_ray, tmp_path):
     """Two-stage training (SQuAD, then the hospital's data): ``--model`` of a trained QA model keeps its
-    head. With a learning rate too small to move anything, stage two exports stage one's head."""
+    head. Stage one is the session's trained abstaining model (conftest); with a learning rate too small
+    to move anything, stage two exports stage one's head."""
     import torch
 
     def head(directory) -> torch.Tensor:
         model, _ = load_model_and_tokenizer(str(directory))
         return model.qa_outputs.weight.detach().clone()
 
-    run(tiny_config(tiny_model_dir, tmp_path / "stage1", num_workers=1, epochs=1))
-    run(tiny_config(tmp_path / "stage1" / "model", tmp_path / "stage2", num_workers=1, epochs=1, learning_rate=1e-12,
+    stage1 = abstaining_run[0] / "model"
+    run(tiny_config(stage1, tmp_path / "stage2", num_workers=1, epochs=1, learning_rate=1e-12,
                     train_file=str(FIXTURES / "tiny-squad.json")))
-    first, second, untrained = head(tmp_path / "stage1" / "model"), head(tmp_path / "stage2" / "model"), head(tiny_model_dir)
+    first, second, untrained = head(stage1), head(tmp_path / "stage2" / "model"), head(abstaining_run[0].parent / "tiny")
     assert not torch.allclose(first, untrained, atol=1e-4)  # stage one trained the head...
     assert torch.allclose(second, first, atol=1e-6)  # ...and stage two started from it, not from a new one
     card = (tmp_path / "stage2" / "model" / "README.md").read_text()
-    assert str(tmp_path / "stage1" / "model") in card  # the card names the model it was fine-tuned from
+    assert str(stage1) in card  # the card names the model it was fine-tuned from

@@ -1,6 +1,7 @@
 """End-to-end training on CPU Ray workers with a tiny model and the fixture data."""
 
 import json
+import os
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -208,7 +209,8 @@ def test_a_second_stage_starts_from_the_first_stages_qa_head(abstaining_run, loc
         return model.qa_outputs.weight.detach().clone()
 
     stage1 = abstaining_run[0] / "model"
-    run(tiny_config(stage1, tmp_path / "stage2", num_workers=1, epochs=1, learning_rate=1e-12,
+    # Given relative to here, as `--model runs/.../model` is: the workers run in other directories.
+    run(tiny_config(os.path.relpath(stage1), tmp_path / "stage2", num_workers=1, epochs=1, learning_rate=1e-12,
                     train_file=str(FIXTURES / "tiny-squad.json")))
     first, second, untrained = head(stage1), head(tmp_path / "stage2" / "model"), head(abstaining_run[0].parent / "tiny")
     assert not torch.allclose(first, untrained, atol=1e-4)  # stage one trained the head...

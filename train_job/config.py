@@ -160,6 +160,13 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def with_absolute_paths(self) -> "TrainConfig":
+        """The output directory, and a model given as a local directory, as absolute paths: Ray Train's
+        workers and Tune's trials run in other working directories."""
+        model = Path(self.model)
+        return dataclasses.replace(self, output_dir=str(Path(self.output_dir).resolve()),
+                                   model=str(model.resolve()) if model.is_dir() else self.model)
+
 
 PRESETS: dict[str, dict] = {
     # Runs offline on a laptop CPU in a few minutes: the packaged MiniLM and our clinical sample.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -22,8 +21,8 @@ def run(config: TrainConfig, *, after_epoch=None, after_step=None) -> dict:
     """Train, evaluate and export; returns the exported metrics. The seams: see ``build_trainer``."""
     from ray.train import TrainingFailedError
 
-    output_dir = Path(config.output_dir).resolve()
-    config = dataclasses.replace(config, output_dir=str(output_dir))  # workers run in other directories
+    config = config.with_absolute_paths()
+    output_dir = Path(config.output_dir)
     storage_path = config.storage_path or str(output_dir / run_dir.CHECKPOINTS)
     started = time.perf_counter()
     train, validation = load_splits(config)  # bad data and a wrong model name fail here, before Ray starts

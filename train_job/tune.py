@@ -66,8 +66,8 @@ def search(config: TrainConfig, args) -> dict:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    output_dir = Path(config.output_dir).resolve()
-    config = dataclasses.replace(config, output_dir=str(output_dir))  # trials run in other directories
+    config = config.with_absolute_paths()
+    output_dir = Path(config.output_dir)
     train, validation = load_splits(config)
     check_tokenizer(load_tokenizer(config.model), config.qa)
     # The search is identified by the settings it does not search, its search space, and the data.

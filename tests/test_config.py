@@ -64,6 +64,20 @@ def test_help_shows_the_defaults_of_the_chosen_preset(preset, shown, capsys):
     text = " ".join(capsys.readouterr().out.split())
     for expected in shown:
         assert expected in text
+def test_the_feedback_preset_needs_the_file_it_mixes_in(tmp_path, capsys):
+    """Without --mix-file it stops with exit 2 and says what to add; with it, the preset's mix holds."""
+    from train_job.__main__ import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--preset", "feedback", "--output-dir", str(tmp_path / "out")])
+    assert exited.value.code == 2 and "--mix-validation needs --mix-file FILE" in capsys.readouterr().err
+    parser = argparse.ArgumentParser()
+    add_config_flags(parser, "feedback")
+    config = config_from_args(parser.parse_args(["--preset", "feedback", "--mix-file", "squad-train.json"]))
+    assert (config.mix_file, config.mix_ratio, config.mix_validation) == ("squad-train.json", 1.0, 500)
+    assert config.model == "runs/squad-minilm/model" and config.train_file == "runs/feedback-export/train.json"
+
+
 def test_abstention_settings_are_validated_per_field_and_are_flags():
     assert QAConfig().version_2_with_negative is False and QAConfig().no_answer_threshold == 0.5
     for bad in ({"no_answer_threshold": 1.5}, {"no_answer_threshold": -0.1}, {"no_answer_threshold": True},

@@ -85,3 +85,14 @@ def test_a_mix_file_adds_its_share_of_questions_spread_over_its_articles(tmp_pat
     assert "mixed 8 questions of --mix-file into 4" in capsys.readouterr().out
     with pytest.raises(ValueError, match="--mix-ratio must be positive"):
         TrainConfig(train_file="t.json", validation_file="v.json", mix_ratio=0).validate()
+
+    # --mix-validation: others of the file join the validation split, where the threshold is chosen.
+    config = TrainConfig(train_file=str(tmp_path / "train.json"), validation_file=str(tmp_path / "train.json"),
+                         mix_file=str(FIXTURES / "tiny-squad.jsonl"), mix_ratio=2, mix_validation=3, seed=1).validate()
+    train, validation = load_splits(config)
+    added = [r for r in validation if not r["id"].startswith("feedback-")]
+    assert len(train) == 4 + 8 and len(validation) == 4 + 3 and len(added) == 3
+    assert not {r["question"] for r in added} & {r["question"] for r in train}  # none of them trained on
+    assert "and 3 into 4 validation questions (--mix-validation)" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--mix-validation needs --mix-file FILE"):
+        TrainConfig(train_file="t.json", validation_file="v.json", mix_validation=5).validate()

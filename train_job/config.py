@@ -76,6 +76,11 @@ class TrainConfig:
         "what it knew", default=None)
     mix_ratio: float = _flag("questions drawn from --mix-file per training question (seeded, spread over its "
                              "articles)", default=1.0)
+    mix_validation: int | None = _flag(
+        "N more questions of --mix-file (none of those mixed into training) added to the validation split: the "
+        "no-answer threshold and the calibration are chosen there, and a feedback export's validation split holds "
+        "a few dozen questions, too few to choose them on (bench/feedback_round.py: 13.5 F1 lost on SQuAD)",
+        default=None)
     negative_ratio: float = _flag(
         "unanswerable questions to synthesise per answerable question (its question paired with another "
         "paragraph holding none of its answers), in training and, when it has none, validation data; > 0 trains "
@@ -131,6 +136,11 @@ class TrainConfig:
             raise ValueError(f"--attention-dropout must be in [0, 1), got {self.attention_dropout}")
         if not self.mix_ratio > 0:
             raise ValueError(f"--mix-ratio must be positive, got {self.mix_ratio}")
+        if self.mix_validation is not None and self.mix_validation < 1:
+            raise ValueError(f"--mix-validation must be positive, got {self.mix_validation}")
+        if self.mix_validation and not self.mix_file:
+            raise ValueError("--mix-validation needs --mix-file FILE to draw its questions from (the feedback preset: "
+                             "SQuAD's training set, e.g. train-v1.1.json)")
         if not self.negative_ratio >= 0:
             raise ValueError(f"--negative-ratio must be >= 0, got {self.negative_ratio}")
         for name in ("max_train_samples", "max_eval_samples", "holdout_questions"):
@@ -199,6 +209,25 @@ PRESETS: dict[str, dict] = {
         "precision": "auto",
         "cpus_per_worker": None,
         "checkpoint_every_steps": 200,
+        "qa": {"max_length": 256, "stride": 96},
+    },
+    # One round of clinicians' feedback (docs/feedback.md): the served SQuAD model fine-tuned on
+    # `python -m serve_app.feedback export`'s files mixed with as many SQuAD questions (--mix-file:
+    # SQuAD's training set), the no-answer threshold chosen with 500 more of them. Measured by
+    # bench/feedback_round.py: on the clinical sample's 80 feedback questions it does not beat the
+    # served model (BENCHMARKS.md), and `serve_app update`'s gate is what keeps a worse one out.
+    "feedback": {
+        "model": "runs/squad-minilm/model",
+        "train_file": "runs/feedback-export/train.json",
+        "validation_file": "runs/feedback-export/validation.json",
+        "output_dir": "runs/feedback-round",
+        "epochs": 3,
+        "learning_rate": 1e-4,
+        "per_device_batch_size": 8,
+        "mix_ratio": 1.0,
+        "mix_validation": 500,
+        "negative_ratio": 0.5,
+        "cpus_per_worker": None,
         "qa": {"max_length": 256, "stride": 96},
     },
     # The Hugging Face question-answering notebook's recipe, which this project replaces: bert-base-cased on

@@ -25,7 +25,8 @@ def load_splits(config: TrainConfig) -> tuple[list[dict], list[dict]]:
     The validation split is the validation file (or data set split), or with
     ``config.holdout_questions`` whole articles held out of the training data. ``max_*_samples``
     then choose questions (``config.sample``: spread over the articles, or the first N);
-    ``config.mix_file`` adds ``mix_ratio`` of its questions per training question. With
+    ``config.mix_file`` adds ``mix_ratio`` of its questions per training question (and
+    ``mix_validation`` others to the validation split). With
     ``config.negative_ratio`` > 0, synthetic unanswerable questions are added per answerable
     question: to the training data from its own paragraphs, and to validation data that has no
     unanswerable question from the validation paragraphs (so the no-answer threshold and the
@@ -46,7 +47,7 @@ def load_splits(config: TrainConfig) -> tuple[list[dict], list[dict]]:
     train = sample_questions(train, config.max_train_samples, seed=config.seed, how=config.sample)
     validation = sample_questions(validation, config.max_eval_samples, seed=config.seed, how=config.sample)
     if config.mix_file:
-        train = mixed_in(train, config)
+        train, validation = mixed_in(train, validation, config)
     if config.negative_ratio > 0:
         train = with_negatives(train, config, "training")
         if all(r["answers"]["text"] for r in validation):
@@ -58,18 +59,23 @@ def load_splits(config: TrainConfig) -> tuple[list[dict], list[dict]]:
     return train, validation
 
 
-def mixed_in(train: list[dict], config: TrainConfig) -> list[dict]:
-    """``train`` and ``mix_ratio`` questions per training question from ``config.mix_file`` (a
-    seeded draw spread over its articles), shuffled together (seeded)."""
+def mixed_in(train: list[dict], validation: list[dict], config: TrainConfig) -> tuple[list[dict], list[dict]]:
+    """``train`` with ``mix_ratio`` questions per training question from ``config.mix_file``, shuffled
+    together (seeded), and ``validation`` with ``mix_validation`` others; one seeded draw spread over
+    the file's articles, cut in two."""
     pool = read_squad(config.mix_file, require_answers=False)
-    mix = sample_questions(pool, round(config.mix_ratio * len(train)), seed=config.seed, how="spread")
-    taken = {record["id"] for record in train}
-    mix = [record if record["id"] not in taken else {**record, "id": f"mix-{record['id']}"} for record in mix]
+    wanted, held = round(config.mix_ratio * len(train)), config.mix_validation or 0
+    drawn = sample_questions(pool, wanted + held, seed=config.seed, how="spread")
+    random.Random(config.seed).shuffle(drawn)  # both parts spread over the articles
+    taken = {record["id"] for record in train + validation}
+    drawn = [record if record["id"] not in taken else {**record, "id": f"mix-{record['id']}"} for record in drawn]
+    mix, to_validation = drawn[: len(drawn) - held], drawn[len(drawn) - held :]
     print(f"[train_job] mixed {len(mix)} questions of --mix-file into {len(train)} training questions "
-          f"(--mix-ratio {config.mix_ratio:g})", flush=True)
+          f"(--mix-ratio {config.mix_ratio:g})" + (f" and {len(to_validation)} into {len(validation)} validation "
+          "questions (--mix-validation)" if held else ""), flush=True)
     records = train + mix
     random.Random(config.seed).shuffle(records)
-    return records
+    return records, validation + to_validation
 
 
 def with_negatives(records: list[dict], config: TrainConfig, split: str) -> list[dict]:

@@ -71,7 +71,6 @@ def main(argv=None) -> int:
 
 
 def measure(args, workdir: Path, load_before: list[float]) -> int:
-
     from serve_app.app import run_config
 
     model_dir = benchlib.prepare_model_dir(args.model, workdir / "model")

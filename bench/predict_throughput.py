@@ -205,7 +205,6 @@ def main(argv=None) -> int:
 
 
 def measure(args, workdir: Path, load_before: list[float]) -> int:
-
     model_dir = benchlib.prepare_model_dir(args.model, workdir / "model")
     records = benchmark_records(args)
     data = write_jsonl(records, workdir / "questions.jsonl")

@@ -172,7 +172,6 @@ def main(argv=None) -> int:
 
 
 def measure(args, workdir: Path, load_before: list[float]) -> int:
-
     from serve_app.app import run_config
     from serve_app.auth import hash_token
 

@@ -275,7 +275,7 @@ def one_round(args, seed: int, records: list[dict], documents: dict[str, str], l
     return {"seed": seed, "feedback_questions": len(groups["feedback"]), "feedback_sent": sent,
             "export": json.loads((exported / "summary.json").read_text()), "updated": gate.returncode == 0,
             "gate": {"returncode": gate.returncode, "f1_new_vs_serving": figures,
-                     "refusal": gate.stderr.strip().splitlines()[-1:] if gate.returncode else []},
+                     "refusal": gate.stderr.strip().splitlines()[-2:] if gate.returncode else []},
             "before": before, "after": after, "gain_f1": {n: after[n]["f1"] - before[n]["f1"] for n in GROUPS},
             "candidate": candidate, "candidate_gain_f1": {n: candidate[n]["f1"] - before[n]["f1"] for n in GROUPS},
             "squad_dev": {**dev, "f1_change": dev["after"]["as_served"]["f1"] - dev["before"]["as_served"]["f1"]}, "times_s": times}

@@ -113,7 +113,9 @@ def small_config():
     return QAConfig(max_length=48, stride=16, max_question_length=20)
 
 
-_SHARED_RAY = {"metrics_port": None}
+# ``started``: this copy of the module started the running Ray. A pytester run of this conftest
+# (test_ci_skips) imports a second copy in the same process, whose session end must leave it alone.
+_SHARED_RAY = {"metrics_port": None, "started": False}
 
 
 def shared_ray() -> None:
@@ -129,7 +131,7 @@ def shared_ray() -> None:
     if ray.is_initialized():
         return
     with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
+        probe.bind(("", 0))  # free on every interface: Ray's exporter listens on the node's address, not loopback
         port = probe.getsockname()[1]
     # A Serve handle's background task that outlives its Ray would start a new one by itself (Ray's
     # auto-init) beside the next module's: no Ray starts but the ones the tests start.
@@ -137,7 +139,7 @@ def shared_ray() -> None:
     set_proxy_environment()  # its Serve proxies take client request ids out, as a deployed service's do
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="WARNING",
              _metrics_export_port=port, _system_config={"metrics_report_interval_ms": 1000})
-    _SHARED_RAY["metrics_port"] = port
+    _SHARED_RAY.update(metrics_port=port, started=True)
 
 
 def ray_metrics_port() -> int:
@@ -156,6 +158,7 @@ def stop_shared_ray() -> None:
 
     serve.shutdown()  # its proxies, replicas and this process's handles
     ray.shutdown()
+    _SHARED_RAY["started"] = False
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +181,8 @@ def pytest_collection_modifyitems(session, config, items):
 
 
 def pytest_sessionfinish(session, exitstatus):
-    stop_shared_ray()
+    if _SHARED_RAY["started"]:
+        stop_shared_ray()
 
 
 def _under_ci() -> bool:

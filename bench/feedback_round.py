@@ -196,14 +196,12 @@ def squad_f1(model_dir: str, records: list[dict]) -> dict:
 
 
 def write_squad(records: list[dict], path: Path) -> Path:
-    """``records`` as a SQuAD 2.0 file (a question without answers is unanswerable)."""
-    def question(r: dict) -> dict:
-        answers = [{"text": t, "answer_start": a} for t, a in zip(r["answers"]["text"], r["answers"]["answer_start"])]
-        return {"id": r["id"], "question": r["question"], "answers": answers, "is_impossible": not answers}
+    """``records`` as a SQuAD 2.0 file, in the layout the feedback export writes."""
+    from serve_app.feedback.export import as_squad_v2
 
-    path.write_text(json.dumps({"version": "v2.0", "data": [
-        {"title": r.get("title") or "slice", "paragraphs": [{"context": r["context"], "qas": [question(r)]}]}
-        for r in records]}), encoding="utf-8")
+    path.write_text(json.dumps(as_squad_v2([{**r, "title": r.get("title") or "slice",
+                                              "is_impossible": not r["answers"]["text"]} for r in records])),
+                    encoding="utf-8")
     return path
 
 

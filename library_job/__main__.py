@@ -2,6 +2,7 @@
 
     python -m library_job build DOCS_DIR --library LIBRARY     # index (or update) a folder of documents
     python -m library_job evaluate --model DIR --data SQUAD.json --output OUT   # open-domain evaluation
+    python -m library_job mine --data SQUAD.json --output OUT   # multi-passage training data from its retrievals
 
 Each is a thin Ray Data wrapper over :mod:`qa_common.library`.
 """
@@ -11,9 +12,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from library_job import build, evaluate
+from library_job import build, evaluate, mine
 
-COMMANDS = {"build": build, "evaluate": evaluate}
+COMMANDS = {"build": build, "evaluate": evaluate, "mine": mine}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

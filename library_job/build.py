@@ -193,6 +193,8 @@ def build(args: argparse.Namespace) -> Manifest:
 
 
 def _build_locked(args: argparse.Namespace, docs_dir: Path, library: Path, collection: str) -> Manifest:
+    if Path(args.embedder).is_dir():  # a fine-tuned embedder: the service reads it from another working directory
+        args.embedder = str(Path(args.embedder).resolve())
     previous = read_manifest(library) if current_version(library) else None
     if previous and previous.embedder != args.embedder:
         raise LibraryError(f"{args.library} was built with embedder {previous.embedder!r}, not {args.embedder!r}: "

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 from qa_common import PassagesQuestion, Question, SquadFormatError, answer_questions, load_qa_config, read_squad
+from qa_common.library.embedding import EMBEDDER
 from qa_common.library.index import LibraryError
 from qa_common.library.search import FUSION_DEPTH, SEARCH_MODES, document_rank, recall_at, reciprocal_rank_fusion
 from qa_common.metric import score_answer
@@ -105,7 +105,12 @@ def summarise(rows: list[dict], passages: int) -> dict:
     return metrics
 
 
-def build_library(documents: dict[str, str], output: Path, address: str | None) -> Path:
+def add_embedder_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--embedder", default=EMBEDDER, help="the sentence embedder the library is built with "
+                        f"(default: {EMBEDDER}; a directory from `python -m train_job.embedder`)")
+
+
+def build_library(documents: dict[str, str], output: Path, address: str | None, embedder: str = EMBEDDER) -> Path:
     from library_job.__main__ import main as library_job
 
     docs = output / "library" / COLLECTION
@@ -113,7 +118,8 @@ def build_library(documents: dict[str, str], output: Path, address: str | None) 
         (docs / name).parent.mkdir(parents=True, exist_ok=True)
         (docs / name).write_text(text, encoding="utf-8")
     library = output / "library" / "index"
-    command = ["build", str(docs), "--library", str(library)] + (["--address", address] if address else [])
+    command = ["build", str(docs), "--library", str(library), "--embedder", embedder] + \
+        (["--address", address] if address else [])
     if library_job(command) != 0:
         raise LibraryError(f"the library could not be built in {library}")
     return library
@@ -132,7 +138,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     connect_ray(args.address)
     pool = ActorPool.fit(args)
     started = time.perf_counter()
-    library = Path(args.library) if args.library else build_library(documents, output, args.address)
+    library = Path(args.library) if args.library else build_library(documents, output, args.address, args.embedder)
     indexed_s = time.perf_counter() - started
     rows = [{"id": r["id"], "question": r["question"], "context": r["context"], "answers": r["answers"],
              "document": name_of[r["context"]]} for r in questions]
@@ -162,6 +168,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="SQuAD-format file with gold answers")
     parser.add_argument("--output", required=True, help="output directory (metrics.json, answers.jsonl, the library)")
     parser.add_argument("--library", default=None, help="a library of --data's paragraphs built by this command before")
+    add_embedder_flag(parser)
     parser.add_argument("--passages", type=at_least(1), default=5, help="passages read per question (default: 5, as /v1/ask)")
     parser.add_argument("--max-questions", type=at_least(1), default=None, help="a seeded sample spread over the articles")
     parser.add_argument("--seed", type=int, default=0, help="the sample's seed (default: 0)")

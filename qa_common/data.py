@@ -9,6 +9,10 @@ Every reader returns a list of flat records, the column layout of the Hugging Fa
 SQuAD 2.0 data is accepted everywhere: an unanswerable question has empty ``answers`` (and may say
 ``"is_impossible": true``, as the official v2.0 files do; their ``plausible_answers`` are ignored).
 
+A record may also name a ``"group"`` (a string): records sharing one are one question read over
+several passages (``python -m library_job mine`` writes them; ``train_job --shared-normalization``
+normalises their windows together). The field is kept only where present.
+
 Accepted files (optionally gzipped: ``.json.gz``, ``.jsonl.gz``):
 
 - the official nested JSON, ``{"data": [{"title", "paragraphs": [{"context", "qas": [...]}]}]}``;
@@ -119,13 +123,18 @@ def _validate_record(record: Any, where: str, require_answers: bool) -> dict:
                 f"{where}: the answer ({len(text)} characters) does not match the context at answer_start "
                 f"{start}{hint}"
             )
-    return {
+    validated = {
         "id": record["id"],
         "title": str(record.get("title") or ""),
         "context": context,
         "question": record["question"],
         "answers": {"text": texts, "answer_start": starts},
     }
+    if record.get("group") is not None:
+        if not isinstance(record["group"], str) or not record["group"]:
+            raise SquadFormatError(f"{where}: 'group' must be a non-empty string")
+        validated["group"] = record["group"]
+    return validated
 
 
 def _answer_lists(answers: Any, where: str) -> tuple[list[str], list[int]]:

@@ -123,10 +123,12 @@ def prepare_train_features(
     answer_texts: Sequence[str],
     tokenizer,
     config: QAConfig,
+    groups: Sequence[int] | None = None,
 ) -> dict[str, np.ndarray]:
     """Training features with answer-span labels (one answer per example, as in SQuAD train).
 
-    An unanswerable question has answer text ``""`` (its answer start is ignored).
+    An unanswerable question has answer text ``""`` (its answer start is ignored). With ``groups``
+    (an integer per example) every window also carries its example's ``group``.
     """
     encoding, is_context = tokenize_windows(tokenizer, questions, contexts, config)
     sample = np.asarray(encoding["overflow_to_sample_mapping"])
@@ -154,6 +156,8 @@ def prepare_train_features(
     features = _model_inputs(encoding, tokenizer)
     features["start_positions"] = np.where(inside, start_positions, 0).astype(np.int32)
     features["end_positions"] = np.where(inside, end_positions, 0).astype(np.int32)
+    if groups is not None:
+        features["group"] = np.asarray(groups, dtype=np.int64)[sample]
     return features
 
 

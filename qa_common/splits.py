@@ -23,12 +23,23 @@ def _by_article(records: Sequence[dict]) -> dict[str, list[int]]:
 
 
 def sample_questions(records: Sequence[dict], n: int | None, *, seed: int, how: str = "spread") -> list[dict]:
-    """``n`` of ``records`` (all of them when ``n`` is None or not smaller).
+    """``n`` of ``records``' questions (all of them when ``n`` is None or not smaller).
 
     ``spread``: every article keeps its share (``n`` split over the articles in proportion to their
     sizes, the remainders going to the largest fractions), each share a seeded random draw from its
-    article. ``first``: the first ``n`` records of the file.
+    article. ``first``: the first ``n`` questions of the file. Records sharing a ``group`` (one
+    question read over several passages) are one question: chosen or left out together.
     """
+    if any("group" in record for record in records):
+        groups: dict[str, list[dict]] = {}
+        for record in records:
+            groups.setdefault(record.get("group", record["id"]), []).append(record)
+        chosen = {id(record) for record in _sample([group[0] for group in groups.values()], n, seed=seed, how=how)}
+        return [record for group in groups.values() if id(group[0]) in chosen for record in group]
+    return _sample(records, n, seed=seed, how=how)
+
+
+def _sample(records: Sequence[dict], n: int | None, *, seed: int, how: str) -> list[dict]:
     if how not in SAMPLINGS:
         raise ValueError(f"the sampling must be one of {', '.join(SAMPLINGS)}, got {how!r}")
     if n is None or n >= len(records):

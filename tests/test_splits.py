@@ -96,3 +96,13 @@ def test_a_mix_file_adds_its_share_of_questions_spread_over_its_articles(tmp_pat
     assert "and 3 into 4 validation questions (--mix-validation)" in capsys.readouterr().out
     with pytest.raises(ValueError, match="--mix-validation needs --mix-file FILE"):
         TrainConfig(train_file="t.json", validation_file="v.json", mix_validation=5).validate()
+
+
+def test_a_question_read_over_several_passages_is_sampled_whole():
+    records = [{"id": f"q{q}/{p}", "group": f"q{q}", "title": f"t{q % 3}", "context": f"c{p}", "question": "?"}
+               for q in range(30) for p in range(4)]
+    chosen = sample_questions(records, 10, seed=0)
+    groups = {record["group"] for record in chosen}
+    assert len(groups) == 10 and len(chosen) == 40
+    assert sorted(record["id"] for record in chosen) == sorted(f"{g}/{p}" for g in groups for p in range(4))
+    assert {int(g[1:]) % 3 for g in groups} == {0, 1, 2}  # spread over the articles

@@ -55,6 +55,11 @@ class TrainConfig:
     per_device_batch_size: int = _flag("training features per worker per step", default=16)
     eval_batch_size: int = _flag("features per forward pass during evaluation", default=FORWARD_BATCH_SIZE)
     group_by_length: bool = _flag("batch windows of similar length together so less padding is computed", default=True)
+    shared_normalization: bool = _flag(
+        "one softmax over all windows of a question (all its passages: records sharing a 'group', as "
+        "`python -m library_job mine` writes them) instead of one per window, so spans of different passages "
+        "compare as /v1/ask compares them (train_job/loss.py); a batch then holds whole questions, "
+        "--per-device-batch-size windows on average", default=False)
     attention_dropout: float | None = _flag(
         "dropout on attention probabilities while training (default: the model's own, 0.1 for BERTs); 0 lets "
         "PyTorch use its fused attention kernel on CPU, 1.4x faster steps for the squad-minilm preset "
@@ -228,6 +233,25 @@ PRESETS: dict[str, dict] = {
         "mix_validation": 500,
         "negative_ratio": 0.5,
         "cpus_per_worker": None,
+        "qa": {"max_length": 256, "stride": 96},
+    },
+    # The squad-minilm model taught to read a library as /v1/ask reads it (docs/training.md, "Reading a
+    # library"): each question of 60 SQuAD training articles with the 5 passages the library's hybrid
+    # search returns for it (`python -m library_job mine`), one softmax over all their windows.
+    "squad-minilm-library": {
+        "model": "runs/squad-minilm/model",
+        "train_file": "runs/library-mined/train.json",
+        "validation_file": "runs/library-mined/validation.json",
+        "output_dir": "runs/squad-minilm-library",
+        "epochs": 1,
+        "learning_rate": 5e-5,
+        "per_device_batch_size": 16,
+        "shared_normalization": True,
+        "max_train_samples": 2000,
+        "max_eval_samples": 1500,
+        "precision": "auto",
+        "cpus_per_worker": None,
+        "checkpoint_every_steps": 200,
         "qa": {"max_length": 256, "stride": 96},
     },
     # The Hugging Face question-answering notebook's recipe, which this project replaces: bert-base-cased on

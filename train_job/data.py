@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import random
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -104,9 +105,10 @@ def tokenizer_stamp(model: str) -> tuple:
 
 
 def train_features_of(batch: dict[str, np.ndarray], *, model: str, stamp: tuple, qa_config: QAConfig) -> dict[str, np.ndarray]:
-    """Ray Data UDF: question batches -> training features."""
+    """Ray Data UDF: question batches -> training features (with each window's question ``group``
+    when the rows have one)."""
     return prepare_train_features(batch["question"], batch["context"], batch["answer_start"], batch["answer_text"],
-                                  featurizing_tokenizer(model, stamp), qa_config)
+                                  featurizing_tokenizer(model, stamp), qa_config, groups=batch.get("group"))
 
 
 def eval_features_of(batch: dict[str, np.ndarray], *, model: str, stamp: tuple, qa_config: QAConfig) -> dict[str, np.ndarray]:
@@ -124,7 +126,8 @@ def feature_datasets(config: TrainConfig, train: list[dict], validation: list[di
     tasks, so a run on a warm cluster starts no process for it). Sliding windows turn one question
     into one or more features, hence ``udf_modifying_row_count=True``. Validation features keep the
     index of their question, which decides the worker that evaluates it (all windows of a question
-    on one worker).
+    on one worker). With ``config.shared_normalization`` every training window carries the index of
+    its question's ``group`` (a record without one is a group of its own).
     """
     import ray.data
 
@@ -133,6 +136,10 @@ def feature_datasets(config: TrainConfig, train: list[dict], validation: list[di
          "answer_start": (r["answers"]["answer_start"] or [0])[0], "answer_text": (r["answers"]["text"] or [""])[0]}
         for r in train
     ]
+    if config.shared_normalization:
+        index: dict[str, int] = {}
+        for row, record in zip(train_rows, train):
+            row["group"] = index.setdefault(record.get("group", record["id"]), len(index))
     validation_rows = [
         {"example_index": i, "question": r["question"], "context": r["context"]} for i, r in enumerate(validation)
     ]
@@ -153,6 +160,35 @@ def feature_columns(dataset) -> dict[str, np.ndarray]:
     """A Ray Dataset as one array per column (to ``ray.put`` once and index per epoch)."""
     blocks = list(dataset.iter_batches(batch_size=None, batch_format="numpy"))
     return {name: np.concatenate([block[name] for block in blocks]) for name in blocks[0]}
+
+
+@dataclass(frozen=True)
+class TrainingUnits:
+    """What an epoch shuffles and cuts into batches: single windows, or with shared normalisation
+    whole questions (every window of a group), so that no question's softmax spans two batches."""
+
+    lengths: np.ndarray  # real tokens per unit (its longest window): what length grouping sorts by
+    rows: list[np.ndarray] | None  # each unit's window rows; None: unit i is window i
+    per_batch: int  # units per batch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def windows(self, units: np.ndarray) -> np.ndarray:
+        return units if self.rows is None else np.concatenate([self.rows[unit] for unit in units])
+
+
+def training_units(features: dict[str, np.ndarray], batch_size: int) -> TrainingUnits:
+    """Units of ``features``: questions when they carry a ``group`` column, batched ``batch_size``
+    windows at a time on average (a batch holds whole questions, so its size varies), else windows."""
+    lengths = features["attention_mask"].sum(axis=1)
+    if "group" not in features:
+        return TrainingUnits(lengths, None, batch_size)
+    _, group = np.unique(features["group"], return_inverse=True)
+    order = np.argsort(group, kind="stable")
+    rows = np.split(order, np.flatnonzero(np.diff(group[order])) + 1)
+    per_batch = max(1, round(batch_size * len(rows) / len(lengths)))
+    return TrainingUnits(np.array([lengths[r].max() for r in rows]), rows, per_batch)
 
 
 def epoch_shard(num_features: int, num_workers: int, rank: int, epoch: int, seed: int) -> np.ndarray:

@@ -8,7 +8,7 @@ import time
 
 from train_job import checkpoint
 from train_job.config import TrainConfig, TrainJobError
-from train_job.data import feature_datasets
+from train_job.data import feature_datasets, training_units
 from train_job.loop import steps_per_epoch, train_loop_per_worker
 from train_job.resources import ResourceError, check_fits, cluster_capacity, one_machine, resolve_cpus_per_worker
 
@@ -40,13 +40,19 @@ class PreparedData:
         self.train_records, self.validation_records = train_records, validation_records
         train_features, validation_features = feature_datasets(config, self.train_records, self.validation_records)
         self.train_feature_count = len(train_features["input_ids"])
+        self.train_units = training_units(train_features, config.per_device_batch_size)
         self.train_features_ref = ray.put(train_features)
         self.validation_features_ref = ray.put(validation_features)
         del train_features, validation_features
         self.validation_ref = ray.put(self.validation_records)
-        print(f"[train_job] {len(self.train_records)} training questions -> {self.train_feature_count} windows, "
-              f"{len(self.validation_records)} validation questions; prepared in {time.perf_counter() - started:.1f} s",
-              flush=True)
+        units = self.train_units
+        training = f"{len(self.train_records)} training questions" if units.rows is None else \
+            f"{len(units)} training questions ({len(self.train_records)} passages, normalised together per question)"
+        print(f"[train_job] {training} -> {self.train_feature_count} windows, {len(self.validation_records)} validation "
+              f"questions; prepared in {time.perf_counter() - started:.1f} s", flush=True)
+        if units.rows is not None:
+            print(f"[train_job] batches of {units.per_batch} whole questions "
+                  f"(~{config.per_device_batch_size} windows)", flush=True)
 
     def summary(self) -> dict:
         return {"train_examples": len(self.train_records), "train_features": self.train_feature_count,
@@ -76,7 +82,7 @@ def build_trainer(config: TrainConfig, data: PreparedData, *, name: str, storage
             "train_config": config.to_dict(),
             "run_name": name,
             "fingerprint": fingerprint,
-            "steps_per_epoch": steps_per_epoch(data.train_feature_count, config.num_workers, config.per_device_batch_size),
+            "steps_per_epoch": steps_per_epoch(data.train_units, config.num_workers),
             "train_features": data.train_features_ref,
             "validation_features": data.validation_features_ref,
             "validation_records": data.validation_ref,

@@ -24,7 +24,7 @@ from ray.experimental import tqdm_ray
 from qa_common import NO_ANSWER, decode_predictions, evaluate_answers, load_model_and_tokenizer, predict_logits, trim_padding
 from train_job import checkpoint
 from train_job.config import TrainConfig
-from train_job.data import epoch_batches, epoch_shard
+from train_job.data import TrainingUnits, epoch_batches, epoch_shard, training_units
 from train_job.optim import build_optimizer, build_scheduler, resolve_precision, set_attention_dropout, train_step
 from train_job.tracking import Trackers
 
@@ -62,14 +62,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
     worker = set_up(config, loop_config)
     # The training windows, shared read-only through the object store (one copy per node).
     train_features = ray.get(loop_config["train_features"])
-    lengths = train_features["attention_mask"].sum(axis=1)
+    units = training_units(train_features, config.per_device_batch_size)
     validation_records = ray.get(loop_config["validation_records"])
     validation_features = my_questions(ray.get(loop_config["validation_features"]), worker.rank, worker.world_size)
     worker_node_ids = gather_objects(ray.get_runtime_context().get_node_id(), worker.world_size)
     after_epoch = loop_config.get("after_epoch")  # a test seam: called after each epoch's report
 
     for epoch in range(worker.state["epoch"], config.epochs):
-        train_metrics = train_epoch(worker, train_features, lengths, epoch)
+        train_metrics = train_epoch(worker, train_features, units, epoch)
         predictions, scores = evaluate(worker, validation_features, validation_records)
         metrics = {"epoch": epoch + 1, **train_metrics, "worker_node_ids": worker_node_ids, **scores}
         log(worker.rank, "epoch {epoch} done: loss {train_loss:.4f}, {scores}, {train_samples_per_second:.1f} windows/s"
@@ -143,19 +143,20 @@ def set_up(config: TrainConfig, loop_config: dict) -> Worker:
     return worker
 
 
-def train_epoch(worker: Worker, train_features: dict, lengths: np.ndarray, epoch: int) -> dict:
+def train_epoch(worker: Worker, train_features: dict, units: TrainingUnits, epoch: int) -> dict:
     """One pass over this worker's share of the epoch (from a mid-epoch checkpoint's step when resuming);
-    returns the epoch's training metrics, summed over workers."""
+    returns the epoch's training metrics, summed over workers. The epoch shuffles and batches
+    ``units``: windows, or whole questions with shared normalisation."""
     config, state, steps_per_epoch = worker.config, worker.state, worker.loop_config["steps_per_epoch"]
     after_step = worker.loop_config.get("after_step")
     worker.model.train()
     batches = epoch_batches(
-        epoch_shard(len(lengths), worker.world_size, worker.rank, epoch, config.seed), lengths,
-        config.per_device_batch_size, np.random.default_rng([config.seed, epoch, worker.rank]),
+        epoch_shard(len(units), worker.world_size, worker.rank, epoch, config.seed), units.lengths,
+        units.per_batch, np.random.default_rng([config.seed, epoch, worker.rank]),
         GROUP_BATCHES if config.group_by_length else 1,
     )
-    # Mid-epoch checkpoints come only at steps every worker takes (shards differ by one window at most).
-    common_steps = math.ceil(len(lengths) // worker.world_size / config.per_device_batch_size)
+    # Mid-epoch checkpoints come only at steps every worker takes (shards differ by one unit at most).
+    common_steps = math.ceil(len(units) // worker.world_size / units.per_batch)
     so_far, first_step = state["epoch_so_far"], state["step_in_epoch"] + 1
     # A mid-epoch checkpoint holds the sums over all workers so far: rank 0 carries them on.
     carried = so_far if worker.rank == 0 else EPOCH_START
@@ -166,7 +167,7 @@ def train_epoch(worker: Worker, train_features: dict, lengths: np.ndarray, epoch
     # join lets the workers that finish first take part in the others' gradient all-reduce.
     with worker.model.join() if worker.world_size > 1 else contextlib.nullcontext():
         for step_in_epoch in range(first_step, len(batches) + 1):
-            rows = batches[step_in_epoch - 1]
+            rows = units.windows(batches[step_in_epoch - 1])
             batch = {name: torch.as_tensor(values, dtype=torch.long, device=worker.device) for name, values in
                      trim_padding({n: v[rows] for n, v in train_features.items()}, multiple_of=LENGTH_MULTIPLE).items()}
             try:
@@ -322,6 +323,6 @@ def log(rank: int, message: str) -> None:
         print(f"[train_job] {message}", flush=True)
 
 
-def steps_per_epoch(train_features: int, num_workers: int, batch_size: int) -> int:
-    """Steps of the worker with the largest shard (shards differ by at most one feature)."""
-    return max(1, math.ceil(math.ceil(train_features / num_workers) / batch_size))
+def steps_per_epoch(units: TrainingUnits, num_workers: int) -> int:
+    """Steps of the worker with the largest shard (shards differ by at most one unit)."""
+    return max(1, math.ceil(math.ceil(len(units) / num_workers) / units.per_batch))

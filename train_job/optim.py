@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from train_job.loss import model_loss
+
 NATIVE_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of CPUs with bf16 matrix instructions
 
 
@@ -77,14 +79,15 @@ def build_scheduler(optimizer, *, warmup_steps: int, total_steps: int) -> torch.
 
 
 def train_step(model, batch: dict, *, optimizer, scheduler, scaler, autocast, max_grad_norm: float = 1.0):
-    """Forward, backward, clip, update; returns the loss (a tensor, not synchronised to the host).
+    """Forward, backward, clip, update; returns the loss (a tensor, not synchronised to the host):
+    :func:`train_job.loss.model_loss`, per window or shared over each question's windows.
 
     With a loss scaler (fp16) a non-finite gradient makes the scaler skip the update; without one it
     raises FloatingPointError before the weights are touched. Under DDP the clipped norm is that of
     the all-reduced gradients, the same on every worker, so all workers stop together.
     """
     with autocast:
-        loss = model(**batch).loss
+        loss = model_loss(model, batch)
     scaler.scale(loss).backward()
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)

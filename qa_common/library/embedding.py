@@ -44,11 +44,23 @@ class Embedder:
         order = np.argsort([len(text) for text in texts], kind="stable")  # similar lengths share a batch
         for begin in range(0, len(texts), batch_size):
             rows = order[begin : begin + batch_size]
-            inputs = self.tokenizer([texts[i] for i in rows], truncation=True, max_length=MAX_EMBED_TOKENS,
-                                    padding=True, return_tensors="pt")
+            inputs = tokenize_for_embedding(self.tokenizer, [texts[i] for i in rows])
             with torch.inference_mode():
-                hidden = self.model(**inputs).last_hidden_state
-            mask = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
-            vectors[rows] = torch.nn.functional.normalize(pooled, dim=-1).numpy()
+                vectors[rows] = embed_batch(self.model, inputs).numpy()
         return vectors
+
+
+def tokenize_for_embedding(tokenizer, texts: Sequence[str]):
+    """A padded batch of ``texts`` as the embedder reads them (cut at ``MAX_EMBED_TOKENS``)."""
+    return tokenizer(list(texts), truncation=True, max_length=MAX_EMBED_TOKENS, padding=True, return_tensors="pt")
+
+
+def embed_batch(model, inputs):
+    """Unit vectors of a tokenised batch: the mean of the last hidden states over the real tokens,
+    L2-normalised (sentence-transformers' pooling for this model; differentiable, so training uses it too)."""
+    import torch
+
+    hidden = model(**inputs).last_hidden_state
+    mask = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+    return torch.nn.functional.normalize(pooled, dim=-1)

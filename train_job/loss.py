@@ -1,0 +1,72 @@
+"""The training loss: per window (BERT's), or shared over all windows of a question.
+
+**Per window** (the default): each window's start and end are a softmax over that window's
+positions, the target the answer's token or [CLS] when the window does not hold it -- what
+``BertForQuestionAnswering`` computes. A window that does not hold the answer learns "not in
+*this* window", never "this passage rather than that one", so logits of different passages were
+never trained to compare; yet decoding ranks spans of all windows by them.
+
+**Shared normalisation** (``--shared-normalization``; Clark & Gardner 2018, "Simple and Effective
+Multi-Paragraph Reading Comprehension"): the start (and the end) is one softmax over every
+position of every window of the question -- all its passages, as ``python -m library_job mine``
+groups them -- so the logits of different windows are trained on one scale, the scale
+:func:`qa_common.decoding.decode_passages` compares them on. The targets:
+
+- a question that some window answers: the answer's position in *every* window that holds it
+  (an overlap of two windows, the same words in two passages), as one target whose probability
+  is their sum;
+- a question that no window answers (the passages read do not hold it): the [CLS] of every
+  window, each with weight ``1 / windows``. Decoding's null score is the *least* [CLS] score over
+  the windows, so every window must learn to point there, not just one.
+
+Padding never takes probability. Loss: the mean over questions of (start + end) / 2, as BERT's.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def model_loss(model, batch: dict) -> torch.Tensor:
+    """The batch's loss: shared over the windows of each ``group`` when the batch has that column."""
+    if "group" not in batch:
+        return model(**batch).loss
+    inputs = {name: value for name, value in batch.items()
+              if name not in ("group", "start_positions", "end_positions")}
+    outputs = model(**inputs)
+    mask = batch["attention_mask"].bool()
+    return (shared_loss(outputs.start_logits, batch["start_positions"], batch["group"], mask)
+            + shared_loss(outputs.end_logits, batch["end_positions"], batch["group"], mask)) / 2
+
+
+def shared_loss(logits: torch.Tensor, positions: torch.Tensor, groups: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of one softmax per group over all positions of its windows (see the module docstring).
+
+    ``logits`` [windows, length]; ``positions`` [windows]: the answer's token in that window, 0
+    ([CLS]) when the window does not hold it; ``groups`` [windows]: any integer id per question;
+    ``mask`` [windows, length]: real tokens.
+    """
+    logits = logits.float().masked_fill(~mask, float("-inf"))
+    _, group = torch.unique(groups, return_inverse=True)
+    count = int(group.max()) + 1
+    # log of each group's normaliser: a log-sum-exp over all positions of all its windows
+    window_top = logits.max(dim=1).values
+    top = torch.full((count,), float("-inf"), device=logits.device).scatter_reduce(0, group, window_top, "amax")
+    top = top.detach()
+    sums = torch.zeros(count, device=logits.device).index_add(0, group, torch.exp(logits - top[group, None]).sum(dim=1))
+    log_normaliser = torch.log(sums) + top
+
+    chosen = logits.gather(1, positions.long()[:, None]).squeeze(1)  # the target's logit in each window
+    holds = positions > 0
+    answered = torch.zeros(count, device=logits.device).index_add(0, group, holds.float()) > 0
+    # Answered groups: log of the summed probability of their answer positions.
+    answer_logits = chosen.masked_fill(~holds, float("-inf"))
+    answer_top = torch.full((count,), float("-inf"), device=logits.device).scatter_reduce(0, group, answer_logits, "amax")
+    answer_top = torch.where(answered, answer_top, torch.zeros_like(answer_top)).detach()
+    answer_sums = torch.zeros(count, device=logits.device).index_add(0, group, torch.exp(answer_logits - answer_top[group]))
+    answer_log = torch.log(answer_sums.clamp_min(torch.finfo(answer_sums.dtype).tiny)) + answer_top
+    # Unanswered groups: the mean log probability of their windows' [CLS].
+    windows = torch.zeros(count, device=logits.device).index_add(0, group, torch.ones_like(chosen))
+    null_log = torch.zeros(count, device=logits.device).index_add(0, group, chosen) / windows
+    target = torch.where(answered, answer_log, null_log)
+    return (log_normaliser - target).mean()

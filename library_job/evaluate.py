@@ -8,7 +8,10 @@ library, its embedder and the reader) retrieves for each question with each sear
 hybrid top ``--passages`` as one candidate set (what ``POST /v1/ask`` does) and, for comparison,
 the gold paragraph alone. Reports retrieval recall@1/5/20 per mode (a question's paragraph is
 retrieved when one of its passages is), end-to-end EM/F1 and the same reader's EM/F1 with the gold
-paragraph (``OUTPUT/metrics.json``; ``OUTPUT/answers.jsonl``: per question the ranks and answers).
+paragraph, and the served score end to end: its expected calibration error against exact match,
+the share of questions answered at >= 80 % and >= 90 % precision (highest scores first, the rest
+declined) and a reliability diagram (``OUTPUT/metrics.json``, ``OUTPUT/reliability.png``;
+``OUTPUT/answers.jsonl``: per question the ranks and answers).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import time
 from pathlib import Path
 
 from qa_common import PassagesQuestion, Question, SquadFormatError, answer_questions, load_qa_config, read_squad
+from qa_common.calibration import answered_at_precision, expected_calibration_error, reliability
 from qa_common.library.embedding import EMBEDDER
 from qa_common.library.index import LibraryError
 from qa_common.library.search import FUSION_DEPTH, SEARCH_MODES, document_rank, recall_at, reciprocal_rank_fusion
@@ -30,6 +34,7 @@ from train_job.ray_cluster import ActorPool, add_actor_flags, add_address_flag, 
 
 SUMMARY = "ask every question of a SQuAD file of a library of its paragraphs: recall, EM/F1"
 RECALL_AT = (1, 5, 20)
+SELECTIVE_PRECISIONS = (0.8, 0.9)
 COLLECTION = "squad"
 
 
@@ -102,7 +107,38 @@ def summarise(rows: list[dict], passages: int) -> dict:
             metrics[f"{prefix}{name}"] = round(100 * sum(row[f"{prefix}{name}"] for row in rows) / count, 2)
     metrics["abstained"] = sum(row["answer"] == "" for row in rows)
     metrics["f1_ratio"] = round(metrics["f1"] / metrics["gold_paragraph_f1"], 4) if metrics["gold_paragraph_f1"] else None
+    # The served score, end to end: is a top answer with score 0.8 right 8 times in 10, and how many
+    # questions could be answered at a precision a clinician would accept (the rest declined)?
+    scores, right = [row["score"] if row["answer"] else 0.0 for row in rows], [row["exact_match"] == 1 for row in rows]
+    metrics["score_ece"] = round(expected_calibration_error(scores, right), 4)
+    for precision in SELECTIVE_PRECISIONS:
+        metrics[f"answered_at_{round(100 * precision)}_precision"] = round(answered_at_precision(scores, right,
+                                                                                               precision), 4)
+    metrics["score_reliability"] = reliability(scores, right)
     return metrics
+
+
+def plot_reliability(metrics: dict, path: Path) -> None:
+    """The reliability diagram of the served score, end to end (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(4.6, 4.4))
+    bins = [b for b in metrics["score_reliability"] if b["count"]]
+    axis.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfect")
+    axis.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "s-",
+              label=f"as served (ECE {metrics['score_ece']:.3f})")
+    axis.bar([(b["low"] + b["high"]) / 2 for b in bins], [b["count"] / metrics["questions"] for b in bins],
+             width=0.08, alpha=0.25, label="share of questions")
+    axis.set(xlim=(0, 1), ylim=(0, 1), xlabel="score of the top answer (bin mean)", ylabel="share exactly right",
+             title=f"asked of the library: {metrics['questions']} questions")
+    axis.legend(loc="upper left", fontsize=8)
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
 
 
 def add_embedder_flag(parser: argparse.ArgumentParser) -> None:
@@ -153,13 +189,14 @@ def evaluate(args: argparse.Namespace) -> dict:
     with (output / "answers.jsonl").open("w", encoding="utf-8") as stream:
         for row in answered.iter_rows():
             results.append({key: row[key] for key in row if key.endswith(("_rank", "exact_match", "f1")) or
-                            key in ("answer",)})
+                            key in ("answer", "score")})
             stream.write(json.dumps(row, ensure_ascii=False) + "\n")
     metrics = {**summarise(results, args.passages), "paragraphs": len(documents), "model": model_dir,
                "data": str(args.data), "index_s": round(indexed_s, 1),
                "answer_s": round(time.perf_counter() - started - indexed_s, 1)}
     (output / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
-    print(json.dumps(metrics, indent=2), flush=True)
+    plot_reliability(metrics, output / "reliability.png")
+    print(json.dumps({k: v for k, v in metrics.items() if k != "score_reliability"}, indent=2), flush=True)
     return metrics
 
 

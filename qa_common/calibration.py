@@ -119,6 +119,15 @@ def expected_calibration_error(confidences: Sequence[float], outcomes: Sequence[
     return float(sum(r["count"] * abs(r["accuracy"] - r["confidence"]) for r in rows if r["count"]) / total)
 
 
+def answered_at_precision(scores: Sequence[float], correct: Sequence[bool], precision: float) -> float:
+    """Selective answering: the largest share of the questions that can be answered, highest score
+    first, with at least ``precision`` of those answers right (0.0 when not even the first is)."""
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    right = np.cumsum(np.asarray(correct, dtype=np.float64)[order])
+    met = np.flatnonzero(right / np.arange(1, len(order) + 1) >= precision)
+    return float((met[-1] + 1) / len(order)) if len(met) else 0.0
+
+
 def calibrated_threshold(raw: QAConfig, calibrated: QAConfig, raw_candidates: Sequence[Candidates]) -> float:
     """``raw``'s no-answer threshold on ``calibrated``'s scale, so that every decision stays the same.
 

@@ -97,3 +97,14 @@ def test_the_score_map_is_applied_stored_and_validated(tmp_path):
     for bad in ([[0.0, 0.5], [1.0, 0.4]], [[0.0, 0.1], [1.5, 0.9]], [[0.5, 0.5]], [[0.0, 0.1], [0.0, 0.2]], "x"):
         with pytest.raises(ValueError, match="score_calibration must be a list of"):
             QAConfig(score_calibration=bad)
+
+
+def test_selective_answering_takes_the_highest_scores_while_precision_holds():
+    from qa_common.calibration import answered_at_precision
+
+    scores = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05]
+    right = [True, True, True, False, True, True, False, False, False, False]
+    assert answered_at_precision(scores, right, 0.8) == 0.6  # top 6: 5 right; top 7 would be 5/7
+    assert answered_at_precision(scores, right, 1.0) == 0.3
+    assert answered_at_precision(scores[::-1], right[::-1], 0.8) == 0.6  # the order given does not matter
+    assert answered_at_precision([0.9, 0.1], [False, True], 0.9) == 0.0

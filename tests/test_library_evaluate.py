@@ -7,6 +7,7 @@ import pytest
 
 from conftest import FIXTURES
 from qa_common import PassagesQuestion, Question, answer_questions, load_model_and_tokenizer, load_qa_config, read_squad
+from qa_common.calibration import answered_at_precision, expected_calibration_error
 from qa_common.metric import score_answer
 from library_job import evaluate
 from library_job.__main__ import main as library_job
@@ -37,6 +38,13 @@ def test_every_question_is_asked_of_the_whole_library_and_scored_both_ways(absta
     assert metrics["gold_paragraph_f1"] == pytest.approx(100 * sum(gold_f1) / len(records), abs=0.01)
     assert metrics["f1"] == pytest.approx(100 * sum(library_f1) / len(records), abs=0.01)
     assert metrics["gold_paragraph_f1"] > 50  # the tiny model learnt these questions
+    # The served score end to end: calibration error and selective answering from the answers' own scores.
+    scores = [rows[r["id"]]["score"] if rows[r["id"]]["answer"] else 0.0 for r in records]
+    right = [rows[r["id"]]["exact_match"] == 1 for r in records]
+    assert metrics["score_ece"] == pytest.approx(expected_calibration_error(scores, right), abs=1e-4)
+    assert metrics["answered_at_80_precision"] == pytest.approx(answered_at_precision(scores, right, 0.8), abs=1e-4)
+    assert sum(b["count"] for b in metrics["score_reliability"]) == len(records)
+    assert (tmp_path / "out" / "reliability.png").read_bytes()[:4] == b"\x89PNG"
     for record in records:
         row = rows[record["id"]]
         assert len(row["read"]) == 2 and row["document"] == next(n for n, t in documents.items() if t == record["context"])

@@ -94,7 +94,7 @@ def pair_loss(model, tokenizer, pairs: list[dict], scale: float):
     index = {text: i for i, text in enumerate(candidates)}
     questions = embed_batch(model, tokenize_for_embedding(tokenizer, [pair["question"] for pair in pairs]))
     passages = embed_batch(model, tokenize_for_embedding(tokenizer, candidates))
-    scores = scale * questions @ passages.T
+    scores = scale * questions.float() @ passages.float().T
     target = torch.tensor([index[pair["positive"]] for pair in pairs])
     mask = torch.zeros_like(scores, dtype=torch.bool)
     for row, pair in enumerate(pairs):
@@ -110,7 +110,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     from transformers import AutoModel
 
     from qa_common.modeling import load_tokenizer, resolve_model_path
-    from train_job.optim import build_optimizer, build_scheduler
+    from train_job.optim import build_optimizer, build_scheduler, resolve_precision
 
     config = EmbedderConfig(**loop_config["config"])
     context = ray.train.get_context()
@@ -123,6 +123,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     steps = config.epochs * math.ceil(math.ceil(len(pairs) / world) / config.batch_size)
     optimizer = build_optimizer(model, learning_rate=config.learning_rate, weight_decay=0.01)
     scheduler = build_scheduler(optimizer, warmup_steps=steps // 10, total_steps=steps)
+    # bf16 autocast where the CPU computes it natively, as train_job --precision auto (fp32 master weights).
+    device = ray.train.torch.get_device()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16,
+                              enabled=resolve_precision("auto", device) == "bf16")
     model.train()
     for epoch in range(config.epochs):
         order = np.random.default_rng([config.seed, epoch]).permutation(len(pairs))[rank::world]
@@ -130,8 +134,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         bar = tqdm_ray.tqdm(total=math.ceil(len(order) / config.batch_size), unit="step",
                             desc=f"embedder epoch {epoch + 1}/{config.epochs}") if rank == 0 else None
         for begin in range(0, len(order), config.batch_size):
-            loss = pair_loss(model, tokenizer, [pairs[i] for i in order[begin : begin + config.batch_size]],
-                             config.scale)
+            with autocast:
+                loss = pair_loss(model, tokenizer, [pairs[i] for i in order[begin : begin + config.batch_size]],
+                                 config.scale)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()

@@ -6,11 +6,13 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from conftest import FIXTURES
 from qa_common import QAConfig, Question, answer_questions, load_model_and_tokenizer, read_squad, squad_metrics
 from train_job.config import TrainConfig
+from train_job.data import TrainingUnits
 from train_job.run import run
 
 
@@ -162,8 +164,8 @@ def test_workers_that_cannot_start_fail_the_run_with_the_reason(local_ray, tmp_p
     from train_job.driver import build_trainer, startup_failure
 
     config = tiny_config(tmp_path, tmp_path, num_workers=5, worker_start_timeout_s=2)  # 5 CPUs on a 4-CPU Ray
-    data = SimpleNamespace(train_feature_count=10, train_features_ref=None, validation_ref=None,
-                           validation_features_ref=None)
+    data = SimpleNamespace(train_units=TrainingUnits(np.full(10, 16), None, 2), train_features_ref=None,
+                           validation_ref=None, validation_features_ref=None)
     trainer = build_trainer(config, data, name="never-starts", storage_path=str(tmp_path))
     with pytest.raises(TrainingFailedError) as failure:
         trainer.fit()

@@ -3,6 +3,7 @@
 import json
 import re
 
+import numpy as np
 import pytest
 
 from conftest import FIXTURES
@@ -50,12 +51,13 @@ def test_trials_keep_their_checkpoints_ranked_by_the_searched_metric(local_ray, 
     from types import SimpleNamespace
 
     from train_job.config import TrainConfig
+    from train_job.data import TrainingUnits
     from train_job.driver import build_trainer
 
     config = TrainConfig(model=str(tiny_model_dir), train_file=str(FIXTURES / "tiny-squad.jsonl"),
                          validation_file=str(FIXTURES / "tiny-squad.json"), output_dir=str(tmp_path)).validate()
-    data = SimpleNamespace(train_feature_count=8, train_features_ref=None, validation_ref=None,
-                           validation_features_ref=None)
+    data = SimpleNamespace(train_units=TrainingUnits(np.full(8, 16), None, 2), train_features_ref=None,
+                           validation_ref=None, validation_features_ref=None)
     for metric in ("f1", "exact_match"):
         trainer = build_trainer(config, data, name="t", storage_path=str(tmp_path), checkpoint_metric=metric)
         kept = trainer.run_config.checkpoint_config

@@ -49,24 +49,22 @@ def shared_loss(logits: torch.Tensor, positions: torch.Tensor, groups: torch.Ten
     logits = logits.float().masked_fill(~mask, float("-inf"))
     _, group = torch.unique(groups, return_inverse=True)
     count = int(group.max()) + 1
-    # log of each group's normaliser: a log-sum-exp over all positions of all its windows
-    window_top = logits.max(dim=1).values
-    top = torch.full((count,), float("-inf"), device=logits.device).scatter_reduce(0, group, window_top, "amax")
-    top = top.detach()
-    sums = torch.zeros(count, device=logits.device).index_add(0, group, torch.exp(logits - top[group, None]).sum(dim=1))
-    log_normaliser = torch.log(sums) + top
-
+    log_normaliser = _segment_logsumexp(torch.logsumexp(logits, dim=1), group, count)
     chosen = logits.gather(1, positions.long()[:, None]).squeeze(1)  # the target's logit in each window
     holds = positions > 0
     answered = torch.zeros(count, device=logits.device).index_add(0, group, holds.float()) > 0
     # Answered groups: log of the summed probability of their answer positions.
-    answer_logits = chosen.masked_fill(~holds, float("-inf"))
-    answer_top = torch.full((count,), float("-inf"), device=logits.device).scatter_reduce(0, group, answer_logits, "amax")
-    answer_top = torch.where(answered, answer_top, torch.zeros_like(answer_top)).detach()
-    answer_sums = torch.zeros(count, device=logits.device).index_add(0, group, torch.exp(answer_logits - answer_top[group]))
-    answer_log = torch.log(answer_sums.clamp_min(torch.finfo(answer_sums.dtype).tiny)) + answer_top
+    answer_log = _segment_logsumexp(chosen.masked_fill(~holds, float("-inf")), group, count)
     # Unanswered groups: the mean log probability of their windows' [CLS].
     windows = torch.zeros(count, device=logits.device).index_add(0, group, torch.ones_like(chosen))
     null_log = torch.zeros(count, device=logits.device).index_add(0, group, chosen) / windows
     target = torch.where(answered, answer_log, null_log)
     return (log_normaliser - target).mean()
+
+
+def _segment_logsumexp(values: torch.Tensor, group: torch.Tensor, count: int) -> torch.Tensor:
+    """log-sum-exp of ``values`` per group id (a group of only -inf gives a finite floor, never NaN)."""
+    top = torch.full((count,), float("-inf"), device=values.device).scatter_reduce(0, group, values, "amax").detach()
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    sums = torch.zeros(count, device=values.device).index_add(0, group, torch.exp(values - top[group]))
+    return torch.log(sums.clamp_min(torch.finfo(sums.dtype).tiny)) + top

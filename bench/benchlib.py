@@ -314,6 +314,25 @@ def local_ray(num_cpus: int | None = None):
 # --- the Serve app ------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def serving(config: dict):
+    """Run ``config``'s application on the connected Ray (see ``local_ray``) and yield its URL; delete the
+    application afterwards, so that a Ray and Serve the caller shares (the test suite's) are left as found."""
+    from ray import serve
+
+    from bench.local_service import wait_until
+    from serve_app.app import run_config
+
+    url = run_config(config).rstrip("/")
+    try:
+        yield url
+    finally:
+        name = config["applications"][0]["name"]
+        serve.delete(name)
+        wait_until(lambda: name not in serve.status().applications, timeout_s=60, what=f"application {name} gone")
+
+
+
 def serve_app_config(model_dir: str, port: int, *, max_batch_size: int, replica_cpus: float, gpu: bool = False,
                      min_replicas: int = 1, max_replicas: int = 1, autoscaling: dict | None = None,
                      batch_wait_timeout_s: float | None = None, forward_batch_size: int | None = None,

@@ -71,8 +71,6 @@ def main(argv=None) -> int:
 
 
 def measure(args, workdir: Path, load_before: list[float]) -> int:
-    from serve_app.app import run_config
-
     model_dir = benchlib.prepare_model_dir(args.model, workdir / "model")
     autoscaling = {"min_replicas": 0, "initial_replicas": 1, "max_replicas": 1, "upscale_delay_s": 0,
                    "downscale_delay_s": 1, "downscale_to_zero_delay_s": args.downscale_to_zero_delay_s,
@@ -85,21 +83,21 @@ def measure(args, workdir: Path, load_before: list[float]) -> int:
     rows = []
     with benchlib.local_ray(args.cpus):
         clock = benchlib.Stopwatch()
-        url = run_config(config).rstrip("/")
-        deploy_s = clock()
-        print(f"[bench] deployed in {deploy_s:.1f} s (one warm replica first, to check the model loads)", flush=True)
-        for repeat in range(1, args.repeats + 1):
-            clock = benchlib.Stopwatch()
-            wait_until(lambda: replica_counts(APP_NAME, MODEL_DEPLOYMENT) == {}, timeout_s=args.zero_timeout_s,
-                                what="the idle model deployment to reach 0 replicas")
-            to_zero_s = clock()
-            time.sleep(1.0)  # settled at zero
-            load = benchlib.load_average()
-            print(f"[bench] cold start {repeat}: 0 replicas after {to_zero_s:.1f} s idle; asking ...", flush=True)
-            cold_s, answer = timed_post(url, args.request_timeout_s)
-            warm_s, _ = timed_post(url, args.request_timeout_s)
-            rows.append({"repeat": repeat, "time_to_first_answer_s": cold_s, "next_request_s": warm_s,
-                         "idle_to_zero_s": to_zero_s, "answer": answer["answer"], "load_average": load})
+        with benchlib.serving(config) as url:
+            deploy_s = clock()
+            print(f"[bench] deployed in {deploy_s:.1f} s (one warm replica first, to check the model loads)", flush=True)
+            for repeat in range(1, args.repeats + 1):
+                clock = benchlib.Stopwatch()
+                wait_until(lambda: replica_counts(APP_NAME, MODEL_DEPLOYMENT) == {}, timeout_s=args.zero_timeout_s,
+                           what="the idle model deployment to reach 0 replicas")
+                to_zero_s = clock()
+                time.sleep(1.0)  # settled at zero
+                load = benchlib.load_average()
+                print(f"[bench] cold start {repeat}: 0 replicas after {to_zero_s:.1f} s idle; asking ...", flush=True)
+                cold_s, answer = timed_post(url, args.request_timeout_s)
+                warm_s, _ = timed_post(url, args.request_timeout_s)
+                rows.append({"repeat": repeat, "time_to_first_answer_s": cold_s, "next_request_s": warm_s,
+                             "idle_to_zero_s": to_zero_s, "answer": answer["answer"], "load_average": load})
 
     cold = [row["time_to_first_answer_s"] for row in rows]
     ratios = {"cold_start_median_s": round(benchlib.median(cold), 2), "cold_start_max_s": round(max(cold), 2),

@@ -8,8 +8,10 @@ from contextlib import contextmanager
 
 
 def free_port() -> int:
+    """A port free on every interface: one free on loopback only may be taken on the node's address
+    (Ray's own servers listen there), and a service may bind all interfaces."""
     with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
+        probe.bind(("", 0))
         return probe.getsockname()[1]
 
 

@@ -131,19 +131,14 @@ def model_info() -> dict:
 
 
 def run_mode(mode: str, args, model_dir: str, port: int, payloads, windows) -> dict:
-    from ray import serve
-
-    from serve_app.app import run_config
-
     batch = args.max_batch_size if mode == "batched" else 1
     concurrency = 1 if mode == "single" else args.concurrency
     config = benchlib.serve_app_config(model_dir, port, max_batch_size=batch, replica_cpus=args.replica_cpus, gpu=args.gpu,
                                        batch_wait_timeout_s=args.batch_wait_timeout_s,
                                        forward_batch_size=args.forward_batch_size, dtype=args.dtype, backend=args.backend)
     clock = benchlib.Stopwatch()
-    base_url = run_config(config).rstrip("/")
-    deploy_s = clock()
-    try:
+    with benchlib.serving(config) as base_url:
+        deploy_s = clock()
         warm = payloads[: args.warmup]
         if warm:
             asyncio.run(send_load(base_url, warm, windows, concurrency=concurrency,
@@ -154,8 +149,6 @@ def run_mode(mode: str, args, model_dir: str, port: int, payloads, windows) -> d
         result = asyncio.run(send_load(base_url, timed, windows[args.warmup :], concurrency=concurrency,
                                        time_limit_s=args.time_limit_s, timeout_s=args.request_timeout_s))
         calls = model_info()["model_calls"] - served["model_calls"]
-    finally:
-        serve.delete(APP_NAME)
     latencies = result["latencies"]
     answered = len(latencies)
     return {

@@ -172,7 +172,6 @@ def main(argv=None) -> int:
 
 
 def measure(args, workdir: Path, load_before: list[float]) -> int:
-    from serve_app.app import run_config
     from serve_app.auth import hash_token
 
     model_dir = benchlib.prepare_model_dir(args.model, workdir / "model")
@@ -188,9 +187,9 @@ def measure(args, workdir: Path, load_before: list[float]) -> int:
     print(f"[bench] {args.clients} clients x {args.duration_s:g} s, 1 in {args.long_every} with {args.long_chars:,} "
           f"characters, replica killed at {args.kill_at_s:g} s; model {benchlib.model_summary(model_dir)}", flush=True)
     with benchlib.local_ray(args.cpus):
-        base_url = run_config(config).rstrip("/")
-        result = asyncio.run(soak(base_url, token, short, long, args, deadline_s))
-        replicas_after = replica_counts(APP_NAME, MODEL_DEPLOYMENT)
+        with benchlib.serving(config) as base_url:
+            result = asyncio.run(soak(base_url, token, short, long, args, deadline_s))
+            replicas_after = replica_counts(APP_NAME, MODEL_DEPLOYMENT)
 
     summary = {**summarise(result, deadline_s), "replicas_after": replicas_after}
     benchlib.print_table("Soak", [summary], ["requests", "answered", "rejected_503", "outside_200_503", "p50_ms",

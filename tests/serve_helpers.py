@@ -47,17 +47,9 @@ def service_config(model_dir: Path, port: int, *, qa: dict | None = None, **args
 def serving(config: dict):
     """``config``'s application deployed on the session's Ray and Serve (started if need be); yields its
     URL and deletes the application afterwards. Serve listens where its first application asked."""
-    from ray import serve
-
-    from bench.local_service import wait_until
+    from bench.benchlib import serving as deployed
     from conftest import shared_ray
-    from serve_app.app import run_config
 
     shared_ray()
-    url = run_config(config).rstrip("/")
-    try:
+    with deployed(config) as url:
         yield url
-    finally:
-        name = config["applications"][0]["name"]
-        serve.delete(name)
-        wait_until(lambda: name not in serve.status().applications, timeout_s=60, what=f"application {name} gone")

@@ -1,35 +1,33 @@
 """The serving bench scripts run end to end with a tiny model and tiny settings, and write valid JSON.
 
-Each starts and stops a local Ray and Serve of its own, so each runs as a subprocess (HTTP on 127.0.0.1
-only) with a hard timeout, with no Ray of this process beside it; the figures themselves are not
-checked, only that they are there.
+They run in this process on the session's Ray and Serve, as the other bench scripts do, each deploying
+the service under its packaged name and deleting it after; the figures themselves are not checked,
+only that they are there.
 """
 
-import subprocess
-import sys
-
 import pytest
-from bench_helpers import REPO, check_document
+from bench_helpers import run_bench
 
 from conftest import FIXTURES
+from serve_app.app import APP_NAME
 
-pytestmark = pytest.mark.usefixtures("isolated_from_ray")
-
-
-def run_bench(script: str, out, *flags: str, timeout: int = 240) -> dict:
-    result = subprocess.run(
-        [sys.executable, "-m", f"bench.{script}", "--out", str(out), *flags],
-        cwd=REPO, capture_output=True, text=True, timeout=timeout,
-    )
-    assert result.returncode == 0, f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
-    return check_document(out, result.stdout)
+pytestmark = pytest.mark.usefixtures("local_ray")
 
 
-def test_serve_load(tiny_model_dir, tmp_path):
+@pytest.fixture
+def leaves_no_application():
+    """What the bench deployed is gone after it: the next module's Serve is as it found it."""
+    from ray import serve
+
+    yield
+    assert APP_NAME not in serve.status().applications
+
+
+def test_serve_load(tiny_model_dir, tmp_path, capsys, leaves_no_application):
     document = run_bench(
-        "serve_load", tmp_path / "serve.json",
+        "serve_load", tmp_path / "serve.json", capsys,
         "--model", str(tiny_model_dir), "--data", str(FIXTURES / "tiny-squad.jsonl"),
-        "--requests", "24", "--concurrency", "4", "--warmup", "2", "--max-batch-size", "4", "--cpus", "2",
+        "--requests", "24", "--concurrency", "4", "--warmup", "2", "--max-batch-size", "4",
         "--replica-cpus", "0.5", "--time-limit-s", "90",
     )
     modes = {row["mode"]: row for row in document["results"]["modes"]}
@@ -42,21 +40,21 @@ def test_serve_load(tiny_model_dir, tmp_path):
     assert document["ratios"]["batched_vs_unbatched_requests_per_s"] > 0
 
 
-def test_cold_start(tiny_model_dir, tmp_path):
+def test_cold_start(tiny_model_dir, tmp_path, capsys, leaves_no_application):
     document = run_bench(
-        "cold_start", tmp_path / "cold.json",
-        "--model", str(tiny_model_dir), "--repeats", "1", "--cpus", "2", "--replica-cpus", "0.5",
+        "cold_start", tmp_path / "cold.json", capsys,
+        "--model", str(tiny_model_dir), "--repeats", "1", "--replica-cpus", "0.5",
     )
     [row] = document["results"]["cold_starts"]
     assert 0 < row["next_request_s"] < row["time_to_first_answer_s"]
     assert document["ratios"]["cold_start_median_s"] > 0
 
 
-def test_serve_soak(tiny_model_dir, tmp_path):
+def test_serve_soak(tiny_model_dir, tmp_path, capsys, leaves_no_application):
     document = run_bench(
-        "serve_soak", tmp_path / "soak.json",
+        "serve_soak", tmp_path / "soak.json", capsys,
         "--model", str(tiny_model_dir), "--data", str(FIXTURES / "tiny-squad.jsonl"), "--clients", "4",
-        "--duration-s", "8", "--long-every", "3", "--long-chars", "2000", "--kill-at-s", "3", "--cpus", "2",
+        "--duration-s", "8", "--long-every", "3", "--long-chars", "2000", "--kill-at-s", "3",
         "--replica-cpus", "0.5",
     )
     soak = document["results"]["soak"]

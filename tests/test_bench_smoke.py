@@ -1,31 +1,21 @@
 """The bench scripts run end to end with a tiny model and tiny settings, and write valid JSON.
 
 The scripts run in this process, on the session's Ray (``main`` as ``python -m bench.<script>`` calls
-it; a script uses a Ray it finds running and leaves it so); the serving ones, which start and stop
-Serve, run as subprocesses in ``test_bench_services.py``. The figures themselves are not checked,
+it; a script uses a Ray it finds running and leaves it so); the serving ones are in
+``test_bench_services.py``. The figures themselves are not checked,
 only that they are there.
 """
 
 import importlib
 import json
 import subprocess
-from pathlib import Path
 
 import pytest
-from bench_helpers import REPO, check_document
+from bench_helpers import REPO, run_bench
 
 from conftest import FIXTURES
 
 SMALL_WINDOWS = ["--max-length", "48", "--stride", "16", "--max-question-length", "20"]
-
-
-def run_bench(script: str, out: Path, capsys, *flags: str) -> dict:
-    import ray
-
-    running = ray.is_initialized()
-    assert importlib.import_module(f"bench.{script}").main(["--out", str(out), *flags]) == 0
-    assert ray.is_initialized() == running  # a Ray the caller runs is left running, and no other is left behind
-    return check_document(out, capsys.readouterr().out)
 
 
 TRAIN_FLAGS = ["--data", str(FIXTURES / "tiny-squad.jsonl"), "--eval-data", str(FIXTURES / "tiny-squad.json"),

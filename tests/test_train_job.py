@@ -94,46 +94,42 @@ def assert_same_run(resumed: dict, uninterrupted: dict) -> None:
             assert ours[name] == pytest.approx(theirs[name], rel=1e-5, abs=1e-5), name
 
 
-def test_a_run_killed_after_an_epoch_resumes_to_the_same_result(uninterrupted, tiny_model_dir, tmp_path):
+def test_a_run_killed_after_an_epoch_then_mid_epoch_resumes_each_time_to_the_same_result(uninterrupted, tiny_model_dir,
+                                                                                          tmp_path):
+    """One run killed twice: after its first epoch, then (resumed from that epoch's checkpoint) at step 3
+    of epoch 2, one step after a mid-epoch checkpoint; resumed again, it ends as the run never killed."""
     from ray.train import TrainingFailedError
 
+    from train_job.checkpoint import read_training_state
     from train_job.config import TrainJobError
 
     def fail_after_first_epoch(epoch: int, *, resumed: bool) -> None:  # nested: pickled by value for the workers
         if epoch == 1 and not resumed:
             raise RuntimeError("injected fault after epoch 1")
 
-    config = tiny_config(tiny_model_dir, tmp_path, epochs=2)
-    with pytest.raises(TrainingFailedError):
-        run(config, after_epoch=fail_after_first_epoch)
-    assert checkpoint_dirs(tmp_path)
-    assert not (tmp_path / "metrics.json").exists()
-
-    # Other settings into the same run directory: refused, naming the change.
-    with pytest.raises(TrainJobError, match=r"settings.learning_rate: 0.003 -> 7e-05.*--overwrite"):
-        run(tiny_config(tiny_model_dir, tmp_path, epochs=2, learning_rate=7e-5))
-
-    metrics = run(tiny_config(tiny_model_dir, tmp_path, epochs=2, resume=True))
-    assert_same_run(metrics, uninterrupted[1])
-    assert metrics["learning_rate"] == 3e-3 and metrics["fingerprint"]["settings"]["learning_rate"] == 3e-3
-
-
-def test_a_run_killed_mid_epoch_resumes_from_that_step_to_the_same_result(uninterrupted, tiny_model_dir, tmp_path):
-    from ray.train import TrainingFailedError
-
-    from train_job.checkpoint import read_training_state
-
     def fail_in_second_epoch(epoch: int, step_in_epoch: int, *, resumed: bool) -> None:
-        if (epoch, step_in_epoch) == (2, 3) and not resumed:
+        if (epoch, step_in_epoch) == (2, 3):
             raise RuntimeError("injected fault at epoch 2 step 3")
 
     config = tiny_config(tiny_model_dir, tmp_path, epochs=2, checkpoint_every_steps=2)
     with pytest.raises(TrainingFailedError):
+        run(config, after_epoch=fail_after_first_epoch)
+    state = read_training_state(checkpoint_dirs(tmp_path)[-1])
+    assert (state["epoch"], state["step_in_epoch"]) == (1, 0)
+    assert not (tmp_path / "metrics.json").exists()
+
+    # Other settings into the same run directory: refused, naming the change.
+    with pytest.raises(TrainJobError, match=r"settings.learning_rate: 0.003 -> 7e-05.*--overwrite"):
+        run(tiny_config(tiny_model_dir, tmp_path, epochs=2, checkpoint_every_steps=2, learning_rate=7e-5))
+
+    with pytest.raises(TrainingFailedError):  # the same settings resume by themselves
         run(config, after_step=fail_in_second_epoch)
     state = read_training_state(checkpoint_dirs(tmp_path)[-1])
     assert (state["epoch"], state["step_in_epoch"]) == (1, 2) and len(state["rng"]) == 2
 
-    assert_same_run(run(config), uninterrupted[1])
+    metrics = run(tiny_config(tiny_model_dir, tmp_path, epochs=2, checkpoint_every_steps=2, resume=True))
+    assert_same_run(metrics, uninterrupted[1])
+    assert metrics["learning_rate"] == 3e-3 and metrics["fingerprint"]["settings"]["learning_rate"] == 3e-3
 
 
 def test_trackers_record_the_runs_scalars(uninterrupted):

@@ -8,10 +8,18 @@ library, its embedder and the reader) retrieves for each question with each sear
 hybrid top ``--passages`` as one candidate set (what ``POST /v1/ask`` does) and, for comparison,
 the gold paragraph alone. Reports retrieval recall@1/5/20 per mode (a question's paragraph is
 retrieved when one of its passages is), end-to-end EM/F1 and the same reader's EM/F1 with the gold
-paragraph, and the served score end to end: its expected calibration error against exact match,
-the share of questions answered at >= 80 % and >= 90 % precision (highest scores first, the rest
-declined) and a reliability diagram (``OUTPUT/metrics.json``, ``OUTPUT/reliability.png``;
-``OUTPUT/answers.jsonl``: per question the ranks and answers).
+paragraph, and the served response end to end (its top answer, "not in the library" included):
+its score's expected calibration error against exact match, the share of questions answered at
+>= 80 % and >= 90 % precision (highest scores first, the rest declined) and a reliability diagram
+(``OUTPUT/metrics.json``, ``OUTPUT/reliability.png``; ``OUTPUT/answers.jsonl``: per question the
+ranks and answers).
+
+``--absent-articles F`` leaves a seeded share of the articles out of the library: their questions
+are still asked, declining is their right answer, and the no-answer probability's ROC AUC for
+telling them apart is reported. A model calibrated over a library's retrievals (``python -m
+qa_common.calibration --over-passages``) is reported as served and, beside it, with its
+one-paragraph calibration (``one_paragraph_*``); ``--skip-articles-of`` keeps the questions that
+calibration was fitted on out of the evaluation.
 """
 
 from __future__ import annotations
@@ -21,14 +29,15 @@ import json
 import time
 from pathlib import Path
 
-from qa_common import PassagesQuestion, Question, SquadFormatError, answer_questions, load_qa_config, read_squad
+from qa_common import PassagesQuestion, Question, SquadFormatError, decode_passages, decode_spans, load_qa_config, read_squad
 from qa_common.calibration import answered_at_precision, expected_calibration_error, reliability
 from qa_common.library.embedding import EMBEDDER
 from qa_common.library.index import LibraryError
 from qa_common.library.search import FUSION_DEPTH, SEARCH_MODES, document_rank, recall_at, reciprocal_rank_fusion
-from qa_common.metric import score_answer
+from qa_common.inference import question_logits
+from qa_common.metric import question_scores
 from qa_common.modeling import check_model_dir
-from qa_common.splits import sample_questions
+from qa_common.splits import absent_articles, sample_questions
 from train_job.cli import at_least
 from train_job.ray_cluster import ActorPool, add_actor_flags, add_address_flag, connect_ray
 
@@ -66,6 +75,10 @@ class LibraryAsker:
         self.runner, self.tokenizer, _ = load_runner(model_dir, "torch", device="cpu", dtype=torch.float32,
                                                      threads=threads)
         self.config = load_qa_config(model_dir)
+        # As served; and, for a model calibrated over a library, as it would be without that calibration.
+        self.settings = {"": self.config}
+        if self.config.passages_calibration:
+            self.settings["one_paragraph_"] = self.config.replace(passages_calibration={})
         self.passages = passages
 
     def __call__(self, batch):
@@ -84,37 +97,66 @@ class LibraryAsker:
             row["read"] = [hit.passage["document"] for hit in hybrid]
             read.append(PassagesQuestion(row["question"], tuple(hit.passage["text"] for hit in hybrid)))
             gold.append(Question(row["question"], row["context"]))
-        answers = answer_questions(self.runner, self.tokenizer, [*read, *gold], self.config)
-        for row, library_answer, gold_answer in zip(rows, answers[: len(rows)], answers[len(rows):]):
-            best, alone = library_answer[0], gold_answer[0]
-            row.update(answer=best["answer"], answer_document=row["read"][best["passage"]] if best["passage"] >= 0
-                       else None, score=best["score"], gold_paragraph_answer=alone["answer"])
-            for prefix, text in (("", best["answer"]), ("gold_paragraph_", alone["answer"])):
-                scores = score_answer(text, row["answers"]["text"])
-                row[f"{prefix}exact_match"], row[f"{prefix}f1"] = scores["exact_match"], scores["f1"]
+        logits = list(question_logits(self.runner, self.tokenizer, [*read, *gold], self.config))
+        for row, question, passage_logits, gold_logits in zip(rows, read, logits[: len(rows)], logits[len(rows):]):
+            golds = [] if row["absent"] else row["answers"]["text"]  # absent: "not in the library" is right
+            for prefix, config in self.settings.items():
+                best = decode_passages(*passage_logits, question.passages, config)[0]
+                row.update({f"{prefix}answer": best["answer"], f"{prefix}score": best["score"],
+                            f"{prefix}no_answer_probability": best["no_answer_probability"]})
+                row.update({f"{prefix}{name}": value for name, value in scored(best["answer"], golds).items()})
+                if not prefix:
+                    row["answer_document"] = row["read"][best["passage"]] if best["passage"] >= 0 else None
+            alone = decode_spans(*gold_logits[:3], row["context"], self.config)[0]
+            row["gold_paragraph_answer"] = alone["answer"]
+            row.update({f"gold_paragraph_{name}": value
+                        for name, value in scored(alone["answer"], row["answers"]["text"]).items()})
             del row["context"], row["answers"]
         return pa.Table.from_pylist(rows)
 
 
-def summarise(rows: list[dict], passages: int) -> dict:
-    count = len(rows)
-    metrics = {"questions": count, "passages_read": passages}
+def scored(answer: str, golds: list[str]) -> dict:
+    """Exact match and F1 of one answer; with no golds (its article is not in the library) right
+    only when it declines."""
+    scores = question_scores(answer, golds)
+    return {"exact_match": scores["v2_exact"], "f1": scores["v2_f1"]}
+
+
+def summarise(rows: list[dict], passages: int, prefixes=("",)) -> dict:
+    """Retrieval and reading over the questions whose article is in the library (``absent`` false),
+    then the served answer over all: its score's calibration against exact match, selective answering
+    and, with absent articles, how well the no-answer probability tells them apart. Each ``prefix``
+    (``""`` as served, ``one_paragraph_``: the one-paragraph calibration) gets the served figures."""
+    from sklearn.metrics import roc_auc_score
+
+    present = [row for row in rows if not row["absent"]]
+    count = len(present)
+    metrics = {"questions": len(rows), "absent_questions": len(rows) - count, "passages_read": passages}
     for mode in SEARCH_MODES:
         for k in RECALL_AT:
-            metrics[f"{mode}_recall@{k}"] = recall_at([row[f"{mode}_rank"] for row in rows], k)
+            metrics[f"{mode}_recall@{k}"] = recall_at([row[f"{mode}_rank"] for row in present], k)
     for prefix in ("", "gold_paragraph_"):
         for name in ("exact_match", "f1"):
-            metrics[f"{prefix}{name}"] = round(100 * sum(row[f"{prefix}{name}"] for row in rows) / count, 2)
-    metrics["abstained"] = sum(row["answer"] == "" for row in rows)
+            metrics[f"{prefix}{name}"] = round(100 * sum(row[f"{prefix}{name}"] for row in present) / count, 2)
+    metrics["abstained"] = sum(row["answer"] == "" for row in present)
     metrics["f1_ratio"] = round(metrics["f1"] / metrics["gold_paragraph_f1"], 4) if metrics["gold_paragraph_f1"] else None
-    # The served score, end to end: is a top answer with score 0.8 right 8 times in 10, and how many
-    # questions could be answered at a precision a clinician would accept (the rest declined)?
-    scores, right = [row["score"] if row["answer"] else 0.0 for row in rows], [row["exact_match"] == 1 for row in rows]
-    metrics["score_ece"] = round(expected_calibration_error(scores, right), 4)
-    for precision in SELECTIVE_PRECISIONS:
-        metrics[f"answered_at_{round(100 * precision)}_precision"] = round(answered_at_precision(scores, right,
-                                                                                               precision), 4)
-    metrics["score_reliability"] = reliability(scores, right)
+    # The served response, end to end: is a top answer ("not in the library" included) with score 0.8
+    # right 8 times in 10, and how many questions could be answered at a precision a clinician
+    # would accept (highest scores first, the rest declined)?
+    for prefix in prefixes:
+        scores, right = [row[f"{prefix}score"] for row in rows], [row[f"{prefix}exact_match"] == 1 for row in rows]
+        metrics[f"{prefix}served_exact_match"] = round(100 * sum(right) / len(rows), 2)
+        metrics[f"{prefix}served_f1"] = round(100 * sum(row[f"{prefix}f1"] for row in rows) / len(rows), 2)
+        metrics[f"{prefix}score_ece"] = round(expected_calibration_error(scores, right), 4)
+        for precision in SELECTIVE_PRECISIONS:
+            metrics[f"{prefix}answered_at_{round(100 * precision)}_precision"] = round(
+                answered_at_precision(scores, right, precision), 4)
+        if metrics["absent_questions"] and count:
+            metrics[f"{prefix}absent_declined"] = round(sum(row[f"{prefix}answer"] == "" for row in rows
+                                                            if row["absent"]) / metrics["absent_questions"], 4)
+            metrics[f"{prefix}absent_no_answer_auc"] = round(float(roc_auc_score(
+                [row["absent"] for row in rows], [row[f"{prefix}no_answer_probability"] for row in rows])), 4)
+        metrics[f"{prefix}score_reliability"] = reliability(scores, right)
     return metrics
 
 
@@ -130,6 +172,10 @@ def plot_reliability(metrics: dict, path: Path) -> None:
     axis.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfect")
     axis.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "s-",
               label=f"as served (ECE {metrics['score_ece']:.3f})")
+    if "one_paragraph_score_reliability" in metrics:
+        other = [b for b in metrics["one_paragraph_score_reliability"] if b["count"]]
+        axis.plot([b["confidence"] for b in other], [b["accuracy"] for b in other], "o--", alpha=0.7,
+                  label=f"one-paragraph calibration (ECE {metrics['one_paragraph_score_ece']:.3f})")
     axis.bar([(b["low"] + b["high"]) / 2 for b in bins], [b["count"] / metrics["questions"] for b in bins],
              width=0.08, alpha=0.25, label="share of questions")
     axis.set(xlim=(0, 1), ylim=(0, 1), xlabel="score of the top answer (bin mean)", ylabel="share exactly right",
@@ -165,9 +211,12 @@ def evaluate(args: argparse.Namespace) -> dict:
     import ray.data
 
     records = read_squad(args.data)
-    documents = paragraph_documents(records)
+    absent = absent_articles(records, args.absent_articles, args.seed)
+    documents = paragraph_documents([r for r in records if r.get("title", "") not in absent])
     name_of = {text: name for name, text in documents.items()}
-    questions = sample_questions(records, args.max_questions, seed=args.seed)
+    skipped = {r.get("title", "") for r in read_squad(args.skip_articles_of)} if args.skip_articles_of else set()
+    questions = sample_questions([r for r in records if r.get("title", "") not in skipped], args.max_questions,
+                                 seed=args.seed)
     model_dir = check_model_dir(args.model)
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
@@ -177,9 +226,9 @@ def evaluate(args: argparse.Namespace) -> dict:
     library = Path(args.library) if args.library else build_library(documents, output, args.address, args.embedder)
     indexed_s = time.perf_counter() - started
     rows = [{"id": r["id"], "question": r["question"], "context": r["context"], "answers": r["answers"],
-             "document": name_of[r["context"]]} for r in questions]
-    print(f"[evaluate] {len(documents)} paragraphs as the library, {len(rows)} questions, {pool.actors} actor(s)",
-          flush=True)
+             "document": name_of.get(r["context"], ""), "absent": r.get("title", "") in absent} for r in questions]
+    print(f"[evaluate] {len(documents)} paragraphs as the library ({len(absent)} articles left out), {len(rows)} "
+          f"questions, {pool.actors} actor(s)", flush=True)
     answered = ray.data.from_items(rows).map_batches(
         LibraryAsker, fn_constructor_kwargs={"library": str(library.resolve()), "model_dir": model_dir,
                                              "passages": args.passages, "threads": pool.threads},
@@ -188,15 +237,15 @@ def evaluate(args: argparse.Namespace) -> dict:
     results = []
     with (output / "answers.jsonl").open("w", encoding="utf-8") as stream:
         for row in answered.iter_rows():
-            results.append({key: row[key] for key in row if key.endswith(("_rank", "exact_match", "f1")) or
-                            key in ("answer", "score")})
+            results.append(row)
             stream.write(json.dumps(row, ensure_ascii=False) + "\n")
-    metrics = {**summarise(results, args.passages), "paragraphs": len(documents), "model": model_dir,
+    prefixes = ("", "one_paragraph_") if load_qa_config(model_dir).passages_calibration else ("",)
+    metrics = {**summarise(results, args.passages, prefixes), "paragraphs": len(documents), "model": model_dir,
                "data": str(args.data), "index_s": round(indexed_s, 1),
                "answer_s": round(time.perf_counter() - started - indexed_s, 1)}
     (output / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     plot_reliability(metrics, output / "reliability.png")
-    print(json.dumps({k: v for k, v in metrics.items() if k != "score_reliability"}, indent=2), flush=True)
+    print(json.dumps({k: v for k, v in metrics.items() if not k.endswith("score_reliability")}, indent=2), flush=True)
     return metrics
 
 
@@ -207,6 +256,12 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--library", default=None, help="a library of --data's paragraphs built by this command before")
     add_embedder_flag(parser)
     parser.add_argument("--passages", type=at_least(1), default=5, help="passages read per question (default: 5, as /v1/ask)")
+    parser.add_argument("--absent-articles", type=float, default=0.0,
+                        help="a seeded share of the articles left out of the library; their questions are still "
+                             "asked, and declining is their right answer (default: 0; mine's is 0.1)")
+    parser.add_argument("--skip-articles-of", default=None,
+                        help="a SQuAD-format file (e.g. what a calibration was fitted on): questions of its articles "
+                             "are not asked; their paragraphs stay in the library")
     parser.add_argument("--max-questions", type=at_least(1), default=None, help="a seeded sample spread over the articles")
     parser.add_argument("--seed", type=int, default=0, help="the sample's seed (default: 0)")
     add_actor_flags(parser, "actors")

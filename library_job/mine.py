@@ -35,7 +35,7 @@ from qa_common import SquadFormatError, read_squad
 from qa_common.library.index import LibraryError, write_private
 from qa_common.negatives import synthesise_negatives
 from qa_common.library.search import FUSION_DEPTH, reciprocal_rank_fusion
-from qa_common.splits import hold_out_articles, sample_questions
+from qa_common.splits import absent_articles, hold_out_articles, sample_questions
 from train_job.cli import at_least
 from train_job.ray_cluster import ActorPool, add_actor_flags, add_address_flag, connect_ray
 from library_job.evaluate import add_embedder_flag, build_library, paragraph_documents
@@ -110,9 +110,7 @@ def mine(args: argparse.Namespace) -> dict:
         # Unanswerable ones too, from the same articles: training chooses its no-answer threshold on them.
         validation += synthesise_negatives(validation, VALIDATION_NEGATIVES, seed=args.seed, source="article")
     titles = sorted({record.get("title", "") for record in records})
-    absent = set(random.Random(args.seed).sample(titles, round(args.absent_articles * len(titles))))
-    if len(absent) == len(titles):
-        raise ValueError(f"--absent-articles {args.absent_articles:g} leaves no article in the library")
+    absent = absent_articles(records, args.absent_articles, args.seed)
     documents = paragraph_documents([record for record in records if record.get("title", "") not in absent])
     name_of = {text: name for name, text in documents.items()}
     questions = sample_questions(records, args.max_questions, seed=args.seed)
@@ -179,8 +177,6 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    if not 0 <= args.absent_articles < 1:
-        raise ValueError(f"--absent-articles must be in [0, 1), got {args.absent_articles:g}")
     mine(args)
 
 

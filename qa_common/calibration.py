@@ -17,9 +17,16 @@ Two calibrators, fitted on a validation split and stored in the model's ``qa_con
   holding both kinds of question (otherwise a = 1, b = 0). The no-answer threshold is carried into
   the calibrated scale, so the model abstains on exactly the same questions as before.
 
-``python -m qa_common.calibration MODEL_DIR --validation-file FILE`` (re)fits a model directory's
-calibration on a SQuAD-format file and prints the expected calibration error before and after on it.
-Training (``train_job``) runs the same fit on its validation split when it exports a model.
+A question asked of a library is read over its top retrieved passages at once, where distractor
+passages and "the library does not hold it" change both the score and the null score: its
+threshold and calibrators are fitted apart, in that setting (``passages_calibration``,
+:func:`calibrate_passages`, on questions mined from a library by ``python -m library_job mine``),
+and decoding over passages uses them (:meth:`qa_common.QAConfig.over_passages`).
+
+``python -m qa_common.calibration MODEL_DIR --validation-file FILE [--over-passages]`` (re)fits a
+model directory's calibration on a SQuAD-format file and prints the expected calibration error
+before and after on it. Training (``train_job``) runs the one-paragraph fit on its validation split
+when it exports a model.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from qa_common.config import QAConfig
+from qa_common.config import FITTED_SETTINGS, QAConfig
 from qa_common.decoding import NULL_SPAN, Candidates, _logit, _sigmoid, no_answer_probability, rank_candidates
 from qa_common.metric import normalize_answer
 
@@ -197,6 +204,66 @@ def calibrate(runner, tokenizer, records: Sequence[dict], config: QAConfig) -> t
     return fit(logits, [r["context"] for r in records], [r["answers"]["text"] for r in records], config)
 
 
+def passage_groups(records: Sequence[dict]) -> list[tuple[str, tuple[str, ...], list[str]]]:
+    """``(question, passages, gold answers)`` per ``group`` of SQuAD-format records (``library_job mine``
+    writes one record per passage the library returned for a question): the golds are every answer
+    any of its passages holds, none when the library did not return one that holds it."""
+    groups: dict[str, list[dict]] = {}
+    for record in records:
+        if record.get("group") is None:
+            raise ValueError(f"question {record['id']!r} has no 'group': calibrating over passages needs each "
+                             "question's retrieved passages, as `python -m library_job mine` writes them")
+        groups.setdefault(record["group"], []).append(record)
+    return [(group[0]["question"], tuple(r["context"] for r in group),
+             sorted({text for r in group for text in r["answers"]["text"]})) for group in groups.values()]
+
+
+def calibrate_passages(runner, tokenizer, groups: Sequence[tuple[str, Sequence[str], Sequence[str]]], config: QAConfig,
+                       *, chunk: int = 64) -> tuple[QAConfig, dict]:
+    """``config`` with its ``passages_calibration`` fitted on ``groups`` (:func:`passage_groups`), each
+    question read over all its passages as one candidate set, as ``decode_passages`` reads a library's.
+
+    A model that abstains gets its no-answer threshold chosen here too (the official best-F1
+    threshold over these questions, where "the library does not hold it" is the right answer to a
+    question none of whose passages holds one), then :func:`fit` calibrates the score and the
+    no-answer probability at that threshold.
+    """
+    from tqdm.auto import tqdm
+
+    from qa_common.decoding import PASSAGE_SEPARATOR, passages_laid_end_to_end
+    from qa_common.inference import PassagesQuestion, question_logits
+    from qa_common.metric import evaluate_answers
+
+    raw = uncalibrated(config.replace(passages_calibration={}))
+    logits, contexts, golds = [], [], []
+    for first in tqdm(range(0, len(groups), chunk), desc="reading over passages", unit_scale=chunk, unit="question"):
+        batch = groups[first : first + chunk]
+        questions = [PassagesQuestion(question, tuple(passages)) for question, passages, _ in batch]
+        for (_, passages, answers), (start, end, offsets, of_window) in zip(
+                batch, question_logits(runner, tokenizer, questions, raw)):
+            logits.append((start, end, passages_laid_end_to_end(offsets, of_window, passages)[1]))
+            contexts.append(PASSAGE_SEPARATOR.join(passages))
+            golds.append(list(answers))
+    report = {}
+    if raw.version_2_with_negative:
+        spans = raw.replace(version_2_with_negative=False)
+        answers = {}
+        for index, ((start, end, offsets), context) in enumerate(zip(logits, contexts)):
+            best = rank_candidates(start, end, offsets, spans)
+            span = best.spans[0] if best.spans else NULL_SPAN
+            answers[str(index)] = {"answer": context[span[0] : span[1]] if span != NULL_SPAN else "",
+                                   "no_answer_probability": best.no_answer_probability}
+        references = {str(index): gold for index, gold in enumerate(golds)}
+        _, one_paragraph = evaluate_answers(answers, references, version_2_with_negative=True,
+                                            threshold=uncalibrated(config).no_answer_threshold)
+        _, chosen = evaluate_answers(answers, references, version_2_with_negative=True)
+        raw = raw.replace(no_answer_threshold=chosen["no_answer_threshold"])
+        report.update(f1_at_one_paragraph_threshold=one_paragraph["f1"], f1_at_passages_threshold=chosen["f1"])
+    calibrated, fitted = fit(logits, contexts, golds, raw)
+    report = {**fitted, **report}
+    return config.replace(passages_calibration={name: getattr(calibrated, name) for name in FITTED_SETTINGS}), report
+
+
 def describe(report: dict) -> str:
     if report["score_knots"]:
         text = (f"score: isotonic map of {report['score_knots']} knots, expected calibration error "
@@ -222,16 +289,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--validation-file", required=True,
                         help="SQuAD-format questions the model did not train on (with unanswerable ones for an "
                              "abstaining model)")
+    parser.add_argument("--over-passages", action="store_true",
+                        help="fit the calibration a library's answers use (passages_calibration): each question "
+                             "read over its retrieved passages, as `python -m library_job mine` writes them")
     parser.add_argument("--backend", choices=BACKENDS, default="torch", help="the backend that answers (default: torch)")
     args = parser.parse_args(argv)
     try:
         records = read_squad(args.validation_file)
+        groups = passage_groups(records) if args.over_passages else None
         config = load_qa_config(args.model_dir)
         runner, tokenizer, _ = load_runner(args.model_dir, args.backend)
     except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    calibrated, report = calibrate(runner, tokenizer, records, config)
+    if groups is not None:
+        calibrated, report = calibrate_passages(runner, tokenizer, groups, config)
+        print(f"over passages ({len(groups)} questions): ", end="")
+    else:
+        calibrated, report = calibrate(runner, tokenizer, records, config)
     save_qa_config(calibrated, args.model_dir)
     print(describe(report))
     print(json.dumps(report))

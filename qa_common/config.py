@@ -70,6 +70,11 @@ class QAConfig:
         "Platt scaling of the no-answer probability: sigmoid(scale * (null score - best span score) + bias) "
         "(fitted on the validation split by training)", default=1.0)
     no_answer_bias: float = setting("see no_answer_scale", default=0.0)
+    passages_calibration: dict = setting(
+        "the fitted settings above (any of " + ", ".join(FITTED_SETTINGS) + ") for a question read over several "
+        "retrieved passages at once, as a library is asked: fitted over the library's own retrievals by "
+        "`python -m library_job calibrate`; empty: the one-paragraph values", default_factory=dict, flag=False,
+        hash=False)
 
     def __post_init__(self) -> None:
         for name in POSITIVE_INTEGERS:
@@ -83,6 +88,7 @@ class QAConfig:
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
             raise ValueError(f"QAConfig.no_answer_threshold must be a probability in [0, 1], got {threshold!r}")
         object.__setattr__(self, "score_calibration", _knots(self.score_calibration))
+        object.__setattr__(self, "passages_calibration", self._checked_passages_calibration())
         value = self.no_answer_scale
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
             raise ValueError(f"QAConfig.no_answer_scale must be a positive number, got {value!r}")
@@ -104,6 +110,27 @@ class QAConfig:
                 f"max_question_length {self.max_question_length} - 3 special tokens), which must exceed "
                 f"stride {self.stride}; lower stride or max_question_length, or raise max_length"
             )
+
+    def _checked_passages_calibration(self) -> dict:
+        values = self.passages_calibration
+        if not isinstance(values, dict) or set(values) - set(FITTED_SETTINGS):
+            raise ValueError(f"QAConfig.passages_calibration must be an object of {', '.join(FITTED_SETTINGS)}, "
+                             f"got {values!r}")
+        if not values:
+            return {}
+        try:  # each value valid as the setting it stands in for
+            checked = QAConfig(**{**{f.name: getattr(self, f.name) for f in fields(self)},
+                                  "passages_calibration": {}, **values})
+        except ValueError as error:
+            raise ValueError(f"QAConfig.passages_calibration: {error}") from None
+        return {name: getattr(checked, name) for name in values}
+
+    def over_passages(self) -> QAConfig:
+        """The settings to decode a question read over several passages with: the fitted values of
+        ``passages_calibration`` in place of the one-paragraph ones."""
+        if not self.passages_calibration:
+            return self
+        return self.replace(**self.passages_calibration, passages_calibration={})
 
     def to_dict(self) -> dict:
         return asdict(self)

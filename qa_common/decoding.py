@@ -64,6 +64,7 @@ from qa_common.metric import normalize_answer
 
 NULL_SPAN = (-1, -1)  # start and end of an answer that is no span: the null answer, or no valid span at all
 NO_ANSWER = {"answer": "", "score": 0.0, "start": NULL_SPAN[0], "end": NULL_SPAN[1], "no_answer_probability": 1.0}
+PASSAGE_SEPARATOR = "\n"  # between passages read as one candidate set: no answer span crosses it
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -235,6 +236,17 @@ def decode_spans(
     ]
 
 
+def passages_laid_end_to_end(offsets: np.ndarray, window_passages: Sequence[int],
+                             passages: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """``(bases, offsets)``: where each passage starts when ``passages`` are laid end to end one
+    character apart (``PASSAGE_SEPARATOR.join(passages)``), and each window's offsets moved there."""
+    lengths = np.array([len(passage) + len(PASSAGE_SEPARATOR) for passage in passages], dtype=np.int64)
+    bases = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    offsets = np.asarray(offsets, dtype=np.int64)
+    shift = bases[np.asarray(window_passages, dtype=np.int64)][:, None, None]
+    return bases, np.where(offsets >= 0, offsets + shift, offsets)
+
+
 def decode_passages(
     start_logits: np.ndarray,
     end_logits: np.ndarray,
@@ -253,13 +265,13 @@ def decode_passages(
     passage's candidates, so scores compare across passages and documents, and the null score is
     the minimum over all their windows, so the answer is "not in these passages" only when no
     passage draws the model away from [CLS]. Each answer adds ``passage``, the index of its passage
-    (-1 for the null answer), with ``start``/``end`` into that passage's text.
+    (-1 for the null answer), with ``start``/``end`` into that passage's text. The threshold and
+    calibration are ``config.over_passages()``: those fitted over a library's retrievals where the
+    model has them.
     """
-    lengths = np.array([len(passage) + 1 for passage in passages], dtype=np.int64)
-    bases = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    offsets = np.asarray(offsets, dtype=np.int64)
-    shift = bases[np.asarray(window_passages, dtype=np.int64)][:, None, None]
-    candidates = rank_candidates(start_logits, end_logits, np.where(offsets >= 0, offsets + shift, offsets), config)
+    config = config.over_passages()
+    bases, joined_offsets = passages_laid_end_to_end(offsets, window_passages, passages)
+    candidates = rank_candidates(start_logits, end_logits, joined_offsets, config)
     if not candidates.spans:
         return [{**NO_ANSWER, "passage": -1}]
     starts = np.array([start for start, _ in candidates.spans], dtype=np.int64)

@@ -73,3 +73,15 @@ def hold_out_articles(records: Sequence[dict], n: int, *, seed: int) -> tuple[li
                          f"({len(records)} questions in {len(articles)} article(s))")
     kept = [r for r in records if r.get("title", "") not in held]
     return kept, [r for r in records if r.get("title", "") in held]
+
+
+def absent_articles(records: list[dict], share: float, seed: int) -> set[str]:
+    """A seeded ``share`` of the records' article titles, to leave out of a library: their questions
+    teach and test "the library does not hold it"."""
+    if not 0 <= share < 1:
+        raise ValueError(f"--absent-articles must be in [0, 1), got {share:g}")
+    titles = sorted({record.get("title", "") for record in records})
+    absent = set(random.Random(seed).sample(titles, round(share * len(titles))))
+    if len(absent) == len(titles):
+        raise ValueError(f"--absent-articles {share:g} leaves no article in the library")
+    return absent

@@ -2,53 +2,81 @@
 question asked of all of it, with the abstaining tiny model as the reader."""
 
 import json
+import shutil
 
 import pytest
+from sklearn.metrics import roc_auc_score
 
 from conftest import FIXTURES
-from qa_common import PassagesQuestion, Question, answer_questions, load_model_and_tokenizer, load_qa_config, read_squad
+from qa_common import (PassagesQuestion, Question, answer_questions, load_model_and_tokenizer, load_qa_config,
+                       read_squad, save_qa_config)
 from qa_common.calibration import answered_at_precision, expected_calibration_error
-from qa_common.metric import score_answer
+from qa_common.metric import question_scores, score_answer
+from qa_common.splits import absent_articles
 from library_job import evaluate
 from library_job.__main__ import main as library_job
 
 
 def test_every_question_is_asked_of_the_whole_library_and_scored_both_ways(abstaining_run, local_ray, tmp_path):
-    model_dir = abstaining_run[0] / "model"
+    # A model calibrated over passages (a threshold of its own there): served with it, reported without it too.
+    model_dir = tmp_path / "model"
+    shutil.copytree(abstaining_run[0] / "model", model_dir)
+    save_qa_config(load_qa_config(model_dir).replace(passages_calibration={"no_answer_threshold": 0.35}), model_dir)
     data = FIXTURES / "tiny-squad.json"
-    assert library_job(["evaluate", "--model", str(model_dir), "--data", str(data), "--output", str(tmp_path / "out"),
-                        "--passages", "2", "--concurrency", "1"]) == 0
-    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     records = read_squad(data)
-    assert metrics["questions"] == len(records) and metrics["paragraphs"] == 4
+    # One of the four articles out of the library, one other's questions not asked.
+    [absent] = absent_articles(records, 0.25, seed=0)
+    skipped = next(r["title"] for r in records if r["title"] != absent)
+    skip_file = tmp_path / "calibrated-on.json"
+    skip_file.write_text(json.dumps({"data": [r for r in records if r["title"] == skipped]}))
+    assert library_job(["evaluate", "--model", str(model_dir), "--data", str(data), "--output", str(tmp_path / "out"),
+                        "--passages", "2", "--concurrency", "1", "--absent-articles", "0.25",
+                        "--skip-articles-of", str(skip_file)]) == 0
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    asked = [r for r in records if r["title"] != skipped]
+    present = [r for r in asked if r["title"] != absent]
+    assert metrics["questions"] == len(asked) and metrics["absent_questions"] == len(asked) - len(present) > 0
+    assert metrics["paragraphs"] == 3
     for mode in ("hybrid", "dense", "lexical"):
         recalls = [metrics[f"{mode}_recall@{k}"] for k in (1, 5, 20)]
-        assert recalls == sorted(recalls) and recalls[-1] == 1.0  # four paragraphs: all are in the top 20
+        assert recalls == sorted(recalls) and recalls[-1] == 1.0  # three paragraphs: all are in the top 20
     rows = {row["id"]: row for row in map(json.loads, (tmp_path / "out" / "answers.jsonl").read_text().splitlines())}
+    assert set(rows) == {r["id"] for r in asked}
 
     # Scored as the reader answers: with the gold paragraph alone, and over the passages the hybrid search read.
     model, tokenizer = load_model_and_tokenizer(str(model_dir))
     config = load_qa_config(model_dir)
-    documents = evaluate.paragraph_documents(records)
-    alone = answer_questions(model, tokenizer, [Question(r["question"], r["context"]) for r in records], config)
-    read = answer_questions(model, tokenizer, [PassagesQuestion(r["question"], tuple(
-        documents[name] for name in rows[r["id"]]["read"])) for r in records], config)
-    gold_f1 = [score_answer(a[0]["answer"], r["answers"]["text"])["f1"] for r, a in zip(records, alone)]
-    library_f1 = [score_answer(a[0]["answer"], r["answers"]["text"])["f1"] for r, a in zip(records, read)]
-    assert metrics["gold_paragraph_f1"] == pytest.approx(100 * sum(gold_f1) / len(records), abs=0.01)
-    assert metrics["f1"] == pytest.approx(100 * sum(library_f1) / len(records), abs=0.01)
+    documents = evaluate.paragraph_documents([r for r in records if r["title"] != absent])
+    alone = answer_questions(model, tokenizer, [Question(r["question"], r["context"]) for r in present], config)
+    gold_f1 = [score_answer(a[0]["answer"], r["answers"]["text"])["f1"] for r, a in zip(present, alone)]
+    assert metrics["gold_paragraph_f1"] == pytest.approx(100 * sum(gold_f1) / len(present), abs=0.01)
     assert metrics["gold_paragraph_f1"] > 50  # the tiny model learnt these questions
-    # The served score end to end: calibration error and selective answering from the answers' own scores.
-    scores = [rows[r["id"]]["score"] if rows[r["id"]]["answer"] else 0.0 for r in records]
-    right = [rows[r["id"]]["exact_match"] == 1 for r in records]
-    assert metrics["score_ece"] == pytest.approx(expected_calibration_error(scores, right), abs=1e-4)
-    assert metrics["answered_at_80_precision"] == pytest.approx(answered_at_precision(scores, right, 0.8), abs=1e-4)
-    assert sum(b["count"] for b in metrics["score_reliability"]) == len(records)
+    for prefix, settings in (("", config), ("one_paragraph_", config.replace(passages_calibration={}))):
+        read = answer_questions(model, tokenizer, [PassagesQuestion(r["question"], tuple(
+            documents[name] for name in rows[r["id"]]["read"])) for r in asked], settings)
+        # An absent article's question is answered right only by declining.
+        golds = [[] if r["title"] == absent else r["answers"]["text"] for r in asked]
+        f1 = [question_scores(a[0]["answer"], g)["v2_f1"] for a, g in zip(read, golds)]
+        assert metrics[f"{prefix}served_f1"] == pytest.approx(100 * sum(f1) / len(asked), abs=0.01)
+        assert [rows[r["id"]][f"{prefix}answer"] for r in asked] == [a[0]["answer"] for a in read]
+        # The served response end to end: calibration error, selective answering, absent told apart.
+        scores = [rows[r["id"]][f"{prefix}score"] for r in asked]
+        right = [rows[r["id"]][f"{prefix}exact_match"] == 1 for r in asked]
+        assert metrics[f"{prefix}score_ece"] == pytest.approx(expected_calibration_error(scores, right), abs=1e-4)
+        assert metrics[f"{prefix}answered_at_80_precision"] == pytest.approx(answered_at_precision(scores, right, 0.8),
+                                                                             abs=1e-4)
+        assert metrics[f"{prefix}absent_no_answer_auc"] == pytest.approx(roc_auc_score(
+            [r["title"] == absent for r in asked], [a[0]["no_answer_probability"] for a in read]), abs=1e-4)
+        assert sum(b["count"] for b in metrics[f"{prefix}score_reliability"]) == len(asked)
+    present_f1 = [rows[r["id"]]["f1"] for r in present]
+    assert metrics["f1"] == pytest.approx(100 * sum(present_f1) / len(present), abs=0.01)
     assert (tmp_path / "out" / "reliability.png").read_bytes()[:4] == b"\x89PNG"
-    for record in records:
+    for record in present:
         row = rows[record["id"]]
         assert len(row["read"]) == 2 and row["document"] == next(n for n, t in documents.items() if t == record["context"])
         assert (row["hybrid_rank"] == 1) == (row["read"][0] == row["document"])
 
     assert library_job(["evaluate", "--model", str(model_dir), "--data", str(tmp_path / "none.json"),
                         "--output", str(tmp_path / "x")]) == 2
+    assert library_job(["evaluate", "--model", str(model_dir), "--data", str(data), "--output", str(tmp_path / "x"),
+                        "--absent-articles", "1"]) == 2

@@ -1,0 +1,60 @@
+"""A library's answers use a threshold and calibration fitted over the library's own retrievals
+(``python -m qa_common.calibration --over-passages``); a paragraph's answers keep their own."""
+
+import itertools
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import V2_DATA
+from library_job.mine import group_records
+from qa_common import PassagesQuestion, Question, answer_questions, load_model_and_tokenizer, load_qa_config, read_squad
+from qa_common.calibration import main as calibration
+from qa_common.calibration import uncalibrated
+from qa_common.config import FITTED_SETTINGS
+from qa_common.decoding import calibrated_scores
+
+
+def mined(records: list[dict]) -> list[dict]:
+    """Every question read over every set of the fixture's paragraphs, one group each, labelled as
+    ``library_job mine`` labels them: 18 questions x 15 sets, a third without their own paragraph."""
+    paragraphs = sorted({r["context"] for r in records})
+    sets = [s for size in range(1, len(paragraphs) + 1) for s in itertools.combinations(paragraphs, size)]
+    return [record for question in records for n, passages in enumerate(sets)
+            for record in group_records({**question, "id": f"{question['id']}~{n}"}, list(passages))]
+
+
+def test_a_library_is_read_with_the_calibration_fitted_over_its_retrievals(abstaining_run, tmp_path, capsys):
+    model_dir = tmp_path / "model"
+    shutil.copytree(abstaining_run[0] / "model", model_dir)
+    one_paragraph = load_qa_config(model_dir)
+    records = read_squad(V2_DATA)
+    data = tmp_path / "mined.json"
+    data.write_text(json.dumps({"data": mined(records)}))
+
+    assert calibration([str(model_dir), "--validation-file", str(data), "--over-passages"]) == 0
+    report = json.loads(capsys.readouterr().out.splitlines()[-1])
+    config = load_qa_config(model_dir)
+    assert config.replace(passages_calibration={}) == one_paragraph  # a paragraph's settings untouched
+    assert set(config.passages_calibration) == set(FITTED_SETTINGS) and config.passages_calibration["score_calibration"]
+    assert report["questions"] == 18 * 15 and 0 < report["unanswerable"] < report["questions"]
+    assert report["score_ece_after"] < report["score_ece_before"]
+    # The threshold is the best over these questions: never worse than the one-paragraph one there.
+    assert report["f1_at_passages_threshold"] >= report["f1_at_one_paragraph_threshold"]
+
+    model, tokenizer = load_model_and_tokenizer(str(model_dir))
+    question = records[0]
+    over = PassagesQuestion(question["question"], tuple(sorted({r["context"] for r in records})))
+    alone = Question(question["question"], question["context"])
+    spans = {"version_2_with_negative": False}  # never abstaining: both read out the same top span
+    [[softmax]] = answer_questions(model, tokenizer, [over], uncalibrated(one_paragraph).replace(**spans))
+    [[calibrated]] = answer_questions(model, tokenizer, [over], config.replace(**spans))
+    assert (calibrated["passage"], calibrated["start"]) == (softmax["passage"], softmax["start"])
+    expected = calibrated_scores(np.array([softmax["score"]]), config.over_passages())[0]
+    assert calibrated["score"] == pytest.approx(float(expected)) and calibrated["score"] != pytest.approx(softmax["score"])
+    assert answer_questions(model, tokenizer, [alone], config) == answer_questions(model, tokenizer, [alone], one_paragraph)
+
+    assert calibration([str(model_dir), "--validation-file", str(V2_DATA), "--over-passages"]) == 2
+    assert "library_job mine" in capsys.readouterr().err

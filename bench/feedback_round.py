@@ -285,7 +285,7 @@ def main(argv=None) -> int:
 
 def measure(args, workdir: Path, load_before: list[float]) -> int:
     from library_job.__main__ import main as library_job
-    from library_job.evaluate import paragraph_documents
+    from library_job.squad_library import paragraph_documents
     from qa_common import read_squad
     from qa_common.splits import sample_questions
 

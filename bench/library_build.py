@@ -45,7 +45,7 @@ def timed(command: list[str]) -> tuple[float, str]:
 
 def main(argv=None) -> int:
     from qa_common import read_squad
-    from library_job.evaluate import paragraph_documents
+    from library_job.squad_library import paragraph_documents
     from qa_common.library.index import read_manifest
 
     parser = argparse.ArgumentParser(prog="python -m bench.library_build", description=__doc__,

@@ -126,7 +126,7 @@ def main(argv=None) -> None:
     from qa_common import read_squad
     from qa_common.library.embedding import Embedder
     from qa_common.splits import sample_questions
-    from library_job.evaluate import paragraph_documents
+    from library_job.squad_library import paragraph_documents
 
     parser = argparse.ArgumentParser(prog="python -m bench.library_stores", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -31,32 +31,19 @@ from pathlib import Path
 
 from qa_common import PassagesQuestion, Question, SquadFormatError, decode_passages, decode_spans, load_qa_config, read_squad
 from qa_common.calibration import answered_at_precision, expected_calibration_error, reliability
-from qa_common.library.embedding import EMBEDDER
-from qa_common.library.index import LibraryError
 from qa_common.library.search import FUSION_DEPTH, SEARCH_MODES, document_rank, recall_at, reciprocal_rank_fusion
 from qa_common.inference import question_logits
 from qa_common.metric import question_scores
 from qa_common.modeling import check_model_dir
 from qa_common.splits import absent_articles, sample_questions
+from library_job.squad_library import (DOCUMENT_SHAPES, add_embedder_flag, build_library, folder_documents,
+                                    index_folder, squad_documents)
 from train_job.cli import at_least
 from train_job.ray_cluster import ActorPool, add_actor_flags, add_address_flag, connect_ray
 
 SUMMARY = "ask every question of a SQuAD file of a library of its paragraphs: recall, EM/F1"
 RECALL_AT = (1, 5, 20)
 SELECTIVE_PRECISIONS = (0.8, 0.9)
-COLLECTION = "squad"
-
-
-def paragraph_documents(records: list[dict]) -> dict[str, str]:
-    """``{document name: paragraph}`` for the distinct paragraphs of ``records``: ``ARTICLE/PARAGRAPH.txt``
-    numbered in the file's order (titles stay out of file names)."""
-    names, articles, per_article = {}, {}, {}
-    for record in records:
-        if record["context"] not in names:
-            article = articles.setdefault(record.get("title") or "", len(articles))
-            per_article[article] = per_article.get(article, -1) + 1
-            names[record["context"]] = f"{article:04d}/{per_article[article]:04d}.txt"
-    return {name: text for text, name in names.items()}
 
 
 class LibraryAsker:
@@ -187,33 +174,18 @@ def plot_reliability(metrics: dict, path: Path) -> None:
     plt.close(figure)
 
 
-def add_embedder_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--embedder", default=EMBEDDER, help="the sentence embedder the library is built with "
-                        f"(default: {EMBEDDER}; a directory from `python -m train_job.embedder`)")
-
-
-def build_library(documents: dict[str, str], output: Path, address: str | None, embedder: str = EMBEDDER) -> Path:
-    from library_job.__main__ import main as library_job
-
-    docs = output / "library" / COLLECTION
-    for name, text in documents.items():
-        (docs / name).parent.mkdir(parents=True, exist_ok=True)
-        (docs / name).write_text(text, encoding="utf-8")
-    library = output / "library" / "index"
-    command = ["build", str(docs), "--library", str(library), "--embedder", embedder] + \
-        (["--address", address] if address else [])
-    if library_job(command) != 0:
-        raise LibraryError(f"the library could not be built in {library}")
-    return library
-
-
 def evaluate(args: argparse.Namespace) -> dict:
     import ray.data
 
     records = read_squad(args.data)
     absent = absent_articles(records, args.absent_articles, args.seed)
-    documents = paragraph_documents([r for r in records if r.get("title", "") not in absent])
-    name_of = {text: name for name, text in documents.items()}
+    if args.documents:
+        if not Path(args.documents).is_dir():
+            raise ValueError(f"--documents {args.documents}: not a folder of documents")
+        documents, name_of = None, folder_documents(Path(args.documents), {r["context"] for r in records})
+    else:
+        documents, name_of = squad_documents([r for r in records if r.get("title", "") not in absent],
+                                             args.one_document_per)
     skipped = {r.get("title", "") for r in read_squad(args.skip_articles_of)} if args.skip_articles_of else set()
     questions = sample_questions([r for r in records if r.get("title", "") not in skipped], args.max_questions,
                                  seed=args.seed)
@@ -223,12 +195,20 @@ def evaluate(args: argparse.Namespace) -> dict:
     connect_ray(args.address)
     pool = ActorPool.fit(args)
     started = time.perf_counter()
-    library = Path(args.library) if args.library else build_library(documents, output, args.address, args.embedder)
+    if args.library:
+        library = Path(args.library)
+    elif documents is None:
+        library = index_folder(Path(args.documents), output / "library" / "index", args.address, args.embedder)
+    else:
+        library = build_library(documents, output, args.address, args.embedder)
     indexed_s = time.perf_counter() - started
     rows = [{"id": r["id"], "question": r["question"], "context": r["context"], "answers": r["answers"],
-             "document": name_of.get(r["context"], ""), "absent": r.get("title", "") in absent} for r in questions]
-    print(f"[evaluate] {len(documents)} paragraphs as the library ({len(absent)} articles left out), {len(rows)} "
-          f"questions, {pool.actors} actor(s)", flush=True)
+             # absent: its paragraph is in no document of the library
+             "document": name_of.get(r["context"], ""), "absent": r["context"] not in name_of} for r in questions]
+    shown = f"the documents of {args.documents}" if documents is None else \
+        f"{len(documents)} {args.one_document_per}s as documents"
+    print(f"[evaluate] {shown}; {len(rows)} questions ({sum(row['absent'] for row in rows)} of them absent), "
+          f"{pool.actors} actor(s)", flush=True)
     answered = ray.data.from_items(rows).map_batches(
         LibraryAsker, fn_constructor_kwargs={"library": str(library.resolve()), "model_dir": model_dir,
                                              "passages": args.passages, "threads": pool.threads},
@@ -240,7 +220,8 @@ def evaluate(args: argparse.Namespace) -> dict:
             results.append(row)
             stream.write(json.dumps(row, ensure_ascii=False) + "\n")
     prefixes = ("", "one_paragraph_") if load_qa_config(model_dir).passages_calibration else ("",)
-    metrics = {**summarise(results, args.passages, prefixes), "paragraphs": len(documents), "model": model_dir,
+    metrics = {**summarise(results, args.passages, prefixes), "documents": len(set(name_of.values())),
+               "one_document_per": "file" if documents is None else args.one_document_per, "model": model_dir,
                "data": str(args.data), "index_s": round(indexed_s, 1),
                "answer_s": round(time.perf_counter() - started - indexed_s, 1)}
     (output / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
@@ -254,6 +235,13 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="SQuAD-format file with gold answers")
     parser.add_argument("--output", required=True, help="output directory (metrics.json, answers.jsonl, the library)")
     parser.add_argument("--library", default=None, help="a library of --data's paragraphs built by this command before")
+    parser.add_argument("--one-document-per", choices=DOCUMENT_SHAPES, default="paragraph",
+                        help="what each document of the library holds: a paragraph, or a whole article (long "
+                             "documents, many passages each; default: %(default)s)")
+    parser.add_argument("--documents", default=None,
+                        help="a folder of real documents to build the library from instead (e.g. the bundled "
+                             "train_job/quickstart_data/library): a question's document is the one holding its "
+                             "paragraph; a question none holds is asked as absent")
     add_embedder_flag(parser)
     parser.add_argument("--passages", type=at_least(1), default=5, help="passages read per question (default: 5, as /v1/ask)")
     parser.add_argument("--absent-articles", type=float, default=0.0,

@@ -38,7 +38,7 @@ from qa_common.library.search import FUSION_DEPTH, reciprocal_rank_fusion
 from qa_common.splits import absent_articles, hold_out_articles, sample_questions
 from train_job.cli import at_least
 from train_job.ray_cluster import ActorPool, add_actor_flags, add_address_flag, connect_ray
-from library_job.evaluate import add_embedder_flag, build_library, paragraph_documents
+from library_job.squad_library import add_embedder_flag, build_library, paragraph_documents
 
 VALIDATION_NEGATIVES = 0.5  # unanswerable validation questions per answerable one, as the squad-minilm preset's
 SUMMARY = "multi-passage training data: each question with the passages the library's hybrid search returns"

@@ -13,7 +13,7 @@ from qa_common import (PassagesQuestion, Question, answer_questions, load_model_
 from qa_common.calibration import answered_at_precision, expected_calibration_error
 from qa_common.metric import question_scores, score_answer
 from qa_common.splits import absent_articles
-from library_job import evaluate
+from library_job import squad_library
 from library_job.__main__ import main as library_job
 
 
@@ -36,7 +36,7 @@ def test_every_question_is_asked_of_the_whole_library_and_scored_both_ways(absta
     asked = [r for r in records if r["title"] != skipped]
     present = [r for r in asked if r["title"] != absent]
     assert metrics["questions"] == len(asked) and metrics["absent_questions"] == len(asked) - len(present) > 0
-    assert metrics["paragraphs"] == 3
+    assert metrics["documents"] == 3 and metrics["one_document_per"] == "paragraph"
     for mode in ("hybrid", "dense", "lexical"):
         recalls = [metrics[f"{mode}_recall@{k}"] for k in (1, 5, 20)]
         assert recalls == sorted(recalls) and recalls[-1] == 1.0  # three paragraphs: all are in the top 20
@@ -46,7 +46,7 @@ def test_every_question_is_asked_of_the_whole_library_and_scored_both_ways(absta
     # Scored as the reader answers: with the gold paragraph alone, and over the passages the hybrid search read.
     model, tokenizer = load_model_and_tokenizer(str(model_dir))
     config = load_qa_config(model_dir)
-    documents = evaluate.paragraph_documents([r for r in records if r["title"] != absent])
+    documents = squad_library.paragraph_documents([r for r in records if r["title"] != absent])
     alone = answer_questions(model, tokenizer, [Question(r["question"], r["context"]) for r in present], config)
     gold_f1 = [score_answer(a[0]["answer"], r["answers"]["text"])["f1"] for r, a in zip(present, alone)]
     assert metrics["gold_paragraph_f1"] == pytest.approx(100 * sum(gold_f1) / len(present), abs=0.01)
@@ -80,3 +80,26 @@ def test_every_question_is_asked_of_the_whole_library_and_scored_both_ways(absta
                         "--output", str(tmp_path / "x")]) == 2
     assert library_job(["evaluate", "--model", str(model_dir), "--data", str(data), "--output", str(tmp_path / "x"),
                         "--absent-articles", "1"]) == 2
+
+
+def test_a_squad_file_as_long_documents_and_real_documents_name_each_questions_document(tmp_path, capsys):
+    records = read_squad(FIXTURES / "tiny-squad.json")
+    documents, name_of = squad_library.squad_documents(records, "article")
+    assert len(documents) == 4 and set(name_of) == {r["context"] for r in records}
+    for record in records:  # the article's file holds the paragraph
+        assert record["context"] in documents[name_of[record["context"]]]
+    paragraphs, name_of = squad_library.squad_documents(records, "paragraph")
+    assert paragraphs == squad_library.paragraph_documents(records) and len(name_of) == 4
+
+    # Real documents: found by the text the library reads, whatever the layout's line breaks.
+    by_title = {r["title"]: r["context"] for r in records}
+    folder = tmp_path / "docs"
+    (folder / "ward").mkdir(parents=True)
+    (folder / "ward" / "warfarin.md").write_text("# Warfarin\n\n" + by_title["Warfarin"].replace(" ", "\n", 5))
+    (folder / "stroke.html").write_text(f"<html><body><h1>Stroke</h1><p>{by_title['Stroke']}</p></body></html>")
+    (folder / "other.txt").write_text("Nothing any question asks about.")
+    found = squad_library.folder_documents(folder, set(by_title.values()))
+    assert found == {by_title["Warfarin"]: "ward/warfarin.md", by_title["Stroke"]: "stroke.html"}
+    assert library_job(["evaluate", "--model", str(tmp_path), "--data", str(FIXTURES / "tiny-squad.json"),
+                        "--output", str(tmp_path / "x"), "--documents", str(tmp_path / "none")]) == 2
+    assert "not a folder of documents" in capsys.readouterr().err

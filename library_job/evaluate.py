@@ -178,7 +178,9 @@ def evaluate(args: argparse.Namespace) -> dict:
     import ray.data
 
     records = read_squad(args.data)
-    absent = absent_articles(records, args.absent_articles, args.seed)
+    skipped = {r.get("title", "") for r in read_squad(args.skip_articles_of)} if args.skip_articles_of else set()
+    # A share of the articles asked about (not of those skipped) is left out of the library.
+    absent = absent_articles([r for r in records if r.get("title", "") not in skipped], args.absent_articles, args.seed)
     if args.documents:
         if not Path(args.documents).is_dir():
             raise ValueError(f"--documents {args.documents}: not a folder of documents")
@@ -186,7 +188,6 @@ def evaluate(args: argparse.Namespace) -> dict:
     else:
         documents, name_of = squad_documents([r for r in records if r.get("title", "") not in absent],
                                              args.one_document_per)
-    skipped = {r.get("title", "") for r in read_squad(args.skip_articles_of)} if args.skip_articles_of else set()
     questions = sample_questions([r for r in records if r.get("title", "") not in skipped], args.max_questions,
                                  seed=args.seed)
     model_dir = check_model_dir(args.model)

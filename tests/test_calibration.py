@@ -34,6 +34,23 @@ def test_the_isotonic_score_map_calibrates_an_under_confident_score_on_new_quest
     assert fit_score_map(scores[: MIN_SCORE_QUESTIONS - 1], correct[: MIN_SCORE_QUESTIONS - 1]) == ()
 
 
+def test_the_score_map_kept_is_the_one_best_calibrated_on_questions_it_was_not_fitted_on():
+    from qa_common.calibration import choose_score_map
+
+    rng = np.random.default_rng(1)
+    scores = rng.uniform(0, 1, size=2000)
+    correct = rng.random(2000) < np.minimum(1.0, 0.15 + scores)  # under-confident, as before
+    lifted = ((0.0, 0.15), (0.85, 1.0), (1.0, 1.0))  # the map that is true for this data
+    wrong = ((0.0, 0.0), (1.0, 0.5))
+    name, knots, errors = choose_score_map(scores, correct, {"one_paragraph": wrong, "refit": fit_score_map(scores, correct)})
+    assert name == "refit" and knots and errors["refit"] < errors["none"] < errors["one_paragraph"]
+    name, knots, errors = choose_score_map(scores, correct, {"one_paragraph": lifted, "refit": fit_score_map(scores, correct)})
+    assert name == "one_paragraph" and knots == lifted and errors["one_paragraph"] < errors["refit"]
+    # Too few questions to refit on half of them: the refitted map counts as none.
+    few = choose_score_map(scores[:300], correct[:300], {"refit": fit_score_map(scores[:300], correct[:300])})
+    assert few[2]["refit"] == few[2]["none"]
+
+
 def test_no_answer_scaling_is_logistic_regression_with_a_positive_slope():
     rng = np.random.default_rng(1)
     differences = rng.normal(0, 3, size=5000)

@@ -3,9 +3,9 @@
 
 import itertools
 import json
+import math
 import shutil
 
-import numpy as np
 import pytest
 
 from conftest import V2_DATA
@@ -14,7 +14,6 @@ from qa_common import PassagesQuestion, Question, answer_questions, load_model_a
 from qa_common.calibration import main as calibration
 from qa_common.calibration import uncalibrated
 from qa_common.config import FITTED_SETTINGS
-from qa_common.decoding import calibrated_scores
 
 
 def mined(records: list[dict]) -> list[dict]:
@@ -38,22 +37,27 @@ def test_a_library_is_read_with_the_calibration_fitted_over_its_retrievals(absta
     report = json.loads(capsys.readouterr().out.splitlines()[-1])
     config = load_qa_config(model_dir)
     assert config.replace(passages_calibration={}) == one_paragraph  # a paragraph's settings untouched
-    assert set(config.passages_calibration) == set(FITTED_SETTINGS) and config.passages_calibration["score_calibration"]
+    assert set(config.passages_calibration) == set(FITTED_SETTINGS)
     assert report["questions"] == 18 * 15 and 0 < report["unanswerable"] < report["questions"]
-    assert report["score_ece_after"] < report["score_ece_before"]
+    assert report["no_answer_ece_after"] < report["no_answer_ece_before"]
     # The threshold is the best over these questions: never worse than the one-paragraph one there.
     assert report["f1_at_passages_threshold"] >= report["f1_at_one_paragraph_threshold"]
+    errors = report["score_ece_cross_fitted"]
+    assert set(errors) == {"none", "one_paragraph", "refit"} and report["score_map"] == min(errors, key=errors.get)
 
+    # Read over passages, the answer is decided and scored with the passages' settings.
     model, tokenizer = load_model_and_tokenizer(str(model_dir))
     question = records[0]
     over = PassagesQuestion(question["question"], tuple(sorted({r["context"] for r in records})))
     alone = Question(question["question"], question["context"])
-    spans = {"version_2_with_negative": False}  # never abstaining: both read out the same top span
-    [[softmax]] = answer_questions(model, tokenizer, [over], uncalibrated(one_paragraph).replace(**spans))
-    [[calibrated]] = answer_questions(model, tokenizer, [over], config.replace(**spans))
-    assert (calibrated["passage"], calibrated["start"]) == (softmax["passage"], softmax["start"])
-    expected = calibrated_scores(np.array([softmax["score"]]), config.over_passages())[0]
-    assert calibrated["score"] == pytest.approx(float(expected)) and calibrated["score"] != pytest.approx(softmax["score"])
+    passages = config.over_passages()
+    assert passages.no_answer_scale == config.passages_calibration["no_answer_scale"] != one_paragraph.no_answer_scale
+    [[raw]] = answer_questions(model, tokenizer, [over], uncalibrated(one_paragraph))
+    [[served]] = answer_questions(model, tokenizer, [over], config)
+    logit = math.log(raw["no_answer_probability"] / (1 - raw["no_answer_probability"]))
+    assert served["no_answer_probability"] == pytest.approx(
+        1 / (1 + math.exp(-(passages.no_answer_scale * logit + passages.no_answer_bias))))
+    assert (served["answer"] == "") == (served["no_answer_probability"] > passages.no_answer_threshold)
     assert answer_questions(model, tokenizer, [alone], config) == answer_questions(model, tokenizer, [alone], one_paragraph)
 
     assert calibration([str(model_dir), "--validation-file", str(V2_DATA), "--over-passages"]) == 2

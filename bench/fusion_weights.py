@@ -23,7 +23,7 @@ from pathlib import Path
 
 from bench import benchlib
 from qa_common import read_squad
-from qa_common.library.search import FUSION_DEPTH, RRF_K, Library, document_rank, recall_at
+from qa_common.library.search import FUSION_DEPTH, Library, document_rank, recall_at, reciprocal_rank_fusion
 from qa_common.splits import sample_questions
 
 WEIGHTS = tuple(round(0.1 * step, 1) for step in range(1, 10))
@@ -44,13 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def fused_rank(dense: list, lexical: list, weight: float, document: str) -> int:
-    scores, documents = {}, {}
-    for ranking, share in ((dense, weight), (lexical, 1 - weight)):
-        for rank, hit in enumerate(ranking, start=1):
-            key = hit.passage["passage_id"]
-            scores[key] = scores.get(key, 0.0) + share / (RRF_K + rank)
-            documents[key] = hit
-    return document_rank([documents[key] for key in sorted(scores, key=lambda key: -scores[key])], document)
+    return document_rank(reciprocal_rank_fusion([dense, lexical], weights=(weight, 1 - weight)), document)
 
 
 def rankings(folder: Path, records: list[dict], max_questions: int) -> list[tuple[list, list, str]]:

@@ -220,7 +220,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         for row in answered.iter_rows():
             results.append(row)
             stream.write(json.dumps(row, ensure_ascii=False) + "\n")
-    prefixes = ("", "one_paragraph_") if load_qa_config(model_dir).passages_calibration else ("",)
+    prefixes = ("", "one_paragraph_") if results and "one_paragraph_score" in results[0] else ("",)  # as the asker chose
     metrics = {**summarise(results, args.passages, prefixes), "documents": len(set(name_of.values())),
                "one_document_per": "file" if documents is None else args.one_document_per, "model": model_dir,
                "data": str(args.data), "index_s": round(indexed_s, 1),

@@ -51,13 +51,15 @@ def search(store: PassageStore, query: str, vector: np.ndarray | None, k: int, *
     return dense if mode == "dense" else lexical
 
 
-def reciprocal_rank_fusion(rankings: Sequence[Sequence[Hit]], k: int = RRF_K) -> list[Hit]:
-    """One ranking from several: each passage scores ``sum 1 / (k + rank)`` over the rankings it is in."""
+def reciprocal_rank_fusion(rankings: Sequence[Sequence[Hit]], k: int = RRF_K,
+                           weights: Sequence[float] | None = None) -> list[Hit]:
+    """One ranking from several: each passage scores ``sum w / (k + rank)`` over the rankings it is in
+    (``w`` the ranking's weight, 1 unless ``weights`` are given)."""
     fused, passages = {}, {}
-    for ranking in rankings:
+    for ranking, weight in zip(rankings, weights or [1.0] * len(rankings)):
         for rank, hit in enumerate(ranking, start=1):
             key = hit.passage["passage_id"]
-            fused[key] = fused.get(key, 0.0) + 1.0 / (k + rank)
+            fused[key] = fused.get(key, 0.0) + weight / (k + rank)
             passages[key] = hit.passage
     order = sorted(fused, key=lambda key: -fused[key])
     return [Hit(passages[key], fused[key]) for key in order]

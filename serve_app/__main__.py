@@ -113,6 +113,13 @@ def _stop(signum, frame):
     raise KeyboardInterrupt
 
 
+def _connected() -> None:
+    """Once Ray is up: a service manager's stop (SIGTERM) shuts down as Ctrl-C does from here on, also while the
+    replicas are starting (``ray.init`` installs Ray's own handler, which dumps a stack and aborts)."""
+    signal.signal(signal.SIGTERM, _stop)
+    print("Ray is up: starting Serve and the replicas ...", flush=True)
+
+
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["update"]:
@@ -124,8 +131,7 @@ def main(argv=None) -> None:
     try:
         config = configure(load_serve_config(flags.config), flags)
         [app_config] = config["applications"]
-        # A service manager's stop shuts down as Ctrl-C does, also while the replicas are starting.
-        url = run_config(config, ray_address=flags.address, on_connected=lambda: signal.signal(signal.SIGTERM, _stop))
+        url = run_config(config, ray_address=flags.address, on_connected=_connected)
         ours = app_config["name"]
         print(f"\nServing {app_config['args']['model']} at {url}  (API docs: {url.rstrip('/')}/docs)")
         if app_config["args"].get("library"):

@@ -120,8 +120,6 @@ _SHARED_RAY = {"metrics_port": None, "started": False}
 
 def shared_ray() -> None:
     """Start the session's local Ray unless this process is connected to one already."""
-    import socket
-
     import ray
     from ray import serve  # noqa: F401 -- imported here, never under a test's captured output: Serve's
     from ray._private import auto_init_hook  # logger keeps the sys.stderr of its first import
@@ -130,16 +128,16 @@ def shared_ray() -> None:
 
     if ray.is_initialized():
         return
-    with socket.socket() as probe:
-        probe.bind(("", 0))  # free on every interface: Ray's exporter listens on the node's address, not loopback
-        port = probe.getsockname()[1]
     # A Serve handle's background task that outlives its Ray would start a new one by itself (Ray's
     # auto-init) beside the next module's: no Ray starts but the ones the tests start.
     auto_init_hook.enable_auto_connect = False
     set_proxy_environment()  # its Serve proxies take client request ids out, as a deployed service's do
+    # Ray's exporter binds a port of its own choosing: a port probed free here could be taken by the
+    # other test worker's Ray, starting at the same moment, before this one binds it.
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="WARNING",
-             _metrics_export_port=port, _system_config={"metrics_report_interval_ms": 1000})
-    _SHARED_RAY.update(metrics_port=port, started=True)
+             _system_config={"metrics_report_interval_ms": 1000})
+    [node] = ray.nodes()
+    _SHARED_RAY.update(metrics_port=node["MetricsExportPort"], started=True)
 
 
 def ray_metrics_port() -> int:

@@ -1,8 +1,8 @@
 """The training loop that runs on every Ray Train worker: plain PyTorch around qa_common.
 
 ``train_loop_per_worker`` reads as: set up, then for each epoch train, evaluate and report a
-checkpoint. The optimiser, schedule and step are in ``train_job.optim``; the checkpoint layout in
-``train_job.checkpoint``.
+checkpoint. The optimiser, schedule and step are in ``train_job.optim``; the validation pass in
+``train_job.validation``; the checkpoint layout in ``train_job.checkpoint``.
 """
 
 from __future__ import annotations
@@ -17,16 +17,17 @@ import numpy as np
 import ray.train
 import ray.train.torch
 import torch
-import torch.distributed as dist
 
 from ray.experimental import tqdm_ray
 
-from qa_common import NO_ANSWER, decode_predictions, evaluate_answers, load_model_and_tokenizer, predict_logits, trim_padding
+from qa_common import load_model_and_tokenizer, trim_padding
 from train_job import checkpoint
+from train_job.collectives import all_reduce_sum, gather_objects
 from train_job.config import TrainConfig
 from train_job.data import TrainingUnits, epoch_batches, epoch_shard, training_units
 from train_job.optim import build_optimizer, build_scheduler, resolve_precision, set_attention_dropout, train_step
 from train_job.tracking import Trackers
+from train_job.validation import describe_scores, evaluate, my_questions
 
 GROUP_BATCHES = 32  # length grouping sorts this many batches' worth of features at a time
 # Batches are cut to a multiple of this many tokens: with a new length every step, glibc's heap
@@ -70,7 +71,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     for epoch in range(worker.state["epoch"], config.epochs):
         train_metrics = train_epoch(worker, train_features, units, epoch)
-        predictions, scores = evaluate(worker, validation_features, validation_records)
+        predictions, scores = evaluate(worker.model, config, worker.autocast, validation_features, validation_records,
+                                       worker.rank, worker.world_size)
         metrics = {"epoch": epoch + 1, **train_metrics, "worker_node_ids": worker_node_ids, **scores}
         log(worker.rank, "epoch {epoch} done: loss {train_loss:.4f}, {scores}, {train_samples_per_second:.1f} windows/s"
             .format(**metrics, scores=describe_scores(scores)))
@@ -236,52 +238,6 @@ def show_progress(worker: Worker, bar, loss: torch.Tensor, windows_per_s: float,
                                  "train/windows_per_s": windows_per_s}, step)
 
 
-def my_questions(validation_features: dict, rank: int, world_size: int) -> dict:
-    """The validation windows worker ``rank`` evaluates: every ``world_size``-th question's, all its windows."""
-    mine = validation_features["example_index"] % world_size == rank
-    return {name: values[mine] for name, values in validation_features.items()}
-
-
-def evaluate(worker: Worker, validation_features: dict, validation_records: list[dict]):
-    """The metrics over every validation question (:func:`qa_common.evaluate_answers`); each worker
-    decodes its share of the questions (:func:`my_questions`).
-
-    All windows of one question go to the same worker, which decodes them together (the best span
-    and its no-answer probability); the answers are then gathered and every worker computes the
-    same metrics: SQuAD 1.1's, or SQuAD 2.0's (with the chosen no-answer threshold) for v2 data or
-    a model that abstains. The forwards go through the unwrapped model: DDP's forward is a
-    collective (it broadcasts buffers), and workers run different numbers of evaluation forwards.
-    """
-    config, rank, world_size = worker.config, worker.rank, worker.world_size
-    model = getattr(worker.model, "module", worker.model)
-    model.eval()
-    contexts = {i: validation_records[i]["context"] for i in range(rank, len(validation_records), world_size)}
-    if len(validation_features["example_index"]):
-        with worker.autocast:
-            start_logits, end_logits = predict_logits(model, validation_features, batch_size=config.eval_batch_size)
-        # The best span even where the model would abstain: the threshold is chosen afterwards.
-        decoded = decode_predictions(
-            validation_features["example_index"], start_logits, end_logits, validation_features["offset_mapping"],
-            contexts, config.qa.replace(version_2_with_negative=False),
-        )
-    else:
-        decoded = {i: dict(NO_ANSWER) for i in contexts}
-    answers = {validation_records[i]["id"]: answer for i, answer in decoded.items()}
-    answers = {k: v for part in gather_objects(answers, world_size) for k, v in part.items()}
-    references = {record["id"]: record["answers"]["text"] for record in validation_records}
-    return evaluate_answers(answers, references, version_2_with_negative=config.qa.version_2_with_negative)
-
-
-def describe_scores(scores: dict) -> str:
-    if "HasAns_f1" in scores or "NoAns_f1" in scores:
-        parts = [f"EM {scores['exact']:.2f}, F1 {scores['f1']:.2f}"]
-        parts += [f"{split} F1 {scores[split + '_f1']:.2f}" for split in ("HasAns", "NoAns") if split + "_f1" in scores]
-        if "no_answer_threshold" in scores:
-            parts.append(f"no-answer threshold {scores['no_answer_threshold']:.3f}")
-        return ", ".join(parts)
-    return f"EM {scores['exact_match']:.2f}, F1 {scores['f1']:.2f}"
-
-
 def report_with_checkpoint(worker: Worker, metrics: dict, predictions: dict | None) -> None:
     """Every worker reports (a barrier); rank 0 attaches the checkpoint, with every worker's RNG states."""
     worker.state["rng"] = gather_objects(checkpoint.rng_states(), worker.world_size)
@@ -299,23 +255,6 @@ def report_with_checkpoint(worker: Worker, metrics: dict, predictions: dict | No
             if worker.trackers:
                 worker.trackers.flush()
         ray.train.report(metrics, checkpoint=saved)
-
-
-def gather_objects(value, world_size: int) -> list:
-    """``value`` of every worker, in rank order."""
-    if world_size == 1:
-        return [value]
-    gathered = [None] * world_size
-    dist.all_gather_object(gathered, value)
-    return gathered
-
-
-def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        device_values = values.to(ray.train.torch.get_device()) if dist.get_backend() == "nccl" else values.cpu()
-        dist.all_reduce(device_values)
-        return device_values.cpu()
-    return values.cpu()
 
 
 def log(rank: int, message: str) -> None:

@@ -7,9 +7,9 @@ import pytest
 
 from qa_common import QAConfig, decode_spans, load_qa_config, save_qa_config
 from qa_common.calibration import (
-    MIN_SCORE_QUESTIONS, expected_calibration_error, fit, fit_no_answer_scaling, fit_score_map, reliability,
-    uncalibrated,
+    expected_calibration_error, fit, fit_no_answer_scaling, fit_score_map, reliability, uncalibrated,
 )
+from qa_common.calibration.paragraphs import MIN_SCORE_QUESTIONS
 from qa_common.decoding import calibrated_scores, rank_candidates
 
 CONTEXT = "Warfarin slows blood clotting in the body."

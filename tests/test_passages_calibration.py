@@ -11,7 +11,7 @@ import pytest
 from conftest import V2_DATA
 from library_job.mine import group_records
 from qa_common import PassagesQuestion, Question, answer_questions, load_model_and_tokenizer, load_qa_config, read_squad
-from qa_common.calibration import main as calibration
+from qa_common.calibration.__main__ import main as calibration
 from qa_common.calibration import uncalibrated
 from qa_common.config import FITTED_SETTINGS
 

@@ -22,7 +22,7 @@ def exported_model(tiny_model_dir, tmp_path_factory):
     qa = QAConfig(max_length=40, stride=12, max_question_length=16, n_best=5, max_answer_length=6)
     shared_ray()
     with pytest.MonkeyPatch.context() as patch:  # 13 validation questions: let the score map be fitted
-        patch.setattr("qa_common.calibration.MIN_SCORE_QUESTIONS", 5)
+        patch.setattr("qa_common.calibration.paragraphs.MIN_SCORE_QUESTIONS", 5)
         run(tiny_config(tiny_model_dir, output, num_workers=1, epochs=1, qa=qa))
     return output / "model", qa
 

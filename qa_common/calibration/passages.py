@@ -1,0 +1,105 @@
+"""The fit a library's answers use: each mined question read over its retrieved passages at once."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from qa_common.calibration.measures import expected_calibration_error
+from qa_common.calibration.paragraphs import fit, fit_score_map, score_outcomes, uncalibrated
+from qa_common.config import FITTED_SETTINGS, QAConfig
+from qa_common.decoding import NULL_SPAN, calibrated_scores, rank_candidates
+
+
+def passage_groups(records: Sequence[dict]) -> list[tuple[str, tuple[str, ...], list[str]]]:
+    """``(question, passages, gold answers)`` per ``group`` of SQuAD-format records (``library_job mine``
+    writes one record per passage the library returned for a question): the golds are every answer
+    any of its passages holds, none when the library did not return one that holds it."""
+    groups: dict[str, list[dict]] = {}
+    for record in records:
+        if record.get("group") is None:
+            raise ValueError(f"question {record['id']!r} has no 'group': calibrating over passages needs each "
+                             "question's retrieved passages, as `python -m library_job mine` writes them")
+        groups.setdefault(record["group"], []).append(record)
+    return [(group[0]["question"], tuple(r["context"] for r in group),
+             sorted({text for r in group for text in r["answers"]["text"]})) for group in groups.values()]
+
+
+def calibrate_passages(runner, tokenizer, groups: Sequence[tuple[str, Sequence[str], Sequence[str]]], config: QAConfig,
+                       *, chunk: int = 64) -> tuple[QAConfig, dict]:
+    """``config`` with its ``passages_calibration`` fitted on ``groups`` (:func:`passage_groups`), each
+    question read over all its passages as one candidate set, as ``decode_passages`` reads a library's.
+
+    A model that abstains gets its no-answer threshold chosen here too (the official best-F1
+    threshold over these questions, where "the library does not hold it" is the right answer to a
+    question none of whose passages holds one), then :func:`fit` calibrates the score and the
+    no-answer probability at that threshold, and :func:`choose_score_map` keeps the score map (none,
+    the one-paragraph one, or the one refitted here) that is best calibrated on held-out questions.
+    """
+    from tqdm.auto import tqdm
+
+    from qa_common.decoding import PASSAGE_SEPARATOR, passages_laid_end_to_end
+    from qa_common.inference import PassagesQuestion, question_logits
+    from qa_common.metric import evaluate_answers
+
+    raw = uncalibrated(config.replace(passages_calibration={}))
+    logits, contexts, golds = [], [], []
+    for first in tqdm(range(0, len(groups), chunk), desc="reading over passages", unit_scale=chunk, unit="question"):
+        batch = groups[first : first + chunk]
+        questions = [PassagesQuestion(question, tuple(passages)) for question, passages, _ in batch]
+        for (_, passages, answers), (start, end, offsets, of_window) in zip(
+                batch, question_logits(runner, tokenizer, questions, raw)):
+            logits.append((start, end, passages_laid_end_to_end(offsets, of_window, passages)[1]))
+            contexts.append(PASSAGE_SEPARATOR.join(passages))
+            golds.append(list(answers))
+    report = {}
+    if raw.version_2_with_negative:
+        spans = raw.replace(version_2_with_negative=False)
+        answers = {}
+        for index, ((start, end, offsets), context) in enumerate(zip(logits, contexts)):
+            best = rank_candidates(start, end, offsets, spans)
+            span = best.spans[0] if best.spans else NULL_SPAN
+            answers[str(index)] = {"answer": context[span[0] : span[1]] if span != NULL_SPAN else "",
+                                   "no_answer_probability": best.no_answer_probability}
+        references = {str(index): gold for index, gold in enumerate(golds)}
+        _, one_paragraph = evaluate_answers(answers, references, version_2_with_negative=True,
+                                            threshold=uncalibrated(config).no_answer_threshold)
+        _, chosen = evaluate_answers(answers, references, version_2_with_negative=True)
+        raw = raw.replace(no_answer_threshold=chosen["no_answer_threshold"])
+        report.update(f1_at_one_paragraph_threshold=one_paragraph["f1"], f1_at_passages_threshold=chosen["f1"])
+    calibrated, fitted = fit(logits, contexts, golds, raw)
+    unmapped = calibrated.replace(score_calibration=())
+    softmax, correct = score_outcomes([rank_candidates(*question, unmapped) for question in logits], contexts, golds,
+                                      unmapped)
+    chosen, score_map, errors = choose_score_map(softmax, correct, {"one_paragraph": config.score_calibration,
+                                                                    "refit": calibrated.score_calibration})
+    calibrated = calibrated.replace(score_calibration=score_map)
+    report = {**fitted, **report, "score_map": chosen, "score_ece_cross_fitted": errors}
+    return config.replace(passages_calibration={name: getattr(calibrated, name) for name in FITTED_SETTINGS}), report
+
+
+def choose_score_map(softmax: Sequence[float], correct: Sequence[bool], maps: dict, *, seed: int = 0
+                     ) -> tuple[str, tuple, dict]:
+    """``(name, knots, {name: ECE})``: of no map, the given ``maps`` and, under the name ``"refit"``,
+    an isotonic map fitted on these questions, the one with the least expected calibration error on
+    questions it was not fitted on (two folds: a refit map is fitted on one half and measured on the
+    other, both ways round; a given map is measured on both halves alike). A map refitted on a
+    library's own retrievals can follow that set more than it transfers to the next."""
+    scores, right = np.asarray(softmax, dtype=np.float64), np.asarray(correct, dtype=bool)
+    folds = np.random.default_rng(seed).permutation(len(scores)) % 2 == 0
+    candidates = {"none": (), **{name: knots for name, knots in maps.items() if name != "refit"}}
+    errors = {}
+    for name, knots in candidates.items():
+        mapped = calibrated_scores(scores, QAConfig(score_calibration=knots))
+        errors[name] = float(np.mean([expected_calibration_error(mapped[fold], right[fold]) for fold in (folds, ~folds)]))
+    if "refit" in maps:
+        halves = []
+        for fitted_on, measured_on in ((folds, ~folds), (~folds, folds)):
+            knots = fit_score_map(scores[fitted_on], right[fitted_on])
+            halves.append(expected_calibration_error(calibrated_scores(scores[measured_on], QAConfig(score_calibration=knots)),
+                                                     right[measured_on]))
+        errors["refit"] = float(np.mean(halves))
+        candidates["refit"] = maps["refit"]
+    name = min(errors, key=lambda key: errors[key])
+    return name, candidates[name], {key: round(value, 4) for key, value in errors.items()}

@@ -1,12 +1,15 @@
 """Index build at size: every paragraph of a SQuAD file as a library, then what serving it costs.
 
     python -m bench.library_build --data TRAIN.json.gz          # the 18,896 train paragraphs
+    python -m bench.library_build --data DEV.json.gz --embedder sentence-transformers/all-MiniLM-L6-v2 \
+        --embedder runs/embedder/model                           # two embedders, one after the other
 
 Writes the paragraphs as text files (as ``python -m library_job evaluate`` does), runs ``python -m
 library_job build`` on them (its own process, a fresh local Ray: the whole command is timed),
 then a rebuild with nothing changed, and measures the index on disk and a serving replica's memory:
 the resident set of a process that opens the index and the embedder and answers searches, as the
-Retriever deployment does.
+Retriever deployment does. With several ``--embedder``, each builds its own library of the same
+documents in turn, and each rate is reported against the first's.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import time
 from pathlib import Path
 
 from bench import benchlib
+from qa_common.library.embedding import EMBEDDER
 
 REPLICA_PROBE = """
 import json, resource, sys, time
@@ -43,27 +47,12 @@ def timed(command: list[str]) -> tuple[float, str]:
     return time.perf_counter() - started, done.stdout
 
 
-def main(argv=None) -> int:
-    from qa_common import read_squad
-    from library_job.squad_library import paragraph_documents
+def build_and_probe(docs: Path, index: Path, embedder: str, records: list[dict]) -> dict:
+    """``python -m library_job build`` timed whole, a rebuild with nothing changed, the index's size and a
+    serving replica's memory and search time."""
     from qa_common.library.index import read_manifest
 
-    parser = argparse.ArgumentParser(prog="python -m bench.library_build", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=benchlib.SQUAD_FULL_TRAIN)
-    parser.add_argument("--workdir", type=Path, default=None, help="where the documents and the library go")
-    parser.add_argument("--out", type=Path, default=benchlib.RESULTS / "library_build.json")
-    args = parser.parse_args(argv)
-    load_before = benchlib.load_average()
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="library-build-"))
-    records = read_squad(args.data)
-    documents = paragraph_documents(records)
-    docs = workdir / "squad"
-    for name, text in documents.items():
-        (docs / name).parent.mkdir(parents=True, exist_ok=True)
-        (docs / name).write_text(text, encoding="utf-8")
-    index = workdir / "library"
-    build = [sys.executable, "-m", "library_job", "build", str(docs), "--library", str(index)]
+    build = [sys.executable, "-m", "library_job", "build", str(docs), "--library", str(index), "--embedder", embedder]
     build_s, output = timed(build)
     print(output, flush=True)
     rebuild_s, _ = timed(build)
@@ -74,16 +63,46 @@ def main(argv=None) -> int:
                             json.dumps([r["question"] for r in records[::500][:40]])],
                            check=True, capture_output=True, text=True)
     replica = json.loads(probe.stdout.strip().splitlines()[-1])
-    results = {"paragraphs": len(documents), "passages": passages, "build_command_s": round(build_s, 1),
-               "passages_per_s_whole_command": round(passages / build_s, 1),
-               "unchanged_rebuild_s": round(rebuild_s, 1), "index_mb": round(size / 2**20, 1),
-               "bytes_per_passage": round(size / passages), "replica_rss_mb": round(replica["rss_mb"]),
-               "search_ms_p50": round(replica["search_ms_p50"], 1),
-               "one_million_passages": {"build_hours_on_2_cores": round(1e6 / (passages / build_s) / 3600, 1),
-                                        "index_gb": round(1e6 * size / passages / 2**30, 2)}}
+    return {"embedder": embedder, "passages": passages, "build_command_s": round(build_s, 1),
+            "passages_per_s_whole_command": round(passages / build_s, 1),
+            "unchanged_rebuild_s": round(rebuild_s, 1), "index_mb": round(size / 2**20, 1),
+            "bytes_per_passage": round(size / passages), "replica_rss_mb": round(replica["rss_mb"]),
+            "search_ms_p50": round(replica["search_ms_p50"], 1),
+            "one_million_passages": {"build_hours_on_2_cores": round(1e6 / (passages / build_s) / 3600, 1),
+                                     "index_gb": round(1e6 * size / passages / 2**30, 2)}}
+
+
+def main(argv=None) -> int:
+    from qa_common import read_squad
+    from library_job.squad_library import paragraph_documents
+
+    parser = argparse.ArgumentParser(prog="python -m bench.library_build", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=benchlib.SQUAD_FULL_TRAIN)
+    parser.add_argument("--workdir", type=Path, default=None, help="where the documents and the library go")
+    parser.add_argument("--embedder", action="append", help=f"an embedder to build with (repeat to compare; "
+                        f"default: {EMBEDDER})")
+    parser.add_argument("--out", type=Path, default=benchlib.RESULTS / "library_build.json")
+    args = parser.parse_args(argv)
+    load_before = benchlib.load_average()
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="library-build-"))
+    records = read_squad(args.data)
+    documents = paragraph_documents(records)
+    docs = workdir / "squad"
+    for name, text in documents.items():
+        (docs / name).parent.mkdir(parents=True, exist_ok=True)
+        (docs / name).write_text(text, encoding="utf-8")
+    builds = [build_and_probe(docs, workdir / f"library-{i}", embedder, records)
+              for i, embedder in enumerate(args.embedder or [EMBEDDER])]
+    for build in builds[1:]:
+        build["passages_per_s_vs_first"] = round(build["passages_per_s_whole_command"]
+                                                 / builds[0]["passages_per_s_whole_command"], 3)
+    results = {"paragraphs": len(documents), "builds": builds}
     print(json.dumps(results, indent=2))
-    benchlib.write_json(args.out, "library_build", {"passages_per_s": results["passages_per_s_whole_command"]},
-                        results, {"data": benchlib.data_label(args.data), "command": " ".join(build[1:])}, load_before)
+    ratios = {"passages_per_s": builds[0]["passages_per_s_whole_command"],
+              **{f"passages_per_s_vs_first_{i}": b["passages_per_s_vs_first"] for i, b in enumerate(builds) if i}}
+    benchlib.write_json(args.out, "library_build", ratios, results,
+                        {"data": benchlib.data_label(args.data), "embedders": args.embedder or [EMBEDDER]}, load_before)
     return 0
 
 

@@ -173,23 +173,9 @@ def isolated_from_ray():
     yield
 
 
-# The files that take longest (a minute or more on two cores), longest first. pytest-xdist hands
-# whole files to the two workers in collection order as they come free: a long file handed out
-# last keeps one worker busy while the other has nothing left. Only the order depends on this list.
-LONGEST_FILES = ("test_train_job.py", "test_serve_update.py", "test_bench_smoke.py", "test_library_mine.py",
-                 "test_tune.py", "test_bench_services.py", "test_serve_library.py", "test_library_evaluate.py",
-                 "test_serve_security.py", "test_serve_app.py", "test_predict.py", "test_library.py")
-
-
 def pytest_collection_modifyitems(session, config, items):
-    """The modules that start Rays of their own run first, so that the shared Ray starts once after
-    them; then the longest files (:data:`LONGEST_FILES`); a file's tests keep their order."""
-    def rank(item) -> tuple[bool, int]:
-        name = item.path.name
-        return ("isolated_from_ray" not in item.fixturenames,
-                LONGEST_FILES.index(name) if name in LONGEST_FILES else len(LONGEST_FILES))
-
-    items.sort(key=rank)
+    """The modules that start Rays of their own run first, so that the shared Ray starts once after them."""
+    items.sort(key=lambda item: "isolated_from_ray" not in item.fixturenames)
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -79,7 +79,9 @@ def test_with_a_library_the_retrievers_replicas_count_and_keep_their_number():
 @pytest.fixture(scope="module")
 def service(tiny_model_dir):
     # The packaged autoscaling, with a short idle time before the last replica stops (a flag users set).
-    config = service_config(tiny_model_dir, free_port())
+    # A replica woken from zero while the other test worker trains can take longer than the packaged
+    # 30 s deadline to load: these tests are about which model answers, not about the deadline.
+    config = service_config(tiny_model_dir, free_port(), request_deadline_s=55)
     [model] = [d for d in config["applications"][0]["deployments"] if d["name"] == MODEL_DEPLOYMENT]
     model["autoscaling_config"].update(downscale_to_zero_delay_s=1, downscale_delay_s=1)
     with serving(config) as url:

@@ -1,7 +1,7 @@
 """One round of clinicians' feedback, simulated through the real service and measured end to end.
 
     python -m bench.feedback_round --model runs/squad-minilm/model --seeds 0,1,2      # the clinical sample
-    python -m bench.feedback_round --model runs/squad-minilm/model --questions SQUAD_DEV --articles 18 \
+    python -m bench.feedback_round --model runs/squad-minilm/model --questions SQUAD_DEV --articles 20 \
         --eval-questions 500 --out bench/results/feedback_round_squad.json             # SQuAD dev articles
 
 Every paragraph of ``--questions`` becomes a document of one library (``python -m library_job build``,
@@ -294,7 +294,10 @@ def measure(args, workdir: Path, load_before: list[float]) -> int:
     for name, text in documents.items():
         (workdir / "docs" / name).parent.mkdir(parents=True, exist_ok=True)
         (workdir / "docs" / name).write_text(text, encoding="utf-8")
-    dev = sample_questions(read_squad(args.squad_dev), args.gate_questions + args.squad_questions, seed=0, how="spread")
+    # SQuAD dev questions about the library's own paragraphs (a round of SQuAD dev articles) stay out.
+    library = {record["context"] for record in records}
+    dev = sample_questions([r for r in read_squad(args.squad_dev) if r["context"] not in library],
+                           args.gate_questions + args.squad_questions, seed=0, how="spread")
     random.Random(0).shuffle(dev)  # two disjoint slices, each spread over the articles
     squad = {"gate_file": write_squad(dev[: args.gate_questions], workdir / "gate-slice.json"),
              "records": dev[args.gate_questions :]}

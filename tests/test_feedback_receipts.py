@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from serve_app.feedback.receipts import KEY_ENV, KEY_FILE, ReceiptError, issue, load_or_create_key, verify
+from serve_app.feedback.receipts import KEY_ENV, KEY_FILE, ReceiptError, issue, load_or_create_key
 from serve_app.feedback.request import NO_TOKEN, PassagesGone, feedback_from, parse_feedback
 from serve_app.feedback.store import FeedbackError, Span
 from serve_app.schemas import InvalidRequest

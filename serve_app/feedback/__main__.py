@@ -24,7 +24,7 @@ def _date(text: str) -> datetime:
     try:
         moment = datetime.fromisoformat(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a date: use YYYY-MM-DD or an ISO 8601 time, e.g. 2026-01-01") from None
+        raise argparse.ArgumentTypeError("not a date: use YYYY-MM-DD or an ISO 8601 time, e.g. 2026-01-01") from None
     return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 

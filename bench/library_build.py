@@ -92,8 +92,8 @@ def main(argv=None) -> int:
     for name, text in documents.items():
         (docs / name).parent.mkdir(parents=True, exist_ok=True)
         (docs / name).write_text(text, encoding="utf-8")
-    builds = [build_and_probe(docs, workdir / f"library-{i}", embedder, records)
-              for i, embedder in enumerate(args.embedder or [EMBEDDER])]
+    embedders = args.embedder or [EMBEDDER]
+    builds = [build_and_probe(docs, workdir / f"library-{i}", embedder, records) for i, embedder in enumerate(embedders)]
     for build in builds[1:]:
         build["passages_per_s_vs_first"] = round(build["passages_per_s_whole_command"]
                                                  / builds[0]["passages_per_s_whole_command"], 3)
@@ -102,7 +102,7 @@ def main(argv=None) -> int:
     ratios = {"passages_per_s": builds[0]["passages_per_s_whole_command"],
               **{f"passages_per_s_vs_first_{i}": b["passages_per_s_vs_first"] for i, b in enumerate(builds) if i}}
     benchlib.write_json(args.out, "library_build", ratios, results,
-                        {"data": benchlib.data_label(args.data), "embedders": args.embedder or [EMBEDDER]}, load_before)
+                        {"data": benchlib.data_label(args.data), "embedders": embedders}, load_before)
     return 0
 
 

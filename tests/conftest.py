@@ -64,11 +64,26 @@ def abstaining_run(tmp_path_factory):
     """``(run directory, metrics)`` of a tiny model trained to abstain (train_job.run with
     --negative-ratio, one worker) on the fixture's answerable questions and validated on
     ``tiny-squad-v2.json`` (the same questions plus questions asked of another article's paragraph).
-    Settings sized so that the tiny model learns the fixture in a few epochs; trained once per session."""
+    Settings sized so that the tiny model learns the fixture in a few epochs; trained once per session:
+    under pytest-xdist the first worker to need it trains it into their common temporary folder while
+    the other waits, and both read it from there."""
+    from filelock import FileLock
+
+    common = tmp_path_factory.getbasetemp()
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        common = common.parent  # pytest-xdist gives each worker a folder under the session's one
+    directory, done = common / "abstaining", common / "abstaining.json"
+    with FileLock(str(common / "abstaining.lock")):
+        if not done.exists():
+            done.write_text(json.dumps(train_abstaining(directory)), encoding="utf-8")
+    shared_ray()
+    return directory / "run", json.loads(done.read_text(encoding="utf-8"))
+
+
+def train_abstaining(directory: Path) -> dict:
     from train_job.config import TrainConfig
     from train_job.run import run
 
-    directory = tmp_path_factory.mktemp("abstaining")
     model = build_tiny_model(directory / "tiny", hidden=64)
     config = TrainConfig(
         model=str(model), train_file=str(FIXTURES / "tiny-squad.jsonl"), validation_file=str(V2_DATA),
@@ -76,7 +91,7 @@ def abstaining_run(tmp_path_factory):
         per_device_batch_size=2, negative_ratio=3, max_failures=0, qa=abstaining_qa(),
     ).validate()
     shared_ray()
-    return directory / "run", run(config)
+    return run(config)
 
 
 def abstaining_qa():

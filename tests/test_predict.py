@@ -210,7 +210,8 @@ def test_inputs_resolve_from_globs_directories_and_file_uris(tmp_path):
 def test_squad_v2_data_gives_the_same_keys_and_numbers_as_the_evaluate_cli(local_ray, model_dir, tmp_path):
     path = FIXTURES / "tiny-squad-v2.json"
     out = tmp_path / "out"
-    assert main(["--model", str(model_dir), "--data", str(path), "--output", str(out), "--batch-size", "4"]) == 0
+    assert main(["--model", str(model_dir), "--data", str(path), "--output", str(out), "--batch-size", "4",
+                 "--concurrency", "1"]) == 0
     evaluated = subprocess.run([sys.executable, "-m", "qa_common.evaluate", str(path), str(out / "predictions.json")],
                                capture_output=True, text=True, timeout=120)
     assert evaluated.returncode == 0, evaluated.stderr
@@ -226,6 +227,6 @@ def test_squad_v2_data_gives_the_same_keys_and_numbers_as_the_evaluate_cli(local
 def test_a_question_id_repeated_across_files_is_refused(local_ray, model_dir, tmp_path, capsys):
     out = tmp_path / "out"
     code, err = run(capsys, "--model", model_dir, "--data", FIXTURES / "tiny-squad.json", FIXTURES / "tiny-squad.jsonl",
-                    "--output", out, "--batch-size", "4")
+                    "--output", out, "--batch-size", "4", "--concurrency", "1")
     assert code == 2 and "occurs more than once" in err
     assert not (out / "predictions.jsonl").exists() and not (out / "metrics.json").exists()

@@ -3,9 +3,10 @@
 One application for the module on the session's Ray + Serve, serving tiny model A with the packaged
 autoscaling (and a one-second idle time before the last replica stops); model B is another tiny
 model. In order: refused updates change nothing; an update at zero loads nothing until a request
-(then B, as the gate saw it, answers); clients keep asking while the service goes back to A and
-rolls back to B: every response must be a 200 naming one of the two, and once the command returns
-only the new model may answer; last, an update keeps the service's tokens unless told.
+(then B, as the gate saw it, answers); clients keep asking while the service goes back to A (with
+the token file gone from the updating shell: the service keeps its tokens) and rolls back to B:
+every response must be a 200 naming one of the two, and once the command returns only the new model
+may answer; last, an update told to take other tokens takes them.
 """
 
 import collections
@@ -17,7 +18,7 @@ import time
 import httpx
 import pytest
 from conftest import FIXTURES, build_tiny_model
-from serve_helpers import AUTH, service_config, serving
+from serve_helpers import AUTH, TOKEN, service_config, serving
 
 from bench.local_service import free_port, replica_counts, wait_until
 from serve_app.app import APP_NAME, MODEL_DEPLOYMENT
@@ -90,8 +91,8 @@ def service(tiny_model_dir):
         yield url, ray.get_runtime_context().gcs_address
 
 
-def card(url: str) -> dict:
-    return httpx.get(f"{url}/v1/model", headers=AUTH).json()
+def card(url: str, token: str = TOKEN) -> dict:
+    return httpx.get(f"{url}/v1/model", headers={"Authorization": f"Bearer {token}"}).json()
 
 
 def under_load(url: str, action, *, clients: int = 4) -> tuple[list, float]:
@@ -160,15 +161,29 @@ def test_updating_a_service_at_zero_loads_nothing_until_a_request(service, model
     assert update(["--rollback"]) == 0 and card(url)["version"] == gated
 
 
-def test_update_and_rollback_under_load_drop_no_request(service, tiny_model_dir):
+def test_update_and_rollback_under_load_drop_no_request_and_keep_the_services_tokens(service, tiny_model_dir, tmp_path,
+                                                                                   monkeypatch):
+    from serve_helpers import token_hashes_file
+
+    from serve_app.auth import TOKEN_HASHES_ENV, hash_token
+
     url, _ = service
     b, b_name = card(url)["version"], card(url)["name"]
-    responses, returned = under_load(url, lambda: update(["--model", str(tiny_model_dir)]))
+    # The file the service read its tokens from is gone from the updating shell, and its environment
+    # names another token: the service keeps the token it accepted (the clients send it all along).
+    hashes = token_hashes_file(tiny_model_dir.parent)  # the file service_config gave the service
+    monkeypatch.setenv(TOKEN_HASHES_ENV, hash_token("a-token-of-this-shell"))
+    moved = hashes.rename(tmp_path / "elsewhere.txt")
+    try:
+        responses, returned = under_load(url, lambda: update(["--model", str(tiny_model_dir)]))
+    finally:
+        moved.rename(hashes)
     a = card(url)["version"]
     assert a != b and card(url)["previous"] == {"name": b_name, "version": b}
     assert collections.Counter(status for _, status, _ in responses) == {200: len(responses)}
     assert {version for _, _, version in responses} == {a, b}
     assert {version for when, _, version in responses if when > returned} == {a}
+    assert ask(url, "a-token-of-this-shell") == 401 and httpx.post(f"{url}/v1/answer", json=QUESTION).status_code == 401
 
     responses, returned = under_load(url, lambda: update(["--rollback"]))
     assert card(url)["version"] == b and card(url)["previous"]["version"] == a
@@ -176,29 +191,20 @@ def test_update_and_rollback_under_load_drop_no_request(service, tiny_model_dir)
     assert {version for when, _, version in responses if when > returned} == {b}
 
 
-def test_an_update_keeps_the_services_tokens_and_changes_them_only_when_told(service, tiny_model_dir, model_b, tmp_path,
-                                                                             monkeypatch):
-    from serve_helpers import TOKEN, token_hashes_file
+def ask(url: str, token: str) -> int:
+    return httpx.post(f"{url}/v1/answer", json=QUESTION, timeout=90, headers={"Authorization": f"Bearer {token}"}
+                      ).status_code
 
-    from serve_app.auth import TOKEN_HASHES_ENV, hash_token
+
+def test_an_update_changes_the_services_tokens_when_told(service, tmp_path):
+    from serve_helpers import TOKEN
+
+    from serve_app.auth import hash_token
 
     url, _ = service
-    # The file the service read its tokens from is gone from the updating shell, and its environment
-    # names another token: the service keeps the token it accepted.
-    hashes = token_hashes_file(tiny_model_dir.parent)  # the file service_config gave the service
-    monkeypatch.setenv(TOKEN_HASHES_ENV, hash_token("a-token-of-this-shell"))
-    moved = hashes.rename(tmp_path / "elsewhere.txt")
     before = card(url)["version"]
-    try:
-        assert update(["--model", str(tiny_model_dir)]) == 0  # B serves after the test before
-    finally:
-        moved.rename(hashes)
-    assert card(url)["version"] != before  # card() sends TOKEN: still accepted
-    ask = lambda token: httpx.post(f"{url}/v1/answer", json=QUESTION, timeout=90,  # noqa: E731
-                                   headers={"Authorization": f"Bearer {token}"}).status_code
-    assert ask("a-token-of-this-shell") == 401 and httpx.post(f"{url}/v1/answer", json=QUESTION).status_code == 401
-
     new_hashes = tmp_path / "new-token-hashes.txt"
     new_hashes.write_text(hash_token("the-new-token") + "\n")
     assert update(["--rollback", "--token-hashes-file", str(new_hashes)]) == 0
-    assert ask("the-new-token") == 200 and ask(TOKEN) == 401
+    assert card(url, "the-new-token")["version"] != before
+    assert ask(url, "the-new-token") == 200 and ask(url, TOKEN) == 401

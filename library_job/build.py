@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import shutil
 import sys
 import time
@@ -140,9 +141,9 @@ def read_and_embed(args: argparse.Namespace, documents: list[dict]):
     failures = {row["document"]: row[ERROR] for row in parsed.filter(expr=f"{ERROR} != ''").take_all()}
     if len(failures) == len(documents):
         return None, failures
-    pool = ActorPool.fit(args)
     # Materialised first: a filter's tasks would wait for CPUs that the embedding actors hold.
     passages = parsed.filter(expr=f"{ERROR} == ''").drop_columns([ERROR]).materialize()
+    pool = ActorPool.fit(args, batches=math.ceil(passages.count() / args.batch_size))
     embedded = passages.map_batches(
         EmbedPassages, fn_constructor_kwargs={"embedder": args.embedder, "threads": pool.threads},
         batch_size=args.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=pool.actors),

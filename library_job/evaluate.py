@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -194,7 +195,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     connect_ray(args.address)
-    pool = ActorPool.fit(args)
+    pool = ActorPool.fit(args, batches=math.ceil(len(questions) / args.batch_size))
     started = time.perf_counter()
     if args.library:
         library = Path(args.library)

@@ -1,4 +1,5 @@
-"""A run that cannot fit the cluster exits 2 in seconds, saying what fits (a Ray with 2 CPUs of its own)."""
+"""A run that cannot fit the cluster exits 2 in seconds, saying what fits (a Ray with 2 CPUs of its own),
+and the pools of actors the batch commands size to the cluster and their work."""
 
 import subprocess
 import sys
@@ -34,3 +35,19 @@ def test_a_run_that_cannot_fit_exits_2_saying_what_fits(two_cpu_ray_address, tin
     assert result.returncode == 2, result.stderr[-2000:]
     assert f"error: {message}" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "checkpoints").exists()
+
+
+def test_an_actor_pool_holds_what_the_cluster_fits_and_no_more_actors_than_batches():
+    from argparse import Namespace
+
+    from train_job.ray_cluster import ActorPool
+
+    default = Namespace(concurrency=None, cpus_per_actor=1, num_gpus_per_actor=0)
+    assert ActorPool.fit(default, {"CPU": 4}).actors == 4  # the work's size unknown: every actor that fits
+    assert [ActorPool.fit(default, {"CPU": 4}, batches=n).actors for n in (0, 1, 3, 9)] == [1, 1, 3, 4]
+    asked = Namespace(concurrency=3, cpus_per_actor=1, num_gpus_per_actor=0)
+    assert ActorPool.fit(asked, {"CPU": 4}, batches=1).actors == 3  # --concurrency is taken as given
+    with pytest.raises(ValueError, match=r"holds 1 actor\(s\) of 2 CPU\(s\) and 0 GPU\(s\), not 3"):
+        ActorPool.fit(Namespace(concurrency=3, cpus_per_actor=2, num_gpus_per_actor=0), {"CPU": 3})
+    gpus = Namespace(concurrency=None, cpus_per_actor=1, num_gpus_per_actor=1)
+    assert ActorPool.fit(gpus, {"CPU": 8, "GPU": 2}, batches=5).actors == 2

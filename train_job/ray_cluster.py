@@ -26,7 +26,8 @@ def add_actor_flags(parser: argparse.ArgumentParser, what: str, *, gpus: bool = 
     from train_job.cli import at_least
 
     parser.add_argument("--concurrency", type=at_least(1), default=None,
-                        help=f"{what} (default: as many as the cluster holds)")
+                        help=f"{what} (default: as many as the cluster holds; no more than the batches of work where the "
+                             "command knows how many)")
     parser.add_argument("--cpus-per-actor", type=at_least(0.01, float), default=1, help="CPUs per actor (default: 1)")
     if gpus:
         parser.add_argument("--num-gpus-per-actor", type=at_least(0, float), default=0,
@@ -44,16 +45,19 @@ class ActorPool:
         return max(1, int(self.per_actor["num_cpus"]))
 
     @classmethod
-    def fit(cls, args: argparse.Namespace, resources: dict | None = None) -> ActorPool:
+    def fit(cls, args: argparse.Namespace, resources: dict | None = None, *, batches: int | None = None) -> ActorPool:
         """The pool ``args`` asks for (``add_actor_flags``) on the connected cluster (or ``resources``);
-        ValueError saying what fits when it cannot hold them."""
+        ValueError saying what fits when it cannot hold them. Without ``--concurrency``, no more actors
+        than ``batches`` (of the work, when it is known): each actor loads a model before its first
+        batch, so one beyond the batches would only start, load and wait (a rebuild of one changed
+        document, say)."""
         import ray
 
         resources = ray.cluster_resources() if resources is None else resources
         cpus, gpus = args.cpus_per_actor, getattr(args, "num_gpus_per_actor", 0)
         limits = [resources.get("CPU", 0) / cpus] + ([resources.get("GPU", 0) / gpus] if gpus else [])
         fits = int(min(limits))
-        actors = args.concurrency or fits
+        actors = args.concurrency or (fits if batches is None else min(fits, max(1, batches)))
         if actors < 1 or actors > fits:
             raise ValueError(
                 f"the cluster ({resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs) holds {fits} "

@@ -84,7 +84,7 @@ def test_predict_throughput(local_ray, tiny_model_dir, tmp_path, capsys):
     document = run_bench(
         "predict_throughput", tmp_path / "predict.json", capsys,
         "--model", str(tiny_model_dir), "--data", str(FIXTURES / "tiny-squad.json"), "--long-documents", "2",
-        "--actors", "1", "--cpus", "2", "--memory", "--memory-questions", "30", "--memory-model", str(tiny_model_dir),
+        "--actors", "1", "--cpus", "1", "--memory", "--memory-questions", "30", "--memory-model", str(tiny_model_dir),
     )
     runs = document["results"]["runs"]
     assert [run["method"] for run in runs] == ["single process: answer_questions", "train_job.predict"]

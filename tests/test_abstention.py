@@ -1,18 +1,16 @@
-"""A tiny model trained with synthesised negatives says "not in this document": via answer_questions and over HTTP.
+"""A tiny model trained with synthesised negatives says "not in this document", via answer_questions.
 
-The model is conftest's ``abstaining_run`` (trained once per test session).
+The model is conftest's ``abstaining_run`` (trained once per test session); test_serve_library serves
+it and checks that the service abstains as these do.
 """
 
 import json
 
-import httpx
 import pytest
-from serve_helpers import AUTH, service_config, serving
 
 from conftest import V2_DATA
 from qa_common import Question, answer_questions, load_model_and_tokenizer, load_qa_config, read_squad
 from qa_common.calibration import uncalibrated
-from bench.local_service import free_port
 
 
 @pytest.fixture(scope="module")
@@ -62,30 +60,3 @@ def test_answer_questions_abstains_on_the_unanswerable_questions(abstaining_run,
     )
     assert with_null["start"] == -1 and without_null["start"] >= 0
     assert without_null["no_answer_probability"] == pytest.approx(with_null["no_answer_probability"])
-
-
-def test_served_model_abstains_over_http(abstaining_run, records):
-    output, _ = abstaining_run
-    unanswerable = [r for r in records if not r["answers"]["text"]]
-    model, tokenizer = load_model_and_tokenizer(str(output / "model"))
-    config = load_qa_config(output / "model")
-    with serving(service_config(output / "model", free_port(), qa={})) as url:
-        info = httpx.get(f"{url}/v1/model", headers=AUTH, timeout=60).json()
-        assert info["version_2_with_negative"] is True and info["no_answer_threshold"] == config.no_answer_threshold
-        for record in unanswerable:
-            body = {"question": record["question"], "context": record["context"]}
-            served = httpx.post(f"{url}/v1/answer", json=body, headers=AUTH, timeout=60).json()
-            assert set(served) == {"answer", "score", "start", "end", "no_answer_probability"}
-            assert (served["answer"], served["start"], served["end"]) == ("", -1, -1)
-            assert served["score"] > 0 and served["no_answer_probability"] > config.no_answer_threshold
-
-            ranked = httpx.post(f"{url}/v1/answer", json={**body, "top_k": 3}, headers=AUTH, timeout=60).json()
-            [expected] = answer_questions(model, tokenizer, [Question(record["question"], record["context"], top_k=3)],
-                                          config)
-            assert [(a["answer"], a["start"], a["end"]) for a in ranked] == [
-                (a["answer"], a["start"], a["end"]) for a in expected]
-            assert ranked[0]["start"] == -1 and all(a["start"] >= 0 for a in ranked[1:])
-            assert [a["score"] for a in ranked] == sorted((a["score"] for a in ranked), reverse=True)
-
-            spans = httpx.post(f"{url}/v1/answer", json={**body, "allow_no_answer": False}, headers=AUTH, timeout=60).json()
-            assert spans["start"] >= 0 and record["context"][spans["start"]:spans["end"]] == spans["answer"]

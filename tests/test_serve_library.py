@@ -2,7 +2,8 @@
 served without a restart, and the page's library mode in headless Chromium.
 
 One service for the module: conftest's abstaining tiny model, and an index of the test library
-(library_helpers: the fixture articles as PDF, DOCX, HTML and Markdown, plus a broken PDF).
+(library_helpers: the fixture articles as PDF, DOCX, HTML and Markdown, plus a broken PDF). The same
+service's /v1/answer shows the model abstaining over a given context as ``answer_questions`` does.
 """
 
 import json
@@ -10,13 +11,13 @@ import time
 
 import httpx
 import pytest
-from conftest import shared_ray
+from conftest import V2_DATA, shared_ray
 from library_helpers import write_library
 from serve_helpers import AUTH, TOKEN, service_config, serving
 from test_serve_page import headless_chromium
 from test_serve_page import pytestmark as needs_chromium
 
-from qa_common import PassagesQuestion, answer_questions, load_model_and_tokenizer, load_qa_config
+from qa_common import PassagesQuestion, Question, answer_questions, load_model_and_tokenizer, load_qa_config, read_squad
 from library_job.__main__ import main as library_job
 from qa_common.library.embedding import Embedder
 from qa_common.library.search import Library
@@ -234,3 +235,30 @@ def test_the_page_asks_the_library_shows_the_cited_passage_and_takes_a_correctio
     citation = " · ".join([expected["document"], *([f"page {expected['page']}"] if expected["page"] else []),
                            *([expected["section"]] if expected["section"] else [])])
     assert shown["source"] == shown["passageSource"] == citation
+
+
+def test_a_given_context_is_answered_and_abstained_on_as_the_reader_does(service):
+    """/v1/answer of the library's service: the abstaining model's no-answer, ranked answers and forced spans."""
+    url = service["url"]
+    unanswerable = [r for r in read_squad(V2_DATA) if not r["answers"]["text"]]
+    model, tokenizer = load_model_and_tokenizer(str(service["model"]))
+    config = load_qa_config(service["model"])
+    info = httpx.get(f"{url}/v1/model", headers=AUTH, timeout=60).json()
+    assert info["version_2_with_negative"] is True and info["no_answer_threshold"] == config.no_answer_threshold
+    for record in unanswerable:
+        body = {"question": record["question"], "context": record["context"]}
+        served = httpx.post(f"{url}/v1/answer", json=body, headers=AUTH, timeout=60).json()
+        assert set(served) == {"answer", "score", "start", "end", "no_answer_probability"}
+        assert (served["answer"], served["start"], served["end"]) == ("", -1, -1)
+        assert served["score"] > 0 and served["no_answer_probability"] > config.no_answer_threshold
+
+        ranked = httpx.post(f"{url}/v1/answer", json={**body, "top_k": 3}, headers=AUTH, timeout=60).json()
+        [expected] = answer_questions(model, tokenizer, [Question(record["question"], record["context"], top_k=3)],
+                                      config)
+        assert [(a["answer"], a["start"], a["end"]) for a in ranked] == [
+            (a["answer"], a["start"], a["end"]) for a in expected]
+        assert ranked[0]["start"] == -1 and all(a["start"] >= 0 for a in ranked[1:])
+        assert [a["score"] for a in ranked] == sorted((a["score"] for a in ranked), reverse=True)
+
+        spans = httpx.post(f"{url}/v1/answer", json={**body, "allow_no_answer": False}, headers=AUTH, timeout=60).json()
+        assert spans["start"] >= 0 and record["context"][spans["start"]:spans["end"]] == spans["answer"]

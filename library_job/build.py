@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import shutil
 import sys
 import time
@@ -143,7 +142,7 @@ def read_and_embed(args: argparse.Namespace, documents: list[dict]):
         return None, failures
     # Materialised first: a filter's tasks would wait for CPUs that the embedding actors hold.
     passages = parsed.filter(expr=f"{ERROR} == ''").drop_columns([ERROR]).materialize()
-    pool = ActorPool.fit(args, batches=math.ceil(passages.count() / args.batch_size))
+    pool = ActorPool.fit(args, items=passages.count())
     embedded = passages.map_batches(
         EmbedPassages, fn_constructor_kwargs={"embedder": args.embedder, "threads": pool.threads},
         batch_size=args.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=pool.actors),

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
@@ -195,7 +194,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     connect_ray(args.address)
-    pool = ActorPool.fit(args, batches=math.ceil(len(questions) / args.batch_size))
+    pool = ActorPool.fit(args, items=len(questions))
     started = time.perf_counter()
     if args.library:
         library = Path(args.library)

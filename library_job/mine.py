@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import re
 import time
@@ -118,7 +117,7 @@ def mine(args: argparse.Namespace) -> dict:
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     connect_ray(args.address)
-    pool = ActorPool.fit(args, batches=math.ceil(len(questions) / args.batch_size))
+    pool = ActorPool.fit(args, items=len(questions))
     started = time.perf_counter()
     library = build_library(documents, output, args.address, args.embedder)
     indexed_s = time.perf_counter() - started

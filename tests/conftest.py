@@ -73,10 +73,10 @@ def abstaining_run(tmp_path_factory):
     if "PYTEST_XDIST_WORKER" in os.environ:
         common = common.parent  # pytest-xdist gives each worker a folder under the session's one
     directory, done = common / "abstaining", common / "abstaining.json"
+    shared_ray()
     with FileLock(str(common / "abstaining.lock")):
         if not done.exists():
             done.write_text(json.dumps(train_abstaining(directory)), encoding="utf-8")
-    shared_ray()
     return directory / "run", json.loads(done.read_text(encoding="utf-8"))
 
 
@@ -90,7 +90,6 @@ def train_abstaining(directory: Path) -> dict:
         output_dir=str(directory / "run"), num_workers=1, epochs=12, learning_rate=3e-3, warmup_ratio=0.0,
         per_device_batch_size=2, negative_ratio=3, max_failures=0, qa=abstaining_qa(),
     ).validate()
-    shared_ray()
     return run(config)
 
 

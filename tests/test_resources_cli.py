@@ -42,12 +42,12 @@ def test_an_actor_pool_holds_what_the_cluster_fits_and_no_more_actors_than_batch
 
     from train_job.ray_cluster import ActorPool
 
-    default = Namespace(concurrency=None, cpus_per_actor=1, num_gpus_per_actor=0)
+    default = Namespace(concurrency=None, cpus_per_actor=1, num_gpus_per_actor=0, batch_size=10)
     assert ActorPool.fit(default, {"CPU": 4}).actors == 4  # the work's size unknown: every actor that fits
-    assert [ActorPool.fit(default, {"CPU": 4}, batches=n).actors for n in (0, 1, 3, 9)] == [1, 1, 3, 4]
-    asked = Namespace(concurrency=3, cpus_per_actor=1, num_gpus_per_actor=0)
-    assert ActorPool.fit(asked, {"CPU": 4}, batches=1).actors == 3  # --concurrency is taken as given
+    assert [ActorPool.fit(default, {"CPU": 4}, items=n).actors for n in (0, 10, 21, 90)] == [1, 1, 3, 4]
+    asked = Namespace(concurrency=3, cpus_per_actor=1, num_gpus_per_actor=0, batch_size=10)
+    assert ActorPool.fit(asked, {"CPU": 4}, items=10).actors == 3  # --concurrency is taken as given
     with pytest.raises(ValueError, match=r"holds 1 actor\(s\) of 2 CPU\(s\) and 0 GPU\(s\), not 3"):
-        ActorPool.fit(Namespace(concurrency=3, cpus_per_actor=2, num_gpus_per_actor=0), {"CPU": 3})
-    gpus = Namespace(concurrency=None, cpus_per_actor=1, num_gpus_per_actor=1)
-    assert ActorPool.fit(gpus, {"CPU": 8, "GPU": 2}, batches=5).actors == 2
+        ActorPool.fit(Namespace(concurrency=3, cpus_per_actor=2, num_gpus_per_actor=0, batch_size=10), {"CPU": 3})
+    gpus = Namespace(concurrency=None, cpus_per_actor=1, num_gpus_per_actor=1, batch_size=10)
+    assert ActorPool.fit(gpus, {"CPU": 8, "GPU": 2}, items=50).actors == 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from dataclasses import dataclass
 
@@ -45,19 +46,20 @@ class ActorPool:
         return max(1, int(self.per_actor["num_cpus"]))
 
     @classmethod
-    def fit(cls, args: argparse.Namespace, resources: dict | None = None, *, batches: int | None = None) -> ActorPool:
+    def fit(cls, args: argparse.Namespace, resources: dict | None = None, *, items: int | None = None) -> ActorPool:
         """The pool ``args`` asks for (``add_actor_flags``) on the connected cluster (or ``resources``);
         ValueError saying what fits when it cannot hold them. Without ``--concurrency``, no more actors
-        than ``batches`` (of the work, when it is known): each actor loads a model before its first
-        batch, so one beyond the batches would only start, load and wait (a rebuild of one changed
-        document, say)."""
+        than the batches of ``items`` (the work's size, when it is known; ``args.batch_size`` per batch):
+        each actor loads a model before its first batch, so one beyond the batches would only start,
+        load and wait (a rebuild of one changed document, say)."""
         import ray
 
         resources = ray.cluster_resources() if resources is None else resources
         cpus, gpus = args.cpus_per_actor, getattr(args, "num_gpus_per_actor", 0)
         limits = [resources.get("CPU", 0) / cpus] + ([resources.get("GPU", 0) / gpus] if gpus else [])
         fits = int(min(limits))
-        actors = args.concurrency or (fits if batches is None else min(fits, max(1, batches)))
+        batches = None if items is None else max(1, math.ceil(items / args.batch_size))
+        actors = args.concurrency or (fits if batches is None else min(fits, batches))
         if actors < 1 or actors > fits:
             raise ValueError(
                 f"the cluster ({resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs) holds {fits} "

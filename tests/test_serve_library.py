@@ -1,9 +1,11 @@
 """Ask the library over HTTP: /v1/ask and /v1/collections, their contracts, audit lines, a rebuild
-served without a restart, and the page's library mode in headless Chromium.
+served without a restart, and the page (the library mode, and a pasted document the model abstains
+on) in headless Chromium.
 
 One service for the module: conftest's abstaining tiny model, and an index of the test library
 (library_helpers: the fixture articles as PDF, DOCX, HTML and Markdown, plus a broken PDF). The same
-service's /v1/answer shows the model abstaining over a given context as ``answer_questions`` does.
+service's /v1/answer shows the model decoding with the settings it was trained with, and abstaining
+over a given context, as ``answer_questions`` does.
 """
 
 import json
@@ -235,6 +237,72 @@ def test_the_page_asks_the_library_shows_the_cited_passage_and_takes_a_correctio
     citation = " · ".join([expected["document"], *([f"page {expected['page']}"] if expected["page"] else []),
                            *([expected["section"]] if expected["section"] else [])])
     assert shown["source"] == shown["passageSource"] == citation
+
+
+@needs_chromium
+def test_the_page_says_not_found_and_greys_the_best_span_as_a_suggestion(service, tmp_path):
+    """A pasted document the model abstains on: "Not found in this document", the best span greyed."""
+    record = next(r for r in read_squad(V2_DATA) if not r["answers"]["text"])
+    model, tokenizer = load_model_and_tokenizer(str(service["model"]))
+    [expected] = answer_questions(model, tokenizer, [Question(record["question"], record["context"], top_k=3)],
+                                  load_qa_config(service["model"]))
+    assert expected[0]["start"] == -1
+    suggestion = next(a for a in expected if a["start"] >= 0)
+
+    with headless_chromium(service["url"] + "/", tmp_path / "profile") as page:
+        page.type_into("#token", TOKEN)
+        page.type_into("#document", record["context"])
+        page.type_into("#question", record["question"])
+        page.click("#ask")
+        answered = ("!document.getElementById('result').hidden "
+                    "|| document.getElementById('status').className == 'error'")
+        wait_until(lambda: page.evaluate(answered), timeout_s=60, what="the answer to appear")
+        shown = page.evaluate("""({
+            status: document.getElementById('status').textContent,
+            notFound: !document.getElementById('not-found').hidden,
+            notFoundText: document.getElementById('not-found').textContent,
+            answerLineShown: !document.getElementById('answer-line').hidden,
+            suggestion: document.getElementById('suggestion-text').textContent,
+            suggestionScore: document.getElementById('suggestion-score').textContent,
+            marked: document.querySelector('#document-view mark.suggestion').textContent,
+            firstCandidate: document.querySelector('#answers li button').textContent,
+        })""")
+
+    assert shown["status"] == ""
+    assert shown["notFound"] and "Not found in this document" in shown["notFoundText"]
+    assert not shown["answerLineShown"]
+    assert shown["suggestion"] == shown["marked"] == suggestion["answer"]
+    assert float(shown["suggestionScore"].removesuffix("%")) == pytest.approx(100 * suggestion["score"], abs=0.051)
+    assert shown["firstCandidate"].startswith("Not found in this document")
+
+
+def test_the_service_decodes_with_the_settings_the_model_was_trained_with(service):
+    """Served with no QA overrides, the exported model's own settings: those it was trained with (not
+    QAConfig's defaults), its fitted threshold and score map, as /v1/model says and /v1/answer does."""
+    from conftest import abstaining_qa
+
+    from qa_common.config import FITTED_SETTINGS
+
+    model_dir = service["model"]
+    saved = json.loads((model_dir / "qa_config.json").read_text())
+    trained = {**abstaining_qa().to_dict(), "version_2_with_negative": True}  # switched on by the negatives
+    assert {name: saved[name] for name in trained if name not in FITTED_SETTINGS} == {
+        name: value for name, value in trained.items() if name not in FITTED_SETTINGS}
+    calibration = json.loads((model_dir.parent / "metrics.json").read_text())["calibration"]
+    assert len(saved["score_calibration"]) == calibration["score_knots"] > 0  # fitted at export
+    info = httpx.get(f"{service['url']}/v1/model", headers=AUTH, timeout=60).json()
+    assert {name: info[name] for name in saved} == saved
+
+    records = [r for r in read_squad(V2_DATA) if r["answers"]["text"]][:3]
+    model, tokenizer = load_model_and_tokenizer(str(model_dir))
+    expected = answer_questions(model, tokenizer, [Question(r["question"], r["context"], top_k=2) for r in records],
+                                load_qa_config(model_dir))
+    for record, wanted in zip(records, expected):
+        body = {"question": record["question"], "context": record["context"], "top_k": 2}
+        served = httpx.post(f"{service['url']}/v1/answer", json=body, headers=AUTH, timeout=60).json()
+        assert [(a["answer"], a["start"], a["end"]) for a in served] == [
+            (a["answer"], a["start"], a["end"]) for a in wanted]
+        assert [a["score"] for a in served] == pytest.approx([a["score"] for a in wanted], rel=1e-4)
 
 
 def test_a_given_context_is_answered_and_abstained_on_as_the_reader_does(service):

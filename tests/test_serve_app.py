@@ -1,21 +1,20 @@
 """The QA service (serve_app) on the session's local Ray with the tiny model.
 
 One application for the module on the session's Ray + Serve: answers and their offsets, equality
-with qa_common's own decoding, dynamic batching, input validation, the page and docs, scale to zero;
+with qa_common's own decoding, dynamic batching, input validation, the page and docs (scale to zero: test_serve_update);
 plus the config handling of the CLI and the application builder, and served snapshots, which need
 no Ray.
 """
 
 import concurrent.futures
 import json
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 from serve_helpers import AUTH, SMALL_QA, service_config, serving
 
-from bench.local_service import free_port, replica_counts, wait_until
+from bench.local_service import free_port, replica_counts
 
 from qa_common import QAConfig, Question, answer_questions, prepare_eval_features
 from serve_app.__main__ import configure, parse_args
@@ -334,32 +333,3 @@ def test_page_and_api_docs_are_served(client):
     assert client.get("/docs/assets/..%2Fconfig.yaml").status_code == 404
     answer_route = client.get("/openapi.json").json()["paths"]["/v1/answer"]["post"]
     assert "question" in json.dumps(answer_route["requestBody"])
-
-
-def test_model_scales_to_zero_and_a_request_wakes_it(service, tiny_model_dir):
-    from ray import serve
-
-    [app] = service_config(tiny_model_dir, port=0)["applications"]
-    options = deployment_options(app)
-    options[MODEL_DEPLOYMENT]["autoscaling_config"] = {
-        "min_replicas": 0, "initial_replicas": 1, "max_replicas": 1, "upscale_delay_s": 0,
-        "downscale_delay_s": 1, "downscale_to_zero_delay_s": 2,
-    }
-    serve.run(build_app(app["args"], options), name="zero", route_prefix="/zero")
-    try:
-        assert replica_counts("zero", MODEL_DEPLOYMENT) == {"RUNNING": 1}
-        wait_until(lambda: replica_counts("zero", MODEL_DEPLOYMENT) == {}, timeout_s=90, what="the idle model to stop")
-        assert replica_counts("zero", INGRESS_DEPLOYMENT) == {"RUNNING": 1}
-
-        # Loading the page and asking for the model's description do not wake it.
-        assert httpx.get(f"{service}/zero/").status_code == 200
-        assert httpx.get(f"{service}/zero/v1/model", headers=AUTH).json()["name"] == tiny_model_dir.name
-        time.sleep(2)
-        assert replica_counts("zero", "QAModel") == {}
-
-        response = httpx.post(f"{service}/zero/v1/answer", json=OK, timeout=90, headers=AUTH)
-        assert response.status_code == 200, response.text
-        assert CONTEXT[response.json()["start"] : response.json()["end"]] == response.json()["answer"]
-        assert replica_counts("zero", MODEL_DEPLOYMENT).get("RUNNING", 0) >= 1
-    finally:
-        serve.delete("zero")

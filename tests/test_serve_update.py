@@ -2,11 +2,12 @@
 
 One application for the module on the session's Ray + Serve, serving tiny model A with the packaged
 autoscaling (and a one-second idle time before the last replica stops); model B is another tiny
-model. In order: refused updates change nothing; an update at zero loads nothing until a request
-(then B, as the gate saw it, answers); clients keep asking while the service goes back to A (with
-the token file gone from the updating shell: the service keeps its tokens) and rolls back to B:
-every response must be a 200 naming one of the two, and once the command returns only the new model
-may answer; last, an update told to take other tokens takes them.
+model. In order: refused updates change nothing; the idle model scales to zero, and neither the
+page, its description nor an update at zero loads it until a request (then B, as the gate saw it,
+answers); clients keep asking while the service goes back to A (with the token file gone from the
+updating shell: the service keeps its tokens) and rolls back to B: every response must be a 200
+naming one of the two, and once the command returns only the new model may answer; last, an update
+told to take other tokens takes them.
 """
 
 import collections
@@ -21,7 +22,7 @@ from conftest import FIXTURES, build_tiny_model
 from serve_helpers import AUTH, TOKEN, service_config, serving
 
 from bench.local_service import free_port, replica_counts, wait_until
-from serve_app.app import APP_NAME, MODEL_DEPLOYMENT
+from serve_app.app import APP_NAME, INGRESS_DEPLOYMENT, MODEL_DEPLOYMENT
 from serve_app.app import deployment_options, load_serve_config
 from serve_app.update import main as update
 from serve_app.update import application_options, rollout_options, surge_fits
@@ -146,8 +147,11 @@ def test_updating_a_service_at_zero_loads_nothing_until_a_request(service, model
     url, _ = service
     a = card(url)["version"]
     wait_until(lambda: replica_counts(APP_NAME, MODEL_DEPLOYMENT) == {}, timeout_s=120, what="the model at zero")
+    assert replica_counts(APP_NAME, INGRESS_DEPLOYMENT) == {"RUNNING": 1}
+    # Neither the page, the model's description nor an update (which reads it) wakes the model.
+    assert httpx.get(f"{url}/").status_code == 200 and card(url)["version"] == a
     assert update(["--model", str(model_b)]) == 0
-    time.sleep(1)
+    time.sleep(2)
     assert replica_counts(APP_NAME, MODEL_DEPLOYMENT) == {}
     gated = card(url)["version"]
     # Training writes model B's directory again before any replica has loaded it: the replica that

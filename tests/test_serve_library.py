@@ -16,7 +16,7 @@ import pytest
 from conftest import V2_DATA, shared_ray
 from library_helpers import write_library
 from serve_helpers import AUTH, TOKEN, service_config, serving
-from test_serve_page import headless_chromium
+from test_serve_page import ask_and_wait, headless_chromium
 from test_serve_page import pytestmark as needs_chromium
 
 from qa_common import PassagesQuestion, Question, answer_questions, load_model_and_tokenizer, load_qa_config, read_squad
@@ -202,10 +202,7 @@ def test_the_page_asks_the_library_shows_the_cited_passage_and_takes_a_correctio
         wait_until(lambda: page.evaluate("!document.getElementById('mode-choice').hidden"), timeout_s=30,
                    what="the library mode to be offered")
         page.click("#mode-library")
-        page.click("#ask")
-        answered = ("!document.getElementById('library-result').hidden "
-                    "|| document.getElementById('status').className == 'error'")
-        wait_until(lambda: page.evaluate(answered), timeout_s=60, what="the library's answer")
+        ask_and_wait(page, "library-result")
         shown = page.evaluate("""({
             status: document.getElementById('status').textContent,
             documentHidden: document.getElementById('document-field').hidden,
@@ -253,10 +250,7 @@ def test_the_page_says_not_found_and_greys_the_best_span_as_a_suggestion(service
         page.type_into("#token", TOKEN)
         page.type_into("#document", record["context"])
         page.type_into("#question", record["question"])
-        page.click("#ask")
-        answered = ("!document.getElementById('result').hidden "
-                    "|| document.getElementById('status').className == 'error'")
-        wait_until(lambda: page.evaluate(answered), timeout_s=60, what="the answer to appear")
+        ask_and_wait(page)
         shown = page.evaluate("""({
             status: document.getElementById('status').textContent,
             notFound: !document.getElementById('not-found').hidden,

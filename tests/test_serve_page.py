@@ -105,6 +105,13 @@ def headless_chromium(url: str, profile: Path):
             browser.wait(timeout=10)
 
 
+def ask_and_wait(page, panel: str = "result") -> None:
+    """Click "Ask" and wait for the answer's panel (``result`` or ``library-result``) or an error."""
+    page.click("#ask")
+    shown = f"!document.getElementById('{panel}').hidden || document.getElementById('status').className == 'error'"
+    wait_until(lambda: page.evaluate(shown), timeout_s=60, what=f"the answer in #{panel}")
+
+
 @pytest.fixture(scope="module")
 def service(tiny_model_dir):
     with serving(service_config(tiny_model_dir, free_port())) as url:
@@ -124,9 +131,7 @@ def test_ask_on_the_page_and_see_the_answer_highlighted(service, fixture_records
         page.type_into("#token", TOKEN)
         page.type_into("#document", document)
         page.type_into("#question", record["question"])
-        page.click("#ask")
-        answered = "!document.getElementById('result').hidden || document.getElementById('status').className == 'error'"
-        wait_until(lambda: page.evaluate(answered), timeout_s=60, what="the answer to appear")
+        ask_and_wait(page)
         shown = page.evaluate("""({
             status: document.getElementById('status').textContent,
             marked: document.querySelector('#document-view mark').textContent,

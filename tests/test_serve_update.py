@@ -148,7 +148,7 @@ def test_updating_a_service_at_zero_loads_nothing_until_a_request(service, model
     a = card(url)["version"]
     wait_until(lambda: replica_counts(APP_NAME, MODEL_DEPLOYMENT) == {}, timeout_s=120, what="the model at zero")
     assert replica_counts(APP_NAME, INGRESS_DEPLOYMENT) == {"RUNNING": 1}
-    # Neither the page, the model's description nor an update (which reads it) wakes the model.
+    # Neither the page, the model's description nor an update wakes the model.
     assert httpx.get(f"{url}/").status_code == 200 and card(url)["version"] == a
     assert update(["--model", str(model_b)]) == 0
     time.sleep(2)

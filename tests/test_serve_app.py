@@ -1,9 +1,9 @@
 """The QA service (serve_app) on the session's local Ray with the tiny model.
 
 One application for the module on the session's Ray + Serve: answers and their offsets, equality
-with qa_common's own decoding, dynamic batching, input validation, the page and docs (scale to zero: test_serve_update);
-plus the config handling of the CLI and the application builder, and served snapshots, which need
-no Ray.
+with qa_common's own decoding, dynamic batching, input validation, the page and docs (scale to zero
+is checked on test_serve_update's service); plus the config handling of the CLI and the application
+builder, and served snapshots, which need no Ray.
 """
 
 import concurrent.futures

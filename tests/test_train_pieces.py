@@ -141,6 +141,68 @@ def test_attention_dropout_changes_the_attention_layers_only_and_not_the_saved_c
         config(attention_dropout=1.0)
 
 
+def test_cheap_dropout_keeps_the_share_and_the_expectation_and_draws_from_the_seeded_generator():
+    from train_job.dropout import cheap_dropout, keep_mask
+
+    torch.manual_seed(3)
+    keep, scale = keep_mask(torch.Size([1000, 1001]), 0.1)  # an odd count: the last 64-bit draw is cut
+    assert keep.shape == (1000, 1001) and keep.dtype == torch.bool
+    assert abs(keep.float().mean().item() - (1 - 3277 / 2**15)) < 0.002  # 0.1 rounded to 3277 / 2**15
+    assert scale == 2**15 / (2**15 - 3277)
+    rows = keep.float().mean(dim=1)  # no lane or stretch of the draws is biased
+    assert rows.min() > 0.85 and rows.max() < 0.95
+    assert all(abs(keep.flatten()[lane::4].float().mean().item() - 0.9) < 0.003 for lane in range(4))
+    torch.manual_seed(3)
+    assert torch.equal(keep_mask(torch.Size([1000, 1001]), 0.1)[0], keep)  # seeded, so a resumed run redraws it
+    assert not torch.equal(keep_mask(torch.Size([1000, 1001]), 0.1)[0], keep)
+
+    x = torch.rand(400, 500, requires_grad=True)
+    y = cheap_dropout(x, 0.25)
+    assert abs(y.sum().item() / x.sum().item() - 1) < 0.01  # the kept values are scaled up to the same total
+    kept = y != 0
+    assert torch.allclose(y[kept], x[kept] * 2**15 / (2**15 - 8192))
+    y.sum().backward()
+    assert torch.equal(x.grad != 0, kept) and torch.allclose(x.grad[kept], torch.full_like(x.grad[kept], 4 / 3))
+    assert cheap_dropout(x, 0.25, training=False) is x and cheap_dropout(x, 0.0) is x
+
+
+def test_a_model_with_cheap_dropout_evaluates_and_saves_as_before_and_masks_padding_in_training(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForQuestionAnswering
+
+    from train_job.dropout import CheapDropout, use_cheap_dropout
+    from train_job.optim import set_attention_dropout
+
+    torch.manual_seed(0)
+    inputs = {"input_ids": torch.randint(5, 40, (3, 12)), "attention_mask": torch.ones(3, 12, dtype=torch.long)}
+    inputs["attention_mask"][1, 7:] = 0  # padding, which the training attention must mask as the model does
+    reference = AutoModelForQuestionAnswering.from_pretrained(tiny_model_dir).eval()
+    model = AutoModelForQuestionAnswering.from_pretrained(tiny_model_dir)
+    layers = model.config.num_hidden_layers
+    assert use_cheap_dropout(model) == 1 + 3 * layers  # embeddings; each layer's attention, its output, its MLP's
+    assert not any(type(module) is torch.nn.Dropout for module in model.modules())
+    assert set_attention_dropout(model, 0.2) == layers and all(
+        isinstance(module, CheapDropout) for module in model.modules() if isinstance(module, torch.nn.Dropout))
+    with torch.no_grad():
+        expected = reference(**inputs)
+        evaluated = model.eval()(**inputs)
+        assert torch.allclose(evaluated.start_logits, expected.start_logits, atol=1e-5)
+        for module in model.modules():  # the training path with nothing dropped: the same logits
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 1e-9  # rounds to no element dropped, yet takes the path a training step takes
+        trained = model.train()(**inputs)
+        assert torch.allclose(trained.start_logits, expected.start_logits, atol=1e-5)
+        assert torch.allclose(trained.end_logits, expected.end_logits, atol=1e-5)
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.5
+        assert not torch.allclose(model(**inputs).start_logits, expected.start_logits, atol=1e-3)
+    model.save_pretrained(tmp_path / "saved")
+    saved = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert "attn" not in json.dumps(saved) and saved["attention_probs_dropout_prob"] == 0.1
+    reloaded = AutoModelForQuestionAnswering.from_pretrained(tmp_path / "saved")
+    assert reloaded.config._attn_implementation == reference.config._attn_implementation
+
+
 def test_the_featurising_tokenizer_is_loaded_once_per_process_and_again_when_its_files_change(tiny_model_dir, tmp_path):
     import shutil
 

@@ -25,6 +25,7 @@ from train_job import checkpoint
 from train_job.collectives import all_reduce_sum, gather_objects
 from train_job.config import TrainConfig
 from train_job.data import TrainingUnits, epoch_batches, epoch_shard, training_units
+from train_job.dropout import use_cheap_dropout
 from train_job.optim import build_optimizer, build_scheduler, resolve_precision, set_attention_dropout, train_step
 from train_job.tracking import Trackers
 from train_job.validation import describe_scores, evaluate, my_questions
@@ -114,6 +115,8 @@ def set_up(config: TrainConfig, loop_config: dict) -> Worker:
         # fp32 master weights whatever the stored dtype (transformers 5 would keep a bf16 checkpoint in bf16).
         model, tokenizer = load_model_and_tokenizer(config.model, dtype=torch.float32)
     set_attention_dropout(model, config.attention_dropout)
+    if device.type == "cpu":  # a GPU's dropout is already cheap (and its fused attention takes dropout)
+        use_cheap_dropout(model)
     model = ray.train.torch.prepare_model(model)
     if config.compile:
         # Trimmed batches change length every step: compile for dynamic shapes once, not per length.

@@ -13,8 +13,9 @@ where the CPU has it):
 2. **Variants** of the loop, each in a fresh process (the allocator's state and its environment are
    per process): ``--steps`` steps of the real step over the same batches in the same order; windows/s
    per tenth of the run and resident memory per tenth and at its peak. ``before``: batches cut to
-   their longest window (a new shape nearly every step); ``now``: cut to a multiple of 32 tokens, as
-   every ``train_job`` run now does; ``attention-dropout-0``: that and ``--attention-dropout 0``.
+   their longest window (a new shape nearly every step), PyTorch's dropout; ``buckets``: cut to a
+   multiple of 32 tokens; ``now``: that and ``train_job.dropout``'s cheap dropout, as every CPU
+   ``train_job`` run now does; ``attention-dropout-0``: that and ``--attention-dropout 0``.
 3. **The machine's rate** at the model's own matmuls: every matmul of a training step at the median
    length (forward, and both products of the backward), timed alone in the same dtype; the loop's
    model FLOP/s as a share of it.
@@ -35,15 +36,17 @@ import numpy as np
 from bench import benchlib
 
 DEFAULT_OUT = benchlib.RESULTS / "train_limits.json"
-VARIANTS = {  # name -> (tokens batches are cut to a multiple of, --attention-dropout)
-    "before": (1, None),  # the loop before length buckets: a new shape nearly every step
-    "now": (None, None),  # every train_job run now (train_job.loop.LENGTH_MULTIPLE)
-    "attention-dropout-0": (None, 0.0),  # and --attention-dropout 0: PyTorch's fused attention
+VARIANTS = {  # name -> (tokens batches are cut to a multiple of, --attention-dropout, cheap dropout)
+    "before": (1, None, False),  # the loop before length buckets: a new shape nearly every step
+    "buckets": (None, None, False),  # batches cut to train_job.loop.LENGTH_MULTIPLE, PyTorch's dropout
+    "now": (None, None, True),  # every CPU train_job run now: buckets and train_job.dropout
+    "attention-dropout-0": (None, 0.0, True),  # and --attention-dropout 0: PyTorch's fused attention
 }
+PROFILED = {"buckets": (None, False), "now": (None, True), "attention-dropout-0": (0.0, True)}
 KINDS = {  # profiler op name prefixes -> kind
     "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear"),
     "fused attention": ("aten::_scaled_dot_product_flash_attention",),
-    "dropout random numbers": ("aten::bernoulli", "aten::native_dropout"),
+    "dropout random numbers": ("aten::bernoulli", "aten::native_dropout", "aten::random_"),
     "optimiser": ("aten::_foreach", "aten::addcdiv", "aten::lerp", "aten::sqrt", "aten::addcmul"),
 }
 
@@ -107,16 +110,19 @@ def run_variant(args) -> dict:
     from qa_common import load_model_and_tokenizer, trim_padding
     from train_job.data import epoch_batches
     from train_job.loop import AUTOCAST_DTYPES, GROUP_BATCHES, LENGTH_MULTIPLE
+    from train_job.dropout import use_cheap_dropout
     from train_job.optim import build_optimizer, build_scheduler, resolve_precision, set_attention_dropout, train_step
 
     config = preset_config()
-    length_multiple, attention_dropout = VARIANTS[args.run_variant]
+    length_multiple, attention_dropout, cheap_dropout = VARIANTS[args.run_variant]
     length_multiple = length_multiple or LENGTH_MULTIPLE
     features = dict(np.load(args.features))
     torch.set_num_threads(os.cpu_count())
     torch.manual_seed(config.seed)
     model, _ = load_model_and_tokenizer(args.model, dtype=torch.float32)
     set_attention_dropout(model, attention_dropout)
+    if cheap_dropout:
+        use_cheap_dropout(model)
     precision = resolve_precision(config.precision, torch.device("cpu"))
     autocast = torch.autocast("cpu", dtype=AUTOCAST_DTYPES.get(precision), enabled=precision in AUTOCAST_DTYPES)
     lengths = features["attention_mask"].sum(axis=1)
@@ -159,18 +165,22 @@ def step_inputs(model, length: int, batch_size: int, seed: int = 0):
             "end_positions": torch.randint(0, length, (batch_size,), generator=generator)}
 
 
-def profile_step(args, length: int, *, attention_dropout: float | None) -> dict:
+def profile_step(args, length: int, variant: str) -> dict:
     """CPU time of ``--profile-steps`` steps at ``length`` tokens by kind of op (torch.profiler)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     from qa_common import load_model_and_tokenizer
     from train_job.loop import AUTOCAST_DTYPES
+    from train_job.dropout import use_cheap_dropout
     from train_job.optim import build_optimizer, build_scheduler, resolve_precision, set_attention_dropout, train_step
 
     config = preset_config()
+    attention_dropout, cheap_dropout = PROFILED[variant]
     model, _ = load_model_and_tokenizer(args.model, dtype=torch.float32)
     set_attention_dropout(model, attention_dropout)
+    if cheap_dropout:
+        use_cheap_dropout(model)
     precision = resolve_precision(config.precision, torch.device("cpu"))
     autocast = torch.autocast("cpu", dtype=AUTOCAST_DTYPES.get(precision), enabled=precision in AUTOCAST_DTYPES)
     optimizer = build_optimizer(model, learning_rate=config.learning_rate, weight_decay=config.weight_decay)
@@ -191,7 +201,7 @@ def profile_step(args, length: int, *, attention_dropout: float | None) -> dict:
         kind = next((k for k, prefixes in KINDS.items() if event.key.startswith(prefixes)), "other")
         by_kind[kind] += event.self_cpu_time_total / 1e6 / args.profile_steps
     total = sum(by_kind.values())
-    return {"length": length, "attention_dropout": attention_dropout, "step_s": seconds, "windows_per_s": config.per_device_batch_size / seconds,
+    return {"length": length, "variant": variant, "step_s": seconds, "windows_per_s": config.per_device_batch_size / seconds,
             "share_of_cpu_time": {kind: value / total for kind, value in by_kind.items()}}
 
 
@@ -270,7 +280,7 @@ def measure(args, workdir: Path, load_before: list[float]) -> int:
                                 str(features_path), "--steps", str(args.steps), "--model", args.model],
                                capture_output=True, text=True, check=True)
         runs.append(json.loads(child.stdout.strip().splitlines()[-1]))
-    profiles = [profile_step(args, median_length, attention_dropout=dropout) for dropout in (None, 0.0)]
+    profiles = [profile_step(args, median_length, variant) for variant in PROFILED]
     rate = matmul_rate(args, median_length)
     rows = []
     for run in runs:
@@ -299,9 +309,9 @@ def measure(args, workdir: Path, load_before: list[float]) -> int:
                          ["variant", "windows_per_s", "second_tenth_windows_per_s", "last_tenth_windows_per_s",
                           "peak_resident_mib", "loop_gflop_per_s", "share_of_matmul_rate", "loss_last_tenth"])
     benchlib.print_table(f"One step at {median_length} tokens, CPU time by kind",
-                         [{"attention_dropout": p["attention_dropout"], "windows_per_s": p["windows_per_s"],
+                         [{"variant": p["variant"], "windows_per_s": p["windows_per_s"],
                            **{k: f"{v:.1%}" for k, v in p["share_of_cpu_time"].items()}} for p in profiles],
-                         ["attention_dropout", "windows_per_s", *KINDS, "other"])
+                         ["variant", "windows_per_s", *KINDS, "other"])
     print(f"matmul rate at the model's shapes ({rate['dtype']}, {median_length} tokens): {rate['gflop_per_s']:.0f} GFLOP/s")
     benchlib.write_json(args.out, "train_limits", ratios,
                         {"variants": rows, "profiles": profiles, "matmul_rate": rate},

@@ -41,6 +41,19 @@ def test_train_scaling_and_variants(local_ray, tiny_model_dir, tmp_path, capsys)
     assert len(variants) >= 5 and all(row["features_per_s"] > 0 for row in variants)
 
 
+def test_dropout_seeds(tiny_model_dir, tmp_path, capsys):
+    document = run_bench("dropout_seeds", tmp_path / "seeds.json", capsys, "--model", str(tiny_model_dir),
+                         "--data", str(FIXTURES / "tiny-squad.jsonl"), "--questions", "20", "--steps", "8",
+                         "--seeds", "run,5", "--threads", "1")
+    runs = document["results"]["runs"]
+    assert [(run["kind"], run["seed"]) for run in runs] == [("torch", "run"), ("cheap", "run"), ("torch", "5"), ("cheap", "5")]
+    assert all(len(run["losses"]) == 8 and len(run["loss_per_eighth"]) == 8 for run in runs)
+    assert runs[0]["losses"][0] == pytest.approx(runs[1]["losses"][0], rel=0.05)  # the same model and first batch
+    assert runs[0]["losses"] != runs[2]["losses"]  # another seed draws other masks
+    assert document["ratios"]["cheap_minus_torch_loss_last_eighth"] == pytest.approx(
+        document["ratios"]["cheap_loss_last_eighth_mean"] - document["ratios"]["torch_loss_last_eighth_mean"])
+
+
 def test_train_limits(tiny_model_dir, tmp_path, capsys):
     document = run_bench("train_limits", tmp_path / "limits.json", capsys, "--model", str(tiny_model_dir),
                          "--data", str(FIXTURES / "tiny-squad.jsonl"), "--questions", "20", "--steps", "10",
@@ -50,10 +63,11 @@ def test_train_limits(tiny_model_dir, tmp_path, capsys):
     for row in variants.values():
         assert len(row["losses"]) == 10 and len(row["resident_mib_per_tenth"]) == 10
         assert 0 < row["share_of_matmul_rate"] and row["peak_resident_mib"] > 0
-    assert [p["attention_dropout"] for p in document["results"]["profiles"]] == [None, 0.0]
+    assert [p["variant"] for p in document["results"]["profiles"]] == ["buckets", "now", "attention-dropout-0"]
     for profile in document["results"]["profiles"]:
         assert sum(profile["share_of_cpu_time"].values()) == pytest.approx(1.0)
         assert profile["share_of_cpu_time"]["matmul"] > 0
+        assert profile["share_of_cpu_time"]["dropout random numbers"] > 0  # PyTorch's, then train_job.dropout's
     assert document["results"]["matmul_rate"]["gflop_per_s"] > 0
     assert document["ratios"]["now_vs_before_windows_per_s"] > 0
 

@@ -1,0 +1,130 @@
+"""Does ``train_job.dropout`` learn as PyTorch's dropout does? The same steps under several dropout seeds.
+
+    python -m bench.dropout_seeds                      # 200 steps, seeds run,7,11,13, both dropouts
+    python -m bench.dropout_seeds --steps 100 --seeds 7 --threads 1
+
+The squad-minilm preset's windows (``bench.train_limits``: 3,000 SQuAD train questions and their
+negatives), the same batches in the same order, the preset's optimiser and schedule, bf16 autocast;
+each run in a fresh process. Only the dropout masks differ: ``torch`` draws them with PyTorch's
+dropout, ``cheap`` with ``train_job.dropout`` (as every CPU run of ``train_job`` now does). A seed
+re-seeds the generator after the model is loaded; ``run`` keeps the stream the run's own seed gives.
+The spread between seeds of one kind is the bound a difference between the kinds is judged against.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench import benchlib
+from bench.train_limits import prepare_features, preset_config
+
+DEFAULT_OUT = benchlib.RESULTS / "dropout_seeds.json"
+KINDS = ("torch", "cheap")
+PARTS = 8  # the loss curve is reported as the mean of each eighth of the steps
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.dropout_seeds", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=None, help="SQuAD training file (default: as bench.train_limits)")
+    parser.add_argument("--model", default="sentence-transformers/all-MiniLM-L6-v2", help="model (default: %(default)s)")
+    parser.add_argument("--questions", type=int, default=3000, help="training questions sampled (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=200, help="steps per run (default: %(default)s)")
+    parser.add_argument("--seeds", default="run,7,11,13", help="dropout seeds, 'run' for none (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default: every core)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON result file (default: %(default)s)")
+    parser.add_argument("--run", nargs=2, metavar=("KIND", "SEED"), default=None, help=argparse.SUPPRESS)  # internal
+    parser.add_argument("--features", type=Path, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.seeds = [seed.strip() for seed in args.seeds.split(",") if seed.strip()]
+    if args.steps < PARTS:
+        parser.error(f"--steps must be at least {PARTS}")
+    return args
+
+
+def run_one(args) -> dict:
+    """One run in this (fresh) process: the loss of every step."""
+    import os
+
+    import torch
+
+    from qa_common import load_model_and_tokenizer, trim_padding
+    from train_job.data import epoch_batches
+    from train_job.dropout import use_cheap_dropout
+    from train_job.loop import AUTOCAST_DTYPES, GROUP_BATCHES, LENGTH_MULTIPLE
+    from train_job.optim import build_optimizer, build_scheduler, resolve_precision, train_step
+
+    kind, seed = args.run
+    config = preset_config()
+    features = dict(np.load(args.features))
+    torch.set_num_threads(args.threads or os.cpu_count())
+    torch.manual_seed(config.seed)
+    model, _ = load_model_and_tokenizer(args.model, dtype=torch.float32)
+    if kind == "cheap":
+        use_cheap_dropout(model)
+    if seed != "run":
+        torch.manual_seed(int(seed))
+    precision = resolve_precision(config.precision, torch.device("cpu"))
+    autocast = torch.autocast("cpu", dtype=AUTOCAST_DTYPES.get(precision), enabled=precision in AUTOCAST_DTYPES)
+    lengths = features["attention_mask"].sum(axis=1)
+    rng = np.random.default_rng(config.seed)
+    batches = epoch_batches(rng.permutation(len(lengths)), lengths, config.per_device_batch_size, rng, GROUP_BATCHES)
+    batches = (batches * (1 + args.steps // len(batches)))[: args.steps]
+    optimizer = build_optimizer(model, learning_rate=config.learning_rate, weight_decay=config.weight_decay)
+    scheduler = build_scheduler(optimizer, warmup_steps=int(config.warmup_ratio * args.steps), total_steps=args.steps)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    model.train()
+    losses, started = [], time.perf_counter()
+    for rows in batches:
+        batch = {name: torch.as_tensor(values, dtype=torch.long)
+                 for name, values in trim_padding({n: v[rows] for n, v in features.items()}, multiple_of=LENGTH_MULTIPLE).items()}
+        losses.append(float(train_step(model, batch, optimizer=optimizer, scheduler=scheduler, scaler=scaler, autocast=autocast)))
+    return {"kind": kind, "seed": seed, "losses": losses, "seconds_per_step": (time.perf_counter() - started) / len(batches)}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.run:
+        benchlib.quiet_libraries()
+        print(json.dumps(run_one(args)))
+        return 0
+    return benchlib.run_in_workdir(measure, args, prefix="bench-dropout-")
+
+
+def measure(args, workdir: Path, load_before: list[float]) -> int:
+    benchlib.quiet_libraries()
+    features = workdir / "features.npz"
+    data = prepare_features(args, features)
+    rows = []
+    for seed in args.seeds:
+        for kind in KINDS:
+            print(f"{kind} dropout, seed {seed}: {args.steps} steps in a fresh process", flush=True)
+            command = [sys.executable, "-m", "bench.dropout_seeds", "--run", kind, seed, "--features", str(features),
+                       "--steps", str(args.steps), "--model", args.model]
+            command += ["--threads", str(args.threads)] if args.threads else []
+            run = json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+            curve = np.array_split(np.array(run["losses"]), PARTS)
+            rows.append({**run, "loss_per_eighth": [round(float(part.mean()), 3) for part in curve],
+                         "loss_last_eighth": float(curve[-1].mean()), "loss_last_half": float(np.concatenate(curve[PARTS // 2:]).mean())})
+    summary = {}
+    for kind in KINDS:
+        last = [row["loss_last_eighth"] for row in rows if row["kind"] == kind]
+        summary[f"{kind}_loss_last_eighth_mean"] = float(np.mean(last))
+        summary[f"{kind}_loss_last_eighth_spread"] = float(np.ptp(last))
+    summary["cheap_minus_torch_loss_last_eighth"] = summary["cheap_loss_last_eighth_mean"] - summary["torch_loss_last_eighth_mean"]
+    benchlib.print_table("Loss per eighth of the steps", rows, ["kind", "seed", "loss_per_eighth", "loss_last_half", "seconds_per_step"])
+    benchlib.print_table("Ratios", [{"ratio": k, "value": v} for k, v in summary.items()], ["ratio", "value"])
+    benchlib.write_json(args.out, "dropout_seeds", summary, {"runs": rows},
+                        {**{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, **data}, load_before)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

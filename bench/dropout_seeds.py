@@ -6,7 +6,7 @@
 The squad-minilm preset's windows (``bench.train_limits``: 3,000 SQuAD train questions and their
 negatives), the same batches in the same order, the preset's optimiser and schedule, bf16 autocast;
 each run in a fresh process. Only the dropout masks differ: ``torch`` draws them with PyTorch's
-dropout, ``cheap`` with ``train_job.dropout`` (as every CPU run of ``train_job`` now does). A seed
+dropout, ``cheap`` with ``train_job.dropout`` (``--cheap-dropout``). A seed
 re-seeds the generator after the model is loaded; ``run`` keeps the stream the run's own seed gives.
 The spread between seeds of one kind is the bound a difference between the kinds is judged against.
 """

@@ -14,8 +14,8 @@ where the CPU has it):
    per process): ``--steps`` steps of the real step over the same batches in the same order; windows/s
    per tenth of the run and resident memory per tenth and at its peak. ``before``: batches cut to
    their longest window (a new shape nearly every step), PyTorch's dropout; ``buckets``: cut to a
-   multiple of 32 tokens; ``now``: that and ``train_job.dropout``'s cheap dropout, as every CPU
-   ``train_job`` run now does; ``attention-dropout-0``: that and ``--attention-dropout 0``.
+   multiple of 32 tokens; ``now``: that and ``train_job.dropout``'s cheap dropout, as ``--cheap-dropout``
+   does; ``attention-dropout-0``: that and ``--attention-dropout 0``.
 3. **The machine's rate** at the model's own matmuls: every matmul of a training step at the median
    length (forward, and both products of the backward), timed alone in the same dtype; the loop's
    model FLOP/s as a share of it.
@@ -39,7 +39,7 @@ DEFAULT_OUT = benchlib.RESULTS / "train_limits.json"
 VARIANTS = {  # name -> (tokens batches are cut to a multiple of, --attention-dropout, cheap dropout)
     "before": (1, None, False),  # the loop before length buckets: a new shape nearly every step
     "buckets": (None, None, False),  # batches cut to train_job.loop.LENGTH_MULTIPLE, PyTorch's dropout
-    "now": (None, None, True),  # every CPU train_job run now: buckets and train_job.dropout
+    "now": (None, None, True),  # buckets and --cheap-dropout (train_job.dropout)
     "attention-dropout-0": (None, 0.0, True),  # and --attention-dropout 0: PyTorch's fused attention
 }
 PROFILED = {"buckets": (None, False), "now": (None, True), "attention-dropout-0": (0.0, True)}

@@ -110,7 +110,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
     from transformers import AutoModel
 
     from qa_common.modeling import load_tokenizer, resolve_model_path
-    from train_job.dropout import use_cheap_dropout
     from train_job.optim import build_optimizer, build_scheduler, resolve_precision
 
     config = EmbedderConfig(**loop_config["config"])
@@ -120,15 +119,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
     torch.manual_seed(config.seed)
     pairs = ray.get(loop_config["pairs"])
     tokenizer = load_tokenizer(config.model)
-    device = ray.train.torch.get_device()
-    model = AutoModel.from_pretrained(resolve_model_path(config.model))
-    if device.type == "cpu":
-        use_cheap_dropout(model)
-    model = ray.train.torch.prepare_model(model)
+    model = ray.train.torch.prepare_model(AutoModel.from_pretrained(resolve_model_path(config.model)))
     steps = config.epochs * math.ceil(math.ceil(len(pairs) / world) / config.batch_size)
     optimizer = build_optimizer(model, learning_rate=config.learning_rate, weight_decay=0.01)
     scheduler = build_scheduler(optimizer, warmup_steps=steps // 10, total_steps=steps)
     # bf16 autocast where the CPU computes it natively, as train_job --precision auto (fp32 master weights).
+    device = ray.train.torch.get_device()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16,
                               enabled=resolve_precision("auto", device) == "bf16")
     model.train()

@@ -115,7 +115,7 @@ def set_up(config: TrainConfig, loop_config: dict) -> Worker:
         # fp32 master weights whatever the stored dtype (transformers 5 would keep a bf16 checkpoint in bf16).
         model, tokenizer = load_model_and_tokenizer(config.model, dtype=torch.float32)
     set_attention_dropout(model, config.attention_dropout)
-    if device.type == "cpu":  # a GPU's dropout is already cheap (and its fused attention takes dropout)
+    if config.cheap_dropout and device.type == "cpu":  # a GPU's dropout is already fused
         use_cheap_dropout(model)
     model = ray.train.torch.prepare_model(model)
     if config.compile:

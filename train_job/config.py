@@ -62,8 +62,8 @@ class TrainConfig:
         "--per-device-batch-size windows on average", default=False)
     attention_dropout: float | None = _flag(
         "dropout on attention probabilities while training (default: the model's own, 0.1 for BERTs); 0 lets "
-        "PyTorch use its fused attention kernel on CPU, 1.2x faster steps for the squad-minilm preset than "
-        "its cheap dropout (BENCHMARKS.md)", default=None)
+        "PyTorch use its fused attention kernel on CPU, 1.4x faster steps for the squad-minilm preset "
+        "(BENCHMARKS.md)", default=None)
     cheap_dropout: bool = _flag(
         "on CPU workers, dropout masks from four 15-bit lanes of each 64-bit draw (train_job/dropout.py): 1.15x "
         "faster preset steps, but the quickstart scored EM 10.7 against 26.8 with it: experimental", default=False)

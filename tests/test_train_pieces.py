@@ -166,6 +166,28 @@ def test_cheap_dropout_keeps_the_share_and_the_expectation_and_draws_from_the_se
     assert cheap_dropout(x, 0.25, training=False) is x and cheap_dropout(x, 0.0) is x
 
 
+def test_the_training_attention_computes_and_differentiates_what_autograd_would_with_the_same_masks():
+    from train_job.dropout import attention, keep_mask
+
+    torch.manual_seed(5)
+    query, key, value = (torch.randn(2, 3, 7, 4, dtype=torch.float64).float().requires_grad_() for _ in range(3))
+    mask = torch.zeros(2, 1, 7, 7)
+    mask[1, ..., 5:] = torch.finfo(torch.float32).min  # the second sequence's padding
+    torch.manual_seed(9)
+    output, _ = attention(None, query, key, value, mask, scaling=0.5, dropout=0.3)
+    weights = torch.randn_like(output)
+    grads = torch.autograd.grad((output * weights).sum(), (query, key, value))
+
+    torch.manual_seed(9)  # autograd through the plain operations, with the masks the same draw gives
+    probabilities = torch.softmax(query @ key.transpose(2, 3) * 0.5 + mask, dim=-1)
+    keep, scale = keep_mask(probabilities.shape, 0.3)
+    expected = (torch.where(keep, probabilities * scale, 0) @ value).transpose(1, 2)
+    expected_grads = torch.autograd.grad((expected * weights).sum(), (query, key, value))
+    assert torch.allclose(output, expected, atol=1e-6)
+    assert all(torch.allclose(got, want, atol=1e-5) for got, want in zip(grads, expected_grads))
+    assert not keep.all() and grads[0].abs().sum() > 0
+
+
 def test_a_model_with_cheap_dropout_evaluates_and_saves_as_before_and_masks_padding_in_training(tiny_model_dir, tmp_path):
     from transformers import AutoModelForQuestionAnswering
 

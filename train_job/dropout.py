@@ -56,19 +56,47 @@ class CheapDropout(torch.nn.Dropout):
         return cheap_dropout(x, self.p, self.training)
 
 
+class _DroppedAttention(torch.autograd.Function):
+    """softmax(q k^T * scaling + mask) with dropout, times v, in float32, keeping for the backward only
+    the probabilities and the boolean mask (autograd would also keep the dropped probabilities: a
+    second float32 copy of every attention matrix, a sixth of the preset's peak memory)."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, mask, scaling: float, p: float):
+        scores = torch.matmul(query.float(), key.float().transpose(2, 3)) * scaling
+        if mask is not None:
+            scores = scores + mask
+        probabilities = torch.softmax(scores, dim=-1)
+        del scores
+        keep, scale = keep_mask(probabilities.shape, p)
+        output = torch.matmul(torch.where(keep, probabilities * scale, 0), value.float())
+        ctx.save_for_backward(query, key, value, probabilities, keep)
+        ctx.scaling, ctx.scale = scaling, scale
+        return output.to(value.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        query, key, value, probabilities, keep = ctx.saved_tensors
+        grad_output = grad_output.float()
+        grad_value = torch.matmul(torch.where(keep, probabilities * ctx.scale, 0).transpose(2, 3), grad_output)
+        grad_probabilities = torch.where(keep, torch.matmul(grad_output, value.float().transpose(2, 3)) * ctx.scale, 0)
+        # softmax's backward: p * (g - sum(g * p)), then the scaling of the scores
+        grad_scores = probabilities * (grad_probabilities - (grad_probabilities * probabilities).sum(-1, keepdim=True))
+        grad_scores *= ctx.scaling
+        grad_query = torch.matmul(grad_scores, key.float())
+        grad_key = torch.matmul(grad_scores.transpose(2, 3), query.float())
+        return grad_query.to(query.dtype), grad_key.to(key.dtype), grad_value.to(value.dtype), None, None, None
+
+
 def attention(module, query, key, value, attention_mask, scaling=None, dropout: float = 0.0, **kwargs):
     """Attention for training: with dropout, what PyTorch's unfused attention computes (in float32,
     whatever autocast's dtype: scores rounded to bf16 made the preset learn visibly slower) with
-    :func:`cheap_dropout` on the probabilities; without (evaluation, or attention dropout 0), PyTorch's
-    fused kernel, as the model otherwise runs."""
+    :func:`cheap_dropout`'s masks on the probabilities; without (evaluation, or attention dropout 0),
+    PyTorch's fused kernel, as the model otherwise runs."""
     if dropout == 0.0:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=0.0, **kwargs)
     with torch.autocast(query.device.type, enabled=False):
-        scores = torch.matmul(query.float(), key.float().transpose(2, 3)) * (scaling or query.size(-1) ** -0.5)
-        if attention_mask is not None:
-            scores = scores + attention_mask
-        probabilities = cheap_dropout(torch.softmax(scores, dim=-1), dropout)
-        output = torch.matmul(probabilities, value.float()).to(value.dtype)
+        output = _DroppedAttention.apply(query, key, value, attention_mask, scaling or query.size(-1) ** -0.5, dropout)
     return output.transpose(1, 2).contiguous(), None
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from bench import benchlib
-from bench.train_limits import prepare_features, preset_config
+from bench.train_limits import prepare_features, preset_steps
 
 DEFAULT_OUT = benchlib.RESULTS / "dropout_seeds.json"
 KINDS = ("torch", "cheap")
@@ -51,42 +51,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def run_one(args) -> dict:
     """One run in this (fresh) process: the loss of every step."""
-    import os
-
-    import torch
-
-    from qa_common import load_model_and_tokenizer, trim_padding
-    from train_job.data import epoch_batches
-    from train_job.dropout import use_cheap_dropout
-    from train_job.loop import AUTOCAST_DTYPES, GROUP_BATCHES, LENGTH_MULTIPLE
-    from train_job.optim import build_optimizer, build_scheduler, resolve_precision, train_step
-
     kind, seed = args.run
-    config = preset_config()
-    features = dict(np.load(args.features))
-    torch.set_num_threads(args.threads or os.cpu_count())
-    torch.manual_seed(config.seed)
-    model, _ = load_model_and_tokenizer(args.model, dtype=torch.float32)
-    if kind == "cheap":
-        use_cheap_dropout(model)
-    if seed != "run":
-        torch.manual_seed(int(seed))
-    precision = resolve_precision(config.precision, torch.device("cpu"))
-    autocast = torch.autocast("cpu", dtype=AUTOCAST_DTYPES.get(precision), enabled=precision in AUTOCAST_DTYPES)
-    lengths = features["attention_mask"].sum(axis=1)
-    rng = np.random.default_rng(config.seed)
-    batches = epoch_batches(rng.permutation(len(lengths)), lengths, config.per_device_batch_size, rng, GROUP_BATCHES)
-    batches = (batches * (1 + args.steps // len(batches)))[: args.steps]
-    optimizer = build_optimizer(model, learning_rate=config.learning_rate, weight_decay=config.weight_decay)
-    scheduler = build_scheduler(optimizer, warmup_steps=int(config.warmup_ratio * args.steps), total_steps=args.steps)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    model.train()
-    losses, started = [], time.perf_counter()
-    for rows in batches:
-        batch = {name: torch.as_tensor(values, dtype=torch.long)
-                 for name, values in trim_padding({n: v[rows] for n, v in features.items()}, multiple_of=LENGTH_MULTIPLE).items()}
-        losses.append(float(train_step(model, batch, optimizer=optimizer, scheduler=scheduler, scaler=scaler, autocast=autocast)))
-    return {"kind": kind, "seed": seed, "losses": losses, "seconds_per_step": (time.perf_counter() - started) / len(batches)}
+    steps = preset_steps(args.model, dict(np.load(args.features)), args.steps, cheap_dropout=kind == "cheap",
+                         dropout_seed=None if seed == "run" else int(seed), threads=args.threads)
+    started = time.perf_counter()
+    losses = [step["loss"] for step in steps]
+    return {"kind": kind, "seed": seed, "losses": losses, "seconds_per_step": (time.perf_counter() - started) / len(losses)}
 
 
 def main(argv=None) -> int:

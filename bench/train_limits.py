@@ -101,54 +101,77 @@ def resident_mib() -> float:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def preset_steps(model_name: str, features: dict, steps: int, *, length_multiple: int | None = None,
+                 attention_dropout: float | None = None, cheap_dropout: bool = False, dropout_seed: int | None = None,
+                 threads: int | None = None):
+    """The preset's training steps in this process, as ``train_job``'s loop takes them (its model, optimiser,
+    schedule, autocast, length-grouped batch order and padding cut to ``length_multiple``): yields each
+    step's windows, padded tokens and loss. ``dropout_seed`` re-seeds the generator once the model is
+    loaded, so only the dropout masks differ from the run's own. The model is loaded before the first step
+    is asked for."""
+    import torch
+
+    from qa_common import load_model_and_tokenizer, trim_padding
+    from train_job.data import epoch_batches
+    from train_job.dropout import use_cheap_dropout
+    from train_job.loop import AUTOCAST_DTYPES, GROUP_BATCHES, LENGTH_MULTIPLE
+    from train_job.optim import build_optimizer, build_scheduler, resolve_precision, set_attention_dropout, train_step
+
+    config = preset_config()
+    torch.set_num_threads(threads or os.cpu_count())
+    torch.manual_seed(config.seed)
+    model, _ = load_model_and_tokenizer(model_name, dtype=torch.float32)
+    set_attention_dropout(model, attention_dropout)
+    if cheap_dropout:
+        use_cheap_dropout(model)
+    if dropout_seed is not None:
+        torch.manual_seed(dropout_seed)
+    precision = resolve_precision(config.precision, torch.device("cpu"))
+    autocast = torch.autocast("cpu", dtype=AUTOCAST_DTYPES.get(precision), enabled=precision in AUTOCAST_DTYPES)
+    lengths = features["attention_mask"].sum(axis=1)
+    rng = np.random.default_rng(config.seed)
+    batches = epoch_batches(rng.permutation(len(lengths)), lengths, config.per_device_batch_size, rng, GROUP_BATCHES)
+    batches = (batches * (1 + steps // len(batches)))[:steps]
+    optimizer = build_optimizer(model, learning_rate=config.learning_rate, weight_decay=config.weight_decay)
+    scheduler = build_scheduler(optimizer, warmup_steps=int(config.warmup_ratio * steps), total_steps=steps)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    model.train()
+
+    def take_steps():
+        for rows in batches:
+            batch = {name: torch.as_tensor(values, dtype=torch.long)
+                     for name, values in trim_padding({n: v[rows] for n, v in features.items()},
+                                                      multiple_of=length_multiple or LENGTH_MULTIPLE).items()}
+            loss = train_step(model, batch, optimizer=optimizer, scheduler=scheduler, scaler=scaler, autocast=autocast)
+            yield {"windows": len(rows), "padded_tokens": batch["input_ids"].numel(), "loss": float(loss)}
+
+    return take_steps()
+
+
 def run_variant(args) -> dict:
     """One variant's run, in this (fresh) process: windows/s and resident memory per tenth."""
     import resource
 
     import torch
 
-    from qa_common import load_model_and_tokenizer, trim_padding
-    from train_job.data import epoch_batches
-    from train_job.loop import AUTOCAST_DTYPES, GROUP_BATCHES, LENGTH_MULTIPLE
-    from train_job.dropout import use_cheap_dropout
-    from train_job.optim import build_optimizer, build_scheduler, resolve_precision, set_attention_dropout, train_step
+    from train_job.optim import resolve_precision
 
-    config = preset_config()
     length_multiple, attention_dropout, cheap_dropout = VARIANTS[args.run_variant]
-    length_multiple = length_multiple or LENGTH_MULTIPLE
-    features = dict(np.load(args.features))
-    torch.set_num_threads(os.cpu_count())
-    torch.manual_seed(config.seed)
-    model, _ = load_model_and_tokenizer(args.model, dtype=torch.float32)
-    set_attention_dropout(model, attention_dropout)
-    if cheap_dropout:
-        use_cheap_dropout(model)
-    precision = resolve_precision(config.precision, torch.device("cpu"))
-    autocast = torch.autocast("cpu", dtype=AUTOCAST_DTYPES.get(precision), enabled=precision in AUTOCAST_DTYPES)
-    lengths = features["attention_mask"].sum(axis=1)
-    rng = np.random.default_rng(config.seed)
-    batches = epoch_batches(rng.permutation(len(lengths)), lengths, config.per_device_batch_size, rng, GROUP_BATCHES)
-    batches = (batches * (1 + args.steps // len(batches)))[: args.steps]
-    optimizer = build_optimizer(model, learning_rate=config.learning_rate, weight_decay=config.weight_decay)
-    scheduler = build_scheduler(optimizer, warmup_steps=int(config.warmup_ratio * args.steps), total_steps=args.steps)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    model.train()
+    steps = preset_steps(args.model, dict(np.load(args.features)), args.steps, length_multiple=length_multiple,
+                         attention_dropout=attention_dropout, cheap_dropout=cheap_dropout)
     tenth, tenths, losses = max(1, args.steps // 10), [], []
     rss_start, started, windows, tokens = resident_mib(), time.perf_counter(), 0, 0
-    for step, rows in enumerate(batches, 1):
-        batch = {name: torch.as_tensor(values, dtype=torch.long)
-                 for name, values in trim_padding({n: v[rows] for n, v in features.items()},
-                                                                   multiple_of=length_multiple).items()}
-        losses.append(float(train_step(model, batch, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                                       autocast=autocast)))
-        windows += len(rows)
-        tokens += batch["input_ids"].numel()
+    for step, done in enumerate(steps, 1):
+        losses.append(done["loss"])
+        windows += done["windows"]
+        tokens += done["padded_tokens"]
         if step % tenth == 0:
             seconds = time.perf_counter() - started
             tenths.append({"windows_per_s": windows / seconds, "padded_tokens": tokens, "seconds": seconds,
                            "resident_mib": resident_mib()})
             started, windows, tokens = time.perf_counter(), 0, 0
-    return {"variant": args.run_variant, "precision": precision, "steps": args.steps, "tenths": tenths,
+    return {"variant": args.run_variant, "precision": resolve_precision(preset_config().precision, torch.device("cpu")),
+            "steps": args.steps, "tenths": tenths,
             "resident_mib_before_steps": rss_start, "peak_resident_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "loss_first_tenth": float(np.mean(losses[:tenth])), "loss_last_tenth": float(np.mean(losses[-tenth:])),
             "losses": losses}

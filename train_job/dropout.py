@@ -57,19 +57,20 @@ class CheapDropout(torch.nn.Dropout):
 
 
 class _DroppedAttention(torch.autograd.Function):
-    """softmax(q k^T * scaling + mask) with dropout, times v, in float32, keeping for the backward only
-    the probabilities and the boolean mask (autograd would also keep the dropped probabilities: a
-    second float32 copy of every attention matrix, a sixth of the preset's peak memory)."""
+    """softmax(q k^T * scaling + mask) with dropout, times v, in float32. The backward keeps only the
+    probabilities and the boolean mask (autograd would also keep the dropped probabilities: a second
+    float32 copy of every attention matrix), and every scalar factor is applied to the small
+    (length x head size) matrices, not the length x length ones."""
 
     @staticmethod
     def forward(ctx, query, key, value, mask, scaling: float, p: float):
-        scores = torch.matmul(query.float(), key.float().transpose(2, 3)) * scaling
+        scores = torch.matmul(query.float() * scaling, key.float().transpose(2, 3))
         if mask is not None:
-            scores = scores + mask
+            scores += mask
         probabilities = torch.softmax(scores, dim=-1)
         del scores
         keep, scale = keep_mask(probabilities.shape, p)
-        output = torch.matmul(torch.where(keep, probabilities * scale, 0), value.float())
+        output = torch.matmul(probabilities * keep, value.float()).mul_(scale)
         ctx.save_for_backward(query, key, value, probabilities, keep)
         ctx.scaling, ctx.scale = scaling, scale
         return output.to(value.dtype)
@@ -78,13 +79,13 @@ class _DroppedAttention(torch.autograd.Function):
     def backward(ctx, grad_output):
         query, key, value, probabilities, keep = ctx.saved_tensors
         grad_output = grad_output.float()
-        grad_value = torch.matmul(torch.where(keep, probabilities * ctx.scale, 0).transpose(2, 3), grad_output)
-        grad_probabilities = torch.where(keep, torch.matmul(grad_output, value.float().transpose(2, 3)) * ctx.scale, 0)
-        # softmax's backward: p * (g - sum(g * p)), then the scaling of the scores
-        grad_scores = probabilities * (grad_probabilities - (grad_probabilities * probabilities).sum(-1, keepdim=True))
-        grad_scores *= ctx.scaling
-        grad_query = torch.matmul(grad_scores, key.float())
-        grad_key = torch.matmul(grad_scores.transpose(2, 3), query.float())
+        grad_value = torch.matmul((probabilities * keep).transpose(2, 3), grad_output).mul_(ctx.scale)
+        grad_dropped = torch.matmul(grad_output, value.float().transpose(2, 3)).mul_(keep)
+        # softmax's backward, fused; the dropout's scale and the scores' scaling are applied below
+        grad_scores = torch._softmax_backward_data(grad_dropped, probabilities, -1, torch.float32)
+        factor = ctx.scale * ctx.scaling
+        grad_query = torch.matmul(grad_scores, key.float()).mul_(factor)
+        grad_key = torch.matmul(grad_scores.transpose(2, 3), query.float()).mul_(factor)
         return grad_query.to(query.dtype), grad_key.to(key.dtype), grad_value.to(value.dtype), None, None, None
 
 

@@ -225,6 +225,31 @@ def test_a_model_with_cheap_dropout_evaluates_and_saves_as_before_and_masks_padd
     assert reloaded.config._attn_implementation == reference.config._attn_implementation
 
 
+def test_a_training_worker_keeps_freed_memory_for_its_next_step():
+    import subprocess
+    import sys
+
+    # In a child process: the thresholds are the whole process's.
+    program = """
+import resource, sys, torch
+from train_job.allocator import keep_freed_memory
+def faults():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(10):  # a step's 48 MB activation, allocated, written and freed
+        torch.empty(12 * 2**20).fill_(1.0)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+faults()
+default = faults()
+assert keep_freed_memory()
+faults()
+print(default, faults())
+"""
+    default, kept = map(int, subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
+                                            check=True).stdout.split())
+    assert default > 10 * 12 * 2**20 / 4096 * 0.9  # every page faulted in again, each time
+    assert kept < default / 10
+
+
 def test_the_featurising_tokenizer_is_loaded_once_per_process_and_again_when_its_files_change(tiny_model_dir, tmp_path):
     import shutil
 

@@ -6,7 +6,7 @@ unmapped one by one; a heap's free top is trimmed past 2x the last such block), 
 faults every page in again, zero-filled by the kernel: in a Ray Train worker, where the loop runs in
 a thread of its own with its own malloc arena, about 375,000 page faults per step of the squad-minilm
 preset and 15 % of the machine's CPU time in the kernel. Serving blocks up to 256 MB from the heap and
-trimming it only past 1 GB free made the preset's steps 1.18x faster (BENCHMARKS.md, "Training near
+trimming it only past 1 GB free made the preset's steps 1.19x faster (BENCHMARKS.md, "Training near
 the machine's limit"); the worker's peak memory is still the step's peak.
 """
 

@@ -110,12 +110,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
     from transformers import AutoModel
 
     from qa_common.modeling import load_tokenizer, resolve_model_path
+    from train_job.allocator import keep_freed_memory
     from train_job.optim import build_optimizer, build_scheduler, resolve_precision
 
     config = EmbedderConfig(**loop_config["config"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(max(1, math.ceil(config.cpus_per_worker)))
+    keep_freed_memory()  # as train_job's CPU workers: the loop's thread would fault its activations in every step
     torch.manual_seed(config.seed)
     pairs = ray.get(loop_config["pairs"])
     tokenizer = load_tokenizer(config.model)

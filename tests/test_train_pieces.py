@@ -368,7 +368,7 @@ def test_a_model_that_declines_every_validation_question_says_so_on_its_card(thr
                "HasAns_total": 6, "HasAns_exact": 0.0 if declined_all else 50.0, "HasAns_f1": 0.0 if declined_all else 60.0,
                "NoAns_total": 4, "NoAns_exact": 100.0, "NoAns_f1": 100.0, "no_answer_threshold": threshold,
                "best_epoch": 2, "train_examples": 12, "train_features": 14, "train_samples_per_second": 3.0,
-               "train_runtime_s": 8.0, "training_precision": "fp32",
+               "train_runtime_s": 8.0, "training_precision": "fp32", "training_dropout": "torch",
                "calibration": {"questions": 300, "score_knots": 12, "score_ece_before": 0.2, "score_ece_after": 0.1}}
     card = model_card(metrics, abstaining)
     assert "Calibration, fitted on the same validation questions" in card and "isotonic map of 12 knots" in card

@@ -47,6 +47,7 @@ def publish_run(checkpoint, checkpoint_metrics: dict, config: TrainConfig, outpu
         "worker_node_ids": checkpoint_metrics["worker_node_ids"],
         "per_device_batch_size": config.per_device_batch_size,
         "training_precision": checkpoint_metrics["training_precision"],
+        "training_dropout": checkpoint_metrics["training_dropout"],
         "model": config.model,
         "dataset": config.dataset or {"train": config.train_file, "validation": config.validation_file},
         "fingerprint": recorded["fingerprint"],
@@ -112,7 +113,7 @@ tags: [question-answering, extractive-qa, squad, ray]
 
 # Extractive QA model fine-tuned from `{config.model}`
 
-Fine-tuned with Ray Train ({config.num_workers} worker(s), {metrics['training_precision']}) by this project's `train_job`.
+Fine-tuned with Ray Train ({config.num_workers} worker(s), {metrics['training_precision']}, {metrics['training_dropout']} dropout) by this project's `train_job`.
 Given a question and a passage, it returns the span of the passage that answers the question.
 
 ## Results

@@ -15,7 +15,8 @@ where the CPU has it):
    per tenth of the run and resident memory per tenth and at its peak. ``before``: batches cut to
    their longest window (a new shape nearly every step), PyTorch's dropout; ``buckets``: cut to a
    multiple of 32 tokens; ``now``: that and ``train_job.dropout``'s cheap dropout, as ``--cheap-dropout``
-   does; ``attention-dropout-0``: that and ``--attention-dropout 0``.
+   does; ``attention-dropout-0``: that and ``--attention-dropout 0``; ``checkpointed``: ``now`` and
+   ``--gradient-checkpointing``.
 3. **The machine's rate** at the model's own matmuls: every matmul of a training step at the median
    length (forward, and both products of the backward), timed alone in the same dtype; the loop's
    model FLOP/s as a share of it.
@@ -36,11 +37,12 @@ import numpy as np
 from bench import benchlib
 
 DEFAULT_OUT = benchlib.RESULTS / "train_limits.json"
-VARIANTS = {  # name -> (tokens batches are cut to a multiple of, --attention-dropout, cheap dropout)
-    "before": (1, None, False),  # the loop before length buckets: a new shape nearly every step
-    "buckets": (None, None, False),  # batches cut to train_job.loop.LENGTH_MULTIPLE, PyTorch's dropout
-    "now": (None, None, True),  # buckets and --cheap-dropout (train_job.dropout)
-    "attention-dropout-0": (None, 0.0, True),  # and --attention-dropout 0: PyTorch's fused attention
+VARIANTS = {  # name -> (tokens batches are cut to a multiple of, --attention-dropout, cheap dropout, checkpointing)
+    "before": (1, None, False, False),  # the loop before length buckets: a new shape nearly every step
+    "buckets": (None, None, False, False),  # batches cut to train_job.loop.LENGTH_MULTIPLE, PyTorch's dropout
+    "now": (None, None, True, False),  # buckets and --cheap-dropout (train_job.dropout)
+    "attention-dropout-0": (None, 0.0, True, False),  # and --attention-dropout 0: PyTorch's fused attention
+    "checkpointed": (None, None, True, True),  # "now" and --gradient-checkpointing: memory for compute
 }
 PROFILED = {"buckets": (None, False), "now": (None, True), "attention-dropout-0": (0.0, True)}
 KINDS = {  # profiler op name prefixes -> kind
@@ -103,7 +105,7 @@ def resident_mib() -> float:
 
 def preset_steps(model_name: str, features: dict, steps: int, *, length_multiple: int | None = None,
                  attention_dropout: float | None = None, cheap_dropout: bool = False, dropout_seed: int | None = None,
-                 threads: int | None = None):
+                 threads: int | None = None, gradient_checkpointing: bool = False):
     """The preset's training steps in this process, as ``train_job``'s loop takes them (its model, optimiser,
     schedule, autocast, length-grouped batch order and padding cut to ``length_multiple``): yields each
     step's windows, padded tokens and loss. ``dropout_seed`` re-seeds the generator once the model is
@@ -124,6 +126,8 @@ def preset_steps(model_name: str, features: dict, steps: int, *, length_multiple
     set_attention_dropout(model, attention_dropout)
     if cheap_dropout:
         use_cheap_dropout(model)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if dropout_seed is not None:
         torch.manual_seed(dropout_seed)
     precision = resolve_precision(config.precision, torch.device("cpu"))
@@ -156,9 +160,10 @@ def run_variant(args) -> dict:
 
     from train_job.optim import resolve_precision
 
-    length_multiple, attention_dropout, cheap_dropout = VARIANTS[args.run_variant]
+    length_multiple, attention_dropout, cheap_dropout, checkpointing = VARIANTS[args.run_variant]
     steps = preset_steps(args.model, dict(np.load(args.features)), args.steps, length_multiple=length_multiple,
-                         attention_dropout=attention_dropout, cheap_dropout=cheap_dropout)
+                         attention_dropout=attention_dropout, cheap_dropout=cheap_dropout,
+                         gradient_checkpointing=checkpointing)
     tenth, tenths, losses = max(1, args.steps // 10), [], []
     rss_start, started, windows, tokens = resident_mib(), time.perf_counter(), 0, 0
     for step, done in enumerate(steps, 1):

@@ -21,7 +21,8 @@ def records():
 def test_training_with_negatives_exports_a_model_that_abstains_at_its_best_threshold(abstaining_run):
     output, metrics = abstaining_run
     assert metrics["train_examples"] > 13  # the synthesised negatives were trained on
-    assert metrics["training_dropout"] == "torch"  # --cheap-dropout is off by default (test_train_job: on)
+    # --cheap-dropout and --gradient-checkpointing are off by default (test_train_job: on)
+    assert metrics["training_dropout"] == "torch" and metrics["gradient_checkpointing"] is False
     saved = load_qa_config(output / "model")
     assert saved.version_2_with_negative is True  # switched on by the negatives, not by a flag
     # Stored on the calibrated scale: the same decisions as the raw threshold with the best F1.

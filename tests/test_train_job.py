@@ -22,7 +22,9 @@ def tiny_config(model_dir, output_dir, **overrides) -> TrainConfig:
         validation_file=str(FIXTURES / "tiny-squad.json"), output_dir=str(output_dir), num_workers=2,
         epochs=3, learning_rate=3e-3, warmup_ratio=0.0, per_device_batch_size=4,
         qa=QAConfig(max_length=48, stride=16, max_question_length=20), max_failures=0,
-        cheap_dropout=True,  # the squad-minilm preset's; the abstaining run (conftest) trains with PyTorch's
+        # The squad-minilm preset's dropout, and the backward that recomputes each layer; the abstaining run
+        # (conftest) trains with PyTorch's dropout and keeps its activations.
+        cheap_dropout=True, gradient_checkpointing=True,
     )
     values.update(overrides)
     return TrainConfig(**values).validate()
@@ -47,6 +49,8 @@ def test_two_workers_train_evaluate_and_export(uninterrupted):
         assert saved[name] == pytest.approx(recomputed[name])
     assert saved["num_workers"] == 2 and saved["eval_examples"] == len(references)
     assert saved["training_dropout"] == "cheap" and "fp32, cheap dropout)" in (output_dir / "model/README.md").read_text()
+    assert saved["gradient_checkpointing"] is True
+    assert "gradient_checkpointing" not in json.loads((output_dir / "model/config.json").read_text())
     assert saved["train_samples_per_second"] > 0 and saved["train_runtime_s"] > 0
     assert f"| {saved['exact_match']:.2f} | {saved['f1']:.2f} |" in (output_dir / "model/README.md").read_text()
     # --export-onnx: both ONNX files, measured on the run's own validation split, in the card too

@@ -225,6 +225,35 @@ def test_a_model_with_cheap_dropout_evaluates_and_saves_as_before_and_masks_padd
     assert reloaded.config._attn_implementation == reference.config._attn_implementation
 
 
+def test_gradient_checkpointing_replays_the_cheap_dropout_masks_and_gives_the_same_gradients(tiny_model_dir):
+    """What --gradient-checkpointing promises: the backward recomputes each layer with the masks its
+    forward drew, so the step is the one it would have been (a recompute that drew new masks fails)."""
+    from transformers import AutoModelForQuestionAnswering
+
+    from train_job.dropout import use_cheap_dropout
+
+    inputs = {"input_ids": torch.randint(5, 40, (4, 16), generator=torch.Generator().manual_seed(1)),
+              "attention_mask": torch.ones(4, 16, dtype=torch.long),
+              "start_positions": torch.tensor([1, 3, 5, 0]), "end_positions": torch.tensor([2, 3, 9, 0])}
+
+    def gradients(checkpointing: bool) -> tuple[float, dict]:
+        model = AutoModelForQuestionAnswering.from_pretrained(tiny_model_dir)
+        use_cheap_dropout(model)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        torch.manual_seed(7)
+        loss = model(**inputs).loss
+        loss.backward()
+        return float(loss), {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+
+    loss, plain = gradients(False)
+    checkpointed_loss, checkpointed = gradients(True)
+    assert checkpointed_loss == pytest.approx(loss, abs=1e-6) and plain.keys() == checkpointed.keys()
+    for name, gradient in plain.items():
+        assert torch.allclose(checkpointed[name], gradient, atol=1e-5), name
+
+
 def test_a_training_worker_keeps_freed_memory_for_its_next_step():
     import subprocess
     import sys

@@ -68,6 +68,10 @@ class TrainConfig:
         "on CPU workers, dropout masks from four 15-bit lanes of each 64-bit draw and an attention that keeps less "
         "for its backward (train_job/dropout.py): the squad-minilm preset's steps 1.15x faster and 0.5 GB lighter; "
         "another random stream than PyTorch's, so a run learns as under another seed (BENCHMARKS.md)", default=False)
+    gradient_checkpointing: bool = _flag(
+        "keep only each layer's input for the backward and recompute the rest there (dropout masks replayed, so "
+        "the same gradients): for a machine short of memory, e.g. the squad-minilm preset's worker in less memory "
+        "at the cost of about a third more compute (BENCHMARKS.md)", default=False)
     compile: bool = _flag("torch.compile the model (pays off on GPUs for long runs; slow start)", default=False)
     precision: str = _flag("fp32, bf16 (autocast), fp16 (autocast + loss scaling; GPU only), or auto: bf16 where the "
                            "worker's GPU or CPU computes it natively (AVX512-BF16/AMX), else fp32", default="fp32")

@@ -54,7 +54,7 @@ class Worker:
     scaler: torch.amp.GradScaler
     autocast: torch.autocast
     precision: str  # config.precision with "auto" resolved for this worker's device
-    dropout: str  # "cheap" (train_job.dropout) or "torch": what --cheap-dropout came to on this device
+    applied: dict  # what --cheap-dropout and --gradient-checkpointing came to on this device, read off the model
     state: dict  # counters, history, RNG states: saved with every checkpoint
     resumed: bool
     loop_config: dict  # what the driver passed: the run's name, fingerprint, test seams
@@ -120,7 +120,11 @@ def set_up(config: TrainConfig, loop_config: dict) -> Worker:
     set_attention_dropout(model, config.attention_dropout)
     # Recorded from what was swapped, not from the flag. A GPU's dropout is already fused.
     swapped = use_cheap_dropout(model) if config.cheap_dropout and device.type == "cpu" else 0
-    dropout = "cheap" if swapped else "torch"
+    if config.gradient_checkpointing:
+        # Non-reentrant: works under DDP and restores the generator, so recomputed dropout masks match.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    applied = {"training_dropout": "cheap" if swapped else "torch",
+               "gradient_checkpointing": model.is_gradient_checkpointing}
     model = ray.train.torch.prepare_model(model)
     if config.compile:
         # Trimmed batches change length every step: compile for dynamic shapes once, not per length.
@@ -144,7 +148,7 @@ def set_up(config: TrainConfig, loop_config: dict) -> Worker:
         device.type, dtype=AUTOCAST_DTYPES.get(precision), enabled=precision in AUTOCAST_DTYPES
     )
     worker = Worker(config, rank, world_size, device, model, tokenizer, optimizer, scheduler, scaler, autocast,
-                    precision, dropout, state, resumed=bool(resumed_from), loop_config=loop_config)
+                    precision, applied, state, resumed=bool(resumed_from), loop_config=loop_config)
     if rank == 0 and config.trackers:
         worker.trackers = Trackers(config, loop_config["run_name"], step=state["step"],
                                    mlflow_run_id=state["mlflow_run_id"])
@@ -218,7 +222,7 @@ def train_epoch(worker: Worker, train_features: dict, units: TrainingUnits, epoc
         "train_samples_per_second": float(totals[0]) / epoch_seconds,
         "train_runtime_s": state["train_runtime_s"],
         "training_precision": worker.precision,
-        "training_dropout": worker.dropout,
+        **worker.applied,
     }
 
 

@@ -1,4 +1,5 @@
-"""What Ray's own processes take from a one-machine training run: CPU time by process, sampled from /proc.
+"""What Ray's own processes take from a one-machine training run: CPU time by process, sampled from /proc,
+and the training worker's peak resident memory.
 
     python -m bench.ray_overhead                      # the squad-minilm preset's recipe on 1,000 questions
     python -m bench.ray_overhead -- --max-train-samples 4000
@@ -7,7 +8,10 @@ Runs ``python -m train_job`` (its own local Ray) with the preset's recipe on a s
 (``../shared``; else the quickstart data), reads every process's CPU time from ``/proc`` each
 second, and reports, over the training epoch only (from the training worker's first busy second
 to its last), each process's share of the machine's CPU time: the training worker, the driver, and
-each of Ray's own (GCS, raylet, dashboard, agents, Train's controller and helpers, idle workers).
+each of Ray's own (GCS, raylet, dashboard, agents, Train's controller and helpers, idle workers);
+and the training worker's peak resident memory (``VmHWM``), the validation pass included.
+
+    python -m bench.ray_overhead --out bench/results/worker_memory_checkpointed.json -- --gradient-checkpointing
 """
 
 from __future__ import annotations
@@ -52,6 +56,18 @@ def process_times() -> dict[int, tuple[str, float]]:
     return times
 
 
+def peak_resident_mib(pid: int) -> float:
+    """The process's peak resident set (``VmHWM``) in MiB; 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
 def process_name(argv: list[bytes]) -> str:
     """A readable name: Ray's actor or worker title, the binary, or the Python module run."""
     words = [word.decode(errors="replace") for word in argv if word]
@@ -73,10 +89,13 @@ def measure(args, workdir: Path, load_before: list[float]) -> int:
                "--max-train-samples", str(args.questions), "--holdout-questions", "100", "--max-eval-samples", "100",
                "--output-dir", str(workdir / "run"), "--checkpoint-every-steps", "100000", *args.train_flags]
     before = set(process_times())
-    samples = []
+    samples, worker_peak_mib = [], 0.0
     child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while child.poll() is None:
-        samples.append((time.monotonic(), {pid: value for pid, value in process_times().items() if pid not in before}))
+        procs = {pid: value for pid, value in process_times().items() if pid not in before}
+        samples.append((time.monotonic(), procs))
+        worker_peak_mib = max([worker_peak_mib] + [peak_resident_mib(pid) for pid, (name, _) in procs.items()
+                                                   if name == TRAINING_WORKER])
         time.sleep(1.0)
     if child.returncode != 0:
         raise SystemExit(f"train_job failed (exit {child.returncode}): {' '.join(command)}")
@@ -93,7 +112,8 @@ def measure(args, workdir: Path, load_before: list[float]) -> int:
     rows = sorted(({"process": name, "share_of_cpu": share} for name, share in shares.items() if share > 0),
                   key=lambda row: -row["share_of_cpu"])
     ratios = {"ray_own_processes_share_of_cpu": sum(row["share_of_cpu"] for row in rows),
-              "training_worker_share_of_cpu": worker, "driver_share_of_cpu": driver}
+              "training_worker_share_of_cpu": worker, "driver_share_of_cpu": driver,
+              "training_worker_peak_resident_mib": worker_peak_mib}
     benchlib.print_table("Ratios", [{"ratio": k, "value": v} for k, v in ratios.items()], ["ratio", "value"])
     benchlib.print_table(f"Ray's own processes over {seconds:.0f} s of training ({cpus} CPUs)", rows,
                          ["process", "share_of_cpu"])

@@ -11,11 +11,13 @@ where the CPU has it):
    length, its CPU time by kind: matmuls, fused attention, dropout's random numbers, the optimiser,
    other element-wise work.
 2. **Variants** of the loop, each in a fresh process (the allocator's state and its environment are
-   per process): ``--steps`` steps of the real step over the same batches in the same order; windows/s
-   per tenth of the run and resident memory per tenth and at its peak. ``before``: batches cut to
-   their longest window (a new shape nearly every step), PyTorch's dropout; ``buckets``: cut to a
-   multiple of 32 tokens; ``now``: that and ``train_job.dropout``'s cheap dropout, as ``--cheap-dropout``
-   does; ``attention-dropout-0``: that and ``--attention-dropout 0``; ``checkpointed``: ``now`` and
+   per process) and in a thread of its own, as Ray Train runs it: ``--steps`` steps of the real step
+   over the same batches in the same order; windows/s per tenth of the run and resident memory per
+   tenth and at its peak. ``before``: the loop the issue measured (batches cut to their longest window,
+   a new shape nearly every step; PyTorch's dropout; glibc's default thresholds); the others keep freed
+   memory as every CPU worker now does (``train_job.allocator``): ``buckets``: batches cut to a multiple
+   of 32 tokens; ``now``: that and ``train_job.dropout``'s cheap dropout, as ``--cheap-dropout`` does;
+   ``attention-dropout-0``: that and ``--attention-dropout 0``; ``checkpointed``: ``now`` and
    ``--gradient-checkpointing``.
 3. **The machine's rate** at the model's own matmuls: every matmul of a training step at the median
    length (forward, and both products of the backward), timed alone in the same dtype; the loop's
@@ -29,20 +31,30 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from bench import benchlib
 
 DEFAULT_OUT = benchlib.RESULTS / "train_limits.json"
-VARIANTS = {  # name -> (tokens batches are cut to a multiple of, --attention-dropout, cheap dropout, checkpointing)
-    "before": (1, None, False, False),  # the loop before length buckets: a new shape nearly every step
-    "buckets": (None, None, False, False),  # batches cut to train_job.loop.LENGTH_MULTIPLE, PyTorch's dropout
-    "now": (None, None, True, False),  # buckets and --cheap-dropout (train_job.dropout)
-    "attention-dropout-0": (None, 0.0, True, False),  # and --attention-dropout 0: PyTorch's fused attention
-    "checkpointed": (None, None, True, True),  # "now" and --gradient-checkpointing: memory for compute
+class Variant(NamedTuple):
+    length_multiple: int | None  # tokens batches are cut to a multiple of (None: train_job.loop's)
+    attention_dropout: float | None  # --attention-dropout (None: the model's)
+    cheap_dropout: bool  # --cheap-dropout
+    checkpointing: bool  # --gradient-checkpointing
+    keep_freed_memory: bool  # train_job.allocator, as every CPU worker now sets it
+
+
+VARIANTS = {
+    "before": Variant(1, None, False, False, False),  # the loop the issue measured: a new shape nearly every step
+    "buckets": Variant(None, None, False, False, True),  # batches cut to LENGTH_MULTIPLE, PyTorch's dropout
+    "now": Variant(None, None, True, False, True),  # buckets and --cheap-dropout (train_job.dropout)
+    "attention-dropout-0": Variant(None, 0.0, True, False, True),  # and --attention-dropout 0: fused attention
+    "checkpointed": Variant(None, None, True, True, True),  # "now" and --gradient-checkpointing
 }
 PROFILED = {"buckets": (None, False), "now": (None, True), "attention-dropout-0": (0.0, True)}
 KINDS = {  # profiler op name prefixes -> kind
@@ -153,33 +165,59 @@ def preset_steps(model_name: str, features: dict, steps: int, *, length_multiple
 
 
 def run_variant(args) -> dict:
-    """One variant's run, in this (fresh) process: windows/s and resident memory per tenth."""
+    """One variant's run, in this (fresh) process and in a thread of its own, as Ray Train runs the loop
+    (a thread's malloc arena is not the main one's): windows/s and resident memory per tenth."""
     import resource
 
     import torch
 
+    from train_job.allocator import keep_freed_memory
     from train_job.optim import resolve_precision
 
-    length_multiple, attention_dropout, cheap_dropout, checkpointing = VARIANTS[args.run_variant]
-    steps = preset_steps(args.model, dict(np.load(args.features)), args.steps, length_multiple=length_multiple,
-                         attention_dropout=attention_dropout, cheap_dropout=cheap_dropout,
-                         gradient_checkpointing=checkpointing)
+    variant = VARIANTS[args.run_variant]
+    if variant.keep_freed_memory:
+        keep_freed_memory()
+    steps = preset_steps(args.model, dict(np.load(args.features)), args.steps, length_multiple=variant.length_multiple,
+                         attention_dropout=variant.attention_dropout, cheap_dropout=variant.cheap_dropout,
+                         gradient_checkpointing=variant.checkpointing)
     tenth, tenths, losses = max(1, args.steps // 10), [], []
-    rss_start, started, windows, tokens = resident_mib(), time.perf_counter(), 0, 0
-    for step, done in enumerate(steps, 1):
-        losses.append(done["loss"])
-        windows += done["windows"]
-        tokens += done["padded_tokens"]
-        if step % tenth == 0:
-            seconds = time.perf_counter() - started
-            tenths.append({"windows_per_s": windows / seconds, "padded_tokens": tokens, "seconds": seconds,
-                           "resident_mib": resident_mib()})
-            started, windows, tokens = time.perf_counter(), 0, 0
+    rss_start = resident_mib()
+
+    def take_steps():
+        started, windows, tokens = time.perf_counter(), 0, 0
+        for step, done in enumerate(steps, 1):
+            losses.append(done["loss"])
+            windows += done["windows"]
+            tokens += done["padded_tokens"]
+            if step % tenth == 0:
+                seconds = time.perf_counter() - started
+                tenths.append({"windows_per_s": windows / seconds, "padded_tokens": tokens, "seconds": seconds,
+                               "resident_mib": resident_mib()})
+                started, windows, tokens = time.perf_counter(), 0, 0
+
+    in_a_thread(take_steps)
     return {"variant": args.run_variant, "precision": resolve_precision(preset_config().precision, torch.device("cpu")),
             "steps": args.steps, "tenths": tenths,
             "resident_mib_before_steps": rss_start, "peak_resident_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "loss_first_tenth": float(np.mean(losses[:tenth])), "loss_last_tenth": float(np.mean(losses[-tenth:])),
             "losses": losses}
+
+
+def in_a_thread(function) -> None:
+    """Run ``function`` in a new thread and wait for it; its exception is raised here."""
+    failed = []
+
+    def target():
+        try:
+            function()
+        except BaseException as error:  # re-raised in the caller's thread
+            failed.append(error)
+
+    thread = threading.Thread(target=target, name="train-loop")
+    thread.start()
+    thread.join()
+    if failed:
+        raise failed[0]
 
 
 def step_inputs(model, length: int, batch_size: int, seed: int = 0):

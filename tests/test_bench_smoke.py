@@ -8,6 +8,7 @@ only that they are there.
 
 import importlib
 import json
+import os
 import subprocess
 
 import pytest
@@ -79,6 +80,16 @@ def test_ray_overhead_names_rays_processes():
     assert process_name([b"/usr/bin/python3.11", b"-m", b"train_job", b"--preset", b"squad-minilm"]) == "python train_job"
     assert process_name([b"/venv/bin/python", b"/venv/lib/ray/dashboard/dashboard.py", b"--x"]) == "python dashboard.py"
     assert process_name([b"/venv/lib/ray/core/src/ray/gcs/gcs_server", b"--port"]) == "gcs_server"
+
+
+def test_ray_overhead_reads_a_processs_peak_memory():
+    import resource
+
+    from bench.ray_overhead import peak_resident_mib
+
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    assert peak_resident_mib(os.getpid()) == pytest.approx(own, rel=0.05)
+    assert peak_resident_mib(2**22 + 1) == 0.0  # above Linux's largest pid: no such process
 
 
 def test_preprocess(local_ray, tiny_model_dir, tmp_path, capsys):

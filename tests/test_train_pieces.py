@@ -264,7 +264,7 @@ import resource, sys, torch
 from train_job.allocator import keep_freed_memory
 def faults():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(10):  # a step's 48 MB activation, allocated, written and freed
+    for _ in range(20):  # a step's 48 MB activation, allocated, written and freed
         torch.empty(12 * 2**20).fill_(1.0)
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 faults()
@@ -275,8 +275,10 @@ print(default, faults())
 """
     default, kept = map(int, subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
                                             check=True).stdout.split())
-    assert default > 10 * 12 * 2**20 / 4096 * 0.9  # every page faulted in again, each time
-    assert kept < default / 10
+    assert default > 20 * 12 * 2**20 / 4096 * 0.9  # every page faulted in again, each time
+    # Kept: the pages are reused. A margin of a few fault-ins: a loaded machine (CI) once faulted
+    # one of ten allocations in again, which a bound of exactly a tenth did not allow.
+    assert kept < default / 4
 
 
 def test_the_featurising_tokenizer_is_loaded_once_per_process_and_again_when_its_files_change(tiny_model_dir, tmp_path):

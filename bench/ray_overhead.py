@@ -11,7 +11,7 @@ to its last), each process's share of the machine's CPU time: the training worke
 each of Ray's own (GCS, raylet, dashboard, agents, Train's controller and helpers, idle workers);
 and the training worker's peak resident memory (``VmHWM``), the validation pass included.
 
-    python -m bench.ray_overhead --out bench/results/worker_memory_checkpointed.json -- --gradient-checkpointing
+    python -m bench.ray_overhead --out bench/results/ray_overhead_checkpointed.json -- --gradient-checkpointing
 """
 
 from __future__ import annotations

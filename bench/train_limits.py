@@ -129,7 +129,8 @@ def preset_steps(model_name: str, features: dict, steps: int, *, length_multiple
     from train_job.data import epoch_batches
     from train_job.dropout import use_cheap_dropout
     from train_job.loop import AUTOCAST_DTYPES, GROUP_BATCHES, LENGTH_MULTIPLE
-    from train_job.optim import build_optimizer, build_scheduler, resolve_precision, set_attention_dropout, train_step
+    from train_job.optim import (build_optimizer, build_scheduler, checkpoint_layers, resolve_precision,
+                                 set_attention_dropout, train_step)
 
     config = preset_config()
     torch.set_num_threads(threads or os.cpu_count())
@@ -139,7 +140,7 @@ def preset_steps(model_name: str, features: dict, steps: int, *, length_multiple
     if cheap_dropout:
         use_cheap_dropout(model)
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpoint_layers(model)
     if dropout_seed is not None:
         torch.manual_seed(dropout_seed)
     precision = resolve_precision(config.precision, torch.device("cpu"))

@@ -231,6 +231,7 @@ def test_gradient_checkpointing_replays_the_cheap_dropout_masks_and_gives_the_sa
     from transformers import AutoModelForQuestionAnswering
 
     from train_job.dropout import use_cheap_dropout
+    from train_job.optim import checkpoint_layers
 
     inputs = {"input_ids": torch.randint(5, 40, (4, 16), generator=torch.Generator().manual_seed(1)),
               "attention_mask": torch.ones(4, 16, dtype=torch.long),
@@ -240,7 +241,7 @@ def test_gradient_checkpointing_replays_the_cheap_dropout_masks_and_gives_the_sa
         model = AutoModelForQuestionAnswering.from_pretrained(tiny_model_dir)
         use_cheap_dropout(model)
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            checkpoint_layers(model)
         model.train()
         torch.manual_seed(7)
         loss = model(**inputs).loss

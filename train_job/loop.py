@@ -27,7 +27,8 @@ from train_job.collectives import all_reduce_sum, gather_objects
 from train_job.config import TrainConfig
 from train_job.data import TrainingUnits, epoch_batches, epoch_shard, training_units
 from train_job.dropout import use_cheap_dropout
-from train_job.optim import build_optimizer, build_scheduler, resolve_precision, set_attention_dropout, train_step
+from train_job.optim import (build_optimizer, build_scheduler, checkpoint_layers, resolve_precision,
+                             set_attention_dropout, train_step)
 from train_job.tracking import Trackers
 from train_job.validation import describe_scores, evaluate, my_questions
 
@@ -121,8 +122,7 @@ def set_up(config: TrainConfig, loop_config: dict) -> Worker:
     # Recorded from what was swapped, not from the flag. A GPU's dropout is already fused.
     swapped = use_cheap_dropout(model) if config.cheap_dropout and device.type == "cpu" else 0
     if config.gradient_checkpointing:
-        # Non-reentrant: works under DDP and restores the generator, so recomputed dropout masks match.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpoint_layers(model)
     applied = {"training_dropout": "cheap" if swapped else "torch",
                "gradient_checkpointing": model.is_gradient_checkpointing}
     model = ray.train.torch.prepare_model(model)

@@ -44,6 +44,13 @@ def set_attention_dropout(model: torch.nn.Module, attention_dropout: float | Non
     return len(layers)
 
 
+def checkpoint_layers(model: torch.nn.Module) -> None:
+    """--gradient-checkpointing: each layer keeps only its input and runs again in the backward.
+    Non-reentrant checkpointing works under DDP and restores the random generator, so the recomputed
+    dropout masks are the ones the forward drew: the same gradients."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def build_optimizer(model: torch.nn.Module, *, learning_rate: float, weight_decay: float,
                     fused: bool | None = None) -> torch.optim.AdamW:
     """AdamW with weight decay on the weight matrices only: biases and LayerNorm are not decayed (as BERT).

@@ -17,6 +17,10 @@ none does when the search missed.
 - ``--validation-questions N``: whole articles held out of the library and of training (seeded, at
   least N questions); their questions, each with its own paragraph, and half as many unanswerable
   ones (a question with another paragraph of its article) are OUTPUT/validation.json.
+- ``--whole-library``: every article of the file is in the library (less the absent ones), not only
+  the ``--articles`` asked about: questions read over the library that is served, for fitting a
+  model's calibration over passages (``python -m qa_common.calibration --over-passages``) where
+  ``evaluate`` reports it. The distractors a question meets, and so its scores, shift with the library.
 
 Writes OUTPUT/train.json (the groups), OUTPUT/validation.json, OUTPUT/mined.json (counts, recall)
 and the library under OUTPUT/library.
@@ -100,18 +104,29 @@ def choose_articles(records: list[dict], articles: int | None, seed: int) -> lis
     return [record for record in records if record.get("title", "") in chosen]
 
 
+def split_articles(records: list[dict], args: argparse.Namespace) -> tuple[list[dict], list[dict], list[dict], set[str]]:
+    """``(asked, validation, library, absent)``: the records whose questions are mined, the held-out
+    validation records, the records whose paragraphs make the library, and the absent articles' titles
+    (chosen among those asked; in no document of the library)."""
+    if args.whole_library and args.validation_questions:
+        raise ValueError("--whole-library puts every article in the library, --validation-questions holds some "
+                         "out of it: use one of them")
+    asked = choose_articles(records, args.articles, args.seed)
+    validation = []
+    if args.validation_questions:
+        asked, validation = hold_out_articles(asked, args.validation_questions, seed=args.seed)
+        # Unanswerable ones too, from the same articles: training chooses its no-answer threshold on them.
+        validation += synthesise_negatives(validation, VALIDATION_NEGATIVES, seed=args.seed, source="article")
+    absent = absent_articles(asked, args.absent_articles, args.seed)
+    library = [record for record in (records if args.whole_library else asked) if record.get("title", "") not in absent]
+    return asked, validation, library, absent
+
+
 def mine(args: argparse.Namespace) -> dict:
     import ray.data
 
-    records = choose_articles(read_squad(args.data), args.articles, args.seed)
-    validation = []
-    if args.validation_questions:
-        records, validation = hold_out_articles(records, args.validation_questions, seed=args.seed)
-        # Unanswerable ones too, from the same articles: training chooses its no-answer threshold on them.
-        validation += synthesise_negatives(validation, VALIDATION_NEGATIVES, seed=args.seed, source="article")
-    titles = sorted({record.get("title", "") for record in records})
-    absent = absent_articles(records, args.absent_articles, args.seed)
-    documents = paragraph_documents([record for record in records if record.get("title", "") not in absent])
+    records, validation, in_library, absent = split_articles(read_squad(args.data), args)
+    documents = paragraph_documents(in_library)
     name_of = {text: name for name, text in documents.items()}
     questions = sample_questions(records, args.max_questions, seed=args.seed)
     output = Path(args.output)
@@ -121,8 +136,8 @@ def mine(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     library = build_library(documents, output, args.address, args.embedder)
     indexed_s = time.perf_counter() - started
-    print(f"[mine] {len(documents)} paragraphs of {len(titles) - len(absent)} articles as the library "
-          f"({len(absent)} absent), {len(questions)} questions, {pool.actors} actor(s)", flush=True)
+    print(f"[mine] {len(documents)} paragraphs of {len({r.get('title', '') for r in in_library})} articles as the "
+          f"library ({len(absent)} absent), {len(questions)} questions, {pool.actors} actor(s)", flush=True)
     rows = [{"id": r["id"], "question": r["question"]} for r in questions]
     found = ray.data.from_items(rows).map_batches(
         PassageFinder, fn_constructor_kwargs={"library": str(library.resolve()), "passages": args.passages,
@@ -144,7 +159,7 @@ def mine(args: argparse.Namespace) -> dict:
     if validation:
         write_records(output / "validation.json", validation)
     summary = {"questions": len(questions), "records": len(train), "passages_read": args.passages,
-               "paragraphs": len(documents), **counts,
+               "paragraphs": len(documents), "whole_library": args.whole_library, **counts,
                "gold_read_share": round(counts["gold_read"] / max(1, len(questions) - counts["absent"]), 4),
                "validation_questions": len(validation), "data": str(args.data), "index_s": round(indexed_s, 1),
                "mine_s": round(time.perf_counter() - started - indexed_s, 1)}
@@ -167,6 +182,9 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--absent-articles", type=float, default=0.1,
                         help="share of the articles left out of the library: their questions are read over passages "
                              "that cannot answer them (default: 0.1)")
+    parser.add_argument("--whole-library", action="store_true",
+                        help="every article of --data in the library (less the absent ones), not only the --articles "
+                             "asked about: calibration questions read over the library that is served")
     parser.add_argument("--validation-questions", type=at_least(1), default=None,
                         help="hold out whole articles with at least N questions as validation.json (default: none)")
     parser.add_argument("--max-questions", type=at_least(1), default=None, help="a seeded sample spread over the articles")

@@ -1,6 +1,7 @@
 """Multi-passage training data from a library's own retrievals (python -m library_job mine), and the
 sentence embedder fine-tuned on it (python -m train_job.embedder)."""
 
+import argparse
 import json
 import stat
 
@@ -12,7 +13,7 @@ from conftest import FIXTURES
 from qa_common import read_squad
 from qa_common.library.embedding import Embedder
 from library_job.__main__ import main as library_job
-from library_job.mine import answer_in, group_records
+from library_job.mine import answer_in, group_records, split_articles
 from train_job.embedder import main as train_embedder
 from train_job.embedder import pair_loss, training_pairs
 
@@ -29,6 +30,29 @@ def test_a_group_is_one_record_per_passage_answered_where_the_passage_holds_the_
     assert [r["id"] for r in records] == ["q1/0", "q1/1"] and {r["group"] for r in records} == {"q1"}
     assert records[0]["answers"] == {"text": [], "answer_start": []}
     assert records[1]["answers"] == {"text": ["Ann Lee"], "answer_start": [7]}
+
+
+def mine_args(*flags: str):
+    from library_job.mine import add_flags
+
+    parser = argparse.ArgumentParser()
+    add_flags(parser)
+    return parser.parse_args(["--data", "unused", "--output", "unused", *flags])
+
+
+def test_a_whole_library_holds_the_articles_not_asked_about_and_leaves_the_absent_ones_out():
+    records = [{"id": f"{title}{n}", "title": title, "context": f"{title} paragraph {n % 2}", "question": "?",
+                "answers": {"text": [], "answer_start": []}} for title in "ABCDEFGHIJ" for n in range(4)]
+    asked, validation, library, absent = split_articles(records, mine_args("--articles", "5", "--absent-articles", "0.2"))
+    asked_titles, library_titles = {r["title"] for r in asked}, {r["title"] for r in library}
+    assert len(asked_titles) == 5 and validation == [] and len(absent) == 1 and absent < asked_titles
+    assert library_titles == asked_titles - absent  # by default: only the articles asked about
+
+    whole = split_articles(records, mine_args("--articles", "5", "--absent-articles", "0.2", "--whole-library"))
+    assert whole[0] == asked and whole[3] == absent  # the same questions, the same absent articles
+    assert {r["title"] for r in whole[2]} == set("ABCDEFGHIJ") - absent  # and every other article in the library
+    with pytest.raises(ValueError, match="--whole-library"):
+        split_articles(records, mine_args("--whole-library", "--validation-questions", "4"))
 
 
 def test_every_question_is_read_over_the_passages_the_library_returns(local_ray, tiny_model_dir, tmp_path):

@@ -115,25 +115,20 @@ def resident_mib() -> float:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def preset_steps(model_name: str, features: dict, steps: int, *, length_multiple: int | None = None,
-                 attention_dropout: float | None = None, cheap_dropout: bool = False, dropout_seed: int | None = None,
-                 threads: int | None = None, gradient_checkpointing: bool = False):
-    """The preset's training steps in this process, as ``train_job``'s loop takes them (its model, optimiser,
-    schedule, autocast, length-grouped batch order and padding cut to ``length_multiple``): yields each
-    step's windows, padded tokens and loss. ``dropout_seed`` re-seeds the generator once the model is
-    loaded, so only the dropout masks differ from the run's own. The model is loaded before the first step
-    is asked for."""
+def preset_training(model_name: str, total_steps: int, *, attention_dropout: float | None = None,
+                    cheap_dropout: bool = False, gradient_checkpointing: bool = False, dropout_seed: int | None = None):
+    """``(model, step)``: the preset's model, optimiser, schedule and autocast as ``train_job``'s loop builds
+    them, ``step(batch)`` taking one training step and returning its loss. ``dropout_seed`` re-seeds the
+    generator once the model is loaded, so only the dropout masks differ from the run's own."""
     import torch
 
-    from qa_common import load_model_and_tokenizer, trim_padding
-    from train_job.data import epoch_batches
+    from qa_common import load_model_and_tokenizer
     from train_job.dropout import use_cheap_dropout
-    from train_job.loop import AUTOCAST_DTYPES, GROUP_BATCHES, LENGTH_MULTIPLE
+    from train_job.loop import AUTOCAST_DTYPES
     from train_job.optim import (build_optimizer, build_scheduler, checkpoint_layers, resolve_precision,
                                  set_attention_dropout, train_step)
 
     config = preset_config()
-    torch.set_num_threads(threads or os.cpu_count())
     torch.manual_seed(config.seed)
     model, _ = load_model_and_tokenizer(model_name, dtype=torch.float32)
     set_attention_dropout(model, attention_dropout)
@@ -145,21 +140,41 @@ def preset_steps(model_name: str, features: dict, steps: int, *, length_multiple
         torch.manual_seed(dropout_seed)
     precision = resolve_precision(config.precision, torch.device("cpu"))
     autocast = torch.autocast("cpu", dtype=AUTOCAST_DTYPES.get(precision), enabled=precision in AUTOCAST_DTYPES)
+    optimizer = build_optimizer(model, learning_rate=config.learning_rate, weight_decay=config.weight_decay)
+    scheduler = build_scheduler(optimizer, warmup_steps=int(config.warmup_ratio * total_steps), total_steps=total_steps)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    model.train()
+    return model, lambda batch: train_step(model, batch, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                                           autocast=autocast)
+
+
+def preset_steps(model_name: str, features: dict, steps: int, *, length_multiple: int | None = None,
+                 attention_dropout: float | None = None, cheap_dropout: bool = False, dropout_seed: int | None = None,
+                 threads: int | None = None, gradient_checkpointing: bool = False):
+    """The preset's training steps in this process, as ``train_job``'s loop takes them (:func:`preset_training`,
+    its length-grouped batch order and padding cut to ``length_multiple``): yields each step's windows,
+    padded tokens and loss. The model is loaded before the first step is asked for."""
+    import torch
+
+    from qa_common import trim_padding
+    from train_job.data import epoch_batches
+    from train_job.loop import GROUP_BATCHES, LENGTH_MULTIPLE
+
+    config = preset_config()
+    torch.set_num_threads(threads or os.cpu_count())
+    _, step = preset_training(model_name, steps, attention_dropout=attention_dropout, cheap_dropout=cheap_dropout,
+                              gradient_checkpointing=gradient_checkpointing, dropout_seed=dropout_seed)
     lengths = features["attention_mask"].sum(axis=1)
     rng = np.random.default_rng(config.seed)
     batches = epoch_batches(rng.permutation(len(lengths)), lengths, config.per_device_batch_size, rng, GROUP_BATCHES)
     batches = (batches * (1 + steps // len(batches)))[:steps]
-    optimizer = build_optimizer(model, learning_rate=config.learning_rate, weight_decay=config.weight_decay)
-    scheduler = build_scheduler(optimizer, warmup_steps=int(config.warmup_ratio * steps), total_steps=steps)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    model.train()
 
     def take_steps():
         for rows in batches:
             batch = {name: torch.as_tensor(values, dtype=torch.long)
                      for name, values in trim_padding({n: v[rows] for n, v in features.items()},
                                                       multiple_of=length_multiple or LENGTH_MULTIPLE).items()}
-            loss = train_step(model, batch, optimizer=optimizer, scheduler=scheduler, scaler=scaler, autocast=autocast)
+            loss = step(batch)
             yield {"windows": len(rows), "padded_tokens": batch["input_ids"].numel(), "loss": float(loss)}
 
     return take_steps()
@@ -234,28 +249,12 @@ def step_inputs(model, length: int, batch_size: int, seed: int = 0):
 
 def profile_step(args, length: int, variant: str) -> dict:
     """CPU time of ``--profile-steps`` steps at ``length`` tokens by kind of op (torch.profiler)."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from qa_common import load_model_and_tokenizer
-    from train_job.loop import AUTOCAST_DTYPES
-    from train_job.dropout import use_cheap_dropout
-    from train_job.optim import build_optimizer, build_scheduler, resolve_precision, set_attention_dropout, train_step
-
-    config = preset_config()
+    batch_size = preset_config().per_device_batch_size
     attention_dropout, cheap_dropout = PROFILED[variant]
-    model, _ = load_model_and_tokenizer(args.model, dtype=torch.float32)
-    set_attention_dropout(model, attention_dropout)
-    if cheap_dropout:
-        use_cheap_dropout(model)
-    precision = resolve_precision(config.precision, torch.device("cpu"))
-    autocast = torch.autocast("cpu", dtype=AUTOCAST_DTYPES.get(precision), enabled=precision in AUTOCAST_DTYPES)
-    optimizer = build_optimizer(model, learning_rate=config.learning_rate, weight_decay=config.weight_decay)
-    scheduler = build_scheduler(optimizer, warmup_steps=0, total_steps=1000)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    model.train()
-    step = lambda: train_step(model, step_inputs(model, length, config.per_device_batch_size), optimizer=optimizer,
-                              scheduler=scheduler, scaler=scaler, autocast=autocast)
+    model, train = preset_training(args.model, 1000, attention_dropout=attention_dropout, cheap_dropout=cheap_dropout)
+    step = lambda: train(step_inputs(model, length, batch_size))
     for _ in range(2):
         step()
     with profile(activities=[ProfilerActivity.CPU]) as profiler:
@@ -268,7 +267,7 @@ def profile_step(args, length: int, variant: str) -> dict:
         kind = next((k for k, prefixes in KINDS.items() if event.key.startswith(prefixes)), "other")
         by_kind[kind] += event.self_cpu_time_total / 1e6 / args.profile_steps
     total = sum(by_kind.values())
-    return {"length": length, "variant": variant, "step_s": seconds, "windows_per_s": config.per_device_batch_size / seconds,
+    return {"length": length, "variant": variant, "step_s": seconds, "windows_per_s": batch_size / seconds,
             "share_of_cpu_time": {kind: value / total for kind, value in by_kind.items()}}
 
 

@@ -51,6 +51,27 @@ def test_the_score_map_kept_is_the_one_best_calibrated_on_questions_it_was_not_f
     assert few[2]["refit"] == few[2]["none"]
 
 
+def test_a_map_refitted_on_some_articles_is_judged_on_other_articles():
+    from qa_common.calibration import choose_score_map
+    from qa_common.calibration.passages import article_folds
+
+    articles = [f"article {n % 8}" for n in range(4000)]
+    folds = article_folds(articles)
+    assert {folds[i] for i in range(8)} == {True, False}  # both folds hold articles ...
+    for title in set(articles):  # ... and no article is split between them
+        assert len({fold for fold, article in zip(folds, articles) if article == title}) == 1
+    # Each article shifts how often a score is right (its own difficulty): judged on questions of
+    # the articles it was fitted on, a refitted map learns the shifts of exactly those articles.
+    rng = np.random.default_rng(3)
+    shift = {f"article {n}": value for n, value in enumerate(rng.uniform(-0.35, 0.35, size=8))}
+    scores = rng.uniform(0, 1, size=4000)
+    correct = rng.random(4000) < np.clip(scores + np.array([shift[a] for a in articles]), 0, 1)
+    maps = {"refit": fit_score_map(scores, correct)}
+    by_question = choose_score_map(scores, correct, maps)[2]["refit"]
+    by_article = choose_score_map(scores, correct, maps, articles=articles)[2]["refit"]
+    assert by_article > by_question + 0.02
+
+
 def test_no_answer_scaling_is_logistic_regression_with_a_positive_slope():
     rng = np.random.default_rng(1)
     differences = rng.normal(0, 3, size=5000)

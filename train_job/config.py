@@ -228,10 +228,9 @@ PRESETS: dict[str, dict] = {
     # One round of clinicians' feedback (docs/feedback.md): the served SQuAD model fine-tuned on
     # `python -m serve_app.feedback export`'s files mixed with as many SQuAD questions (--mix-file:
     # SQuAD's training set), the no-answer threshold chosen with 500 more of them. Gently (3e-5, 2
-    # epochs): from the squad-minilm model, on the clinical sample's 80 feedback questions
-    # (bench/feedback_round.py, docs/feedback.md), 1e-4 for 3 epochs lost 4.1 F1 on the trained
-    # documents' other questions and 1.4 on held-out ones where this gains 1.4 and 1.3; `serve_app
-    # update`'s gate is what keeps a worse model out.
+    # epochs): on the clinical sample's 80 feedback questions a stronger round (1e-4, 3 epochs) undid
+    # more of the served model than the questions taught (docs/feedback.md has both, over seeds);
+    # `serve_app update`'s gate is what keeps a worse model out.
     "feedback": {
         "model": "runs/squad-minilm/model",
         "train_file": "runs/feedback-export/train.json",

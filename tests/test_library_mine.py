@@ -106,6 +106,7 @@ def test_every_question_is_read_over_the_passages_the_library_returns(local_ray,
     metrics = json.loads((tmp_path / "trained" / "metrics.json").read_text())
     assert metrics["train_questions"] + metrics["validation_questions"] == len(training_pairs(mined, 1))
     assert 0 <= metrics["after"]["recall@1"] <= metrics["after"]["recall@5"] <= 1
+    assert metrics["training_dropout"] == "cheap"  # on CPU by default
     before, after = Embedder(str(model)), Embedder(str(tmp_path / "trained" / "model"))
     assert not np.allclose(before.embed(["warfarin"]), after.embed(["warfarin"]))
 

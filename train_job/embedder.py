@@ -56,6 +56,9 @@ class EmbedderConfig:
                             default=32)
     hard_negatives: int = _flag("read passages without the answer per question, best ranked first", default=1)
     scale: float = _flag("cosine similarities are multiplied by this before the softmax", default=20.0)
+    cheap_dropout: bool = _flag(
+        "on CPU workers, train_job/dropout.py's dropout masks and attention (as train_job --cheap-dropout): "
+        "a quarter of the random numbers' cost; another random stream than PyTorch's", default=True)
     validation_share: float = _flag("share of the questions held out to measure recall before and after", default=0.1)
     num_workers: int = _flag("Ray Train workers", default=1)
     cpus_per_worker: float = _flag("CPUs per worker", default=2.0)
@@ -111,6 +114,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     from qa_common.modeling import load_tokenizer, resolve_model_path
     from train_job.allocator import keep_freed_memory
+    from train_job.dropout import use_cheap_dropout
     from train_job.optim import build_optimizer, build_scheduler, resolve_precision
 
     config = EmbedderConfig(**loop_config["config"])
@@ -121,12 +125,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
     torch.manual_seed(config.seed)
     pairs = ray.get(loop_config["pairs"])
     tokenizer = load_tokenizer(config.model)
-    model = ray.train.torch.prepare_model(AutoModel.from_pretrained(resolve_model_path(config.model)))
+    device = ray.train.torch.get_device()
+    model = AutoModel.from_pretrained(resolve_model_path(config.model))
+    # Recorded from what was swapped, not from the flag: a GPU's dropout is already fused.
+    swapped = use_cheap_dropout(model) if config.cheap_dropout and device.type == "cpu" else 0
+    model = ray.train.torch.prepare_model(model)
     steps = config.epochs * math.ceil(math.ceil(len(pairs) / world) / config.batch_size)
     optimizer = build_optimizer(model, learning_rate=config.learning_rate, weight_decay=0.01)
     scheduler = build_scheduler(optimizer, warmup_steps=steps // 10, total_steps=steps)
     # bf16 autocast where the CPU computes it natively, as train_job --precision auto (fp32 master weights).
-    device = ray.train.torch.get_device()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16,
                               enabled=resolve_precision("auto", device) == "bf16")
     model.train()
@@ -148,7 +155,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if bar is not None:
                 bar.update(1)
         metrics = {"epoch": epoch + 1, "loss": float(np.mean(losses)),
-                   "pairs_per_s": len(order) / (time.perf_counter() - started)}
+                   "pairs_per_s": len(order) / (time.perf_counter() - started),
+                   "training_dropout": "cheap" if swapped else "torch"}
         if bar is not None:
             bar.close()
             print(f"[train_job.embedder] epoch {epoch + 1}: loss {metrics['loss']:.4f}, "

@@ -118,3 +118,10 @@ def use_cheap_dropout(model: torch.nn.Module) -> int:
                 swapped += 1
     model.set_attn_implementation(ATTENTION)
     return swapped
+
+
+def training_dropout(model: torch.nn.Module, cheap: bool, device: torch.device) -> str:
+    """The dropout a training run uses, applied to ``model``: ``"cheap"`` (:func:`use_cheap_dropout`)
+    when asked for on a CPU, else ``"torch"`` (a GPU's dropout is already fused). Recorded from what
+    was swapped, not from the flag."""
+    return "cheap" if cheap and device.type == "cpu" and use_cheap_dropout(model) else "torch"

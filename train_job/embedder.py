@@ -114,7 +114,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     from qa_common.modeling import load_tokenizer, resolve_model_path
     from train_job.allocator import keep_freed_memory
-    from train_job.dropout import use_cheap_dropout
+    from train_job.dropout import training_dropout
     from train_job.optim import build_optimizer, build_scheduler, resolve_precision
 
     config = EmbedderConfig(**loop_config["config"])
@@ -127,8 +127,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     tokenizer = load_tokenizer(config.model)
     device = ray.train.torch.get_device()
     model = AutoModel.from_pretrained(resolve_model_path(config.model))
-    # Recorded from what was swapped, not from the flag: a GPU's dropout is already fused.
-    swapped = use_cheap_dropout(model) if config.cheap_dropout and device.type == "cpu" else 0
+    dropout = training_dropout(model, config.cheap_dropout, device)
     model = ray.train.torch.prepare_model(model)
     steps = config.epochs * math.ceil(math.ceil(len(pairs) / world) / config.batch_size)
     optimizer = build_optimizer(model, learning_rate=config.learning_rate, weight_decay=0.01)
@@ -156,7 +155,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 bar.update(1)
         metrics = {"epoch": epoch + 1, "loss": float(np.mean(losses)),
                    "pairs_per_s": len(order) / (time.perf_counter() - started),
-                   "training_dropout": "cheap" if swapped else "torch"}
+                   "training_dropout": dropout}
         if bar is not None:
             bar.close()
             print(f"[train_job.embedder] epoch {epoch + 1}: loss {metrics['loss']:.4f}, "

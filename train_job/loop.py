@@ -26,7 +26,7 @@ from train_job.allocator import keep_freed_memory
 from train_job.collectives import all_reduce_sum, gather_objects
 from train_job.config import TrainConfig
 from train_job.data import TrainingUnits, epoch_batches, epoch_shard, training_units
-from train_job.dropout import use_cheap_dropout
+from train_job.dropout import training_dropout
 from train_job.optim import (build_optimizer, build_scheduler, checkpoint_layers, resolve_precision,
                              set_attention_dropout, train_step)
 from train_job.tracking import Trackers
@@ -119,11 +119,10 @@ def set_up(config: TrainConfig, loop_config: dict) -> Worker:
         # fp32 master weights whatever the stored dtype (transformers 5 would keep a bf16 checkpoint in bf16).
         model, tokenizer = load_model_and_tokenizer(config.model, dtype=torch.float32)
     set_attention_dropout(model, config.attention_dropout)
-    # Recorded from what was swapped, not from the flag. A GPU's dropout is already fused.
-    swapped = use_cheap_dropout(model) if config.cheap_dropout and device.type == "cpu" else 0
+    dropout = training_dropout(model, config.cheap_dropout, device)
     if config.gradient_checkpointing:
         checkpoint_layers(model)
-    applied = {"training_dropout": "cheap" if swapped else "torch",
+    applied = {"training_dropout": dropout,
                "gradient_checkpointing": model.is_gradient_checkpointing}
     model = ray.train.torch.prepare_model(model)
     if config.compile:

@@ -145,16 +145,18 @@ def mine(args: argparse.Namespace) -> dict:
         batch_size=args.batch_size, compute=ray.data.ActorPoolStrategy(size=pool.actors), batch_format="pyarrow",
         **pool.per_actor)
     by_id = {record["id"]: record for record in questions}
-    train, counts = [], {"answered": 0, "unanswered": 0, "gold_read": 0, "absent": 0}
+    groups, counts = [], {"answered": 0, "unanswered": 0, "gold_read": 0, "absent": 0}
     for row in found.iter_rows():
         question = by_id[row["id"]]
         group = group_records(question, list(row["passages"]))
-        train += group
+        groups.append(group)
         answered = any(record["answers"]["text"] for record in group)
         counts["answered" if answered else "unanswered"] += 1
         counts["gold_read"] += name_of.get(question["context"]) in row["documents"]
         counts["absent"] += question.get("title", "") in absent
-    train.sort(key=lambda record: record["id"])  # the pool answers in no fixed order
+    # The pool answers in no fixed order; a group's records stay in the search's order, which the
+    # calibration over passages weighs (qa_common.decoding.with_rank_prior).
+    train = [record for group in sorted(groups, key=lambda group: group[0]["group"]) for record in group]
     write_records(output / "train.json", train)
     if validation:
         write_records(output / "validation.json", validation)

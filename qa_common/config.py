@@ -37,8 +37,10 @@ def _knots(value) -> tuple[tuple[float, float], ...]:
 
 
 POSITIVE_INTEGERS = ("max_length", "stride", "max_question_length", "n_best", "max_answer_length")
-# Chosen by training on its validation split (no flags there): the no-answer threshold and the calibration.
-FITTED_SETTINGS = ("no_answer_threshold", "score_calibration", "no_answer_scale", "no_answer_bias")
+# Fitted, not flags: the no-answer threshold and the calibration (by training, on its validation split) and the
+# weight of a passage's search rank (over a library's retrievals).
+FITTED_SETTINGS = ("no_answer_threshold", "score_calibration", "no_answer_scale", "no_answer_bias",
+                   "passage_rank_weight")
 
 
 @dataclass(frozen=True)
@@ -70,10 +72,14 @@ class QAConfig:
         "Platt scaling of the no-answer probability: sigmoid(scale * (null score - best span score) + bias) "
         "(fitted on the validation split by training)", default=1.0)
     no_answer_bias: float = setting("see no_answer_scale", default=0.0)
+    passage_rank_weight: float = setting(
+        "over several retrieved passages, a span of the passage at search rank r has its logit lowered by this "
+        "times ln r, so a passage the search ranks lower must convince the reader more (fitted over a library's "
+        "retrievals; 0: the search's order is ignored)", default=0.0)
     passages_calibration: dict = setting(
         "the fitted settings above (any of " + ", ".join(FITTED_SETTINGS) + ") for a question read over several "
         "retrieved passages at once, as a library is asked: fitted over the library's own retrievals by "
-        "`python -m library_job calibrate`; empty: the one-paragraph values", default_factory=dict, flag=False,
+        "`python -m qa_common.calibration --over-passages`; empty: the one-paragraph values", default_factory=dict, flag=False,
         hash=False)
 
     def __post_init__(self) -> None:
@@ -95,6 +101,9 @@ class QAConfig:
         if isinstance(self.no_answer_bias, bool) or not isinstance(self.no_answer_bias, (int, float)) \
                 or not math.isfinite(self.no_answer_bias):
             raise ValueError(f"QAConfig.no_answer_bias must be a finite number, got {self.no_answer_bias!r}")
+        weight = self.passage_rank_weight
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < math.inf:
+            raise ValueError(f"QAConfig.passage_rank_weight must be a finite number >= 0, got {weight!r}")
         if self.stride >= self.max_length:
             raise ValueError(
                 f"QAConfig.stride ({self.stride}) must be smaller than max_length ({self.max_length}): "

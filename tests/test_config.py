@@ -1,6 +1,7 @@
 """Command-line flags generated from the typed configs: real types, presets, one validation."""
 
 import argparse
+import math
 from dataclasses import dataclass
 
 import pytest
@@ -81,7 +82,8 @@ def test_the_feedback_preset_needs_the_file_it_mixes_in(tmp_path, capsys):
 def test_abstention_settings_are_validated_per_field_and_are_flags():
     assert QAConfig().version_2_with_negative is False and QAConfig().no_answer_threshold == 0.5
     for bad in ({"no_answer_threshold": 1.5}, {"no_answer_threshold": -0.1}, {"no_answer_threshold": True},
-                {"version_2_with_negative": 1}, {"n_best": 2.0}):
+                {"version_2_with_negative": 1}, {"n_best": 2.0}, {"passage_rank_weight": -0.5},
+                {"passage_rank_weight": math.inf}, {"passages_calibration": {"passage_rank_weight": -1.0}}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             QAConfig(**bad)
     config = parse_train(["--version-2-with-negative", "--negative-ratio", "1.5"])

@@ -258,6 +258,37 @@ def test_passages_are_read_as_one_candidate_set_with_offsets_into_their_own_pass
                                                                QAConfig(), top_k=3)]
 
 
+def test_a_passage_the_search_ranks_lower_must_convince_the_reader_more():
+    """passage_rank_weight w lowers each span of the passage at search rank r by w ln r; [CLS] stays."""
+    other = "Heparin is given as a bolus."
+    other_offsets = np.array([[-1, -1], [-1, -1], [-1, -1], [-1, -1], [0, 7], [8, 10], [11, 16], [17, 19],
+                              [20, 21], [22, 27], [27, 28], [-1, -1], [-1, -1]])
+    first = _logits({0: 1.0, 4: 2.0}, {0: 1.0, 4: 2.0})  # the search's first passage: "Heparin" 4.0
+    second = _logits({0: 1.0, 6: 5.0}, {0: 1.0, 7: 5.0})  # its second: "blood clotting" 10.0
+    start, end = np.vstack([first[0], second[0]]), np.vstack([first[1], second[1]])
+    offsets, passages = np.stack([other_offsets, OFFSETS]), [other, CONTEXT]
+
+    def read(weight, **settings):
+        config = QAConfig(**settings, passages_calibration={"passage_rank_weight": weight})
+        return decode_passages(start, end, offsets, [0, 1], passages, config, top_k=2)
+
+    assert read(0.0)[0]["answer"] == "blood clotting"
+    near = read(8.0)  # 10 - 8 ln 2 = 4.45 > 4: still the second passage's answer, by exp(0.45)
+    assert near[0]["answer"] == "blood clotting"
+    assert near[0]["score"] / near[1]["score"] == pytest.approx(math.exp(6.0 - 8.0 * math.log(2)), rel=1e-4)
+    assert read(9.0)[0]["answer"] == "Heparin"  # 10 - 9 ln 2 = 3.76 < 4
+    # The prior moves spans, not [CLS]: the null answer's odds are those of the best span left.
+    abstaining = {"version_2_with_negative": True, "no_answer_threshold": 1.0}
+    null_score = 1.0 + 1.0
+    for weight, best in ((0.0, 10.0), (9.0, 4.0)):
+        [answer] = read(weight, **abstaining)[:1]
+        assert answer["no_answer_probability"] == pytest.approx(1 / (1 + math.exp(best - null_score)))
+    # Only over passages: the same weight at the top level reads a lone paragraph as before.
+    weighted = QAConfig(passage_rank_weight=9.0)
+    assert decode_spans(*second, OFFSETS[None], CONTEXT, weighted) == decode_spans(*second, OFFSETS[None], CONTEXT,
+                                                                                   QAConfig())
+
+
 def test_the_null_answer_over_passages_is_the_least_null_window_and_names_no_passage():
     config = QAConfig(version_2_with_negative=True)
     drawn_to_null = _logits({0: 9.0, 6: 1.0}, {0: 9.0, 7: 1.0})

@@ -71,6 +71,7 @@ def test_every_question_is_read_over_the_passages_the_library_returns(local_ray,
     for group_id, group in groups.items():
         question = questions[group_id]
         assert all(r["question"] == question["question"] and r["context"] in paragraphs for r in group)
+        assert [r["id"] for r in group] == [f"{group_id}/0", f"{group_id}/1"]  # the search's order, which decoding weighs
         for record in group:  # answered exactly where the read passage holds one of its answers
             assert bool(record["answers"]["text"]) == (answer_in(record["context"], question["answers"]["text"])
                                                        is not None)

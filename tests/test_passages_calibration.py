@@ -13,6 +13,7 @@ from library_job.mine import group_records
 from qa_common import PassagesQuestion, Question, answer_questions, load_model_and_tokenizer, load_qa_config, read_squad
 from qa_common.calibration.__main__ import main as calibration
 from qa_common.calibration import uncalibrated
+from qa_common.calibration.passages import PASSAGE_RANK_WEIGHTS
 from qa_common.config import FITTED_SETTINGS
 
 
@@ -40,7 +41,13 @@ def test_a_library_is_read_with_the_calibration_fitted_over_its_retrievals(absta
     assert set(config.passages_calibration) == set(FITTED_SETTINGS)
     assert report["questions"] == 18 * 15 and 0 < report["unanswerable"] < report["questions"]
     assert report["no_answer_ece_after"] < report["no_answer_ece_before"]
-    # The threshold is the best over these questions: never worse than the one-paragraph one there.
+    # The weight of the search's order and the threshold are the best over these questions: never worse
+    # than ignoring the order, or than the one-paragraph threshold there.
+    by_weight = report["f1_by_passage_rank_weight"]
+    assert set(by_weight) == {str(w) for w in PASSAGE_RANK_WEIGHTS}
+    weight = config.passages_calibration["passage_rank_weight"]
+    assert weight == report["passage_rank_weight"] and by_weight[str(weight)] == max(by_weight.values())
+    assert report["f1_at_passages_threshold"] == pytest.approx(by_weight[str(weight)], abs=1e-4)
     assert report["f1_at_passages_threshold"] >= report["f1_at_one_paragraph_threshold"]
     errors = report["score_ece_cross_fitted"]
     assert set(errors) == {"none", "one_paragraph", "refit"} and report["score_map"] == min(errors, key=errors.get)

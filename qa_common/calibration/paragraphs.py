@@ -156,4 +156,8 @@ def describe(report: dict) -> str:
     if "no_answer_ece_before" in report:
         text += (f"; no-answer probability sigmoid({report['no_answer_scale']:.3f} * d + {report['no_answer_bias']:.3f}): "
                  f"{report['no_answer_ece_before']:.3f} -> {report['no_answer_ece_after']:.3f}")
+    if "passage_rank_weight" in report:
+        by_weight = report["f1_by_passage_rank_weight"]
+        text += (f"; the search's order weighs {report['passage_rank_weight']} (F1 {by_weight['0.0']:.2f} ignoring it, "
+                 f"{by_weight[str(report['passage_rank_weight'])]:.2f} at that weight)")
     return text + f" (on the {report['questions']} questions it was fitted on)"

@@ -10,6 +10,7 @@ from qa_common.calibration.measures import expected_calibration_error
 from qa_common.calibration.paragraphs import fit, fit_score_map, score_outcomes, uncalibrated
 from qa_common.config import FITTED_SETTINGS, QAConfig
 from qa_common.decoding import NULL_SPAN, calibrated_scores, rank_candidates
+from qa_common.metric import evaluate_answers
 
 
 def passage_groups(records: Sequence[dict]) -> list[tuple[str, tuple[str, ...], list[str], str]]:
@@ -28,46 +29,53 @@ def passage_groups(records: Sequence[dict]) -> list[tuple[str, tuple[str, ...], 
             for group in groups.values()]
 
 
+PASSAGE_RANK_WEIGHTS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)  # the grid the search order's weight is chosen from
+
+
 def calibrate_passages(runner, tokenizer, groups: Sequence[tuple[str, Sequence[str], Sequence[str], str]], config: QAConfig,
                        *, chunk: int = 64) -> tuple[QAConfig, dict]:
-    """``config`` with its ``passages_calibration`` fitted on ``groups`` (:func:`passage_groups`), each
-    question read over all its passages as one candidate set, as ``decode_passages`` reads a library's.
+    """``config`` with its ``passages_calibration`` fitted on ``groups`` (:func:`passage_groups`, each
+    question's passages in the search's order), each question read over all its passages as one
+    candidate set, as ``decode_passages`` reads a library's.
 
-    A model that abstains gets its no-answer threshold chosen here too (the official best-F1
-    threshold over these questions, where "the library does not hold it" is the right answer to a
-    question none of whose passages holds one), then :func:`fit` calibrates the score and the
-    no-answer probability at that threshold, and :func:`choose_score_map` keeps the score map (none,
-    the one-paragraph one, or the one refitted here) that is best calibrated on held-out articles.
+    First the weight of the search's order (``passage_rank_weight``, :func:`qa_common.decoding.with_rank_prior`):
+    of :data:`PASSAGE_RANK_WEIGHTS`, the one whose answers score the best F1 over these questions
+    (the smallest on a tie). A model that abstains gets its no-answer threshold chosen with it (the
+    official best-F1 threshold at each weight, where "the library does not hold it" is the right
+    answer to a question none of whose passages holds one). Then :func:`fit` calibrates the score
+    and the no-answer probability at that weight and threshold, and :func:`choose_score_map` keeps
+    the score map (none, the one-paragraph one, or the one refitted here) that is best calibrated on
+    held-out articles.
     """
     from tqdm.auto import tqdm
 
-    from qa_common.decoding import PASSAGE_SEPARATOR, passages_laid_end_to_end
+    from qa_common.decoding import PASSAGE_SEPARATOR, passages_laid_end_to_end, with_rank_prior
     from qa_common.inference import PassagesQuestion, question_logits
-    from qa_common.metric import evaluate_answers
 
     raw = uncalibrated(config.replace(passages_calibration={}))
-    logits, contexts, golds = [], [], []
+    logits, windows, contexts, golds = [], [], [], []
     for first in tqdm(range(0, len(groups), chunk), desc="reading over passages", unit_scale=chunk, unit="question"):
         batch = groups[first : first + chunk]
         questions = [PassagesQuestion(question, tuple(passages)) for question, passages, _, _ in batch]
         for (_, passages, answers, _), (start, end, offsets, of_window) in zip(
                 batch, question_logits(runner, tokenizer, questions, raw)):
             logits.append((start, end, passages_laid_end_to_end(offsets, of_window, passages)[1]))
+            windows.append(of_window)
             contexts.append(PASSAGE_SEPARATOR.join(passages))
             golds.append(list(answers))
-    report = {}
+    by_weight = {}
+    for weight in PASSAGE_RANK_WEIGHTS:
+        weighted = [(with_rank_prior(start, of_window, weight), end, offsets)
+                    for (start, end, offsets), of_window in zip(logits, windows)]
+        by_weight[weight] = (weighted, best_f1(weighted, contexts, golds, raw))
+    weight = max(by_weight, key=lambda w: (by_weight[w][1]["f1"], -w))
+    logits, chosen = by_weight[weight]
+    report = {"passage_rank_weight": weight, "f1_by_passage_rank_weight": {str(w): round(m["f1"], 4)
+                                                                           for w, (_, m) in by_weight.items()}}
+    raw = raw.replace(passage_rank_weight=weight)
     if raw.version_2_with_negative:
-        spans = raw.replace(version_2_with_negative=False)
-        answers = {}
-        for index, ((start, end, offsets), context) in enumerate(zip(logits, contexts)):
-            best = rank_candidates(start, end, offsets, spans)
-            span = best.spans[0] if best.spans else NULL_SPAN
-            answers[str(index)] = {"answer": context[span[0] : span[1]] if span != NULL_SPAN else "",
-                                   "no_answer_probability": best.no_answer_probability}
-        references = {str(index): gold for index, gold in enumerate(golds)}
-        _, one_paragraph = evaluate_answers(answers, references, version_2_with_negative=True,
+        _, one_paragraph = evaluate_answers(span_answers(logits, contexts, raw), references(golds), version_2_with_negative=True,
                                             threshold=uncalibrated(config).no_answer_threshold)
-        _, chosen = evaluate_answers(answers, references, version_2_with_negative=True)
         raw = raw.replace(no_answer_threshold=chosen["no_answer_threshold"])
         report.update(f1_at_one_paragraph_threshold=one_paragraph["f1"], f1_at_passages_threshold=chosen["f1"])
     calibrated, fitted = fit(logits, contexts, golds, raw)
@@ -80,6 +88,31 @@ def calibrate_passages(runner, tokenizer, groups: Sequence[tuple[str, Sequence[s
     calibrated = calibrated.replace(score_calibration=score_map)
     report = {**fitted, **report, "score_map": chosen, "score_ece_cross_fitted": errors}
     return config.replace(passages_calibration={name: getattr(calibrated, name) for name in FITTED_SETTINGS}), report
+
+
+def references(golds: Sequence[Sequence[str]]) -> dict[str, list[str]]:
+    return {str(index): list(gold) for index, gold in enumerate(golds)}
+
+
+def span_answers(logits: Sequence[tuple], contexts: Sequence[str], config: QAConfig) -> dict[str, dict]:
+    """Each question's best span (decoded without abstention) with its no-answer probability, as
+    :func:`qa_common.metric.evaluate_answers` takes them."""
+    spans = config.replace(version_2_with_negative=False)
+    answers = {}
+    for index, ((start, end, offsets), context) in enumerate(zip(logits, contexts)):
+        best = rank_candidates(start, end, offsets, spans)
+        span = best.spans[0] if best.spans else NULL_SPAN
+        answers[str(index)] = {"answer": context[span[0] : span[1]] if span != NULL_SPAN else "",
+                          "no_answer_probability": best.no_answer_probability}
+    return answers
+
+
+def best_f1(logits: Sequence[tuple], contexts: Sequence[str], golds: Sequence[Sequence[str]], config: QAConfig) -> dict:
+    """The metrics of these answers: at the threshold with the best F1 for a model that abstains
+    (``no_answer_threshold`` holds it), of the best span otherwise."""
+    _, metrics = evaluate_answers(span_answers(logits, contexts, config), references(golds),
+                                  version_2_with_negative=config.version_2_with_negative)
+    return metrics
 
 
 def article_folds(articles: Sequence[str], seed: int = 0) -> np.ndarray:

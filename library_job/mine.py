@@ -5,8 +5,9 @@ A SQuAD-format training file's paragraphs become the documents of one library (b
 ``python -m library_job build``, as ``evaluate`` builds its own), and each question is asked of it
 (Ray Data actors, :class:`PassageFinder`). Its top ``--passages`` passages become one *group*: one
 SQuAD 2.0 record per passage, sharing the question's ``group``, answered where the passage holds
-one of the question's answers as whole words (its first occurrence: the same words in a passage
-of another paragraph count, as the SQuAD metric would count them) and unanswerable elsewhere.
+one of the question's answers as whole words (each answer it holds, at its first occurrence: the
+same words in a passage of another paragraph count, as the SQuAD metric would count them) and
+unanswerable elsewhere.
 ``python -m train_job --shared-normalization`` normalises a group's windows together
 (``train_job/loss.py``), so the reader learns which of the passages holds the answer, and that
 none does when the search missed.
@@ -48,25 +49,29 @@ VALIDATION_NEGATIVES = 0.5  # unanswerable validation questions per answerable o
 SUMMARY = "multi-passage training data: each question with the passages the library's hybrid search returns"
 
 
-def answer_in(passage: str, answers: list[str]) -> tuple[str, int] | None:
-    """The first of ``answers`` found in ``passage`` as whole words (not "19" inside "1990"), with its
-    offset; None when the passage holds none of them."""
-    for text in answers:
-        found = re.search(rf"(?<!\w){re.escape(text)}(?!\w)", passage)
-        if found:
-            return text, found.start()
-    return None
+def answers_in(passage: str, answers: list[str]) -> list[tuple[str, int]]:
+    """Each of ``answers`` found in ``passage`` as whole words (not "19" inside "1990"), with the offset
+    of its first occurrence, in the order of ``answers`` (each text once); [] when it holds none."""
+    found = []
+    for text in dict.fromkeys(answers):
+        match = re.search(rf"(?<!\w){re.escape(text)}(?!\w)", passage)
+        if match:
+            found.append((text, match.start()))
+    return found
 
 
 def group_records(question: dict, passages: list[str]) -> list[dict]:
-    """One SQuAD 2.0 record per read passage of ``question``, all in its group."""
+    """One SQuAD 2.0 record per read passage of ``question``, all in its group. A record keeps every
+    answer of the question its passage holds: training learns the first (as it does any record's),
+    and the calibration over passages counts a span right when it is any of them, as the SQuAD
+    metric that ``evaluate`` reports does (SQuAD's dev questions have up to three answers)."""
     records = []
     for rank, passage in enumerate(passages):
-        found = answer_in(passage, question["answers"]["text"])
+        found = answers_in(passage, question["answers"]["text"])
         records.append({
             "id": f"{question['id']}/{rank}", "group": question["id"], "title": question.get("title", ""),
             "context": passage, "question": question["question"],
-            "answers": {"text": [found[0]], "answer_start": [found[1]]} if found else {"text": [], "answer_start": []},
+            "answers": {"text": [text for text, _ in found], "answer_start": [start for _, start in found]},
         })
     return records
 

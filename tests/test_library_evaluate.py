@@ -23,7 +23,8 @@ def test_every_question_is_asked_of_the_whole_library_and_scored_both_ways(absta
     model_dir = tmp_path / "model"
     shutil.copytree(abstaining_run[0] / "model", model_dir)
     save_qa_config(load_qa_config(model_dir).replace(no_answer_threshold=0.5,
-                                                     passages_calibration={"no_answer_threshold": 0.35}), model_dir)
+                                                     passages_calibration={"no_answer_threshold": 0.35,
+                                                                           "passage_rank_weight": 1.0}), model_dir)
     data = FIXTURES / "tiny-squad.json"
     records = read_squad(data)
     # One article's questions not asked (its paragraph stays), one of the other three out of the library.
@@ -39,6 +40,7 @@ def test_every_question_is_asked_of_the_whole_library_and_scored_both_ways(absta
     present = [r for r in asked if r["title"] != absent]
     assert metrics["questions"] == len(asked) and metrics["absent_questions"] == len(asked) - len(present) > 0
     assert metrics["documents"] == 3 and metrics["one_document_per"] == "paragraph"
+    assert metrics["served_settings"] == {"no_answer_threshold": 0.35, "passage_rank_weight": 1.0}
     for mode in ("hybrid", "dense", "lexical"):
         recalls = [metrics[f"{mode}_recall@{k}"] for k in (1, 5, 20)]
         assert recalls == sorted(recalls) and recalls[-1] == 1.0  # three paragraphs: all are in the top 20

@@ -37,8 +37,8 @@ def _knots(value) -> tuple[tuple[float, float], ...]:
 
 
 POSITIVE_INTEGERS = ("max_length", "stride", "max_question_length", "n_best", "max_answer_length")
-# Fitted, not flags: the no-answer threshold and the calibration (by training, on its validation split) and the
-# weight of a passage's search rank (over a library's retrievals).
+# Fitted, so training has no flags for them: the no-answer threshold and the calibration (by training, on its
+# validation split) and the weight of a passage's search rank (over a library's retrievals).
 FITTED_SETTINGS = ("no_answer_threshold", "score_calibration", "no_answer_scale", "no_answer_bias",
                    "passage_rank_weight")
 
@@ -79,8 +79,8 @@ class QAConfig:
     passages_calibration: dict = setting(
         "the fitted settings above (any of " + ", ".join(FITTED_SETTINGS) + ") for a question read over several "
         "retrieved passages at once, as a library is asked: fitted over the library's own retrievals by "
-        "`python -m qa_common.calibration --over-passages`; empty: the one-paragraph values", default_factory=dict, flag=False,
-        hash=False)
+        "`python -m qa_common.calibration --over-passages`; empty: the one-paragraph values", default_factory=dict,
+        flag=False, hash=False)
 
     def __post_init__(self) -> None:
         for name in POSITIVE_INTEGERS:

@@ -74,7 +74,8 @@ def calibrate_passages(runner, tokenizer, groups: Sequence[tuple[str, Sequence[s
                                                                            for w, (_, m) in by_weight.items()}}
     raw = raw.replace(passage_rank_weight=weight)
     if raw.version_2_with_negative:
-        _, one_paragraph = evaluate_answers(span_answers(logits, contexts, raw), references(golds), version_2_with_negative=True,
+        _, one_paragraph = evaluate_answers(span_answers(logits, contexts, raw), references(golds),
+                                            version_2_with_negative=True,
                                             threshold=uncalibrated(config).no_answer_threshold)
         raw = raw.replace(no_answer_threshold=chosen["no_answer_threshold"])
         report.update(f1_at_one_paragraph_threshold=one_paragraph["f1"], f1_at_passages_threshold=chosen["f1"])
@@ -91,6 +92,7 @@ def calibrate_passages(runner, tokenizer, groups: Sequence[tuple[str, Sequence[s
 
 
 def references(golds: Sequence[Sequence[str]]) -> dict[str, list[str]]:
+    """Each question's gold answers under the id :func:`span_answers` gives it."""
     return {str(index): list(gold) for index, gold in enumerate(golds)}
 
 
@@ -103,7 +105,7 @@ def span_answers(logits: Sequence[tuple], contexts: Sequence[str], config: QACon
         best = rank_candidates(start, end, offsets, spans)
         span = best.spans[0] if best.spans else NULL_SPAN
         answers[str(index)] = {"answer": context[span[0] : span[1]] if span != NULL_SPAN else "",
-                          "no_answer_probability": best.no_answer_probability}
+                               "no_answer_probability": best.no_answer_probability}
     return answers
 
 

@@ -63,19 +63,22 @@ def calibrate_passages(runner, tokenizer, groups: Sequence[tuple[str, Sequence[s
             windows.append(of_window)
             contexts.append(PASSAGE_SEPARATOR.join(passages))
             golds.append(list(answers))
+    # Each weight's best spans, decoded once: scored at the best threshold here, at the one-paragraph one below.
+    references = {str(index): gold for index, gold in enumerate(golds)}
     by_weight = {}
     for weight in PASSAGE_RANK_WEIGHTS:
         weighted = [(with_rank_prior(start, of_window, weight), end, offsets)
                     for (start, end, offsets), of_window in zip(logits, windows)]
-        by_weight[weight] = (weighted, best_f1(weighted, contexts, golds, raw))
-    weight = max(by_weight, key=lambda w: (by_weight[w][1]["f1"], -w))
-    logits, chosen = by_weight[weight]
+        best_spans = span_answers(weighted, contexts, raw)
+        _, metrics = evaluate_answers(best_spans, references, version_2_with_negative=raw.version_2_with_negative)
+        by_weight[weight] = (weighted, best_spans, metrics)
+    weight = max(by_weight, key=lambda w: (by_weight[w][2]["f1"], -w))
+    logits, best_spans, chosen = by_weight[weight]
     report = {"passage_rank_weight": weight, "f1_by_passage_rank_weight": {str(w): round(m["f1"], 4)
-                                                                           for w, (_, m) in by_weight.items()}}
+                                                                           for w, (*_, m) in by_weight.items()}}
     raw = raw.replace(passage_rank_weight=weight)
     if raw.version_2_with_negative:
-        _, one_paragraph = evaluate_answers(span_answers(logits, contexts, raw), references(golds),
-                                            version_2_with_negative=True,
+        _, one_paragraph = evaluate_answers(best_spans, references, version_2_with_negative=True,
                                             threshold=uncalibrated(config).no_answer_threshold)
         raw = raw.replace(no_answer_threshold=chosen["no_answer_threshold"])
         report.update(f1_at_one_paragraph_threshold=one_paragraph["f1"], f1_at_passages_threshold=chosen["f1"])
@@ -91,11 +94,6 @@ def calibrate_passages(runner, tokenizer, groups: Sequence[tuple[str, Sequence[s
     return config.replace(passages_calibration={name: getattr(calibrated, name) for name in FITTED_SETTINGS}), report
 
 
-def references(golds: Sequence[Sequence[str]]) -> dict[str, list[str]]:
-    """Each question's gold answers under the id :func:`span_answers` gives it."""
-    return {str(index): list(gold) for index, gold in enumerate(golds)}
-
-
 def span_answers(logits: Sequence[tuple], contexts: Sequence[str], config: QAConfig) -> dict[str, dict]:
     """Each question's best span (decoded without abstention) with its no-answer probability, as
     :func:`qa_common.metric.evaluate_answers` takes them."""
@@ -107,14 +105,6 @@ def span_answers(logits: Sequence[tuple], contexts: Sequence[str], config: QACon
         answers[str(index)] = {"answer": context[span[0] : span[1]] if span != NULL_SPAN else "",
                                "no_answer_probability": best.no_answer_probability}
     return answers
-
-
-def best_f1(logits: Sequence[tuple], contexts: Sequence[str], golds: Sequence[Sequence[str]], config: QAConfig) -> dict:
-    """The metrics of these answers: at the threshold with the best F1 for a model that abstains
-    (``no_answer_threshold`` holds it), of the best span otherwise."""
-    _, metrics = evaluate_answers(span_answers(logits, contexts, config), references(golds),
-                                  version_2_with_negative=config.version_2_with_negative)
-    return metrics
 
 
 def article_folds(articles: Sequence[str], seed: int = 0) -> np.ndarray:

@@ -169,7 +169,9 @@ def load_qa_config(model_dir: str | Path, **overrides) -> QAConfig:
     """The model directory's saved QAConfig (defaults when it has none), with ``overrides`` applied.
 
     Overrides that are None keep the saved value. An unknown key, saved or overridden, is a
-    ValueError naming it (a typo in a deployed model's settings must be seen, not ignored).
+    ValueError naming it (a typo in a deployed model's settings must be seen, not ignored). An
+    override of a setting that ``passages_calibration`` also holds replaces it there too: an
+    operator's threshold is meant for every answer, a library's included.
     """
     path = Path(model_dir) / QA_CONFIG_FILE
     saved = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
@@ -179,7 +181,11 @@ def load_qa_config(model_dir: str | Path, **overrides) -> QAConfig:
         config = QAConfig().replace(**saved)
     except ValueError as error:
         raise ValueError(f"{path}: {error}") from None
-    return config.replace(**overrides)
+    given = checked_overrides(overrides)
+    if "passages_calibration" not in given:
+        fitted = config.passages_calibration
+        given["passages_calibration"] = {**fitted, **{name: given[name] for name in fitted.keys() & given.keys()}}
+    return config.replace(**given)
 
 
 # --- command-line flags from dataclass fields ---------------------------------------------------

@@ -129,6 +129,19 @@ def test_length_grouped_batches_keep_every_row_and_group_similar_lengths():
         assert sorted(batch["attention_mask"].sum(axis=1).tolist()) in sorted_slices
 
 
+def test_an_override_of_a_fitted_setting_also_replaces_the_librarys(tmp_path):
+    from qa_common import load_qa_config, save_qa_config
+
+    fitted = {"no_answer_threshold": 0.3, "passage_rank_weight": 1.0, "no_answer_bias": -2.0}
+    save_qa_config(QAConfig(no_answer_threshold=0.6, passages_calibration=fitted), tmp_path)
+    served = load_qa_config(tmp_path, no_answer_threshold=0.8, passage_rank_weight=None, max_length=256)
+    assert served.no_answer_threshold == 0.8
+    assert served.passages_calibration == {**fitted, "no_answer_threshold": 0.8}
+    library = served.over_passages()
+    assert (library.no_answer_threshold, library.passage_rank_weight, library.no_answer_bias) == (0.8, 1.0, -2.0)
+    assert load_qa_config(tmp_path, passages_calibration={}).over_passages().no_answer_threshold == 0.6
+
+
 def test_qa_config_round_trips_through_a_model_directory(tmp_path):
     from qa_common import load_qa_config, save_qa_config
 

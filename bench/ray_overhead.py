@@ -56,6 +56,13 @@ def process_times() -> dict[int, tuple[str, float]]:
     return times
 
 
+def stolen_seconds() -> float:
+    """CPU time the hypervisor gave to others (``steal`` in ``/proc/stat``), all CPUs together: a
+    run that lost much of it did not have the machine to itself."""
+    with open("/proc/stat") as stat:
+        return int(stat.readline().split()[8]) / TICKS
+
+
 def peak_resident_mib(pid: int) -> float:
     """The process's peak resident set (``VmHWM``) in MiB; 0 once it is gone."""
     try:
@@ -93,15 +100,14 @@ def measure(args, workdir: Path, load_before: list[float]) -> int:
     child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while child.poll() is None:
         procs = {pid: value for pid, value in process_times().items() if pid not in before}
-        samples.append((time.monotonic(), procs))
+        samples.append((time.monotonic(), procs, stolen_seconds()))
         worker_peak_mib = max([worker_peak_mib] + [peak_resident_mib(pid) for pid, (name, _) in procs.items()
                                                    if name == TRAINING_WORKER])
         time.sleep(1.0)
     if child.returncode != 0:
         raise SystemExit(f"train_job failed (exit {child.returncode}): {' '.join(command)}")
-    busy = [i for i, (_, procs) in enumerate(samples) if any(name == TRAINING_WORKER for name, _ in procs.values())]
-    first, last = busy[0], busy[-1]
-    (started, start_procs), (ended, end_procs) = samples[first], samples[last]
+    busy = [i for i, (_, procs, _) in enumerate(samples) if any(name == TRAINING_WORKER for name, _ in procs.values())]
+    (started, start_procs, start_stolen), (ended, end_procs, end_stolen) = samples[busy[0]], samples[busy[-1]]
     seconds, cpus = ended - started, os.cpu_count()
     shares: dict[str, float] = {}
     for pid, (name, cpu) in end_procs.items():
@@ -117,7 +123,10 @@ def measure(args, workdir: Path, load_before: list[float]) -> int:
     benchlib.print_table("Ratios", [{"ratio": k, "value": v} for k, v in ratios.items()], ["ratio", "value"])
     benchlib.print_table(f"Ray's own processes over {seconds:.0f} s of training ({cpus} CPUs)", rows,
                          ["process", "share_of_cpu"])
-    benchlib.write_json(args.out, "ray_overhead", ratios, {"processes": rows, "training_seconds": seconds},
+    stolen = (end_stolen - start_stolen) / (seconds * cpus)
+    print(f"CPU time stolen by the hypervisor over the epoch: {stolen:.1%}")
+    benchlib.write_json(args.out, "ray_overhead", ratios,
+                        {"processes": rows, "training_seconds": seconds, "stolen_share_of_cpu": stolen},
                         {"command": command, "data": benchlib.data_label(data)}, load_before)
     return 0
 

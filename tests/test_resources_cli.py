@@ -51,3 +51,23 @@ def test_an_actor_pool_holds_what_the_cluster_fits_and_no_more_actors_than_batch
         ActorPool.fit(Namespace(concurrency=3, cpus_per_actor=2, num_gpus_per_actor=0, batch_size=10), {"CPU": 3})
     gpus = Namespace(concurrency=None, cpus_per_actor=1, num_gpus_per_actor=1, batch_size=10)
     assert ActorPool.fit(gpus, {"CPU": 8, "GPU": 2}, items=50).actors == 2
+
+
+def test_a_ray_the_job_starts_itself_runs_lighter_and_a_joined_one_is_left_as_it_is(monkeypatch):
+    import os
+
+    import ray
+
+    from train_job import ray_cluster
+
+    calls = []
+    monkeypatch.setattr(os, "environ", {"RAY_event_stats": "1"})  # a user's own value wins
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda address=None, **options: calls.append((address, dict(os.environ))))
+    assert ray_cluster.connect_ray("10.0.0.1:6379") is False
+    assert calls[-1] == ("10.0.0.1:6379", {"RAY_event_stats": "1"})
+    assert ray_cluster.connect_ray(None) is True
+    assert calls[-1] == (None, {"RAY_event_stats": "1", "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0"})
+    os.environ.clear()
+    os.environ["RAY_ADDRESS"] = "auto"
+    assert ray_cluster.connect_ray(None) is False and calls[-1] == ("auto", {"RAY_ADDRESS": "auto"})

@@ -1,4 +1,5 @@
-"""Joining a Ray cluster, and sizing a pool of Ray Data actors to it: what every job command shares."""
+"""Joining a Ray cluster (or starting one of its own, lightly), and sizing a pool of Ray Data actors to it: what every
+job command shares."""
 
 from __future__ import annotations
 
@@ -8,18 +9,46 @@ import os
 from dataclasses import dataclass
 
 ADDRESS_HELP = "Ray cluster address (default: RAY_ADDRESS, else a new local Ray)"
+# Settings for the Ray processes a job starts for itself (a user's own values win): its log monitor
+# lists the log folder every 0.5 s instead of before each read, ten times a second, and the event
+# loops keep no per-handler timing statistics (they only feed Ray's debug dumps). Together about
+# half a point of a 2-core machine's CPU (BENCHMARKS.md, "Ray's own processes during training").
+LOCAL_RAY_ENV = {"RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0", "RAY_event_stats": "0"}
 
 
 def add_address_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", default=None, help=ADDRESS_HELP)
 
 
-def connect_ray(address: str | None, **options) -> None:
-    """Join the cluster at ``address`` (else ``RAY_ADDRESS``, else start a local Ray), unless connected."""
+def connect_ray(address: str | None, **options) -> bool:
+    """Join the cluster at ``address`` (else ``RAY_ADDRESS``, else start a local Ray with
+    ``LOCAL_RAY_ENV``), unless connected; True if this started a Ray of its own."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address=address or os.environ.get("RAY_ADDRESS"), **options)
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    own = address in (None, "local")
+    if own:
+        for name, value in LOCAL_RAY_ENV.items():
+            os.environ.setdefault(name, value)
+    ray.init(address=address, **options)
+    return own
+
+
+def stop_ray_data_stats_actor() -> None:
+    """Stop the detached actor that keeps Ray Data's pipeline statistics, after the job's last
+    pipeline: it takes a few tenths of a point of a 2-core machine's CPU for as long as the cluster
+    lives, and Ray Data starts it again when next used. For a Ray the job started itself only: on a
+    shared cluster it serves other jobs too. (Ray Data's other helper, the autoscaling
+    coordinator, serves Ray Train as well.)"""
+    import ray
+    from ray.data._internal.stats import STATS_ACTOR_NAME, STATS_ACTOR_NAMESPACE
+
+    try:
+        ray.kill(ray.get_actor(STATS_ACTOR_NAME, namespace=STATS_ACTOR_NAMESPACE))
+    except ValueError:  # not started, or already gone
+        pass
 
 
 def add_actor_flags(parser: argparse.ArgumentParser, what: str, *, gpus: bool = False) -> None:

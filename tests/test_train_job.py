@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -176,6 +177,33 @@ def test_workers_that_cannot_start_fail_the_run_with_the_reason(local_ray, tmp_p
         trainer.fit()
     reason = startup_failure(failure.value, config)
     assert reason is not None and "could not start within --worker-start-timeout-s 2" in str(reason)
+
+
+def test_ray_datas_statistics_actor_stops_and_starts_again_when_next_needed(local_ray):
+    import ray
+    import ray.data
+    from ray.data._internal.stats import STATS_ACTOR_NAME, STATS_ACTOR_NAMESPACE
+
+    from train_job.ray_cluster import stop_ray_data_stats_actor
+
+    def alive() -> bool:
+        try:
+            ray.get_actor(STATS_ACTOR_NAME, namespace=STATS_ACTOR_NAMESPACE)
+            return True
+        except ValueError:
+            return False
+
+    def pipeline() -> list:
+        return sorted(row["id"] for row in ray.data.range(8).map_batches(lambda batch: batch).take_all())
+
+    assert pipeline() == list(range(8)) and alive()
+    stop_ray_data_stats_actor()
+    deadline = time.monotonic() + 30
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not alive()
+    assert pipeline() == list(range(8)) and alive()
+    stop_ray_data_stats_actor()
 
 
 BAD_INPUT = [

@@ -97,14 +97,16 @@ def card(url: str, token: str = TOKEN) -> dict:
 
 
 def under_load(url: str, action, *, clients: int = 4) -> tuple[list, float]:
-    """``(responses, when action returned)`` of clients asking all along ``action()``: (time, status, version)."""
+    """``(responses, when action returned)`` of clients asking all along ``action()``: (time sent, status,
+    version). A request sent before ``action()`` returned may be answered by the old model after it."""
     responses, stop = [], threading.Event()
 
     def ask():
         with httpx.Client(timeout=60, headers=AUTH) as client:
             while not stop.is_set():
+                sent = time.monotonic()
                 response = client.post(f"{url}/v1/answer", json=QUESTION)
-                responses.append((time.monotonic(), response.status_code, response.headers.get("x-model-version")))
+                responses.append((sent, response.status_code, response.headers.get("x-model-version")))
 
     threads = [threading.Thread(target=ask) for _ in range(clients)]
     for thread in threads:
@@ -112,7 +114,8 @@ def under_load(url: str, action, *, clients: int = 4) -> tuple[list, float]:
     wait_until(lambda: len(responses) >= 2 * clients, timeout_s=60, what="answers before the update")
     assert action() == 0
     returned = time.monotonic()
-    time.sleep(1)
+    wait_until(lambda: sum(1 for sent, _, _ in list(responses) if sent > returned) >= clients, timeout_s=60,
+               what="answers to requests sent after it returned")
     stop.set()
     for thread in threads:
         thread.join()

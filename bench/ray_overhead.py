@@ -9,7 +9,8 @@ Runs ``python -m train_job`` (its own local Ray) with the preset's recipe on a s
 second, and reports, over the training epoch only (from the training worker's first busy second
 to its last), each process's share of the machine's CPU time: the training worker, the driver, and
 each of Ray's own (GCS, raylet, dashboard, agents, Train's controller and helpers, idle workers);
-and the training worker's peak resident memory (``VmHWM``), the validation pass included.
+and the training worker's peak resident memory (``VmHWM``), the validation pass included, and its
+resident memory each second.
 
     python -m bench.ray_overhead --out bench/results/ray_overhead_checkpointed.json -- --gradient-checkpointing
 """
@@ -63,12 +64,12 @@ def stolen_seconds() -> float:
         return int(stat.readline().split()[8]) / TICKS
 
 
-def peak_resident_mib(pid: int) -> float:
-    """The process's peak resident set (``VmHWM``) in MiB; 0 once it is gone."""
+def resident_mib(pid: int, field: str = "VmRSS") -> float:
+    """The process's resident set (``VmRSS``) or its peak (``VmHWM``) in MiB; 0 once it is gone."""
     try:
         with open(f"/proc/{pid}/status") as status:
             for line in status:
-                if line.startswith("VmHWM:"):
+                if line.startswith(f"{field}:"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
@@ -96,13 +97,15 @@ def measure(args, workdir: Path, load_before: list[float]) -> int:
                "--max-train-samples", str(args.questions), "--holdout-questions", "100", "--max-eval-samples", "100",
                "--output-dir", str(workdir / "run"), "--checkpoint-every-steps", "100000", *args.train_flags]
     before = set(process_times())
-    samples, worker_peak_mib = [], 0.0
+    samples, worker_peak_mib, worker_resident = [], 0.0, []  # worker_resident: (seconds since start, MiB)
     child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while child.poll() is None:
         procs = {pid: value for pid, value in process_times().items() if pid not in before}
         samples.append((time.monotonic(), procs, stolen_seconds()))
-        worker_peak_mib = max([worker_peak_mib] + [peak_resident_mib(pid) for pid, (name, _) in procs.items()
-                                                   if name == TRAINING_WORKER])
+        workers = [pid for pid, (name, _) in procs.items() if name == TRAINING_WORKER]
+        worker_peak_mib = max([worker_peak_mib] + [resident_mib(pid, "VmHWM") for pid in workers])
+        if workers:
+            worker_resident.append((round(samples[-1][0] - samples[0][0]), round(sum(map(resident_mib, workers)))))
         time.sleep(1.0)
     if child.returncode != 0:
         raise SystemExit(f"train_job failed (exit {child.returncode}): {' '.join(command)}")
@@ -126,7 +129,8 @@ def measure(args, workdir: Path, load_before: list[float]) -> int:
     stolen = (end_stolen - start_stolen) / (seconds * cpus)
     print(f"CPU time stolen by the hypervisor over the epoch: {stolen:.1%}")
     benchlib.write_json(args.out, "ray_overhead", ratios,
-                        {"processes": rows, "training_seconds": seconds, "stolen_share_of_cpu": stolen},
+                        {"processes": rows, "training_seconds": seconds, "stolen_share_of_cpu": stolen,
+                         "training_worker_resident_mib_per_second": worker_resident},
                         {"command": command, "data": benchlib.data_label(data)}, load_before)
     return 0
 

@@ -75,7 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--questions", type=int, default=3000, help="training questions sampled (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=300, help="steps per variant (default: %(default)s)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, of: " + ", ".join(VARIANTS))
-    parser.add_argument("--profile-steps", type=int, default=3, help="steps profiled (default: %(default)s)")
+    parser.add_argument("--profile-steps", type=int, default=3, help="steps profiled (0: no profile; default: %(default)s)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON result file (default: %(default)s)")
     parser.add_argument("--run-variant", default=None, help=argparse.SUPPRESS)  # internal: one variant, in a child
     parser.add_argument("--features", type=Path, default=None, help=argparse.SUPPRESS)
@@ -346,7 +346,7 @@ def measure(args, workdir: Path, load_before: list[float]) -> int:
                                 str(features_path), "--steps", str(args.steps), "--model", args.model],
                                capture_output=True, text=True, check=True)
         runs.append(json.loads(child.stdout.strip().splitlines()[-1]))
-    profiles = [profile_step(args, median_length, variant) for variant in PROFILED]
+    profiles = [profile_step(args, median_length, variant) for variant in PROFILED] if args.profile_steps else []
     rate = matmul_rate(args, median_length)
     rows = []
     for run in runs:

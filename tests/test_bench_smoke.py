@@ -82,14 +82,18 @@ def test_ray_overhead_names_rays_processes():
     assert process_name([b"/venv/lib/ray/core/src/ray/gcs/gcs_server", b"--port"]) == "gcs_server"
 
 
-def test_ray_overhead_reads_a_processs_peak_memory():
+def test_ray_overhead_reads_a_processs_memory_and_its_peak():
     import resource
 
-    from bench.ray_overhead import peak_resident_mib
+    from bench.ray_overhead import resident_mib
 
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    assert peak_resident_mib(os.getpid()) == pytest.approx(own, rel=0.05)
-    assert peak_resident_mib(2**22 + 1) == 0.0  # above Linux's largest pid: no such process
+    assert resident_mib(os.getpid(), "VmHWM") == pytest.approx(own, rel=0.05)
+    now = resident_mib(os.getpid())
+    block = bytearray(64 * 2**20)  # written (zero-filled) by Python: resident
+    assert resident_mib(os.getpid()) - now == pytest.approx(64, abs=8)
+    del block
+    assert resident_mib(2**22 + 1) == 0.0  # above Linux's largest pid: no such process
 
 
 def test_preprocess(local_ray, tiny_model_dir, tmp_path, capsys):

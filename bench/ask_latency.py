@@ -6,7 +6,8 @@ Serves the model (``--backend``, default onnx-int8: ``python -m qa_common.export
 and the library index on a fresh local Ray with the packaged config: one model replica and one
 retriever replica of one CPU each, the retriever starting at zero replicas, so that the first
 question measures its cold start (replica start, index open, embedder load). Then each
-``--concurrency`` level sends ``--requests`` questions of ``--data`` (top 5 passages each).
+``--concurrency`` level sends ``--requests`` questions of ``--data``, each reading ``--passages``
+passages (default: the service's, 5).
 """
 
 from __future__ import annotations
@@ -21,10 +22,15 @@ from bench import benchlib
 from bench.local_service import free_port, replica_counts
 from serve_app.app import APP_NAME
 from serve_app.retriever import RETRIEVER_DEPLOYMENT
+from serve_app.schemas import AskRequest
 
 
 
-async def send(url: str, questions: list[str], concurrency: int, timeout_s: float) -> dict:
+def ask_body(question: str, passages: int | None) -> dict:
+    return {"question": question} | ({"passages": passages} if passages else {})
+
+
+async def send(url: str, questions: list[str], concurrency: int, timeout_s: float, passages: int | None = None) -> dict:
     import httpx
 
     latencies, errors, queue = [], 0, list(questions)[::-1]
@@ -34,7 +40,7 @@ async def send(url: str, questions: list[str], concurrency: int, timeout_s: floa
             while queue:
                 question = queue.pop()
                 started = time.perf_counter()
-                response = await client.post("/v1/ask", json={"question": question})
+                response = await client.post("/v1/ask", json=ask_body(question, passages))
                 if response.status_code == 200:
                     latencies.append(time.perf_counter() - started)
                 else:
@@ -57,6 +63,7 @@ def main(argv=None) -> int:
     parser.add_argument("--backend", default="onnx-int8", help="serve_app's --backend (default: %(default)s)")
     parser.add_argument("--requests", type=int, default=80, help="questions per concurrency level")
     parser.add_argument("--concurrency", default="1,8", help="comma-separated client counts (default: %(default)s)")
+    parser.add_argument("--passages", type=int, default=None, help="passages read per question (default: the service's)")
     parser.add_argument("--out", type=Path, default=benchlib.RESULTS / "ask_latency.json")
     args = parser.parse_args(argv)
     load_before = benchlib.load_average()
@@ -78,22 +85,24 @@ def main(argv=None) -> int:
         url = run_config(config).rstrip("/")
         assert replica_counts(APP_NAME, RETRIEVER_DEPLOYMENT).get("RUNNING", 0) == 0
         clock = benchlib.Stopwatch()
-        first = httpx.post(f"{url}/v1/ask", json={"question": questions[0]}, timeout=300)
+        first = httpx.post(f"{url}/v1/ask", json=ask_body(questions[0], args.passages), timeout=300)
         cold_s = clock()
         first.raise_for_status()
         clock = benchlib.Stopwatch()
-        httpx.post(f"{url}/v1/ask", json={"question": questions[1]}, timeout=60).raise_for_status()
+        httpx.post(f"{url}/v1/ask", json=ask_body(questions[1], args.passages), timeout=60).raise_for_status()
         warm_s = clock()
         print(f"[bench] retriever cold start: first answer {cold_s:.2f} s, next {warm_s:.2f} s", flush=True)
         levels = []
         for concurrency in [int(c) for c in args.concurrency.split(",")]:
-            levels.append(asyncio.run(send(url, questions[: args.requests], concurrency, timeout_s=120)))
+            levels.append(asyncio.run(send(url, questions[: args.requests], concurrency, timeout_s=120,
+                                           passages=args.passages)))
             print(levels[-1], flush=True)
         backend = httpx.get(f"{url}/v1/model", timeout=30).json()["backend"]
     ratios = {"p50_ms_1_client": levels[0]["p50_ms"], "retriever_cold_start_s": round(cold_s, 2)}
     benchlib.write_json(args.out, "ask_latency", ratios,
                         {"cold_first_answer_s": round(cold_s, 2), "next_answer_s": round(warm_s, 2), "levels": levels},
-                        {"model": benchlib.model_summary(args.model), "backend": backend, "passages": 5,
+                        {"model": benchlib.model_summary(args.model), "backend": backend,
+                         "passages": args.passages or AskRequest.model_fields["passages"].default,
                          "data": benchlib.data_label(args.data), "requests": args.requests}, load_before)
     return 0
 

@@ -171,3 +171,10 @@ def test_gpu_suite_dry_run_writes_the_summary(tmp_path):
     assert cuda_graph["figures"]["same_answers"] == "4/4"  # the padded, compiled runner answers as eager PyTorch
     assert 0 <= squad["figures"]["f1"] <= 100 and squad["figures"]["train_windows_per_s"] > 0
     assert "| cuda_graph | same_answers | 4/4 |" in (out / "suite.md").read_text()
+
+
+def test_ask_latency_asks_for_the_passages_given_else_leaves_the_services_default():
+    from bench.ask_latency import ask_body
+
+    assert ask_body("Who?", None) == {"question": "Who?"}
+    assert ask_body("Who?", 8) == {"question": "Who?", "passages": 8}

@@ -21,6 +21,10 @@ from qa_common.features import prepare_eval_features, trim_padding
 # Windows per forward pass: on a CPU, larger batches gain nothing and hold more memory; a GPU wants more.
 FORWARD_BATCH_SIZE = 64
 FORWARD_BATCH_SIZE_GPU = 256
+# A forward batch pads its windows to its longest; one ends before a window that would pad it by more
+# than this share of its real tokens. A question's few passages differ widely in length (108 to 256
+# tokens for a dev question's eight): padded together, /v1/ask's reading took twice as long (BENCHMARKS.md).
+MAX_PADDING = 0.1
 
 
 @dataclass(frozen=True)
@@ -86,21 +90,37 @@ def as_runner(model_or_runner):
     return TorchRunner(model_or_runner) if isinstance(model_or_runner, torch.nn.Module) else model_or_runner
 
 
+def forward_batches(lengths: np.ndarray, batch_size: int, max_padding: float = MAX_PADDING) -> list[np.ndarray]:
+    """Row indices in forward batches, shortest windows first: at most ``batch_size`` rows each, and a
+    batch ends before a window that would make its padded tokens (rows x its longest) exceed its real
+    tokens by more than ``max_padding``. Thousands of windows sorted by length still fill whole
+    batches; a question's few windows of different lengths run in several small ones."""
+    batches, current, real = [], [], 0
+    for row in np.argsort(lengths, kind="stable"):
+        length = int(lengths[row])
+        if current and (len(current) == batch_size or (len(current) + 1) * length > (1 + max_padding) * (real + length)):
+            batches.append(np.array(current))
+            current, real = [], 0
+        current.append(row)
+        real += length
+    if current:
+        batches.append(np.array(current))
+    return batches
+
+
 def predict_logits(runner, features: dict, *, batch_size: int = FORWARD_BATCH_SIZE) -> tuple[np.ndarray, np.ndarray]:
     """Start and end logits (float32, padded back to the features' length) for every feature.
 
     ``runner`` is a :class:`TorchRunner`, an :class:`OnnxRunner` or a PyTorch QA model. Features run
-    shortest first, so each forward batch holds windows of similar length and :func:`trim_padding`
-    cuts most of the padding.
+    in :func:`forward_batches` (shortest first, padding bounded), each cut to its longest window by
+    :func:`trim_padding`.
     """
     runner = as_runner(runner)
     names = [name for name in runner.input_names if name in features]
     count, length = features["input_ids"].shape
     start_logits = np.full((count, length), -np.inf, dtype=np.float32)
     end_logits = np.full((count, length), -np.inf, dtype=np.float32)
-    by_length = np.argsort(np.asarray(features["attention_mask"]).sum(axis=1), kind="stable")
-    for begin in range(0, count, batch_size):
-        rows = by_length[begin : begin + batch_size]
+    for rows in forward_batches(np.asarray(features["attention_mask"]).sum(axis=1), batch_size):
         batch = trim_padding({name: np.asarray(features[name])[rows] for name in names})
         width = batch["input_ids"].shape[1]
         start_logits[rows, :width], end_logits[rows, :width] = runner(batch)

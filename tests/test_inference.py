@@ -34,6 +34,33 @@ def test_batched_answers_equal_one_at_a_time_decoding(tiny_model_and_tokenizer, 
         assert answers[0]["score"] == pytest.approx(alone[0]["score"], rel=1e-4)
 
 
+def test_forward_batches_bound_padding_and_size_and_keep_every_window_once():
+    from qa_common.inference import forward_batches
+
+    lengths = np.array([256, 108, 149, 118, 211, 136, 142, 214, 156])  # a dev question's eight passages' windows
+    batches = forward_batches(lengths, 64, max_padding=0.1)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(len(lengths)))
+    assert np.all(np.diff(lengths[np.concatenate(batches)]) >= 0)  # shortest first
+    for rows in batches:
+        assert len(rows) * lengths[rows].max() <= 1.1 * lengths[rows].sum()
+    assert 1 < len(batches) < len(lengths)  # neither one batch padded to 256 nor one window a batch
+    assert len(forward_batches(lengths, 64, max_padding=10.0)) == 1
+    uniform = np.full(200, 120)  # thousands of windows sorted by length fill whole batches
+    assert [len(rows) for rows in forward_batches(uniform, 64)] == [64, 64, 64, 8]
+
+
+def test_answers_do_not_depend_on_how_windows_are_batched(tiny_model_and_tokenizer, fixture_records, small_config):
+    from qa_common.inference import PassagesQuestion
+
+    model, tokenizer = tiny_model_and_tokenizer
+    question = PassagesQuestion(fixture_records[0]["question"], tuple(r["context"] for r in fixture_records[:6]), top_k=3)
+    bounded = answer_questions(model, tokenizer, [question], small_config)
+    one_by_one = answer_questions(model, tokenizer, [question], small_config, batch_size=1)
+    assert [a["answer"] for a in bounded[0]] == [a["answer"] for a in one_by_one[0]]
+    for ours, theirs in zip(bounded[0], one_by_one[0]):
+        assert ours["score"] == pytest.approx(theirs["score"], rel=1e-4)
+
+
 def test_max_answer_length_per_question_is_respected(tiny_model_and_tokenizer, fixture_records):
     model, tokenizer = tiny_model_and_tokenizer
     record = fixture_records[5]

@@ -103,7 +103,7 @@ def compare(reference: tuple[np.ndarray, np.ndarray], logits: tuple[np.ndarray, 
     for name, ours, theirs in (("start", logits[0], reference[0]), ("end", logits[1], reference[1])):
         found[f"{name}_agreement"] = float((ours.argmax(axis=1) == theirs.argmax(axis=1)).mean())
         found.setdefault("max_abs_logit_diff", 0.0)
-        found["max_abs_logit_diff"] = max(found["max_abs_logit_diff"], float(np.abs(ours - theirs)[mask].max()))
+        found["max_abs_logit_diff"] = max(found["max_abs_logit_diff"], float(np.abs(ours[mask] - theirs[mask]).max()))
     return found
 
 

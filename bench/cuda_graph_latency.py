@@ -36,7 +36,7 @@ class BucketedRunner:
     def __init__(self, compiled, eager, *, lengths: tuple[int, ...], batch_sizes: tuple[int, ...]):
         self.compiled, self.eager = compiled, eager
         self.lengths, self.batch_sizes = sorted(lengths), sorted(batch_sizes)
-        self.input_names = eager.input_names
+        self.input_names, self.on_cpu = eager.input_names, eager.on_cpu
 
     def __call__(self, batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         rows, width = batch["input_ids"].shape

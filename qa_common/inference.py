@@ -3,12 +3,14 @@
 The same functions serve the HTTP service, the demos and evaluation, so an answer is decoded the
 same way everywhere. Only the forward pass depends on the backend: a *runner* takes one batch of
 numpy inputs (the tokenizer's ``input_ids``, ``attention_mask``, ``token_type_ids``; only the
-names in its ``input_names``) and returns float32 start and end logits. :class:`TorchRunner` wraps
+names in its ``input_names``) and returns float32 start and end logits; its ``on_cpu`` says whether
+it computes on a CPU (see :data:`MAX_PADDING`). :class:`TorchRunner` wraps
 a PyTorch model, :class:`OnnxRunner` an ONNX Runtime session (see :mod:`qa_common.backends`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -21,9 +23,10 @@ from qa_common.features import prepare_eval_features, trim_padding
 # Windows per forward pass: on a CPU, larger batches gain nothing and hold more memory; a GPU wants more.
 FORWARD_BATCH_SIZE = 64
 FORWARD_BATCH_SIZE_GPU = 256
-# A forward batch pads its windows to its longest; one ends before a window that would pad it by more
-# than this share of its real tokens. A question's few passages differ widely in length (108 to 256
-# tokens for a dev question's eight): padded together, /v1/ask's reading took twice as long (BENCHMARKS.md).
+# On a CPU a forward batch ends before a window that would pad it by more than this share of its real
+# tokens. A question's few passages differ widely in length (108 to 256 tokens for a dev question's
+# eight): padded together, /v1/ask's reading took twice as long (BENCHMARKS.md). A GPU keeps whole
+# batches: there a batch's time is mostly fixed at these sizes (not measured on one yet).
 MAX_PADDING = 0.1
 
 
@@ -60,6 +63,10 @@ class TorchRunner:
     def __init__(self, model):
         self.model = model
 
+    @property
+    def on_cpu(self) -> bool:
+        return next(self.model.parameters()).device.type == "cpu"
+
     def __call__(self, batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         import torch
 
@@ -72,6 +79,8 @@ class TorchRunner:
 
 class OnnxRunner:
     """Start and end logits from an ONNX Runtime session of a model written by ``qa_common.export_onnx``."""
+
+    on_cpu = True  # onnxruntime's CPU build
 
     def __init__(self, session):
         self.session = session
@@ -112,15 +121,16 @@ def predict_logits(runner, features: dict, *, batch_size: int = FORWARD_BATCH_SI
     """Start and end logits (float32, padded back to the features' length) for every feature.
 
     ``runner`` is a :class:`TorchRunner`, an :class:`OnnxRunner` or a PyTorch QA model. Features run
-    in :func:`forward_batches` (shortest first, padding bounded), each cut to its longest window by
-    :func:`trim_padding`.
+    in :func:`forward_batches` (shortest first, padding bounded on a CPU), each cut to its longest
+    window by :func:`trim_padding`.
     """
     runner = as_runner(runner)
     names = [name for name in runner.input_names if name in features]
     count, length = features["input_ids"].shape
     start_logits = np.full((count, length), -np.inf, dtype=np.float32)
     end_logits = np.full((count, length), -np.inf, dtype=np.float32)
-    for rows in forward_batches(np.asarray(features["attention_mask"]).sum(axis=1), batch_size):
+    max_padding = MAX_PADDING if runner.on_cpu else math.inf
+    for rows in forward_batches(np.asarray(features["attention_mask"]).sum(axis=1), batch_size, max_padding):
         batch = trim_padding({name: np.asarray(features[name])[rows] for name in names})
         width = batch["input_ids"].shape[1]
         start_logits[rows, :width], end_logits[rows, :width] = runner(batch)

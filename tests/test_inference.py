@@ -49,6 +49,31 @@ def test_forward_batches_bound_padding_and_size_and_keep_every_window_once():
     assert [len(rows) for rows in forward_batches(uniform, 64)] == [64, 64, 64, 8]
 
 
+def test_a_runner_off_the_cpu_gets_whole_batches(tiny_model_and_tokenizer):
+    from qa_common.inference import TorchRunner
+
+    model, _ = tiny_model_and_tokenizer
+    assert TorchRunner(model).on_cpu
+    lengths = [256, 108, 149, 118, 211]
+    features = {"input_ids": np.ones((5, 256), dtype=np.int64),
+                "attention_mask": (np.arange(256) < np.array(lengths)[:, None]).astype(np.int64)}
+
+    class Recording:
+        input_names = ("input_ids", "attention_mask")
+
+        def __init__(self, on_cpu):
+            self.on_cpu, self.batches = on_cpu, []
+
+        def __call__(self, batch):
+            self.batches.append(batch["input_ids"].shape)
+            return np.zeros(batch["input_ids"].shape, np.float32), np.zeros(batch["input_ids"].shape, np.float32)
+
+    cpu, gpu = Recording(True), Recording(False)
+    predict_logits(cpu, features)
+    predict_logits(gpu, features)
+    assert len(cpu.batches) > 1 and gpu.batches == [(5, 256)]
+
+
 def test_answers_do_not_depend_on_how_windows_are_batched(tiny_model_and_tokenizer, fixture_records, small_config):
     from qa_common.inference import PassagesQuestion
 

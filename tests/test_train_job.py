@@ -179,11 +179,14 @@ def test_workers_that_cannot_start_fail_the_run_with_the_reason(local_ray, tmp_p
     assert reason is not None and "could not start within --worker-start-timeout-s 2" in str(reason)
 
 
-def test_ray_datas_statistics_actor_stops_and_starts_again_when_next_needed(local_ray):
+def test_ray_datas_statistics_actor_stops_after_featurising_and_starts_again_when_next_needed(
+        local_ray, tiny_model_dir, tmp_path):
     import ray
     import ray.data
     from ray.data._internal.stats import STATS_ACTOR_NAME, STATS_ACTOR_NAMESPACE
 
+    from train_job.data import load_splits
+    from train_job.driver import PreparedData
     from train_job.ray_cluster import stop_ray_data_stats_actor
 
     def alive() -> bool:
@@ -196,14 +199,19 @@ def test_ray_datas_statistics_actor_stops_and_starts_again_when_next_needed(loca
     def pipeline() -> list:
         return sorted(row["id"] for row in ray.data.range(8).map_batches(lambda batch: batch).take_all())
 
+    def stopped() -> bool:
+        deadline = time.monotonic() + 30
+        while alive() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return not alive()
+
+    config = tiny_config(tiny_model_dir, tmp_path)
+    PreparedData(config, *load_splits(config), own_ray=False)  # featurised on a Ray the job did not start: kept
+    assert alive()
+    assert PreparedData(config, *load_splits(config), own_ray=True).train_feature_count > 0 and stopped()
     assert pipeline() == list(range(8)) and alive()
     stop_ray_data_stats_actor()
-    deadline = time.monotonic() + 30
-    while alive() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not alive()
-    assert pipeline() == list(range(8)) and alive()
-    stop_ray_data_stats_actor()
+    assert stopped()
 
 
 BAD_INPUT = [

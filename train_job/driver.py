@@ -10,6 +10,7 @@ from train_job import checkpoint
 from train_job.config import TrainConfig, TrainJobError
 from train_job.data import feature_datasets, training_units
 from train_job.loop import steps_per_epoch, train_loop_per_worker
+from train_job.ray_cluster import stop_ray_data_stats_actor
 from train_job.resources import ResourceError, check_fits, cluster_capacity, one_machine, resolve_cpus_per_worker
 
 # Ray Train v2 reads these variables in the process that builds the trainer and passes them on to
@@ -30,10 +31,12 @@ class PreparedData:
     The training and validation windows go into the object store once each, as one array per column
     (``train_features_ref``, ``validation_features_ref``): each worker draws its shuffled share of
     the training windows every epoch (``train_job.data.epoch_shard``) and evaluates the validation
-    questions assigned to it.
+    questions assigned to it. ``own_ray``: the job started its Ray itself, so Ray Data's statistics
+    actor, idle from here on, is stopped (``train_job.ray_cluster.stop_ray_data_stats_actor``).
     """
 
-    def __init__(self, config: TrainConfig, train_records: list[dict], validation_records: list[dict]):
+    def __init__(self, config: TrainConfig, train_records: list[dict], validation_records: list[dict], *,
+                 own_ray: bool = False):
         import ray
 
         started = time.perf_counter()
@@ -45,6 +48,8 @@ class PreparedData:
         self.validation_features_ref = ray.put(validation_features)
         del train_features, validation_features
         self.validation_ref = ray.put(self.validation_records)
+        if own_ray:  # featurising was Ray Data's last work in this job
+            stop_ray_data_stats_actor()
         units = self.train_units
         training = f"{len(self.train_records)} training questions" if units.rows is None else \
             f"{len(units)} training questions ({len(self.train_records)} passages, normalised together per question)"

@@ -11,7 +11,7 @@ from qa_common.features import check_tokenizer
 from train_job import run_dir
 from train_job.config import TrainConfig, save_config
 from train_job.data import load_splits
-from train_job.ray_cluster import connect_ray, stop_ray_data_stats_actor
+from train_job.ray_cluster import connect_ray
 from train_job.driver import PreparedData, best_checkpoint, build_trainer, epoch_history, fit_to_cluster, startup_failure
 from train_job.publish import publish_run, push_to_hub
 from train_job.fingerprint import claim_run_dir, run_fingerprint
@@ -32,9 +32,7 @@ def run(config: TrainConfig, *, after_epoch=None, after_step=None) -> dict:
     config = fit_to_cluster(config)
     claim_run_dir(f"{storage_path.rstrip('/')}/{config.run_name}", fingerprint, config,
                   exported=run_dir.exported(output_dir, config.run_name))
-    data = PreparedData(config, train, validation)
-    if own_ray:  # featurising was Ray Data's last work here
-        stop_ray_data_stats_actor()
+    data = PreparedData(config, train, validation, own_ray=own_ray)
     output_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, output_dir / run_dir.TRAIN_CONFIG)
     trainer = build_trainer(config, data, name=config.run_name, storage_path=storage_path, fingerprint=fingerprint,

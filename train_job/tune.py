@@ -18,7 +18,7 @@ from qa_common import load_tokenizer
 from qa_common.features import check_tokenizer
 from train_job.config import TrainConfig, TrainJobError
 from train_job.data import load_splits
-from train_job.ray_cluster import connect_ray, stop_ray_data_stats_actor
+from train_job.ray_cluster import connect_ray
 from train_job.driver import PreparedData, build_trainer, fit_to_cluster
 from train_job.publish import publish_run
 from train_job.fingerprint import claim_run_dir, run_fingerprint
@@ -78,9 +78,7 @@ def search(config: TrainConfig, args) -> dict:
     storage_path = config.storage_path or str(output_dir / "tune")
     experiment = f"{storage_path.rstrip('/')}/{args.name}"  # a path or a URI (s3://, gs://)
     resuming = claim_run_dir(experiment, fingerprint, config, exported=run_dir.exported(output_dir, args.name))
-    data = PreparedData(config, train, validation)
-    if own_ray:  # featurising was Ray Data's last work here
-        stop_ray_data_stats_actor()
+    data = PreparedData(config, train, validation, own_ray=own_ray)
     # A NaN learning rate is not a transient failure: fail the trial, do not retry it.
     trial_base = dataclasses.replace(config, max_failures=0)
     trainable = tune.with_parameters(run_trial, base_config=trial_base, data=data, storage_path=storage_path,

@@ -88,7 +88,8 @@ def load_runner(model_dir: str, backend: str, *, device: str = "cpu", dtype=None
     """``(runner, tokenizer, info)`` for ``backend`` (one of :data:`BACKENDS`) on ``device``.
 
     ``dtype`` is the torch dtype of the PyTorch backend; ``threads`` the intra-op threads of either
-    (None: the library's default). ``info`` says which backend runs and the file it loaded.
+    (None: the library's default). ``info`` says which backend runs, the file it loaded and the
+    intra-op threads it runs with (0: ONNX Runtime's default).
     """
     from qa_common.inference import OnnxRunner, TorchRunner
     from qa_common.modeling import load_model_and_tokenizer, load_tokenizer
@@ -103,10 +104,13 @@ def load_runner(model_dir: str, backend: str, *, device: str = "cpu", dtype=None
         model = model.to(device).eval()
         return TorchRunner(model), tokenizer, {
             "backend": "torch", "dtype": str(model.dtype).removeprefix("torch."), "name_or_path": model.config.name_or_path,
+            "threads": torch.get_num_threads(),
         }
     if device != "cpu":
         raise ValueError(f"backend {backend!r} runs on CPU (onnxruntime's CPU build); serve with backend torch on a GPU")
     path = onnx_file(model_dir, backend)
-    return OnnxRunner(onnx_session(path, threads=threads)), load_tokenizer(model_dir), {
+    session = onnx_session(path, threads=threads)
+    return OnnxRunner(session), load_tokenizer(model_dir), {
         "backend": backend, "dtype": "int8" if backend == "onnx-int8" else "float32", "file": path.name,
+        "threads": session.get_session_options().intra_op_num_threads,
     }

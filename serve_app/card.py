@@ -33,7 +33,7 @@ def model_card(model_path: str, args: ServeArgs, qa_config: QAConfig, model_opti
         "backend": backend,
         "backend_requested": args.backend,
         "dtype": {"onnx": "float32", "onnx-int8": "int8"}.get(backend) or dtype_name(args.dtype, device),
-        "threads": max(1, int(actor_options.get("num_cpus", 1))),  # intra-op threads: one per CPU of a replica
+        "threads": args.replica_threads(actor_options.get("num_cpus", 1)),  # Serve's default: one CPU per replica
         **qa_config.to_dict(),
         "max_batch_size": args.max_batch_size,
         "limits": {

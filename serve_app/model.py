@@ -33,7 +33,7 @@ class QAModel:
 
     def __init__(self, model_path: str, qa_config: QAConfig, args: ServeArgs):
         self.device = "cuda" if ray.get_gpu_ids() else "cpu"
-        threads = max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
+        threads = args.replica_threads(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))
         self.runner, self.tokenizer, self.backend = load_model(model_path, args, device=self.device, threads=threads)
         self.qa_config = qa_config
         self.version = version_of(model_path)
@@ -84,7 +84,7 @@ class QAModel:
 
 def load_model(model_path: str, args: ServeArgs, *, device: str, threads: int) -> tuple:
     """``(runner, tokenizer, info)`` of a replica: ``args.backend`` (``auto`` reads the model's
-    onnx_export.json) on ``device``, with ``threads`` intra-op threads (one per CPU of the replica)."""
+    onnx_export.json) on ``device``, with ``threads`` intra-op threads (``ServeArgs.replica_threads``)."""
     runner, tokenizer, info = load_runner(model_path, args.backend, device=device, dtype=torch_dtype(args.dtype, device),
                                           threads=threads, max_f1_loss=args.max_f1_loss)
-    return runner, tokenizer, {"threads": threads, "backend_requested": args.backend, **info}
+    return runner, tokenizer, {"backend_requested": args.backend, **info}

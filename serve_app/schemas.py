@@ -255,6 +255,11 @@ class ServeArgs(BaseModel):
     audit_log: str | None = Field(
         None, description="File the JSON audit lines are appended to; default: the ingress's standard error."
     )
+    reader_threads: int | None = Field(
+        None, ge=1, description="Intra-op threads of each model replica; default: one per CPU it reserves (num_cpus). "
+        "More lets one question use cores that would idle at low load (a one-machine service reading a library's "
+        "passages: docs/serving.md), at the cost of contention when every core is busy.",
+    )
     backend: Literal[BACKENDS] = Field(
         "auto", description="torch, onnx, onnx-int8 (files written by `python -m qa_common.export_onnx`) or auto: "
         "on CPU the fastest exported backend within max_f1_loss of PyTorch's F1, else torch; on a GPU torch.",
@@ -283,6 +288,10 @@ class ServeArgs(BaseModel):
         description="QAConfig overrides (e.g. {max_length: 256}); unset ones come from the model directory's "
         "qa_config.json, else QAConfig's defaults.",
     )
+
+    def replica_threads(self, reserved_cpus: float) -> int:
+        """A model replica's intra-op threads: ``reader_threads``, else one per CPU it reserves."""
+        return self.reader_threads or max(1, int(reserved_cpus))
 
     @field_validator("qa")
     @classmethod

@@ -166,7 +166,7 @@ def test_serving_loads_each_backend_in_one_method(exported_dir):
                                  ("onnx-int8", "onnx-int8", "int8"), ("auto", expected_auto, None)]:
         runner, tokenizer, info = load_model(str(exported_dir), ServeArgs(model=str(exported_dir), backend=backend),
                                              device="cpu", threads=1)
-        assert info["backend"] == runs and info["backend_requested"] == backend and info["threads"] == 1
+        assert info["backend"] == runs and info["backend_requested"] == backend and info["threads"] == 1  # as it runs
         assert dtype is None or info["dtype"] == dtype
         assert isinstance(runner, TorchRunner if runs == "torch" else OnnxRunner) and tokenizer.is_fast
 
@@ -191,14 +191,21 @@ def test_auto_ignores_a_recorded_backend_whose_file_is_gone(exported_dir, tmp_pa
 
 
 def test_the_service_answers_with_the_int8_backend_and_says_so(exported_dir, runners, fixture_records):
+    from ray import serve
+
+    from serve_app.app import APP_NAME, MODEL_DEPLOYMENT
+
     by_backend, tokenizer = runners
     record = fixture_records[0]
     [expected] = answer_questions(by_backend["onnx-int8"], tokenizer, [Question(record["question"], record["context"])],
                                   QAConfig(**SMALL_QA))
-    config = service_config(exported_dir, free_port(), backend="onnx-int8")
+    # two intra-op threads on a replica that reserves half a CPU (reader_threads), as the replica's session runs them
+    config = service_config(exported_dir, free_port(), backend="onnx-int8", reader_threads=2)
     with serving(config) as url:
         info = httpx.get(f"{url}/v1/model", headers=AUTH, timeout=60).json()
-        assert (info["backend"], info["backend_requested"], info["dtype"], info["threads"]) == ("onnx-int8", "onnx-int8", "int8", 1)
+        assert (info["backend"], info["backend_requested"], info["dtype"], info["threads"]) == ("onnx-int8", "onnx-int8", "int8", 2)
+        replica = serve.get_deployment_handle(MODEL_DEPLOYMENT, APP_NAME).describe.remote().result()
+        assert (replica["backend"], replica["threads"]) == ("onnx-int8", 2)
         served = httpx.post(f"{url}/v1/answer", json={"question": record["question"], "context": record["context"]},
                             headers=AUTH, timeout=60).json()
     assert [served[key] for key in ("answer", "start", "end")] == [expected[0][key] for key in ("answer", "start", "end")]

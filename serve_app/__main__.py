@@ -23,6 +23,7 @@ from ray import serve
 from qa_common import QAConfig
 from qa_common.config import add_dataclass_flags, dashed, flag_type, given_flags
 from serve_app.app import DEFAULT_CONFIG, MODEL_DEPLOYMENT, load_serve_config, model_to_serve, run_config
+from serve_app.retriever import RETRIEVER_DEPLOYMENT, RETRIEVER_OPTIONS
 from serve_app.schemas import ServeArgs
 
 # Flags of the Serve config's other sections: flag -> (section, key); section "http_options",
@@ -106,7 +107,21 @@ def configure(config: dict, flags: argparse.Namespace) -> dict:
     for key in ("token_hashes_file", "audit_log", "library", "feedback", "snapshot_dir"):  # relative to here, not to the Ray worker's directory
         if sections["args"].get(key):
             sections["args"][key] = str(Path(sections["args"][key]).expanduser().resolve())
+    if flags.address == "local" and sections["args"].get("library") and not sections["args"].get("reader_threads"):
+        sections["args"]["reader_threads"] = one_machine_reader_threads(
+            app_config, sections["ray_actor_options"].get("num_cpus", 1))
     return config
+
+
+def one_machine_reader_threads(app_config: dict, model_cpus: float) -> int:
+    """The reader's intra-op threads on a Ray of this process's own (one machine) serving a library:
+    its replica's CPUs and the retriever's. A question is searched, then read, so the retriever's CPUs
+    idle while the reader reads it; and on a small machine a second model replica does not fit beside
+    the retriever, so one reader on one thread is the bottleneck at every load (BENCHMARKS.md,
+    "Reader threads on one machine")."""
+    entry = next((d for d in app_config.get("deployments", []) if d.get("name") == RETRIEVER_DEPLOYMENT), {})
+    retriever_cpus = {**RETRIEVER_OPTIONS["ray_actor_options"], **entry.get("ray_actor_options", {})}.get("num_cpus", 1)
+    return max(1, int(model_cpus + retriever_cpus))
 
 
 def _stop(signum, frame):

@@ -93,6 +93,19 @@ def test_cli_flags_override_the_config(tiny_model_dir):
     assert model["ray_actor_options"] == {"num_cpus": 1, "num_gpus": 1}
 
 
+def test_on_one_machine_the_reader_borrows_the_retrievers_cpus(tiny_model_dir, tmp_path):
+    def reader_threads(*argv: str):
+        [app] = configure(load_serve_config(), parse_args(["--model", str(tiny_model_dir), *argv]))["applications"]
+        return app["args"].get("reader_threads")
+
+    library = str(tmp_path / "library")
+    assert reader_threads("--library", library) == 2  # the packaged config: one CPU for each
+    assert reader_threads("--library", library, "--num-cpus", "2") == 3
+    assert reader_threads("--library", library, "--reader-threads", "1") == 1  # the operator's word stands
+    assert reader_threads() is None  # no library: one thread per CPU a replica reserves
+    assert reader_threads("--library", library, "--address", "auto") is None  # a cluster: replicas on other nodes
+
+
 def test_every_application_setting_has_a_flag_and_lands_in_args(tiny_model_dir):
     values = {"forward_batch_size": 7, "max_context_chars": 5000, "max_windows_per_call": 9, "retry_after_s": 4,
               "max_f1_loss": 0.25, "model_name": "demo", "insecure_no_auth": True, "backend": "torch"}

@@ -4,7 +4,8 @@
 
 Serves the model (``--backend``, default onnx-int8: ``python -m qa_common.export_onnx`` writes it)
 and the library index on a fresh local Ray with the packaged config: one model replica and one
-retriever replica of one CPU each, the retriever starting at zero replicas, so that the first
+retriever replica of one CPU each (the reader's intra-op threads: ``--reader-threads``, by default
+what ``python -m serve_app --library`` gives it on one machine), the retriever starting at zero replicas, so that the first
 question measures its cold start (replica start, index open, embedder load). Then each
 ``--concurrency`` level sends ``--requests`` questions of ``--data``, each reading ``--passages``
 passages (default: the service's, 5).
@@ -64,6 +65,9 @@ def main(argv=None) -> int:
     parser.add_argument("--requests", type=int, default=80, help="questions per concurrency level")
     parser.add_argument("--concurrency", default="1,8", help="comma-separated client counts (default: %(default)s)")
     parser.add_argument("--passages", type=int, default=None, help="passages read per question (default: the service's)")
+    parser.add_argument("--reader-threads", type=int, default=None,
+                        help="the model replica's intra-op threads (serve_app's --reader-threads; default: as "
+                             "python -m serve_app --library sets them on one machine)")
     parser.add_argument("--out", type=Path, default=benchlib.RESULTS / "ask_latency.json")
     args = parser.parse_args(argv)
     load_before = benchlib.load_average()
@@ -75,9 +79,8 @@ def main(argv=None) -> int:
 
     questions = [r["question"] for r in read_squad(args.data)][:: 7][: args.requests * 2]
     config = benchlib.serve_app_config(args.model, free_port(), max_batch_size=8, replica_cpus=1,
-                                       backend=args.backend)
+                                       backend=args.backend, reader_threads=args.reader_threads, library=args.library)
     [app] = config["applications"]
-    app["args"]["library"] = str(args.library.resolve())
     app["deployments"].append({"name": RETRIEVER_DEPLOYMENT, "ray_actor_options": {"num_cpus": 1},
                                "autoscaling_config": {"min_replicas": 0, "initial_replicas": 0, "max_replicas": 1,
                                                       "downscale_to_zero_delay_s": 3600}})
@@ -97,11 +100,12 @@ def main(argv=None) -> int:
             levels.append(asyncio.run(send(url, questions[: args.requests], concurrency, timeout_s=120,
                                            passages=args.passages)))
             print(levels[-1], flush=True)
-        backend = httpx.get(f"{url}/v1/model", timeout=30).json()["backend"]
+        card = httpx.get(f"{url}/v1/model", timeout=30).json()
     ratios = {"p50_ms_1_client": levels[0]["p50_ms"], "retriever_cold_start_s": round(cold_s, 2)}
     benchlib.write_json(args.out, "ask_latency", ratios,
                         {"cold_first_answer_s": round(cold_s, 2), "next_answer_s": round(warm_s, 2), "levels": levels},
-                        {"model": benchlib.model_summary(args.model), "backend": backend,
+                        {"model": benchlib.model_summary(args.model), "backend": card["backend"],
+                         "reader_threads": card["threads"],
                          "passages": args.passages or AskRequest.model_fields["passages"].default,
                          "data": benchlib.data_label(args.data), "requests": args.requests}, load_before)
     return 0

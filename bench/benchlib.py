@@ -337,7 +337,8 @@ def serve_app_config(model_dir: str, port: int, *, max_batch_size: int, replica_
                      min_replicas: int = 1, max_replicas: int = 1, autoscaling: dict | None = None,
                      batch_wait_timeout_s: float | None = None, forward_batch_size: int | None = None,
                      dtype: str | None = None, backend: str | None = None,
-                     request_deadline_s: float | None = None) -> dict:
+                     request_deadline_s: float | None = None, reader_threads: int | None = None,
+                     library: Path | None = None) -> dict:
     """serve_app's packaged config with its own CLI flags applied (``python -m serve_app`` would do the same),
     on 127.0.0.1 only; ``autoscaling`` adds QAModel autoscaling keys the CLI has no flag for. The HTTP
     proxy's timeout is kept above the request deadline, so that the deadline is what a slow request meets."""
@@ -355,6 +356,10 @@ def serve_app_config(model_dir: str, port: int, *, max_batch_size: int, replica_
         flags += ["--backend", backend]
     if request_deadline_s:
         flags += ["--request-deadline-s", str(request_deadline_s)]
+    if reader_threads:
+        flags += ["--reader-threads", str(reader_threads)]
+    if library:
+        flags += ["--library", str(library)]
     config = configure(load_serve_config(), parse_args(flags))
     [app] = config["applications"]
     config["http_options"]["request_timeout_s"] = max(config["http_options"]["request_timeout_s"],

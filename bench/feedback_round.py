@@ -221,9 +221,9 @@ def one_round(args, seed: int, records: list[dict], documents: dict[str, str], l
     token = "bench-" + os.urandom(16).hex()
     (workdir / f"hashes-{seed}.txt").write_text(hash_token(token) + "\n", encoding="utf-8")
     feedback = workdir / f"feedback-{seed}"
-    config = benchlib.serve_app_config(args.model, free_port(), max_batch_size=8, replica_cpus=1)
+    config = benchlib.serve_app_config(args.model, free_port(), max_batch_size=8, replica_cpus=1, library=library)
     [app] = config["applications"]
-    app["args"].update(library=str(library), feedback=str(feedback), token_hashes_file=str(workdir / f"hashes-{seed}.txt"))
+    app["args"].update(feedback=str(feedback), token_hashes_file=str(workdir / f"hashes-{seed}.txt"))
     url = run_config(config).rstrip("/")
     times["deploy_s"] = clock()
 

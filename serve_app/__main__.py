@@ -23,7 +23,7 @@ from ray import serve
 from qa_common import QAConfig
 from qa_common.config import add_dataclass_flags, dashed, flag_type, given_flags
 from serve_app.app import DEFAULT_CONFIG, MODEL_DEPLOYMENT, load_serve_config, model_to_serve, run_config
-from serve_app.retriever import RETRIEVER_DEPLOYMENT, RETRIEVER_OPTIONS
+from serve_app.retriever import RETRIEVER_DEPLOYMENT
 from serve_app.schemas import ServeArgs
 
 # Flags of the Serve config's other sections: flag -> (section, key); section "http_options",
@@ -108,20 +108,22 @@ def configure(config: dict, flags: argparse.Namespace) -> dict:
         if sections["args"].get(key):
             sections["args"][key] = str(Path(sections["args"][key]).expanduser().resolve())
     if flags.address == "local" and sections["args"].get("library") and not sections["args"].get("reader_threads"):
-        sections["args"]["reader_threads"] = one_machine_reader_threads(
-            app_config, sections["ray_actor_options"].get("num_cpus", 1))
+        sections["args"]["reader_threads"] = one_machine_reader_threads(app_config)
     return config
 
 
-def one_machine_reader_threads(app_config: dict, model_cpus: float) -> int:
+def one_machine_reader_threads(app_config: dict) -> int:
     """The reader's intra-op threads on a Ray of this process's own (one machine) serving a library:
     its replica's CPUs and the retriever's. A question is searched, then read, so the retriever's CPUs
     idle while the reader reads it; and on a small machine a second model replica does not fit beside
     the retriever, so one reader on one thread is the bottleneck at every load (BENCHMARKS.md,
     "Reader threads on one machine")."""
-    entry = next((d for d in app_config.get("deployments", []) if d.get("name") == RETRIEVER_DEPLOYMENT), {})
-    retriever_cpus = {**RETRIEVER_OPTIONS["ray_actor_options"], **entry.get("ray_actor_options", {})}.get("num_cpus", 1)
-    return max(1, int(model_cpus + retriever_cpus))
+    from serve_app.update import application_options
+
+    options = application_options(app_config)  # the Retriever's own options under the config's, as Serve runs them
+    cpus = [options.get(name, {}).get("ray_actor_options", {}).get("num_cpus", 1)  # Serve's default: one per replica
+            for name in (MODEL_DEPLOYMENT, RETRIEVER_DEPLOYMENT)]
+    return max(1, int(sum(cpus)))
 
 
 def _stop(signum, frame):

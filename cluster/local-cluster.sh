@@ -24,7 +24,8 @@
 #   RQA_WORKER_CPUS         logical CPUs each worker node offers (default: 3)
 #   RQA_WORKER_NODES        number of worker nodes (default: 1)
 #   RQA_OBJECT_STORE_BYTES  object store size per node (default: 300000000)
-#   RQA_START_TIMEOUT_S     how long `start` waits for every node to join (default: 120)
+#   RQA_START_TIMEOUT_S     how long `start` waits for every node to join and the Jobs API to take
+#                           submissions (default: 120)
 #   RQA_STOP_TIMEOUT_S      how long `stop` lets each node drain before killing it (default: 15)
 #   RAY, PYTHON             the `ray` command and Python to use (default: those on PATH, i.e. of
 #                           the activated virtual environment, which must have this project installed)
@@ -88,10 +89,19 @@ ray_processes_of_this_cluster() {
 
 group_alive() { kill -0 -- "-$1" 2>/dev/null; }
 
+# Whether something on this machine accepts connections on port $1.
+port_open() {
+  "$PYTHON" -c 'import socket, sys; socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=2).close()' "$1" \
+    2>/dev/null
+}
+
+declare -A AGENT_PORTS  # node name -> its dashboard agent's HTTP port
+
 # Start one node: `ray start --block` in a new session (its own process group, id = its pid).
 start_node() {
   local name=$1; shift
   local log="$STATE_DIR/logs/$name.log"
+  AGENT_PORTS[$name]=$(free_port)
   # Each node its own Ray temp dir, so each node's log monitor forwards only its own workers' output.
   # RAY_ADDRESS, inherited by every Ray worker process of the node: Ray code that looks for "the"
   # cluster without an address (Ray Train's placement group cleaner does) finds this one, also
@@ -102,7 +112,7 @@ start_node() {
   RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=serve_app.request_ids:proxy_middlewares \
   setsid "$RAY" start --block --temp-dir="$STATE_DIR/$name" \
     --object-store-memory="$OBJECT_STORE_BYTES" \
-    --dashboard-agent-listen-port="$(free_port)" --dashboard-agent-grpc-port="$(free_port)" \
+    --dashboard-agent-listen-port="${AGENT_PORTS[$name]}" --dashboard-agent-grpc-port="$(free_port)" \
     --runtime-env-agent-port="$(free_port)" --metrics-export-port="$(free_port)" \
     --min-worker-port=0 --max-worker-port=0 --disable-usage-stats "$@" \
     </dev/null >"$log" 2>&1 &
@@ -156,6 +166,14 @@ cmd_start() {
       alive "$(cat "$f")" || fail_start "node $(basename "$f" .pid) exited"
     done
     [ $SECONDS -lt $deadline ] || fail_start "not all $want nodes joined in ${START_TIMEOUT_S} s"
+    sleep 1
+  done
+  # The Jobs API hands every submission to the head node's dashboard agent, which can come up well
+  # after its node is listed alive on a busy machine, while the API waits only 10 s for it before
+  # answering "No available agent to submit job".
+  until port_open "${AGENT_PORTS[head]}"; do
+    alive "$(cat "$STATE_DIR/pids/head.pid")" || fail_start "the head node exited"
+    [ $SECONDS -lt $deadline ] || fail_start "the head node's job agent did not come up in ${START_TIMEOUT_S} s"
     sleep 1
   done
   cat <<MSG

@@ -23,7 +23,6 @@ from bench import benchlib
 from bench.local_service import free_port, replica_counts
 from serve_app.app import APP_NAME
 from serve_app.retriever import RETRIEVER_DEPLOYMENT
-from serve_app.schemas import AskRequest
 
 
 
@@ -106,7 +105,7 @@ def main(argv=None) -> int:
                         {"cold_first_answer_s": round(cold_s, 2), "next_answer_s": round(warm_s, 2), "levels": levels},
                         {"model": benchlib.model_summary(args.model), "backend": card["backend"],
                          "reader_threads": card["threads"],
-                         "passages": args.passages or AskRequest.model_fields["passages"].default,
+                         "passages": args.passages or card["passages"],
                          "data": benchlib.data_label(args.data), "requests": args.requests}, load_before)
     return 0
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from qa_common import PassagesQuestion, Question, SquadFormatError, decode_passages, decode_spans, load_qa_config, read_squad
 from qa_common.calibration import answered_at_precision, expected_calibration_error, reliability
-from qa_common.library.search import FUSION_DEPTH, SEARCH_MODES, document_rank, recall_at, reciprocal_rank_fusion
+from qa_common.library.search import FUSION_DEPTH, PASSAGES_READ, SEARCH_MODES, document_rank, recall_at, reciprocal_rank_fusion
 from qa_common.inference import question_logits
 from qa_common.metric import question_scores
 from qa_common.modeling import check_model_dir
@@ -247,7 +247,8 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
                              "train_job/quickstart_data/library): a question's document is the one holding its "
                              "paragraph; a question none holds is asked as absent")
     add_embedder_flag(parser)
-    parser.add_argument("--passages", type=at_least(1), default=5, help="passages read per question (default: 5, as /v1/ask)")
+    parser.add_argument("--passages", type=at_least(1), default=PASSAGES_READ,
+                        help="passages read per question (default: %(default)s, as /v1/ask)")
     parser.add_argument("--absent-articles", type=float, default=0.0,
                         help="a seeded share of the articles left out of the library; their questions are still "
                              "asked, and declining is their right answer (default: 0; mine's is 0.1)")

@@ -39,7 +39,7 @@ from pathlib import Path
 from qa_common import SquadFormatError, read_squad
 from qa_common.library.index import LibraryError, write_private
 from qa_common.negatives import synthesise_negatives
-from qa_common.library.search import FUSION_DEPTH, reciprocal_rank_fusion
+from qa_common.library.search import FUSION_DEPTH, PASSAGES_READ, reciprocal_rank_fusion
 from qa_common.splits import absent_articles, hold_out_articles, sample_questions
 from train_job.cli import at_least
 from train_job.ray_cluster import ActorPool, add_actor_flags, add_address_flag, connect_ray
@@ -183,7 +183,9 @@ def write_records(path: Path, records: list[dict]) -> None:
 def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="SQuAD-format training file (e.g. SQuAD's train-v1.1.json)")
     parser.add_argument("--output", required=True, help="output directory (train.json, validation.json, the library)")
-    parser.add_argument("--passages", type=at_least(1), default=5, help="passages per question (default: 5, as /v1/ask)")
+    parser.add_argument("--passages", type=at_least(1), default=5,
+                        help="passages per question (default: %(default)s, what the squad-minilm-library preset was "
+                             f"trained and calibrated on; /v1/ask reads {PASSAGES_READ} unless told)")
     add_embedder_flag(parser)
     parser.add_argument("--articles", type=at_least(1), default=None, help="a seeded N of the file's articles (default: all)")
     parser.add_argument("--absent-articles", type=float, default=0.1,

@@ -21,7 +21,7 @@ def previous_model(model: str | None) -> dict | None:
 
 def model_card(model_path: str, args: ServeArgs, qa_config: QAConfig, model_options: dict) -> dict:
     """What /v1/model shows: the model's name and version (and the previous one's, after an update), its
-    settings and the request limits."""
+    settings, the request limits and, with a library, how many passages /v1/ask reads by default."""
     actor_options = model_options.get("ray_actor_options", {})
     device = "cuda" if actor_options.get("num_gpus", 0) else "cpu"
     backend = resolve_backend(model_path, args.backend, device=device, max_f1_loss=args.max_f1_loss)
@@ -44,4 +44,5 @@ def model_card(model_path: str, args: ServeArgs, qa_config: QAConfig, model_opti
             "windows_per_request": args.max_windows_per_request,
             "deadline_s": args.request_deadline_s,
         },
+        **({"passages": args.passages} if args.library else {}),  # what /v1/ask reads unless told
     }

@@ -242,7 +242,8 @@ class QAIngress:
 
     async def search_library(self, ask, deadline: float) -> dict:
         """The retriever's passages for ``ask``, within the deadline (503 when busy, late or lost)."""
-        call = self.retriever.search.remote(ask.question, ask.passages, ask.collection, ask.document)
+        call = self.retriever.search.remote(ask.question, ask.passages or self.args.passages, ask.collection,
+                                            ask.document)
         try:
             return await asyncio.wait_for(call, timeout=max(0.0, deadline - time.time()))
         except (asyncio.TimeoutError, BackPressureError, RayActorError) as error:

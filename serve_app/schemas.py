@@ -17,6 +17,7 @@ from qa_common.backends import BACKENDS, DEFAULT_MAX_F1_LOSS
 from qa_common.config import checked_overrides
 from qa_common.inference import FORWARD_BATCH_SIZE
 from qa_common.library.index import BUILD_COMMAND, NAME_PATTERN
+from qa_common.library.search import PASSAGES_READ
 from qa_common.modeling import SERVING_DTYPES
 
 MAX_QUESTION_CHARS = 1_000
@@ -85,7 +86,8 @@ class AskRequest(BaseModel):
     question: str = Field(min_length=1, max_length=MAX_QUESTION_CHARS, json_schema_extra={"pattern": r"\S"},
                           examples=["What is the loading dose of amiodarone?"])
     top_k: int = Field(1, ge=1, le=MAX_TOP_K, description="How many answers, ranked across the passages read.")
-    passages: int = Field(5, ge=1, le=MAX_PASSAGES, description="How many passages to retrieve and read.")
+    passages: int | None = Field(None, ge=1, le=MAX_PASSAGES,
+                                 description="How many passages to retrieve and read; default: the service's.")
     collection: str | None = Field(None, pattern=f"^{NAME_PATTERN.pattern}$", description="Only this collection.")
     document: str | None = Field(None, min_length=1, max_length=MAX_DOCUMENT_CHARS,
                                  description="Only this document (its name as /v1/ask answers cite it).")
@@ -270,6 +272,10 @@ class ServeArgs(BaseModel):
     library: str | None = Field(
         None, description=f"A document library's folder ({BUILD_COMMAND}): enables POST /v1/ask and GET "
         "/v1/collections. On a cluster, a path every node mounts.",
+    )
+    passages: int = Field(
+        PASSAGES_READ, ge=1, le=MAX_PASSAGES, description="Passages /v1/ask retrieves and reads when a request does not "
+        "say: each one more may hold the answer and costs reading time (docs/library.md).",
     )
     feedback: str | None = Field(
         None, description="A folder for clinicians' feedback (a SQLite store holding patient text, 0600): enables "

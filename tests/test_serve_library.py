@@ -27,13 +27,17 @@ from bench.local_service import free_port, wait_until
 from serve_app.retriever import RETRIEVER_DEPLOYMENT
 
 
+SERVED_PASSAGES = 4
+
+
 @pytest.fixture(scope="module")
 def service(abstaining_run, tmp_path_factory):
     root = tmp_path_factory.mktemp("served-library")
     docs, index, audit = write_library(root / "ward"), root / "index", root / "audit.jsonl"
     model = abstaining_run[0] / "model"
+    # Four passages read by default (the service's setting; the library holds five).
     config = service_config(model, free_port(), qa={}, library=str(index), audit_log=str(audit),
-                            feedback=str(root / "feedback"))
+                            feedback=str(root / "feedback"), passages=SERVED_PASSAGES)
     config["applications"][0]["deployments"].append({"name": RETRIEVER_DEPLOYMENT, "ray_actor_options": {"num_cpus": 0.1}})
     shared_ray()
     assert library_job(["build", str(docs), "--library", str(index), "--concurrency", "1"]) == 0
@@ -51,7 +55,7 @@ def test_an_answer_cites_its_document_page_and_passage_and_equals_the_reader_ove
     response = ask(service, {"question": question, "top_k": 3})
     assert response.status_code == 200, response.text
     body = response.json()
-    assert body["passages_read"] == 5 and body["index_version"] == Library(service["index"]).version
+    assert body["passages_read"] == SERVED_PASSAGES and body["index_version"] == Library(service["index"]).version
     best = body["answers"][0]
     assert set(best) == {"answer", "score", "start", "end", "no_answer_probability", "collection", "document", "page",
                          "section", "passage_id", "passage"}
@@ -66,7 +70,7 @@ def test_an_answer_cites_its_document_page_and_passage_and_equals_the_reader_ove
         assert answer["passage"] == row["text"]
 
     # The same retrieval and the same reader, outside the service: the same answers.
-    hits = library.search(question, Embedder().embed([question])[0], 5)
+    hits = library.search(question, Embedder().embed([question])[0], SERVED_PASSAGES)
     model, tokenizer = load_model_and_tokenizer(str(service["model"]))
     [expected] = answer_questions(model, tokenizer, [PassagesQuestion(question, tuple(h.passage["text"] for h in hits),
                                                                       top_k=3)], load_qa_config(service["model"]))
@@ -128,7 +132,7 @@ def test_audit_lines_of_library_questions_carry_counts_and_versions_never_text(s
     assert ask(service, {"question": question}).status_code == 200
     lines = [json.loads(line) for line in service["audit"].read_text().splitlines()]
     [last] = [line for line in lines if line["route"] == "/v1/ask" and line["status"] == 200][-1:]
-    assert last["passages"] == 5 and last["questions"] == 1 and last["windows"] >= 5
+    assert last["passages"] == SERVED_PASSAGES and last["questions"] == 1 and last["windows"] >= SERVED_PASSAGES
     assert last["index_version"] == Library(service["index"]).version
     text = service["audit"].read_text()
     for secret in (question, "warfarin.docx", "hand-hygiene", "Clostridioides"):
@@ -290,6 +294,7 @@ def test_the_service_decodes_with_the_settings_the_model_was_trained_with(servic
     assert len(saved["score_calibration"]) == calibration["score_knots"] > 0  # fitted at export
     info = httpx.get(f"{service['url']}/v1/model", headers=AUTH, timeout=60).json()
     assert {name: info[name] for name in saved} == saved
+    assert info["passages"] == SERVED_PASSAGES  # what /v1/ask reads unless a request says
 
     records = [r for r in read_squad(V2_DATA) if r["answers"]["text"]][:3]
     model, tokenizer = load_model_and_tokenizer(str(model_dir))

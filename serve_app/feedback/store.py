@@ -30,9 +30,10 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from serve_app.schemas import MAX_PASSAGES  # a rating refers to at most what /v1/ask reads
+
 STORE_FILE = "feedback.sqlite3"
 VERDICTS = ("right", "wrong", "not_in_documents")
-MAX_PASSAGES = 20  # as many as /v1/ask reads at most
 MAX_TEXT_CHARS = 100_000  # a question or one passage (a /v1/answer context can be this long)
 MAX_ID_CHARS = 200  # passage, document, version and key ids
 

@@ -20,9 +20,9 @@ from qa_common.library.index import PASSAGE_COLUMNS, Manifest, current_version, 
 
 RRF_K = 60
 # Passages a question is read over unless it says: /v1/ask's default (ServeArgs.passages) and library_job
-# evaluate's. Eight found more answers than five at an acceptable cost (ACCURACY.md: open-domain SQuAD
-# dev F1 67.58 against 66.95; BENCHMARKS.md: /v1/ask p50 194-197 against 127-152 ms, 0.6x the
-# questions/s at eight clients).
+# evaluate's. Eight find more answers than five (open-domain SQuAD dev F1 67.58 against 66.95, ACCURACY.md)
+# within the /v1/ask latency target, at a cost in questions/s under load (BENCHMARKS.md, "Eight passages
+# by default").
 PASSAGES_READ = 8
 FUSION_DEPTH = 50  # how much of each ranking hybrid search fuses
 SEARCH_MODES = ("hybrid", "dense", "lexical")

@@ -5,10 +5,10 @@
 Serves the model (``--backend``, default onnx-int8: ``python -m qa_common.export_onnx`` writes it)
 and the library index on a fresh local Ray with the packaged config: one model replica and one
 retriever replica of one CPU each (the reader's intra-op threads: ``--reader-threads``, by default
-what ``python -m serve_app --library`` gives it on one machine), the retriever starting at zero replicas, so that the first
-question measures its cold start (replica start, index open, embedder load). Then each
-``--concurrency`` level sends ``--requests`` questions of ``--data``, each reading ``--passages``
-passages (default: the service's, 5).
+what ``python -m serve_app --library`` gives it on one machine), the retriever starting at zero
+replicas, so that the first question measures its cold start (replica start, index open, embedder
+load). Then each ``--concurrency`` level sends ``--requests`` questions of ``--data``, each reading
+``--passages`` passages (default: the service's ``passages``).
 """
 
 from __future__ import annotations

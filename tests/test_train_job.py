@@ -69,9 +69,12 @@ def test_two_workers_train_evaluate_and_export(uninterrupted):
 
 def test_two_workers_with_one_validation_question_report_what_one_process_answers(local_ray, tiny_model_dir, tmp_path):
     # One worker evaluates no question: it must neither hang the other nor change the scores, which
-    # must be those of the exported model answering the same question in this process.
-    metrics = run(tiny_config(tiny_model_dir, tmp_path, epochs=1, max_eval_samples=1))
+    # must be those of the exported model answering the same question in this process. Its batches are
+    # also cut into parts (--max-batch-tokens): DDP all-reduces once per step, after the last part,
+    # with DDP's join for a last step one worker may not take.
+    metrics = run(tiny_config(tiny_model_dir, tmp_path, epochs=1, max_eval_samples=1, max_batch_tokens=96))
     assert metrics["history"][-1]["train_features_seen"] == metrics["train_features"] and metrics["eval_examples"] == 1
+    assert metrics["max_batch_tokens"] == 96 and np.isfinite(metrics["train_loss"])
     predictions = json.loads((tmp_path / "predictions.json").read_text())
     [record] = [r for r in read_squad(FIXTURES / "tiny-squad.json") if r["id"] in predictions]
     model, tokenizer = load_model_and_tokenizer(str(tmp_path / "model"))
@@ -220,6 +223,7 @@ BAD_INPUT = [
     (["--train-file", "BAD_ANSWER", "--validation-file", str(FIXTURES / "tiny-squad.json")], "does not match the context"),
     (["--stride", "500"], "stride"),
     (["--num-workers", "0"], "--num-workers must be positive"),
+    (["--max-batch-tokens", "0"], "--max-batch-tokens must be positive"),
     (["--precision", "fp16"], "fp16 needs --use-gpu"),
     (["--no-such-flag"], "unrecognized arguments"),
 ]

@@ -72,6 +72,12 @@ class TrainConfig:
         "keep only each layer's input for the backward and recompute the rest there (dropout masks replayed, so "
         "the same gradients): for a machine short of memory; the squad-minilm preset's worker peaks at 2.0 GB "
         "instead of 2.6 GB and trains at 0.75x the windows/s (BENCHMARKS.md)", default=False)
+    max_batch_tokens: int | None = _flag(
+        "cut a batch of more than N tokens (windows x its padded length) into parts of at most N, a question's "
+        "windows kept together, and add up their gradients before the one update: the same update, only the dropout "
+        "masks drawn part by part, and one part's activations in memory at a time: the squad-minilm preset's "
+        "worker peaks at 1.6 GB instead of 2.6 GB with 1024, at the same windows/s, and at 1.4 GB with 512, at "
+        "0.8x (BENCHMARKS.md)", default=None)
     compile: bool = _flag("torch.compile the model (pays off on GPUs for long runs; slow start)", default=False)
     precision: str = _flag("fp32, bf16 (autocast), fp16 (autocast + loss scaling; GPU only), or auto: bf16 where the "
                            "worker's GPU or CPU computes it natively (AVX512-BF16/AMX), else fp32", default="fp32")
@@ -130,7 +136,7 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         """Raise ValueError naming the flag to fix; returns self."""
         positive = ["num_workers", "epochs", "per_device_batch_size", "eval_batch_size", "cpus_per_worker",
-                    "worker_start_timeout_s", "checkpoint_every_steps"]
+                    "worker_start_timeout_s", "checkpoint_every_steps", "max_batch_tokens"]
         for name in positive:
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"{dashed(name)} must be positive, got {getattr(self, name)}")

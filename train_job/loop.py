@@ -184,7 +184,7 @@ def train_epoch(worker: Worker, train_features: dict, units: TrainingUnits, epoc
                      trim_padding({n: v[rows] for n, v in train_features.items()}, multiple_of=LENGTH_MULTIPLE).items()}
             try:
                 loss = train_step(worker.model, batch, optimizer=worker.optimizer, scheduler=worker.scheduler,
-                                  scaler=worker.scaler, autocast=worker.autocast)
+                                  scaler=worker.scaler, autocast=worker.autocast, max_tokens=config.max_batch_tokens)
             except FloatingPointError as error:
                 raise FloatingPointError(
                     f"training diverged at epoch {epoch + 1} step {step_in_epoch}: {error}; "

@@ -24,6 +24,9 @@ Padding never takes probability. Loss: the mean over questions of (start + end) 
 
 from __future__ import annotations
 
+import collections
+import math
+
 import torch
 
 
@@ -68,3 +71,43 @@ def _segment_logsumexp(values: torch.Tensor, group: torch.Tensor, count: int) ->
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
     sums = torch.zeros(count, device=values.device).index_add(0, group, torch.exp(values - top[group]))
     return torch.log(sums.clamp_min(torch.finfo(sums.dtype).tiny)) + top
+
+
+def micro_batches(batch: dict, max_tokens: int | None) -> list[tuple[dict, float]]:
+    """``batch`` cut into parts of at most ``max_tokens`` tokens (rows x the batch's padded length) each,
+    with each part's share of the batch's loss, for accumulating gradients over the parts.
+
+    The loss is a mean over windows (per window) or over questions (shared normalisation), so a
+    part's share is its windows' or its questions' share of the batch's, and the shares' weighted
+    losses sum to the batch's loss: the same gradients, only the dropout masks drawn part by part.
+    A question's windows stay in one part (its softmax spans all of them); one whose windows alone
+    hold more than ``max_tokens`` is a part of its own. Parts are of even size rather than full ones
+    and a small remainder, whose matmuls would run slower per token. Without ``max_tokens``, or a
+    batch within it: the batch itself.
+    """
+    rows, length = batch["input_ids"].shape
+    if not max_tokens or rows * length <= max_tokens:
+        return [(batch, 1.0)]
+    per_part = max(1, max_tokens // length)  # rows a part may hold
+    if "group" not in batch:
+        parts = math.ceil(rows / per_part)
+        bounds = [rows * i // parts for i in range(parts + 1)]
+        return [({name: value[start:end] for name, value in batch.items()}, (end - start) / rows)
+                for start, end in zip(bounds, bounds[1:])]
+    ids = batch["group"].tolist()
+    sizes = collections.Counter(ids)  # windows per question, in the order of their first window
+    target = math.ceil(rows / math.ceil(rows / per_part))  # the rows of even parts
+    packed, current, filled = [], [], 0
+    for question, size in sizes.items():  # close a part before the question that would overflow it
+        if current and filled + size > target:
+            packed.append(current)
+            current, filled = [], 0
+        current.append(question)
+        filled += size
+    packed.append(current)
+    parts = []
+    for questions in map(set, packed):
+        rows_of = torch.tensor([row for row, question in enumerate(ids) if question in questions],
+                               device=batch["group"].device)
+        parts.append(({name: value[rows_of] for name, value in batch.items()}, len(questions) / len(sizes)))
+    return parts

@@ -6,11 +6,12 @@ both use these functions, so the benchmark times exactly the step that training 
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
 
-from train_job.loss import model_loss
+from train_job.loss import micro_batches, model_loss
 
 NATIVE_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of CPUs with bf16 matrix instructions
 
@@ -85,17 +86,27 @@ def build_scheduler(optimizer, *, warmup_steps: int, total_steps: int) -> torch.
     )
 
 
-def train_step(model, batch: dict, *, optimizer, scheduler, scaler, autocast, max_grad_norm: float = 1.0):
+def train_step(model, batch: dict, *, optimizer, scheduler, scaler, autocast, max_grad_norm: float = 1.0,
+               max_tokens: int | None = None):
     """Forward, backward, clip, update; returns the loss (a tensor, not synchronised to the host):
-    :func:`train_job.loss.model_loss`, per window or shared over each question's windows.
+    :func:`train_job.loss.model_loss`, per window or shared over each question's windows. With
+    ``max_tokens`` the batch's gradients are accumulated over parts of at most that many tokens
+    (:func:`train_job.loss.micro_batches`) before the one update: the activations of one part at a time.
 
     With a loss scaler (fp16) a non-finite gradient makes the scaler skip the update; without one it
     raises FloatingPointError before the weights are touched. Under DDP the clipped norm is that of
     the all-reduced gradients, the same on every worker, so all workers stop together.
     """
-    with autocast:
-        loss = model_loss(model, batch)
-    scaler.scale(loss).backward()
+    parts = micro_batches(batch, max_tokens)
+    loss = None
+    for index, (part, share) in enumerate(parts):
+        # Under DDP the gradients are all-reduced once, in the last part's backward.
+        last = index == len(parts) - 1
+        with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
+            with autocast:
+                part_loss = model_loss(model, part) * share
+            scaler.scale(part_loss).backward()
+        loss = part_loss.detach() if loss is None else loss + part_loss.detach()
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
     if not scaler.is_enabled() and not torch.isfinite(grad_norm):
@@ -104,4 +115,4 @@ def train_step(model, batch: dict, *, optimizer, scheduler, scaler, autocast, ma
     scaler.update()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss.detach()
+    return loss

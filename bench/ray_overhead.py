@@ -10,7 +10,8 @@ second, and reports, over the training epoch only (from the training worker's fi
 to its last), each process's share of the machine's CPU time: the training worker, the driver, and
 each of Ray's own (GCS, raylet, dashboard, agents, Train's controller and helpers, idle workers);
 and the training worker's peak resident memory (``VmHWM``), the validation pass included, and its
-resident memory each second.
+resident memory each second; and from the run's ``metrics.json`` its windows/s, loss and F1, so that
+a setting's cost in speed and its effect on what was learned come with its memory.
 
     python -m bench.ray_overhead --out bench/results/ray_overhead_checkpointed.json -- --gradient-checkpointing
 """
@@ -18,6 +19,7 @@ resident memory each second.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -120,9 +122,13 @@ def measure(args, workdir: Path, load_before: list[float]) -> int:
     worker = shares.pop(TRAINING_WORKER, 0.0)
     rows = sorted(({"process": name, "share_of_cpu": share} for name, share in shares.items() if share > 0),
                   key=lambda row: -row["share_of_cpu"])
+    trained = json.loads((workdir / "run" / "metrics.json").read_text())
     ratios = {"ray_own_processes_share_of_cpu": sum(row["share_of_cpu"] for row in rows),
               "training_worker_share_of_cpu": worker, "driver_share_of_cpu": driver,
-              "training_worker_peak_resident_mib": worker_peak_mib}
+              "training_worker_peak_resident_mib": worker_peak_mib,
+              # the run's own figures: what a setting costs in speed, and whether it changed what was learned
+              "train_windows_per_s": trained["train_samples_per_second"], "train_loss": trained["train_loss"],
+              "validation_f1": trained["f1"]}
     benchlib.print_table("Ratios", [{"ratio": k, "value": v} for k, v in ratios.items()], ["ratio", "value"])
     benchlib.print_table(f"Ray's own processes over {seconds:.0f} s of training ({cpus} CPUs)", rows,
                          ["process", "share_of_cpu"])

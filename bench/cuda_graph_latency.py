@@ -37,6 +37,7 @@ class BucketedRunner:
         self.compiled, self.eager = compiled, eager
         self.lengths, self.batch_sizes = sorted(lengths), sorted(batch_sizes)
         self.input_names, self.on_cpu = eager.input_names, eager.on_cpu
+        self.length_multiple = 1  # it pads to its own buckets
 
     def __call__(self, batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         rows, width = batch["input_ids"].shape

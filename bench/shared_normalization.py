@@ -47,7 +47,8 @@ def main(argv=None) -> int:
     from qa_common import load_model_and_tokenizer, prepare_train_features, read_squad, trim_padding
     from train_job.config import PRESETS
     from train_job.data import epoch_batches, training_units
-    from train_job.loop import GROUP_BATCHES, LENGTH_MULTIPLE
+    from qa_common.features import LENGTH_MULTIPLE
+    from train_job.loop import GROUP_BATCHES
     from train_job.optim import build_optimizer, build_scheduler, resolve_precision, train_step
     from qa_common import QAConfig
 

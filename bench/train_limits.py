@@ -158,7 +158,8 @@ def preset_steps(model_name: str, features: dict, steps: int, *, length_multiple
 
     from qa_common import trim_padding
     from train_job.data import epoch_batches
-    from train_job.loop import GROUP_BATCHES, LENGTH_MULTIPLE
+    from qa_common.features import LENGTH_MULTIPLE
+    from train_job.loop import GROUP_BATCHES
 
     config = preset_config()
     torch.set_num_threads(threads or os.cpu_count())

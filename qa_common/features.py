@@ -178,6 +178,14 @@ def prepare_eval_features(
     return features
 
 
+# PyTorch on a CPU computes batches cut to a multiple of this many tokens: a few tensor shapes instead of
+# one per length. glibc's heap reuses freed blocks across few shapes, while a new, longer shape every
+# batch leaves the freed ones behind: a training epoch grew to 6-8 GB, an evaluation pass over 3,000
+# questions from 0.6 to 3.5-3.9 GB, and to 1.4 GB in buckets (BENCHMARKS.md, "Training near the
+# machine's limit").
+LENGTH_MULTIPLE = 32
+
+
 def trim_padding(batch: dict, length_key: str = "attention_mask", multiple_of: int = 1) -> dict:
     """Cut a batch of padded features to its longest real sequence (saves attention work), rounded up
     to ``multiple_of`` tokens (never past the features' width): a few shapes instead of one per length."""

@@ -4,7 +4,7 @@ The same functions serve the HTTP service, the demos and evaluation, so an answe
 same way everywhere. Only the forward pass depends on the backend: a *runner* takes one batch of
 numpy inputs (the tokenizer's ``input_ids``, ``attention_mask``, ``token_type_ids``; only the
 names in its ``input_names``) and returns float32 start and end logits; its ``on_cpu`` says whether
-it computes on a CPU (see :data:`MAX_PADDING`). :class:`TorchRunner` wraps
+it computes on a CPU (see :data:`MAX_PADDING`), its ``length_multiple`` what batch widths it takes. :class:`TorchRunner` wraps
 a PyTorch model, :class:`OnnxRunner` an ONNX Runtime session (see :mod:`qa_common.backends`).
 """
 
@@ -18,7 +18,7 @@ import numpy as np
 
 from qa_common.config import QAConfig
 from qa_common.decoding import decode_passages, decode_spans
-from qa_common.features import prepare_eval_features, trim_padding
+from qa_common.features import LENGTH_MULTIPLE, prepare_eval_features, trim_padding
 
 # Windows per forward pass: on a CPU, larger batches gain nothing and hold more memory; a GPU wants more.
 FORWARD_BATCH_SIZE = 64
@@ -67,6 +67,12 @@ class TorchRunner:
     def on_cpu(self) -> bool:
         return next(self.model.parameters()).device.type == "cpu"
 
+    @property
+    def length_multiple(self) -> int:
+        """Batches are cut to a multiple of this many tokens: on a CPU, few shapes keep glibc's heap
+        from growing with every new length (:data:`qa_common.features.LENGTH_MULTIPLE`)."""
+        return LENGTH_MULTIPLE if self.on_cpu else 1
+
     def __call__(self, batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         import torch
 
@@ -81,6 +87,7 @@ class OnnxRunner:
     """Start and end logits from an ONNX Runtime session of a model written by ``qa_common.export_onnx``."""
 
     on_cpu = True  # onnxruntime's CPU build
+    length_multiple = 1  # its own memory arena; padding to fewer shapes not measured for it
 
     def __init__(self, session):
         self.session = session
@@ -122,7 +129,7 @@ def predict_logits(runner, features: dict, *, batch_size: int = FORWARD_BATCH_SI
 
     ``runner`` is a :class:`TorchRunner`, an :class:`OnnxRunner` or a PyTorch QA model. Features run
     in :func:`forward_batches` (shortest first, padding bounded on a CPU), each cut to its longest
-    window by :func:`trim_padding`.
+    window by :func:`trim_padding`, rounded up to the runner's ``length_multiple``.
     """
     runner = as_runner(runner)
     names = [name for name in runner.input_names if name in features]
@@ -130,10 +137,13 @@ def predict_logits(runner, features: dict, *, batch_size: int = FORWARD_BATCH_SI
     start_logits = np.full((count, length), -np.inf, dtype=np.float32)
     end_logits = np.full((count, length), -np.inf, dtype=np.float32)
     max_padding = MAX_PADDING if runner.on_cpu else math.inf
-    for rows in forward_batches(np.asarray(features["attention_mask"]).sum(axis=1), batch_size, max_padding):
-        batch = trim_padding({name: np.asarray(features[name])[rows] for name in names})
-        width = batch["input_ids"].shape[1]
-        start_logits[rows, :width], end_logits[rows, :width] = runner(batch)
+    lengths = np.asarray(features["attention_mask"]).sum(axis=1)
+    for rows in forward_batches(lengths, batch_size, max_padding):
+        batch = trim_padding({name: np.asarray(features[name])[rows] for name in names},
+                             multiple_of=runner.length_multiple)
+        start, end = runner(batch)
+        longest = int(lengths[rows].max())  # past it the batch holds only padding: its logits stay -inf
+        start_logits[rows, :longest], end_logits[rows, :longest] = start[:, :longest], end[:, :longest]
     return start_logits, end_logits
 
 

@@ -61,6 +61,8 @@ def test_a_runner_off_the_cpu_gets_whole_batches(tiny_model_and_tokenizer):
     class Recording:
         input_names = ("input_ids", "attention_mask")
 
+        length_multiple = 1
+
         def __init__(self, on_cpu):
             self.on_cpu, self.batches = on_cpu, []
 
@@ -72,6 +74,32 @@ def test_a_runner_off_the_cpu_gets_whole_batches(tiny_model_and_tokenizer):
     predict_logits(cpu, features)
     predict_logits(gpu, features)
     assert len(cpu.batches) > 1 and gpu.batches == [(5, 256)]
+
+
+def test_pytorch_on_a_cpu_computes_batches_cut_to_a_few_widths_with_the_same_logits(tiny_model_and_tokenizer):
+    from qa_common.features import LENGTH_MULTIPLE
+    from qa_common.inference import TorchRunner
+
+    model, _ = tiny_model_and_tokenizer
+    widths = []
+
+    class Recording(TorchRunner):
+        def __call__(self, batch):
+            widths.append(batch["input_ids"].shape[1])
+            return super().__call__(batch)
+
+    lengths = np.array([40, 75, 100, 130, 131])
+    rng = np.random.default_rng(0)
+    features = {"input_ids": rng.integers(5, 50, (5, 256)),
+                "attention_mask": (np.arange(256) < lengths[:, None]).astype(np.int64)}
+    features["input_ids"] *= features["attention_mask"]
+    start, end = predict_logits(Recording(model), features, batch_size=2)
+    assert Recording(model).length_multiple == LENGTH_MULTIPLE == 32
+    assert widths and all(width % LENGTH_MULTIPLE == 0 for width in widths) and sorted(widths) == widths
+    for row, length in enumerate(lengths):  # each window alone, cut to its own length
+        alone_start, alone_end = TorchRunner(model)({name: value[row:row + 1, :length] for name, value in features.items()})
+        np.testing.assert_allclose(start[row, :length], alone_start[0], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(end[row, :length], alone_end[0], rtol=1e-4, atol=1e-5)
 
 
 def test_answers_do_not_depend_on_how_windows_are_batched(tiny_model_and_tokenizer, fixture_records, small_config):

@@ -21,6 +21,7 @@ import torch
 from ray.experimental import tqdm_ray
 
 from qa_common import load_model_and_tokenizer, trim_padding
+from qa_common.features import LENGTH_MULTIPLE
 from train_job import checkpoint
 from train_job.allocator import keep_freed_memory
 from train_job.collectives import all_reduce_sum, gather_objects
@@ -33,9 +34,6 @@ from train_job.tracking import Trackers
 from train_job.validation import describe_scores, evaluate, my_questions
 
 GROUP_BATCHES = 32  # length grouping sorts this many batches' worth of features at a time
-# Batches are cut to a multiple of this many tokens: with a new length every step, glibc's heap
-# fragments and the worker grew without bound (BENCHMARKS.md, "Training near the machine's limit").
-LENGTH_MULTIPLE = 32
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 EPOCH_START = {"loss_sum": 0.0, "features": 0, "seconds": 0.0}  # an epoch's running totals, kept mid-epoch
 

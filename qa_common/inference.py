@@ -4,8 +4,9 @@ The same functions serve the HTTP service, the demos and evaluation, so an answe
 same way everywhere. Only the forward pass depends on the backend: a *runner* takes one batch of
 numpy inputs (the tokenizer's ``input_ids``, ``attention_mask``, ``token_type_ids``; only the
 names in its ``input_names``) and returns float32 start and end logits; its ``on_cpu`` says whether
-it computes on a CPU (see :data:`MAX_PADDING`), its ``length_multiple`` what batch widths it takes. :class:`TorchRunner` wraps
-a PyTorch model, :class:`OnnxRunner` an ONNX Runtime session (see :mod:`qa_common.backends`).
+it computes on a CPU (see :data:`MAX_PADDING`), its ``length_multiple`` what batch widths it takes.
+:class:`TorchRunner` wraps a PyTorch model, :class:`OnnxRunner` an ONNX Runtime session (see
+:mod:`qa_common.backends`).
 """
 
 from __future__ import annotations

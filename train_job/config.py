@@ -75,9 +75,9 @@ class TrainConfig:
     max_batch_tokens: int | None = _flag(
         "cut a batch of more than N tokens (windows x its padded length) into parts of at most N, a question's "
         "windows kept together, and add up their gradients before the one update: the same update, only the dropout "
-        "masks drawn part by part, and one part's activations in memory at a time: the squad-minilm preset's "
-        "worker peaks at 1.6 GB instead of 2.6 GB with 1024, at the same windows/s, and at 1.4 GB with 512, at "
-        "0.8x (BENCHMARKS.md)", default=None)
+        "masks drawn part by part, and one part's activations in memory at a time: the squad-minilm preset takes "
+        "1024 (its worker at 1.6 GB instead of 2.6 GB on 1,000 questions, at the same windows/s); 512 gives 1.4 GB "
+        "at 0.8x (BENCHMARKS.md)", default=None)
     compile: bool = _flag("torch.compile the model (pays off on GPUs for long runs; slow start)", default=False)
     precision: str = _flag("fp32, bf16 (autocast), fp16 (autocast + loss scaling; GPU only), or auto: bf16 where the "
                            "worker's GPU or CPU computes it natively (AVX512-BF16/AMX), else fp32", default="fp32")
@@ -211,9 +211,9 @@ PRESETS: dict[str, dict] = {
         "cpus_per_worker": None,
         "qa": {"max_length": 256, "stride": 96},
     },
-    # A SQuAD model worth serving, trained on a 2-core CPU in under an hour (ACCURACY.md: how it was
-    # chosen and what it scores): the packaged MiniLM, a seeded sample spread over every article,
-    # negatives, validation on held-out articles so the data set's own validation split stays a clean test.
+    # A SQuAD model worth serving, trained on a 2-core CPU: 53 min where the CPU has AMX, about 1.6x that without
+    # (ACCURACY.md: how it was sized, what it scores): the packaged MiniLM, a seeded sample spread over every
+    # article, negatives, validation on held-out articles so the data set's own validation split stays a clean test.
     "squad-minilm": {
         "model": MINILM,
         "dataset": "squad",
@@ -221,12 +221,13 @@ PRESETS: dict[str, dict] = {
         "epochs": 1,
         "learning_rate": 1.5e-4,
         "per_device_batch_size": 16,
-        "max_train_samples": 20000,
+        "max_train_samples": 34000,
         "holdout_questions": 1500,
         "negative_ratio": 0.5,
         "negative_source": "article",
         "precision": "auto",
         "cheap_dropout": True,
+        "max_batch_tokens": 1024,
         "cpus_per_worker": None,
         "checkpoint_every_steps": 200,
         "qa": {"max_length": 256, "stride": 96},

@@ -2,17 +2,41 @@
 
 from __future__ import annotations
 
+import random
 import socket
 import time
 from contextlib import contextmanager
+from pathlib import Path
+
+RAY_WORKER_PORTS_END = 20000  # Ray's workers listen on 10002-19999 unless told otherwise
 
 
 def free_port() -> int:
-    """A port free on every interface: one free on loopback only may be taken on the node's address
-    (Ray's own servers listen there), and a service may bind all interfaces."""
-    with socket.socket() as probe:
+    """A port free on every interface (one free on loopback only may be taken on the node's address,
+    where Ray's own servers listen, and a service may bind all interfaces), drawn from between Ray's
+    worker ports and the kernel's ephemeral range: a port that ``bind(0)`` hands out can be handed
+    again to one of the Ray processes a service starts before the service binds it."""
+    candidates = range(RAY_WORKER_PORTS_END, ephemeral_port_range()[0])
+    for port in random.sample(candidates, k=min(64, len(candidates))):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as probe:  # no such range on this system
         probe.bind(("", 0))
         return probe.getsockname()[1]
+
+
+def ephemeral_port_range() -> tuple[int, int]:
+    """The ports the kernel hands out for ``bind(0)`` and outgoing connections (Linux's default where
+    unreadable)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
 
 
 @contextmanager

@@ -82,6 +82,23 @@ def test_ray_overhead_names_rays_processes():
     assert process_name([b"/venv/lib/ray/core/src/ray/gcs/gcs_server", b"--port"]) == "gcs_server"
 
 
+def test_a_services_free_port_is_one_neither_ray_nor_the_kernel_hands_out():
+    """Ray's processes bind ports the kernel hands out, so a port free now but from that range can be
+    gone when the service binds it (a test failed so: "Failed to bind to address")."""
+    import socket
+
+    from bench.local_service import RAY_WORKER_PORTS_END, ephemeral_port_range, free_port
+
+    low, high = ephemeral_port_range()
+    assert 1024 < low < high <= 65535
+    ports = {free_port() for _ in range(20)}
+    for port in ports:
+        assert RAY_WORKER_PORTS_END <= port < low
+        with socket.socket() as sock:
+            sock.bind(("", port))  # free on every interface
+    assert len(ports) > 1  # drawn, so two services started at once rarely meet
+
+
 def test_ray_overhead_reads_a_processs_memory_and_its_peak():
     import resource
 

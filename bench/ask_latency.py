@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from bench import benchlib
-from bench.local_service import free_port, replica_counts
+from bench.local_service import free_port, replica_counts, serve_app_config
 from serve_app.app import APP_NAME
 from serve_app.retriever import RETRIEVER_DEPLOYMENT
 
@@ -77,8 +77,8 @@ def main(argv=None) -> int:
     from serve_app.app import run_config
 
     questions = [r["question"] for r in read_squad(args.data)][:: 7][: args.requests * 2]
-    config = benchlib.serve_app_config(args.model, free_port(), max_batch_size=8, replica_cpus=1,
-                                       backend=args.backend, reader_threads=args.reader_threads, library=args.library)
+    config = serve_app_config(args.model, free_port(), max_batch_size=8, replica_cpus=1,
+                              backend=args.backend, reader_threads=args.reader_threads, library=args.library)
     [app] = config["applications"]
     app["deployments"].append({"name": RETRIEVER_DEPLOYMENT, "ray_actor_options": {"num_cpus": 1},
                                "autoscaling_config": {"min_replicas": 0, "initial_replicas": 0, "max_replicas": 1,

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from bench import benchlib
 from serve_app.app import APP_NAME, MODEL_DEPLOYMENT
-from bench.local_service import free_port, replica_counts, wait_until
+from bench.local_service import free_port, replica_counts, serve_app_config, serving, wait_until
 from qa_common.backends import BACKENDS
 from qa_common.modeling import SERVING_DTYPES
 
@@ -75,15 +75,15 @@ def measure(args, workdir: Path, load_before: list[float]) -> int:
     autoscaling = {"min_replicas": 0, "initial_replicas": 1, "max_replicas": 1, "upscale_delay_s": 0,
                    "downscale_delay_s": 1, "downscale_to_zero_delay_s": args.downscale_to_zero_delay_s,
                    "look_back_period_s": 2}  # else a request keeps the replica up for Serve's default 30 s
-    config = benchlib.serve_app_config(model_dir, free_port(), max_batch_size=8, replica_cpus=args.replica_cpus,
-                                       gpu=args.gpu, min_replicas=0, max_replicas=1, autoscaling=autoscaling,
-                                       dtype=args.dtype, backend=args.backend,
-                                       # a start slower than the service's deadline would read as a 503
-                                       request_deadline_s=args.request_timeout_s)
+    config = serve_app_config(model_dir, free_port(), max_batch_size=8, replica_cpus=args.replica_cpus,
+                              gpu=args.gpu, min_replicas=0, max_replicas=1, autoscaling=autoscaling,
+                              dtype=args.dtype, backend=args.backend,
+                              # a start slower than the service's deadline would read as a 503
+                              request_deadline_s=args.request_timeout_s)
     rows = []
     with benchlib.local_ray(args.cpus):
         clock = benchlib.Stopwatch()
-        with benchlib.serving(config) as url:
+        with serving(config) as url:
             deploy_s = clock()
             print(f"[bench] deployed in {deploy_s:.1f} s (one warm replica first, to check the model loads)", flush=True)
             for repeat in range(1, args.repeats + 1):

@@ -35,7 +35,7 @@ from collections import Counter
 from pathlib import Path
 
 from bench import benchlib
-from bench.local_service import free_port
+from bench.local_service import free_port, serve_app_config
 
 DEFAULT_OUT = benchlib.RESULTS / "feedback_round_clinical.json"
 CLINICAL = [benchlib.QUICKSTART_TRAIN, benchlib.QUICKSTART_VALIDATION]
@@ -221,7 +221,7 @@ def one_round(args, seed: int, records: list[dict], documents: dict[str, str], l
     token = "bench-" + os.urandom(16).hex()
     (workdir / f"hashes-{seed}.txt").write_text(hash_token(token) + "\n", encoding="utf-8")
     feedback = workdir / f"feedback-{seed}"
-    config = benchlib.serve_app_config(args.model, free_port(), max_batch_size=8, replica_cpus=1, library=library)
+    config = serve_app_config(args.model, free_port(), max_batch_size=8, replica_cpus=1, library=library)
     [app] = config["applications"]
     app["args"].update(feedback=str(feedback), token_hashes_file=str(workdir / f"hashes-{seed}.txt"))
     url = run_config(config).rstrip("/")

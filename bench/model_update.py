@@ -27,7 +27,7 @@ from collections import Counter
 from pathlib import Path
 
 from bench import benchlib
-from bench.local_service import free_port
+from bench.local_service import free_port, question_payloads, serve_app_config
 
 DEFAULT_OUT = benchlib.RESULTS / "model_update.json"
 PHASES = ("steady", "update", "rollback")
@@ -133,12 +133,12 @@ def measure(args, workdir: Path, load_before: list[float]) -> int:
 
     model_a = benchlib.prepare_model_dir(args.model_a, workdir / "a" / "model", seed=0)
     model_b = benchlib.prepare_model_dir(args.model_b, workdir / "b" / "model", seed=1)
-    payloads = benchlib.question_payloads(args.data, 512)
+    payloads = question_payloads(args.data, 512)
     token = "update-" + os.urandom(16).hex()
     hashes = workdir / "token-hashes.txt"
     hashes.write_text(hash_token(token) + "\n", encoding="utf-8")
-    config = benchlib.serve_app_config(model_a, free_port(), max_batch_size=8, replica_cpus=args.replica_cpus,
-                                       backend=args.backend)
+    config = serve_app_config(model_a, free_port(), max_batch_size=8, replica_cpus=args.replica_cpus,
+                              backend=args.backend)
     config["applications"][0]["args"]["token_hashes_file"] = str(hashes)
     results = {}
     with benchlib.local_ray(args.cpus):

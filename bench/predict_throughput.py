@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 from bench import benchlib
+from bench.local_service import windows_per_payload
 from qa_common.inference import FORWARD_BATCH_SIZE
 
 DEFAULT_OUT = benchlib.RESULTS / "predict_throughput.json"
@@ -126,7 +127,7 @@ def write_repeated_jsonl(source: Path, count: int, path: Path) -> Path:
 
 def count_windows(model_dir: str, records: list[dict]) -> int:
     """Total windows of ``records`` with the model's tokenizer and QAConfig."""
-    return sum(benchlib.windows_per_payload(records, model_dir))
+    return sum(windows_per_payload(records, model_dir))
 
 
 def run_single_process(records, model_dir: str, args, windows: int) -> dict:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from bench import benchlib
 from serve_app.app import APP_NAME, MODEL_DEPLOYMENT
-from bench.local_service import free_port
+from bench.local_service import free_port, question_payloads, serve_app_config, serving, windows_per_payload
 from qa_common.backends import BACKENDS
 from qa_common.modeling import SERVING_DTYPES
 
@@ -133,11 +133,11 @@ def model_info() -> dict:
 def run_mode(mode: str, args, model_dir: str, port: int, payloads, windows) -> dict:
     batch = args.max_batch_size if mode == "batched" else 1
     concurrency = 1 if mode == "single" else args.concurrency
-    config = benchlib.serve_app_config(model_dir, port, max_batch_size=batch, replica_cpus=args.replica_cpus, gpu=args.gpu,
-                                       batch_wait_timeout_s=args.batch_wait_timeout_s,
-                                       forward_batch_size=args.forward_batch_size, dtype=args.dtype, backend=args.backend)
+    config = serve_app_config(model_dir, port, max_batch_size=batch, replica_cpus=args.replica_cpus, gpu=args.gpu,
+                              batch_wait_timeout_s=args.batch_wait_timeout_s,
+                              forward_batch_size=args.forward_batch_size, dtype=args.dtype, backend=args.backend)
     clock = benchlib.Stopwatch()
-    with benchlib.serving(config) as base_url:
+    with serving(config) as base_url:
         deploy_s = clock()
         warm = payloads[: args.warmup]
         if warm:
@@ -182,8 +182,8 @@ def main(argv=None) -> int:
 
 def measure(args, workdir: Path, load_before: list[float]) -> int:
     model_dir = benchlib.prepare_model_dir(args.model, workdir / "model")
-    payloads = benchlib.question_payloads(args.data, args.warmup + args.requests)
-    windows = benchlib.windows_per_payload(payloads, model_dir)
+    payloads = question_payloads(args.data, args.warmup + args.requests)
+    windows = windows_per_payload(payloads, model_dir)
     print(f"[bench] {args.requests} timed requests ({sum(windows[args.warmup:])} windows) from "
           f"{benchlib.data_label(args.data)}; model {benchlib.model_summary(model_dir)}", flush=True)
     port = free_port()

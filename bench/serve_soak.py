@@ -29,7 +29,7 @@ from pathlib import Path
 
 from bench import benchlib
 from serve_app.app import APP_NAME, MODEL_DEPLOYMENT
-from bench.local_service import free_port, replica_counts
+from bench.local_service import free_port, replica_counts, serve_app_config, serving
 
 DEFAULT_OUT = benchlib.RESULTS / "serve_soak.json"
 
@@ -179,15 +179,15 @@ def measure(args, workdir: Path, load_before: list[float]) -> int:
     token = "soak-" + os.urandom(16).hex()
     hashes = workdir / "token-hashes.txt"
     hashes.write_text(hash_token(token) + "\n", encoding="utf-8")
-    config = benchlib.serve_app_config(model_dir, free_port(), max_batch_size=8, replica_cpus=args.replica_cpus,
-                                       request_deadline_s=args.deadline_s)
+    config = serve_app_config(model_dir, free_port(), max_batch_size=8, replica_cpus=args.replica_cpus,
+                              request_deadline_s=args.deadline_s)
     [app] = config["applications"]
     app["args"]["token_hashes_file"] = str(hashes)
     deadline_s = app["args"].get("request_deadline_s", 30)
     print(f"[bench] {args.clients} clients x {args.duration_s:g} s, 1 in {args.long_every} with {args.long_chars:,} "
           f"characters, replica killed at {args.kill_at_s:g} s; model {benchlib.model_summary(model_dir)}", flush=True)
     with benchlib.local_ray(args.cpus):
-        with benchlib.serving(config) as base_url:
+        with serving(config) as base_url:
             result = asyncio.run(soak(base_url, token, short, long, args, deadline_s))
             replicas_after = replica_counts(APP_NAME, MODEL_DEPLOYMENT)
 

@@ -47,7 +47,7 @@ def service_config(model_dir: Path, port: int, *, qa: dict | None = None, **args
 def serving(config: dict):
     """``config``'s application deployed on the session's Ray and Serve (started if need be); yields its
     URL and deletes the application afterwards. Serve listens where its first application asked."""
-    from bench.benchlib import serving as deployed
+    from bench.local_service import serving as deployed
     from conftest import shared_ray
 
     shared_ray()

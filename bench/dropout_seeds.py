@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from bench import benchlib
-from bench.train_limits import prepare_features, preset_steps
+from bench.preset_step import prepare_features, preset_steps
 
 DEFAULT_OUT = benchlib.RESULTS / "dropout_seeds.json"
 KINDS = ("torch", "cheap")

@@ -1,11 +1,12 @@
 """The cluster configs of cluster/ parse and validate; no Kubernetes or cloud account needed.
 
 - KubeRay manifests (RayJob for train, tune and predict, RayService for serve_app): the key structure of
-  the ray.io/v1 CRDs, checked with JSON schemas written here; parameters are envsubst placeholders;
+  the ray.io/v1 CRDs, checked with JSON schemas (cluster_files.py); parameters are envsubst placeholders;
   the job entry points parse with our own command-line parsers.
 - The RayService's serveConfigV2 validates with Ray Serve's own schema and carries the same
   applications, args and autoscaling (scale to zero) as serve_app/config.yaml.
-- The cluster launcher YAML validates with Ray's own cluster-config schema and defaults.
+- Every node the cluster launcher starts runs Serve's proxy with the request-id filter (the launcher's
+  own schema: test_cluster_launcher.py).
 """
 
 from __future__ import annotations
@@ -15,200 +16,15 @@ import copy
 import json
 import re
 import shlex
-from pathlib import Path
 
 import jsonschema
 import pytest
 import yaml
 
+from cluster_files import (CLUSTER, KUBERAY, PARAMETERS, PLACEHOLDER, RAY_JOB, RAY_SERVICE, SERVE_CONFIG,
+                           SERVE_CONFIG_KEYS, envsubst, installed_ray_version, load_launcher_config, load_manifest,
+                           validate_with_ray_serve)
 from serve_app.schemas import ServeArgs
-
-ROOT = Path(__file__).resolve().parents[1]
-CLUSTER = ROOT / "cluster"
-KUBERAY = CLUSTER / "kuberay"
-SERVE_CONFIG = ROOT / "serve_app" / "config.yaml"
-
-# The parameters of the manifests, with example values (what cluster/README.md exports).
-PARAMETERS = {
-    "IMAGE": "registry.example.com/ray-extractive-qa:0.1.0",
-    "MODEL": "bert-base-cased",
-    "SHARED_PVC": "qa-shared",
-    "FEEDBACK_PVC": "qa-feedback",
-    "STORAGE_PATH": "s3://my-bucket/qa/checkpoints",
-    "DATA": "/mnt/shared/data/questions/*.jsonl",
-}
-PLACEHOLDER = re.compile(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?")
-DNS_1123 = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
-
-
-def envsubst(text: str, values: dict[str, str]) -> str:
-    """What `envsubst '$IMAGE $MODEL ...'` does: replace $NAME and ${NAME} for the listed names only."""
-    return PLACEHOLDER.sub(lambda m: values.get(m.group(1), m.group(0)), text)
-
-
-def load_manifest(name: str, **overrides) -> dict:
-    text = envsubst((KUBERAY / name).read_text(encoding="utf-8"), {**PARAMETERS, **overrides})
-    [document] = list(yaml.safe_load_all(text))
-    return document
-
-
-def installed_ray_version() -> str:
-    import ray
-
-    return ray.__version__
-
-
-# --- JSON schemas of the parts of the KubeRay CRDs (ray.io/v1) and Serve config we rely on ----------
-
-QUANTITY = {"anyOf": [{"type": "string", "minLength": 1}, {"type": "number", "exclusiveMinimum": 0}]}
-RESOURCES = {
-    "type": "object",
-    "required": ["requests", "limits"],
-    "properties": {
-        "requests": {"type": "object", "required": ["cpu", "memory"], "additionalProperties": QUANTITY},
-        "limits": {"type": "object", "required": ["cpu", "memory"], "additionalProperties": QUANTITY},
-    },
-}
-CONTAINER = {
-    "type": "object",
-    "required": ["name", "image", "resources"],
-    "properties": {
-        "name": {"type": "string", "pattern": DNS_1123},
-        "image": {"type": "string", "minLength": 1},
-        "resources": RESOURCES,
-        "ports": {"type": "array", "items": {"type": "object", "required": ["containerPort"]}},
-        "volumeMounts": {"type": "array", "items": {"type": "object", "required": ["name", "mountPath"]}},
-    },
-}
-POD_TEMPLATE = {
-    "type": "object",
-    "required": ["spec"],
-    "properties": {
-        "spec": {
-            "type": "object",
-            "required": ["containers"],
-            "properties": {
-                "containers": {"type": "array", "minItems": 1, "items": CONTAINER},
-                "volumes": {"type": "array", "items": {"type": "object", "required": ["name"]}},
-            },
-        }
-    },
-}
-STRING_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
-RAY_CLUSTER_SPEC = {
-    "type": "object",
-    "required": ["rayVersion", "headGroupSpec", "workerGroupSpecs"],
-    "properties": {
-        "rayVersion": {"type": "string", "pattern": r"^\d+\.\d+\.\d+$"},
-        "enableInTreeAutoscaling": {"type": "boolean"},
-        "autoscalerOptions": {"type": "object"},
-        "headGroupSpec": {
-            "type": "object",
-            "required": ["rayStartParams", "template"],
-            "properties": {"rayStartParams": STRING_MAP, "template": POD_TEMPLATE},
-        },
-        "workerGroupSpecs": {
-            "type": "array",
-            "minItems": 1,
-            "items": {
-                "type": "object",
-                "required": ["groupName", "replicas", "minReplicas", "maxReplicas", "rayStartParams", "template"],
-                "properties": {
-                    "groupName": {"type": "string", "pattern": DNS_1123},
-                    "replicas": {"type": "integer", "minimum": 0},
-                    "minReplicas": {"type": "integer", "minimum": 0},
-                    "maxReplicas": {"type": "integer", "minimum": 1},
-                    "rayStartParams": STRING_MAP,
-                    "template": POD_TEMPLATE,
-                },
-            },
-        },
-    },
-}
-METADATA = {
-    "type": "object",
-    "required": ["name"],
-    "properties": {"name": {"type": "string", "pattern": DNS_1123, "maxLength": 63}, "labels": STRING_MAP},
-}
-RAY_JOB = {
-    "type": "object",
-    "required": ["apiVersion", "kind", "metadata", "spec"],
-    "properties": {
-        "apiVersion": {"const": "ray.io/v1"},
-        "kind": {"const": "RayJob"},
-        "metadata": METADATA,
-        "spec": {
-            "type": "object",
-            "required": ["entrypoint", "rayClusterSpec"],
-            "properties": {
-                "entrypoint": {"type": "string", "minLength": 1},
-                "runtimeEnvYAML": {"type": "string"},
-                "shutdownAfterJobFinishes": {"type": "boolean"},
-                "ttlSecondsAfterFinished": {"type": "integer", "minimum": 0},
-                "activeDeadlineSeconds": {"type": "integer", "minimum": 1},
-                "backoffLimit": {"type": "integer", "minimum": 0},
-                "rayClusterSpec": RAY_CLUSTER_SPEC,
-            },
-        },
-    },
-}
-RAY_SERVICE = {
-    "type": "object",
-    "required": ["apiVersion", "kind", "metadata", "spec"],
-    "properties": {
-        "apiVersion": {"const": "ray.io/v1"},
-        "kind": {"const": "RayService"},
-        "metadata": METADATA,
-        "spec": {
-            "type": "object",
-            "required": ["serveConfigV2", "rayClusterConfig"],
-            "properties": {
-                "serveConfigV2": {"type": "string", "minLength": 1},
-                "upgradeStrategy": {
-                    "type": "object",
-                    "properties": {"type": {"enum": ["NewCluster", "NewClusterWithIncrementalUpgrade", "None"]}},
-                },
-                "rayClusterConfig": RAY_CLUSTER_SPEC,
-            },
-        },
-    },
-}
-SERVE_CONFIG_KEYS = {
-    "type": "object",
-    "required": ["http_options", "applications"],
-    "properties": {
-        "http_options": {"type": "object", "required": ["host", "port"]},
-        "applications": {
-            "type": "array",
-            "minItems": 1,
-            "items": {
-                "type": "object",
-                "required": ["name", "import_path", "args", "deployments"],
-                "properties": {
-                    "deployments": {"type": "array", "items": {"type": "object", "required": ["name"]}},
-                },
-            },
-        },
-    },
-}
-CLUSTER_LAUNCHER_KEYS = {
-    "type": "object",
-    "required": ["cluster_name", "max_workers", "provider", "available_node_types", "head_node_type",
-                 "setup_commands", "file_mounts"],
-    "properties": {
-        "cluster_name": {"type": "string", "minLength": 1},
-        "max_workers": {"type": "integer", "minimum": 1},
-        "provider": {"type": "object", "required": ["type"]},
-        "docker": {"type": "object", "required": ["image"]},
-        "available_node_types": {
-            "type": "object",
-            "minProperties": 2,
-            "additionalProperties": {"type": "object", "required": ["resources", "node_config"]},
-        },
-        "head_node_type": {"type": "string"},
-        "setup_commands": {"type": "array", "minItems": 1, "items": {"type": "string"}},
-    },
-}
 
 RAY_JOBS = ["rayjob-train.yaml", "rayjob-tune.yaml", "rayjob-predict.yaml"]
 ALL_MANIFESTS = [*RAY_JOBS, "rayservice.yaml"]
@@ -331,16 +147,6 @@ def _gpus(manifest: dict) -> int:
 
 # --- RayService ------------------------------------------------------------------------------------
 
-def validate_with_ray_serve(config: dict) -> None:
-    """Ray Serve's own schema of a config file (what `serve deploy` and KubeRay submit)."""
-    from ray.serve.schema import ServeDeploySchema
-
-    if hasattr(ServeDeploySchema, "model_validate"):  # pydantic 2
-        ServeDeploySchema.model_validate(config)
-    else:
-        ServeDeploySchema.parse_obj(config)
-
-
 def serve_config_v2() -> dict:
     return yaml.safe_load(load_manifest("rayservice.yaml")["spec"]["serveConfigV2"])
 
@@ -450,63 +256,6 @@ def test_rayservice_keeps_feedback_on_the_head_that_mounts_its_volume():
     for spec in [head["template"]["spec"], *(g["template"]["spec"] for g in cluster["workerGroupSpecs"])]:
         env = {e["name"]: e for e in spec["containers"][0]["env"]}
         assert env[KEY_ENV]["valueFrom"]["secretKeyRef"]["name"] == "qa-serve-feedback-key"
-
-
-# --- cluster launcher ------------------------------------------------------------------------------
-
-def load_launcher_config() -> dict:
-    text = (CLUSTER / "ray-cluster.yaml").read_text(encoding="utf-8")
-    assert set(PLACEHOLDER.findall(text)) == {"IMAGE"}
-    assert "envsubst '$IMAGE' < cluster/ray-cluster.yaml" in text
-    return yaml.safe_load(envsubst(text, {"IMAGE": f"rayproject/ray:{installed_ray_version()}-py311-gpu"}))
-
-
-def test_cluster_launcher_config_validates_with_rays_own_schema():
-    from ray.autoscaler._private.util import prepare_config, validate_config
-
-    config = load_launcher_config()
-    jsonschema.validate(config, CLUSTER_LAUNCHER_KEYS)
-    # What `ray up` does before launching anything: fill in the provider's defaults, then validate
-    # against Ray's cluster-config schema (ray/autoscaler/ray-schema.json).
-    validate_config(prepare_config(copy.deepcopy(config)))
-
-    nodes = config["available_node_types"]
-    assert config["head_node_type"] in nodes
-    workers = {name: node for name, node in nodes.items() if name != config["head_node_type"]}
-    assert workers and all(node.get("min_workers", 0) == 0 for node in workers.values()), "workers should scale to zero"
-    assert sum(node["max_workers"] for node in workers.values()) <= config["max_workers"]
-    assert any(node["node_config"]["InstanceType"].startswith(("g", "p")) for node in workers.values()), \
-        "a GPU worker node type"
-    # The project travels with the cluster: synced from the checkout, installed by setup_commands.
-    [target] = [remote for remote, local in config["file_mounts"].items() if local == "."]
-    assert any(target in command and "pip install" in command for command in config["setup_commands"])
-
-
-def test_dockerfile_and_launcher_use_the_pinned_ray():
-    """Cluster and client run the same Ray (pyproject.toml pins it) on a Python the project supports."""
-    ray_version = installed_ray_version()
-    pinned = re.search(r'"ray\[[^\]]*\]==([0-9.]+)"', (ROOT / "pyproject.toml").read_text(encoding="utf-8"))
-    assert pinned and pinned.group(1) == ray_version
-    dockerfile = (CLUSTER / "Dockerfile").read_text(encoding="utf-8")
-    [base] = re.findall(r"^ARG RAY_IMAGE=(\S+)$", dockerfile, flags=re.M)
-    launcher_example = re.search(r"IMAGE=(rayproject/ray:\S+)", (CLUSTER / "ray-cluster.yaml").read_text(encoding="utf-8"))
-    assert launcher_example and launcher_example.group(1) == base
-    match = re.fullmatch(r"rayproject/ray:([0-9.]+)-py3(\d+)-gpu", base)
-    assert match and match.group(1) == ray_version and int(match.group(2)) >= 11
-
-
-def test_readme_sed_edits_of_the_serve_config_still_apply():
-    """cluster/README.md adapts serve_app/config.yaml with sed: each edit must find its text."""
-    readme = (CLUSTER / "README.md").read_text(encoding="utf-8")
-    edits = re.findall(r'"s\|([^|]*)\|([^|]*)\|"', readme)
-    assert len(edits) >= 4
-    original = SERVE_CONFIG.read_text(encoding="utf-8")
-    for pattern, replacement in edits:
-        assert pattern in original, f"README's sed edit {pattern!r} no longer matches serve_app/config.yaml"
-        edited = original.replace(pattern, replacement.replace("$PWD", "/abs"))
-        config = yaml.safe_load(edited)
-        assert config != yaml.safe_load(original)
-        validate_with_ray_serve(config)
 
 
 # --- security: API tokens, Ray's token authentication, the NetworkPolicy ----------------------------

@@ -103,7 +103,6 @@ def serving(config: dict):
         wait_until(lambda: name not in serve.status().applications, timeout_s=60, what=f"application {name} gone")
 
 
-
 def serve_app_config(model_dir: str, port: int, *, max_batch_size: int, replica_cpus: float, gpu: bool = False,
                      min_replicas: int = 1, max_replicas: int = 1, autoscaling: dict | None = None,
                      batch_wait_timeout_s: float | None = None, forward_batch_size: int | None = None,

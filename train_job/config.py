@@ -255,7 +255,7 @@ PRESETS: dict[str, dict] = {
     # The squad-minilm model taught to read a library as /v1/ask reads it (docs/training.md, "Reading a
     # library"): each question of 60 SQuAD training articles with the 5 passages the library's hybrid
     # search returns for it (`python -m library_job mine`), one softmax over all their windows. 3,000 of
-    # the 4,000 mined questions: 12 min on the 2-core CPU; 9,000 of 12,000 took 40 for under a point
+    # the 4,000 mined questions: 12 min on the 2-core CPU; 9,000 of 12,000 took 40 for 0.3 to 1.7 F1
     # more end to end (ACCURACY.md).
     "squad-minilm-library": {
         "model": "runs/squad-minilm/model",

@@ -122,49 +122,39 @@ METADATA = {
     "required": ["name"],
     "properties": {"name": {"type": "string", "pattern": DNS_1123, "maxLength": 63}, "labels": STRING_MAP},
 }
-RAY_JOB = {
-    "type": "object",
-    "required": ["apiVersion", "kind", "metadata", "spec"],
-    "properties": {
-        "apiVersion": {"const": "ray.io/v1"},
-        "kind": {"const": "RayJob"},
-        "metadata": METADATA,
-        "spec": {
-            "type": "object",
-            "required": ["entrypoint", "rayClusterSpec"],
-            "properties": {
-                "entrypoint": {"type": "string", "minLength": 1},
-                "runtimeEnvYAML": {"type": "string"},
-                "shutdownAfterJobFinishes": {"type": "boolean"},
-                "ttlSecondsAfterFinished": {"type": "integer", "minimum": 0},
-                "activeDeadlineSeconds": {"type": "integer", "minimum": 1},
-                "backoffLimit": {"type": "integer", "minimum": 0},
-                "rayClusterSpec": RAY_CLUSTER_SPEC,
-            },
+
+
+def ray_resource(kind: str, spec_required: list[str], spec_properties: dict) -> dict:
+    """The schema of a ray.io/v1 resource of ``kind`` whose spec has these keys."""
+    return {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "apiVersion": {"const": "ray.io/v1"},
+            "kind": {"const": kind},
+            "metadata": METADATA,
+            "spec": {"type": "object", "required": spec_required, "properties": spec_properties},
         },
+    }
+
+
+RAY_JOB = ray_resource("RayJob", ["entrypoint", "rayClusterSpec"], {
+    "entrypoint": {"type": "string", "minLength": 1},
+    "runtimeEnvYAML": {"type": "string"},
+    "shutdownAfterJobFinishes": {"type": "boolean"},
+    "ttlSecondsAfterFinished": {"type": "integer", "minimum": 0},
+    "activeDeadlineSeconds": {"type": "integer", "minimum": 1},
+    "backoffLimit": {"type": "integer", "minimum": 0},
+    "rayClusterSpec": RAY_CLUSTER_SPEC,
+})
+RAY_SERVICE = ray_resource("RayService", ["serveConfigV2", "rayClusterConfig"], {
+    "serveConfigV2": {"type": "string", "minLength": 1},
+    "upgradeStrategy": {
+        "type": "object",
+        "properties": {"type": {"enum": ["NewCluster", "NewClusterWithIncrementalUpgrade", "None"]}},
     },
-}
-RAY_SERVICE = {
-    "type": "object",
-    "required": ["apiVersion", "kind", "metadata", "spec"],
-    "properties": {
-        "apiVersion": {"const": "ray.io/v1"},
-        "kind": {"const": "RayService"},
-        "metadata": METADATA,
-        "spec": {
-            "type": "object",
-            "required": ["serveConfigV2", "rayClusterConfig"],
-            "properties": {
-                "serveConfigV2": {"type": "string", "minLength": 1},
-                "upgradeStrategy": {
-                    "type": "object",
-                    "properties": {"type": {"enum": ["NewCluster", "NewClusterWithIncrementalUpgrade", "None"]}},
-                },
-                "rayClusterConfig": RAY_CLUSTER_SPEC,
-            },
-        },
-    },
-}
+    "rayClusterConfig": RAY_CLUSTER_SPEC,
+})
 SERVE_CONFIG_KEYS = {
     "type": "object",
     "required": ["http_options", "applications"],

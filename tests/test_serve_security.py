@@ -1,10 +1,10 @@
 """What makes the QA service fit to expose in a hospital, on the session's local Ray with the tiny model.
 
 The session's Ray + Serve, with two applications of this module ("qa", plus "tight": the same service
-with tiny queues and a short deadline): bearer tokens, the refusal to serve a network without them, window
-budgets, 503 + Retry-After when the queue is full or the deadline passes, the audit log, metrics,
-the published schema, a fuzzer, and a model replica killed under load. Last, no log of the
-session holds any of the patient text sent.
+with tiny queues and a short deadline): tokens on every /v1/ route (the tokens themselves are
+tests/test_serve_tokens.py's), window budgets, 503 + Retry-After when the queue is full or the
+deadline passes, the audit log, metrics, the published schema, a fuzzer, and a model replica killed
+under load. Last, no log of the session holds any of the patient text sent.
 """
 
 import concurrent.futures
@@ -21,9 +21,8 @@ from serve_helpers import AUTH, TOKEN, service_config, serving
 
 from bench.local_service import free_port, replica_counts, wait_until
 
-from serve_app import tokens
-from serve_app.app import APP_NAME, MODEL_DEPLOYMENT, app_builder, build_app, deployment_options, load_serve_config
-from serve_app.auth import TOKEN_HASHES_ENV, TokenChecker, hash_token, load_token_hashes, parse_token_hashes
+from serve_app.app import APP_NAME, MODEL_DEPLOYMENT, build_app, deployment_options
+from serve_app.auth import hash_token
 
 # A made-up name in every document and question this module sends: it must never reach a log.
 PATIENT = "Qwertzuiop"
@@ -73,51 +72,6 @@ def service(tiny_model_dir, audit_log, feedback_dir):
 def client(service):
     with httpx.Client(base_url=service, timeout=60, headers=AUTH) as client:
         yield client
-
-
-# --- tokens, no Ray needed ----------------------------------------------------------------------
-
-
-def test_token_cli_prints_a_token_and_the_hash_the_service_accepts(tmp_path, capsys):
-    hashes = tmp_path / "hashes.txt"
-    tokens.main(["new", "--append", str(hashes)])
-    printed = dict(line.split(":", 1) for line in capsys.readouterr().out.splitlines())
-    token, digest = printed["token"].strip(), printed["sha256"].strip()
-    assert len(token) >= 40 and digest == hash_token(token)
-    assert hashes.read_text().split() == [digest]  # the file holds the hash, never the token
-    assert token not in hashes.read_text()
-    checker = TokenChecker(load_token_hashes(str(hashes), environ={}))
-    assert checker.token_id(f"Bearer {token}") == digest[:8]
-    assert checker.token_id(f"bearer  {token} ") == digest[:8]
-    for refused in (None, "", token, f"Basic {token}", f"Bearer {token}x", "Bearer ", f"Bearer {digest}"):
-        assert checker.token_id(refused) is None, refused
-
-
-def test_hashes_come_from_the_environment_too_and_a_token_in_their_place_is_refused(tmp_path):
-    one, two = hash_token("one"), hash_token("two")
-    assert load_token_hashes(None, environ={TOKEN_HASHES_ENV: f"{one}, {two.upper()}"}) == sorted([one, two])
-    assert parse_token_hashes(f"# comment\n{one}  # the ward's client\n\n", source="x") == [one]
-    with pytest.raises(ValueError, match="entry 2 of x is not a SHA-256") as error:
-        parse_token_hashes(f"{one}\nsecret-token-pasted-by-mistake", source="x")
-    assert "secret-token" not in str(error.value)
-    with pytest.raises(FileNotFoundError):
-        load_token_hashes(str(tmp_path / "missing"), environ={})
-
-
-def test_without_tokens_only_loopback_or_an_explicit_flag_may_serve(tiny_model_dir, monkeypatch):
-    monkeypatch.delenv(TOKEN_HASHES_ENV, raising=False)
-    args = {"model": str(tiny_model_dir)}
-    options = deployment_options(load_serve_config()["applications"][0])
-    for host in ("0.0.0.0", "10.1.2.3", "::", None):
-        with pytest.raises(ValueError, match="refusing to serve without authentication"):
-            build_app(args, options, bind_host=host)
-    with pytest.raises(ValueError, match="token"):
-        app_builder(args)  # serve run / serve deploy: where it listens is unknown
-    for host in ("127.0.0.1", "::1", "localhost"):
-        build_app(args, options, bind_host=host)
-    build_app({**args, "insecure_no_auth": True}, options, bind_host="0.0.0.0")
-    monkeypatch.setenv(TOKEN_HASHES_ENV, hash_token(TOKEN))
-    app_builder(args)
 
 
 # --- the running service ------------------------------------------------------------------------

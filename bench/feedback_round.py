@@ -7,17 +7,16 @@
 Every paragraph of ``--questions`` becomes a document of one library (``python -m library_job build``,
 as ``library_job evaluate`` does). Per seed, the documents are drawn into trained and held-out halves;
 ``--feedback-share`` of a trained document's questions are asked through ``POST /v1/ask`` and rated
-through ``POST /v1/feedback`` as a clinician who knows the gold answer would: right when the first
-answer is it; else wrong, with the gold words selected in the first shown passage that holds them
-(wrong without words when none does); and one in ``--not-said-every`` asked of another trained
-document only and marked "the documents do not say". Then the round a hospital runs: ``python -m
-serve_app.feedback export`` -> ``python -m train_job --preset feedback`` (from the served model, mixed
-with SQuAD) -> ``python -m serve_app update`` (gated on the export's validation documents and a SQuAD
-dev slice). The other questions are asked through ``/v1/ask`` before and after: new questions about
-the trained documents, and the held-out documents' questions. A model the gate refuses is served
-anyway afterwards and asked the same questions (``candidate``), so that what the round's training did
-is measured either way. Both models are scored on ``--squad-questions`` other SQuAD dev questions,
-as served and always answering. Reported: EM/F1 per group, the gate's figures, each step's time.
+through ``POST /v1/feedback`` as a clinician who knows the gold answer would
+(``bench.simulated_clinicians``), one in ``--not-said-every`` asked of another trained document only and
+marked "the documents do not say". Then the round a hospital runs: ``python -m serve_app.feedback
+export`` -> ``python -m train_job --preset feedback`` (from the served model, mixed with SQuAD) ->
+``python -m serve_app update`` (gated on the export's validation documents and a SQuAD dev slice). The
+other questions are asked through ``/v1/ask`` before and after: new questions about the trained
+documents, and the held-out documents' questions. A model the gate refuses is served anyway afterwards
+and asked the same questions (``candidate``), so that what the round's training did is measured either
+way. Both models are scored on ``--squad-questions`` other SQuAD dev questions, as served and always
+answering. Reported: EM/F1 per group, the gate's figures, each step's time.
 """
 
 from __future__ import annotations
@@ -30,17 +29,14 @@ import random
 import re
 import subprocess
 import sys
-import uuid
-from collections import Counter
 from pathlib import Path
 
 from bench import benchlib
 from bench.local_service import free_port, serve_app_config
+from bench.simulated_clinicians import GROUPS, ask_all, score, send_feedback, split
 
 DEFAULT_OUT = benchlib.RESULTS / "feedback_round_clinical.json"
 CLINICAL = [benchlib.QUICKSTART_TRAIN, benchlib.QUICKSTART_VALIDATION]
-# New questions about the trained documents, and the held-out documents' questions.
-GROUPS = ("trained_docs", "held_out_docs")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -74,106 +70,6 @@ def load_questions(args) -> list[dict]:
         titles = list(dict.fromkeys(record.get("title") or "" for record in records))[: args.articles]
         records = [record for record in records if (record.get("title") or "") in set(titles)]
     return records
-
-
-def split(records: list[dict], documents: dict[str, str], args, seed: int) -> dict[str, list[dict]]:
-    """``{"feedback", GROUPS...}``: the trained documents' questions cut by ``--feedback-share``, and
-    the held-out documents' questions; each record gains its ``document``."""
-    by_text = {text: name for name, text in documents.items()}
-    names = sorted(documents)
-    random.Random(seed).shuffle(names)
-    trained = set(names[: len(names) // 2])
-    groups = {"feedback": [], GROUPS[0]: [], GROUPS[1]: []}
-    per_document: dict[str, list[dict]] = {}
-    for record in records:
-        per_document.setdefault(by_text[record["context"]], []).append({**record, "document": by_text[record["context"]]})
-    rng = random.Random(seed + 1)
-    for name in sorted(per_document):
-        questions = per_document[name]
-        if name not in trained:
-            groups[GROUPS[1]] += questions
-            continue
-        rng.shuffle(questions)
-        cut = round(args.feedback_share * len(questions))
-        groups["feedback"] += questions[:cut]
-        groups[GROUPS[0]] += questions[cut:]
-    for name in GROUPS:
-        rng.shuffle(groups[name])
-        groups[name] = groups[name][: args.eval_questions]
-    return groups
-
-
-async def ask_all(url: str, token: str, bodies: list[dict], concurrency: int = 4) -> list[dict]:
-    """``POST /v1/ask`` for every body, ``concurrency`` at a time: ``{"status", "json", "receipt"}`` each."""
-    import httpx
-
-    results: list[dict | None] = [None] * len(bodies)
-    queue = list(enumerate(bodies))
-
-    async def client():
-        async with httpx.AsyncClient(timeout=300, headers={"Authorization": f"Bearer {token}"}) as session:
-            while queue:
-                index, body = queue.pop()
-                response = await session.post(f"{url}/v1/ask", json=body)
-                results[index] = {"status": response.status_code, "json": response.json(),
-                                  "receipt": response.headers.get("x-response-id")}
-
-    await asyncio.gather(*(client() for _ in range(concurrency)))
-    return results
-
-
-def score(records: list[dict], responses: list[dict]) -> dict:
-    """End-to-end EM/F1 of the first answers (an abstention answers "")."""
-    from qa_common.metric import score_answer
-
-    scores = [score_answer(r["json"]["answers"][0]["answer"] if r["status"] == 200 else "", record["answers"]["text"])
-              for record, r in zip(records, responses)]
-    return {"questions": len(scores), "exact_match": 100 * sum(s["exact_match"] for s in scores) / max(1, len(scores)),
-            "f1": 100 * sum(s["f1"] for s in scores) / max(1, len(scores)),
-            "errors": sum(r["status"] != 200 for r in responses)}
-
-
-def rating(record: dict, response: dict) -> dict:
-    """What a clinician who knows the gold answer sends about ``response`` (a /v1/ask answer list)."""
-    from qa_common.metric import score_answer
-
-    answers = response["json"]["answers"]
-    gold = record["answers"]["text"]
-    if answers[0]["answer"] and score_answer(answers[0]["answer"], gold)["exact_match"]:
-        return {"verdict": "right", "answer": 0}
-    for index, answer in enumerate(answers):
-        for text in gold:
-            start = (answer["passage"] or "").find(text)
-            if start >= 0:
-                return {"verdict": "wrong", "answer": index, "correction": {"start": start, "end": start + len(text)}}
-    return {"verdict": "wrong", "answer": 0}
-
-
-def send_feedback(url: str, token: str, records: list[dict], documents: list[str], args, seed: int) -> dict:
-    """Ask every feedback question and rate its answer through ``POST /v1/feedback``; counts per verdict."""
-    import httpx
-
-    rng = random.Random(seed + 2)
-    bodies = []
-    for index, record in enumerate(records):
-        if index % args.not_said_every == args.not_said_every - 1:  # asked of another document only
-            other = rng.choice([name for name in documents if name != record["document"]])
-            bodies.append({"question": record["question"], "document": other, "top_k": 1})
-        else:
-            bodies.append({"question": record["question"], "top_k": 3})
-    responses = asyncio.run(ask_all(url, token, bodies))
-    counts: Counter = Counter()
-    with httpx.Client(timeout=60, headers={"Authorization": f"Bearer {token}"}) as client:
-        for record, body, response in zip(records, bodies, responses):
-            if response["status"] != 200:
-                counts["ask_error"] += 1
-                continue
-            rated = {"verdict": "not_in_documents", "answer": 0} if "document" in body else rating(record, response)
-            sent = client.post(f"{url}/v1/feedback", json={"response_id": response["receipt"],
-                                                         "question": record["question"], "key": uuid.uuid4().hex, **rated})
-            kind = rated["verdict"] + (" with words" if "correction" in rated else "")
-            counts[kind if sent.status_code == 201 else f"HTTP {sent.status_code}"] += 1
-    return dict(counts)
 
 
 def squad_f1(model_dir: str, records: list[dict]) -> dict:
@@ -217,7 +113,8 @@ def one_round(args, seed: int, records: list[dict], documents: dict[str, str], l
         seconds, last[0] = last[0](), benchlib.Stopwatch()
         return seconds
 
-    groups = split(records, documents, args, seed)
+    groups = split(records, documents, feedback_share=args.feedback_share, eval_questions=args.eval_questions,
+                   seed=seed)
     token = "bench-" + os.urandom(16).hex()
     (workdir / f"hashes-{seed}.txt").write_text(hash_token(token) + "\n", encoding="utf-8")
     feedback = workdir / f"feedback-{seed}"
@@ -234,7 +131,7 @@ def one_round(args, seed: int, records: list[dict], documents: dict[str, str], l
     before = {name: asked(name) for name in GROUPS}
     times["ask_before_s"] = clock()
     trained = sorted({record["document"] for record in groups["feedback"]})  # held-out documents stay unseen
-    sent = send_feedback(url, token, groups["feedback"], trained, args, seed)
+    sent = send_feedback(url, token, groups["feedback"], trained, not_said_every=args.not_said_every, seed=seed)
     times["feedback_s"] = clock()
     print(f"[bench] seed {seed}: {len(groups['feedback'])} feedback questions sent: {sent}", flush=True)
 

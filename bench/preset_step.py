@@ -13,7 +13,8 @@ from bench import benchlib
 
 
 def preset_config():
-    from train_job.config import TrainConfig, preset_values
+    from train_job.config import TrainConfig
+    from train_job.presets import preset_values
 
     return TrainConfig.from_dict({k: v for k, v in preset_values("squad-minilm").items() if k not in ("dataset", "output_dir")})
 

@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     import torch
 
     from qa_common import load_model_and_tokenizer, prepare_train_features, read_squad, trim_padding
-    from train_job.config import PRESETS
+    from train_job.presets import PRESETS
     from train_job.data import epoch_batches, training_units
     from qa_common.features import LENGTH_MULTIPLE
     from train_job.loop import GROUP_BATCHES

@@ -8,7 +8,8 @@ import pytest
 
 from qa_common import QAConfig
 from qa_common.config import add_dataclass_flags, flag_type, given_flags, setting
-from train_job.config import PRESETS, add_config_flags, config_from_args
+from train_job.config import add_config_flags, config_from_args
+from train_job.presets import PRESETS
 
 
 def test_flag_types_come_from_the_annotations_not_their_spelling():

@@ -179,7 +179,7 @@ def test_a_failed_build_leaves_the_served_version_alone(built, capsys, monkeypat
 
 
 def test_the_bundled_sample_library_reads_whole_and_cites_the_handbook_page(local_ray, embedder, tmp_path, capsys):
-    from train_job.config import DATA_DIR
+    from train_job.presets import DATA_DIR
 
     code, out, err = build(DATA_DIR / "library", tmp_path / "index", capsys)
     assert code == 0 and "could not be read" not in err

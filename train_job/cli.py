@@ -9,7 +9,8 @@ from collections.abc import Callable
 
 from qa_common import SquadFormatError
 from qa_common.features import UnsupportedTokenizerError
-from train_job.config import PRESETS, TrainConfig, TrainJobError, add_config_flags, config_from_args
+from train_job.config import TrainConfig, TrainJobError, add_config_flags, config_from_args
+from train_job.presets import PRESETS
 
 # Bad data, a missing file or model, an unsupported tokenizer, a run that cannot fit or would mix with another.
 USER_ERRORS = (SquadFormatError, OSError, UnsupportedTokenizerError, TrainJobError)

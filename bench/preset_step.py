@@ -37,10 +37,12 @@ def prepare_features(args, path: Path) -> dict:
 
 
 def preset_training(model_name: str, total_steps: int, *, attention_dropout: float | None = None,
-                    cheap_dropout: bool = False, gradient_checkpointing: bool = False, dropout_seed: int | None = None):
+                    cheap_dropout: bool = False, gradient_checkpointing: bool = False, dropout_seed: int | None = None,
+                    max_tokens: int | None = None):
     """``(model, step)``: the preset's model, optimiser, schedule and autocast as ``train_job``'s loop builds
     them, ``step(batch)`` taking one training step and returning its loss. ``dropout_seed`` re-seeds the
-    generator once the model is loaded, so only the dropout masks differ from the run's own."""
+    generator once the model is loaded, so only the dropout masks differ from the run's own; ``max_tokens``
+    is ``--max-batch-tokens`` (None: the whole batch at once)."""
     import torch
 
     from qa_common import load_model_and_tokenizer
@@ -66,12 +68,12 @@ def preset_training(model_name: str, total_steps: int, *, attention_dropout: flo
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     model.train()
     return model, lambda batch: train_step(model, batch, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                                           autocast=autocast)
+                                           autocast=autocast, max_tokens=max_tokens)
 
 
 def preset_steps(model_name: str, features: dict, steps: int, *, length_multiple: int | None = None,
                  attention_dropout: float | None = None, cheap_dropout: bool = False, dropout_seed: int | None = None,
-                 threads: int | None = None, gradient_checkpointing: bool = False):
+                 threads: int | None = None, gradient_checkpointing: bool = False, max_tokens: int | None = None):
     """The preset's training steps in this process, as ``train_job``'s loop takes them (:func:`preset_training`,
     its length-grouped batch order and padding cut to ``length_multiple``): yields each step's windows,
     padded tokens and loss. The model is loaded before the first step is asked for."""
@@ -85,7 +87,8 @@ def preset_steps(model_name: str, features: dict, steps: int, *, length_multiple
     config = preset_config()
     torch.set_num_threads(threads or os.cpu_count())
     _, step = preset_training(model_name, steps, attention_dropout=attention_dropout, cheap_dropout=cheap_dropout,
-                              gradient_checkpointing=gradient_checkpointing, dropout_seed=dropout_seed)
+                              gradient_checkpointing=gradient_checkpointing, dropout_seed=dropout_seed,
+                              max_tokens=max_tokens)
     lengths = features["attention_mask"].sum(axis=1)
     rng = np.random.default_rng(config.seed)
     batches = epoch_batches(rng.permutation(len(lengths)), lengths, config.per_device_batch_size, rng, GROUP_BATCHES)

@@ -18,7 +18,9 @@ where the CPU has it):
    memory as every CPU worker now does (``train_job.allocator``): ``buckets``: batches cut to a multiple
    of 32 tokens; ``now``: that and ``train_job.dropout``'s cheap dropout, as ``--cheap-dropout`` does;
    ``attention-dropout-0``: that and ``--attention-dropout 0``; ``checkpointed``: ``now`` and
-   ``--gradient-checkpointing``.
+   ``--gradient-checkpointing``; ``preset``: ``now`` and the preset's ``--max-batch-tokens``, the step
+   as the preset takes it. A variant named more than once runs again, in the order given (alternate
+   them: ``--variants before,preset,before,preset``), and its ratios are over the mean of its runs.
 3. **The machine's rate** at the model's own matmuls: every matmul of a training step at the median
    length (forward, and both products of the backward), timed alone in the same dtype; the loop's
    model FLOP/s as a share of it.
@@ -50,6 +52,7 @@ class Variant(NamedTuple):
     cheap_dropout: bool  # --cheap-dropout
     checkpointing: bool  # --gradient-checkpointing
     keep_freed_memory: bool  # train_job.allocator, as every CPU worker now sets it
+    preset_parts: bool = False  # the preset's --max-batch-tokens: gradients added up over parts of a batch
 
 
 VARIANTS = {
@@ -58,6 +61,7 @@ VARIANTS = {
     "now": Variant(None, None, True, False, True),  # buckets and --cheap-dropout (train_job.dropout)
     "attention-dropout-0": Variant(None, 0.0, True, False, True),  # and --attention-dropout 0: fused attention
     "checkpointed": Variant(None, None, True, True, True),  # "now" and --gradient-checkpointing
+    "preset": Variant(None, None, True, False, True, True),  # "now" and the preset's --max-batch-tokens: as it trains
 }
 PROFILED = {"buckets": (None, False), "now": (None, True), "attention-dropout-0": (0.0, True)}
 KINDS = {  # profiler op name prefixes -> kind
@@ -110,7 +114,8 @@ def run_variant(args) -> dict:
         keep_freed_memory()
     steps = preset_steps(args.model, dict(np.load(args.features)), args.steps, length_multiple=variant.length_multiple,
                          attention_dropout=variant.attention_dropout, cheap_dropout=variant.cheap_dropout,
-                         gradient_checkpointing=variant.checkpointing)
+                         gradient_checkpointing=variant.checkpointing,
+                         max_tokens=preset_config().max_batch_tokens if variant.preset_parts else None)
     tenth, tenths, losses = max(1, args.steps // 10), [], []
     rss_start = resident_mib()
 
@@ -268,12 +273,14 @@ def measure(args, workdir: Path, load_before: list[float]) -> int:
                      "share_of_matmul_rate": loop_gflop_s / rate["gflop_per_s"],
                      "loss_first_tenth": run["loss_first_tenth"], "loss_last_tenth": run["loss_last_tenth"],
                      "losses": run["losses"]})
-    by_name = {row["variant"]: row for row in rows}
+    by_name = {name: {key: float(np.mean([row[key] for row in rows if row["variant"] == name]))
+                      for key in ("windows_per_s", "peak_resident_mib", "share_of_matmul_rate")}
+               for name in dict.fromkeys(args.variants)}  # a variant run more than once: the mean of its runs
     ratios = {}
     for name in [n for n in by_name if n != "before"] if "before" in by_name else ():
         ratios[f"{name}_vs_before_windows_per_s"] = by_name[name]["windows_per_s"] / by_name["before"]["windows_per_s"]
         ratios[f"{name}_vs_before_peak_memory"] = by_name[name]["peak_resident_mib"] / by_name["before"]["peak_resident_mib"]
-    ratios.update({f"{row['variant']}_share_of_matmul_rate": row["share_of_matmul_rate"] for row in rows})
+    ratios.update({f"{name}_share_of_matmul_rate": row["share_of_matmul_rate"] for name, row in by_name.items()})
     benchlib.print_table("Ratios", [{"ratio": k, "value": v} for k, v in ratios.items()], ["ratio", "value"])
     benchlib.print_table("The loop, each variant in a fresh process", rows,
                          ["variant", "windows_per_s", "second_tenth_windows_per_s", "last_tenth_windows_per_s",

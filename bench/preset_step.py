@@ -38,11 +38,11 @@ def prepare_features(args, path: Path) -> dict:
 
 def preset_training(model_name: str, total_steps: int, *, attention_dropout: float | None = None,
                     cheap_dropout: bool = False, gradient_checkpointing: bool = False, dropout_seed: int | None = None,
-                    max_tokens: int | None = None):
+                    max_tokens: int | None = None, fused_adamw: bool | None = None):
     """``(model, step)``: the preset's model, optimiser, schedule and autocast as ``train_job``'s loop builds
     them, ``step(batch)`` taking one training step and returning its loss. ``dropout_seed`` re-seeds the
     generator once the model is loaded, so only the dropout masks differ from the run's own; ``max_tokens``
-    is ``--max-batch-tokens`` (None: the whole batch at once)."""
+    is ``--max-batch-tokens`` (None: the whole batch at once); ``fused_adamw`` None is the loop's choice."""
     import torch
 
     from qa_common import load_model_and_tokenizer
@@ -63,7 +63,8 @@ def preset_training(model_name: str, total_steps: int, *, attention_dropout: flo
         torch.manual_seed(dropout_seed)
     precision = resolve_precision(config.precision, torch.device("cpu"))
     autocast = torch.autocast("cpu", dtype=AUTOCAST_DTYPES.get(precision), enabled=precision in AUTOCAST_DTYPES)
-    optimizer = build_optimizer(model, learning_rate=config.learning_rate, weight_decay=config.weight_decay)
+    optimizer = build_optimizer(model, learning_rate=config.learning_rate, weight_decay=config.weight_decay,
+                                fused=fused_adamw)
     scheduler = build_scheduler(optimizer, warmup_steps=int(config.warmup_ratio * total_steps), total_steps=total_steps)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     model.train()
@@ -73,7 +74,8 @@ def preset_training(model_name: str, total_steps: int, *, attention_dropout: flo
 
 def preset_steps(model_name: str, features: dict, steps: int, *, length_multiple: int | None = None,
                  attention_dropout: float | None = None, cheap_dropout: bool = False, dropout_seed: int | None = None,
-                 threads: int | None = None, gradient_checkpointing: bool = False, max_tokens: int | None = None):
+                 threads: int | None = None, gradient_checkpointing: bool = False, max_tokens: int | None = None,
+                 fused_adamw: bool | None = None):
     """The preset's training steps in this process, as ``train_job``'s loop takes them (:func:`preset_training`,
     its length-grouped batch order and padding cut to ``length_multiple``): yields each step's windows,
     padded tokens and loss. The model is loaded before the first step is asked for."""
@@ -88,7 +90,7 @@ def preset_steps(model_name: str, features: dict, steps: int, *, length_multiple
     torch.set_num_threads(threads or os.cpu_count())
     _, step = preset_training(model_name, steps, attention_dropout=attention_dropout, cheap_dropout=cheap_dropout,
                               gradient_checkpointing=gradient_checkpointing, dropout_seed=dropout_seed,
-                              max_tokens=max_tokens)
+                              max_tokens=max_tokens, fused_adamw=fused_adamw)
     lengths = features["attention_mask"].sum(axis=1)
     rng = np.random.default_rng(config.seed)
     batches = epoch_batches(rng.permutation(len(lengths)), lengths, config.per_device_batch_size, rng, GROUP_BATCHES)

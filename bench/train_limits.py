@@ -10,17 +10,18 @@ where the CPU has it):
 1. **Profile** of the step (``train_job.optim.train_step``, torch.profiler) at the windows' median
    length, its CPU time by kind: matmuls, fused attention, dropout's random numbers, the optimiser,
    other element-wise work.
-2. **Variants** of the loop, each in a fresh process (the allocator's state and its environment are
-   per process) and in a thread of its own, as Ray Train runs it: ``--steps`` steps of the real step
-   over the same batches in the same order; windows/s per tenth of the run and resident memory per
-   tenth and at its peak. ``before``: the loop the issue measured (batches cut to their longest window,
-   a new shape nearly every step; PyTorch's dropout; glibc's default thresholds); the others keep freed
-   memory as every CPU worker now does (``train_job.allocator``): ``buckets``: batches cut to a multiple
-   of 32 tokens; ``now``: that and ``train_job.dropout``'s cheap dropout, as ``--cheap-dropout`` does;
-   ``attention-dropout-0``: that and ``--attention-dropout 0``; ``checkpointed``: ``now`` and
-   ``--gradient-checkpointing``; ``preset``: ``now`` and the preset's ``--max-batch-tokens``, the step
-   as the preset takes it. A variant named more than once runs again, in the order given (alternate
-   them: ``--variants before,preset,before,preset``), and its ratios are over the mean of its runs.
+2. **Variants** of the loop, each in a fresh process (the allocator's state and its environment are per
+   process) and in a thread of its own, as Ray Train runs it: ``--steps`` steps of the real step over
+   the same batches in the same order; windows/s per tenth of the run and resident memory per tenth and
+   at its peak. ``before``: the loop the issue measured (batches cut to their longest window, a new
+   shape nearly every step; PyTorch's dropout; glibc's default thresholds; AdamW a loop over the
+   parameters); the others keep freed memory as every CPU worker now does (``train_job.allocator``) and
+   fuse AdamW as the loop now does: ``buckets``: batches cut to a multiple of 32 tokens; ``now``: that
+   and ``train_job.dropout``'s cheap dropout, as ``--cheap-dropout`` does; ``attention-dropout-0``: that
+   and ``--attention-dropout 0``; ``checkpointed``: ``now`` and ``--gradient-checkpointing``;
+   ``preset``: ``now`` and the preset's ``--max-batch-tokens``, the step as the preset takes it. A
+   variant named more than once runs again, in the order given (alternate them: ``--variants
+   before,preset,before,preset``), and its ratios are over the mean of its runs.
 3. **The machine's rate** at the model's own matmuls: every matmul of a training step at the median
    length (forward, and both products of the backward), timed alone in the same dtype; the loop's
    model FLOP/s as a share of it.
@@ -53,10 +54,12 @@ class Variant(NamedTuple):
     checkpointing: bool  # --gradient-checkpointing
     keep_freed_memory: bool  # train_job.allocator, as every CPU worker now sets it
     preset_parts: bool = False  # the preset's --max-batch-tokens: gradients added up over parts of a batch
+    fused_adamw: bool = True  # one AdamW kernel for all parameters, as the loop builds it on a CPU now
 
 
 VARIANTS = {
-    "before": Variant(1, None, False, False, False),  # the loop the issue measured: a new shape nearly every step
+    # The loop the issue measured: a new shape nearly every step, AdamW a loop over the parameters.
+    "before": Variant(1, None, False, False, False, fused_adamw=False),
     "buckets": Variant(None, None, False, False, True),  # batches cut to LENGTH_MULTIPLE, PyTorch's dropout
     "now": Variant(None, None, True, False, True),  # buckets and --cheap-dropout (train_job.dropout)
     "attention-dropout-0": Variant(None, 0.0, True, False, True),  # and --attention-dropout 0: fused attention
@@ -115,7 +118,8 @@ def run_variant(args) -> dict:
     steps = preset_steps(args.model, dict(np.load(args.features)), args.steps, length_multiple=variant.length_multiple,
                          attention_dropout=variant.attention_dropout, cheap_dropout=variant.cheap_dropout,
                          gradient_checkpointing=variant.checkpointing,
-                         max_tokens=preset_config().max_batch_tokens if variant.preset_parts else None)
+                         max_tokens=preset_config().max_batch_tokens if variant.preset_parts else None,
+                         fused_adamw=variant.fused_adamw)
     tenth, tenths, losses = max(1, args.steps // 10), [], []
     rss_start = resident_mib()
 

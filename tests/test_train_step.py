@@ -1,5 +1,5 @@
 """The training step's own pieces, without Ray: attention dropout, cheap dropout and the training attention,
-gradient checkpointing, and the allocator settings of a training worker."""
+gradient checkpointing, the optimiser, and the allocator settings of a training worker."""
 
 import json
 
@@ -139,6 +139,27 @@ def test_gradient_checkpointing_replays_the_cheap_dropout_masks_and_gives_the_sa
     assert checkpointed_loss == pytest.approx(loss, abs=1e-6) and plain.keys() == checkpointed.keys()
     for name, gradient in plain.items():
         assert torch.allclose(checkpointed[name], gradient, atol=1e-5), name
+
+
+def test_adamw_is_one_fused_kernel_on_a_cpu_and_updates_as_the_loop_over_parameters_does(tiny_model_dir):
+    from transformers import AutoModelForQuestionAnswering
+
+    from train_job.optim import build_optimizer
+
+    updated = {}
+    for fused in (None, False):
+        torch.manual_seed(0)
+        model = AutoModelForQuestionAnswering.from_pretrained(tiny_model_dir)
+        optimizer = build_optimizer(model, learning_rate=1e-3, weight_decay=0.01, fused=fused)
+        assert optimizer.defaults["fused"] is (fused is None)  # the default on a CPU: fused
+        assert [group["weight_decay"] for group in optimizer.param_groups] == [0.01, 0.0]
+        for step in range(3):
+            generator = torch.Generator().manual_seed(step)
+            for parameter in model.parameters():
+                parameter.grad = torch.randn(parameter.shape, generator=generator)
+            optimizer.step()
+        updated[fused] = torch.cat([parameter.detach().flatten() for parameter in model.parameters()])
+    assert torch.allclose(updated[None], updated[False], rtol=1e-5, atol=1e-6)
 
 
 def test_a_training_worker_keeps_freed_memory_for_its_next_step():

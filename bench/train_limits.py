@@ -71,7 +71,7 @@ KINDS = {  # profiler op name prefixes -> kind
     "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear"),
     "fused attention": ("aten::_scaled_dot_product_flash_attention",),
     "dropout random numbers": ("aten::bernoulli", "aten::native_dropout", "aten::random_"),
-    "optimiser": ("aten::_foreach", "aten::addcdiv", "aten::lerp", "aten::sqrt", "aten::addcmul"),
+    "optimiser": ("aten::_fused_adamw", "aten::_foreach", "aten::addcdiv", "aten::lerp", "aten::sqrt", "aten::addcmul"),
 }
 
 

@@ -64,7 +64,7 @@ VARIANTS = {
     "now": Variant(None, None, True, False, True),  # buckets and --cheap-dropout (train_job.dropout)
     "attention-dropout-0": Variant(None, 0.0, True, False, True),  # and --attention-dropout 0: fused attention
     "checkpointed": Variant(None, None, True, True, True),  # "now" and --gradient-checkpointing
-    "preset": Variant(None, None, True, False, True, True),  # "now" and the preset's --max-batch-tokens: as it trains
+    "preset": Variant(None, None, True, False, True, preset_parts=True),  # "now" and the preset's --max-batch-tokens: as it trains
 }
 PROFILED = {"buckets": (None, False), "now": (None, True), "attention-dropout-0": (0.0, True)}
 KINDS = {  # profiler op name prefixes -> kind

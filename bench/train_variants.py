@@ -134,13 +134,12 @@ def run_variants(args, model_dir: str, features: dict) -> list[dict]:
     warm = {name: values[warm_rows] for name, values in features.items()}
     batch = args.batch_size
     base = "bf16" if args.gpu else "fp32"
-    fused_default = True  # the loop's choice on a GPU and on a CPU (train_job.optim.build_optimizer)
     plans = [
         ("pad every window to max_length", dict(batching="random", trim=False)),
         ("trim per batch, random batches (--no-group-by-length)", dict(batching="random", trim=True)),
         ("length-grouped + trim (loop default)", dict(batching="grouped", trim=True)),
         ("length-grouped + trim, eager attention", dict(batching="grouped", trim=True, attention="eager")),
-        ("length-grouped + trim, unfused AdamW", dict(batching="grouped", trim=True, fused=not fused_default)),
+        ("length-grouped + trim, unfused AdamW", dict(batching="grouped", trim=True, fused=False)),
         ("length-grouped + trim, bf16 autocast" if not args.gpu else "length-grouped + trim, fp32",
          dict(batching="grouped", trim=True, precision="fp32" if args.gpu else "bf16")),
     ]
@@ -158,7 +157,7 @@ def run_variants(args, model_dir: str, features: dict) -> list[dict]:
             make = (lambda f: grouped_batches(f, batch, np.random.default_rng(1))) if plan["batching"] == "grouped" \
                 else (lambda f: random_batches(f, batch, np.random.default_rng(1)))
             settings = dict(precision=plan.get("precision", base), trim=plan["trim"],
-                            attention=plan.get("attention", "sdpa"), fused=plan.get("fused", fused_default),
+                            attention=plan.get("attention", "sdpa"), fused=plan.get("fused", True),
                             compile_model=plan.get("compile_model"))
             load = benchlib.load_average()
             print(f"[bench] variant (round {repeat + 1}): {name} ...", flush=True)

@@ -160,7 +160,7 @@ def mine(args: argparse.Namespace) -> dict:
         counts["gold_read"] += name_of.get(question["context"]) in row["documents"]
         counts["absent"] += question.get("title", "") in absent
     # The pool answers in no fixed order; a group's records stay in the search's order, which the
-    # calibration over passages weighs (qa_common.decoding.with_rank_prior).
+    # calibration over passages weighs (qa_common.passage_decoding.with_rank_prior).
     train = [record for group in sorted(groups, key=lambda group: group[0]["group"]) for record in group]
     write_records(output / "train.json", train)
     if validation:

@@ -64,7 +64,6 @@ from qa_common.metric import normalize_answer
 
 NULL_SPAN = (-1, -1)  # start and end of an answer that is no span: the null answer, or no valid span at all
 NO_ANSWER = {"answer": "", "score": 0.0, "start": NULL_SPAN[0], "end": NULL_SPAN[1], "no_answer_probability": 1.0}
-PASSAGE_SEPARATOR = "\n"  # between passages read as one candidate set: no answer span crosses it
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -232,76 +231,6 @@ def decode_spans(
     return [
         {"answer": texts[i], "score": float(probabilities[i]), "start": candidates.spans[i][0],
          "end": candidates.spans[i][1], "no_answer_probability": candidates.no_answer_probability}
-        for i in distinct_answers(candidates.spans, texts, top_k)
-    ]
-
-
-def passages_laid_end_to_end(offsets: np.ndarray, window_passages: Sequence[int],
-                             passages: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """``(bases, offsets)``: where each passage starts when ``passages`` are laid end to end one
-    character apart (``PASSAGE_SEPARATOR.join(passages)``), and each window's offsets moved there."""
-    lengths = np.array([len(passage) + len(PASSAGE_SEPARATOR) for passage in passages], dtype=np.int64)
-    bases = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    offsets = np.asarray(offsets, dtype=np.int64)
-    shift = bases[np.asarray(window_passages, dtype=np.int64)][:, None, None]
-    return bases, np.where(offsets >= 0, offsets + shift, offsets)
-
-
-def with_rank_prior(start_logits: np.ndarray, window_passages: Sequence[int], weight: float) -> np.ndarray:
-    """``start_logits`` with every token of window ``i`` but [CLS] lowered by ``weight * ln(r)``, ``r``
-    the 1-based search rank of its passage (``window_passages[i] + 1``).
-
-    Each span's logit sum drops by the same amount, a log prior on the search's order: the reader
-    alone never sees that the search put a passage fifth, and a distractor it reads as confidently
-    as the first passage is more often wrong (on open-domain SQuAD, ACCURACY.md). [CLS], the null
-    answer, keeps its logit, so the prior also makes "not in these passages" likelier when the best
-    span is in a passage ranked low. ``weight`` 0: unchanged.
-    """
-    if not weight:
-        return start_logits
-    shifted = np.array(start_logits, dtype=np.float32)
-    shifted[:, 1:] -= (weight * np.log1p(np.asarray(window_passages, dtype=np.float64)))[:, None].astype(np.float32)
-    return shifted
-
-
-def decode_passages(
-    start_logits: np.ndarray,
-    end_logits: np.ndarray,
-    offsets: np.ndarray,
-    window_passages: Sequence[int],
-    passages: Sequence[str],
-    config: QAConfig,
-    *,
-    top_k: int = 1,
-) -> list[dict]:
-    """The ``top_k`` best answers of one question read over several passages as one candidate set.
-
-    Window ``i`` is a window of ``passages[window_passages[i]]`` (its offsets into that passage).
-    The passages are laid end to end (one character apart, so no span crosses from one into the
-    next) and decoded as one example by :func:`rank_candidates`: the score's softmax spans every
-    passage's candidates, so scores compare across passages and documents, and the null score is
-    the minimum over all their windows, so the answer is "not in these passages" only when no
-    passage draws the model away from [CLS]. Each answer adds ``passage``, the index of its passage
-    (-1 for the null answer), with ``start``/``end`` into that passage's text. The threshold and
-    calibration are ``config.over_passages()``: those fitted over a library's retrievals where the
-    model has them, and so is the weight of the search's order (:func:`with_rank_prior`): ``passages``
-    come best first, as the search ranked them.
-    """
-    config = config.over_passages()
-    start_logits = with_rank_prior(start_logits, window_passages, config.passage_rank_weight)
-    bases, joined_offsets = passages_laid_end_to_end(offsets, window_passages, passages)
-    candidates = rank_candidates(start_logits, end_logits, joined_offsets, config)
-    if not candidates.spans:
-        return [{**NO_ANSWER, "passage": -1}]
-    starts = np.array([start for start, _ in candidates.spans], dtype=np.int64)
-    of_passage = np.where(starts >= 0, np.searchsorted(bases, starts, side="right") - 1, -1).tolist()
-    located = [(p, NULL_SPAN if p < 0 else (start - int(bases[p]), end - int(bases[p])))
-               for p, (start, end) in zip(of_passage, candidates.spans)]  # (passage, span in it) of each candidate
-    texts = [passages[p][span[0]:span[1]] if p >= 0 else "" for p, span in located]
-    probabilities = candidates.scores(config)
-    return [
-        {"answer": texts[i], "score": float(probabilities[i]), "start": located[i][1][0], "end": located[i][1][1],
-         "no_answer_probability": candidates.no_answer_probability, "passage": located[i][0]}
         for i in distinct_answers(candidates.spans, texts, top_k)
     ]
 

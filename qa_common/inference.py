@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from qa_common.config import QAConfig
-from qa_common.decoding import decode_passages, decode_spans
+from qa_common.decoding import decode_spans
+from qa_common.passage_decoding import decode_passages
 from qa_common.features import LENGTH_MULTIPLE, prepare_eval_features, trim_padding
 
 # Windows per forward pass: on a CPU, larger batches gain nothing and hold more memory; a GPU wants more.
@@ -43,7 +44,7 @@ class Question:
 @dataclass(frozen=True)
 class PassagesQuestion:
     """A question read over several passages at once (a library's retrieved passages): its answers
-    are ranked across all of them and name their passage (:func:`qa_common.decoding.decode_passages`)."""
+    are ranked across all of them and name their passage (:func:`qa_common.passage_decoding.decode_passages`)."""
 
     question: str
     passages: tuple[str, ...]
@@ -172,7 +173,7 @@ def answer_questions(
     """For each question, its ``top_k`` answers ``{"answer", "score", "start", "end", "no_answer_probability"}``.
 
     The answers are decoded by :func:`qa_common.decoding.decode_spans` (see there for the score and
-    the null answer); a :class:`PassagesQuestion`'s by :func:`qa_common.decoding.decode_passages`,
+    the null answer); a :class:`PassagesQuestion`'s by :func:`qa_common.passage_decoding.decode_passages`,
     each answer with the index of its ``passage``.
 
     ``runner``: see :func:`predict_logits` (a PyTorch model, or a runner of any backend).

@@ -10,7 +10,7 @@ never trained to compare; yet decoding ranks spans of all windows by them.
 Multi-Paragraph Reading Comprehension"): the start (and the end) is one softmax over every
 position of every window of the question -- all its passages, as ``python -m library_job mine``
 groups them -- so the logits of different windows are trained on one scale, the scale
-:func:`qa_common.decoding.decode_passages` compares them on. The targets:
+:func:`qa_common.passage_decoding.decode_passages` compares them on. The targets:
 
 - a question that some window answers: the answer's position in *every* window that holds it
   (an overlap of two windows, the same words in two passages), as one target whose probability

@@ -38,7 +38,7 @@ def calibrate_passages(runner, tokenizer, groups: Sequence[tuple[str, Sequence[s
     question's passages in the search's order), each question read over all its passages as one
     candidate set, as ``decode_passages`` reads a library's.
 
-    First the weight of the search's order (``passage_rank_weight``, :func:`qa_common.decoding.with_rank_prior`):
+    First the weight of the search's order (``passage_rank_weight``, :func:`qa_common.passage_decoding.with_rank_prior`):
     of :data:`PASSAGE_RANK_WEIGHTS`, the one whose answers score the best F1 over these questions
     (the smallest on a tie). A model that abstains gets its no-answer threshold chosen with it (the
     official best-F1 threshold at each weight, where "the library does not hold it" is the right
@@ -49,7 +49,7 @@ def calibrate_passages(runner, tokenizer, groups: Sequence[tuple[str, Sequence[s
     """
     from tqdm.auto import tqdm
 
-    from qa_common.decoding import PASSAGE_SEPARATOR, passages_laid_end_to_end, with_rank_prior
+    from qa_common.passage_decoding import PASSAGE_SEPARATOR, passages_laid_end_to_end, with_rank_prior
     from qa_common.inference import PassagesQuestion, question_logits
 
     raw = uncalibrated(config.replace(passages_calibration={}))

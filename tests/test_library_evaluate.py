@@ -98,6 +98,24 @@ def test_every_question_is_asked_of_the_whole_library_and_scored_both_ways(absta
     assert fusion["ratios"]["chosen_dense_weight"] in weights and 0.5 in weights
     assert weights[0.5]["test_recall@20"] == 1.0
 
+    # Embedders compared on a library of articles they were not mined from, and on the evaluated library:
+    # the dense ranking computed in memory finds each question's document where the index's search did.
+    from bench import embedder_choice
+    from qa_common.library.embedding import EMBEDDER
+
+    present_file = tmp_path / "present.json"
+    present_file.write_text(json.dumps({"data": present}))
+    assert embedder_choice.main(["--embedders", EMBEDDER, "--train-data", str(data), "--exclude-articles-of",
+                                 str(skip_file), "--validation-articles", "2", "--test-data", str(present_file),
+                                 "--test-library", str(library), "--output-dir", str(tmp_path / "choice"),
+                                 "--out", str(tmp_path / "choice.json")]) == 0
+    choice = json.loads((tmp_path / "choice.json").read_text())
+    assert choice["settings"]["test_questions"] == len(present) and skipped not in choice["settings"]["validation_titles"]
+    assert len(choice["settings"]["validation_titles"]) == 2 and choice["ratios"]["chosen"] == EMBEDDER
+    for mode in ("dense", "hybrid"):
+        ranks = [rows[r["id"]][f"{mode}_rank"] for r in present]
+        assert choice["ratios"][f"test_{mode}_recall@1"] == sum(rank == 1 for rank in ranks) / len(ranks)
+
 
 def test_a_squad_file_as_long_documents_and_real_documents_name_each_questions_document(tmp_path, capsys):
     records = read_squad(FIXTURES / "tiny-squad.json")

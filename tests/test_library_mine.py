@@ -16,7 +16,7 @@ from qa_common.library.embedding import Embedder
 from library_job.__main__ import main as library_job
 from library_job.mine import answers_in, group_records, split_articles
 from train_job.embedder import main as train_embedder
-from train_job.embedder import pair_loss, training_pairs
+from train_job.embedder import cached_pair_loss_backward, pair_loss, training_pairs
 
 
 def test_an_answer_counts_only_as_whole_words():
@@ -157,3 +157,55 @@ def test_the_embedder_loss_masks_a_candidate_that_answers_the_question_too(tiny_
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     assert training_pairs([{"id": "a/0", "group": "a", "question": "q", "context": "x",
                             "answers": {"text": [], "answer_start": []}}], 1) == []
+
+
+def test_the_cached_loss_has_the_gradients_of_one_graph_over_its_mini_batches(tiny_model_dir):
+    import contextlib
+
+    from transformers import AutoModel
+
+    from qa_common.library.embedding import embed_batch, tokenize_for_embedding
+    from qa_common.modeling import load_tokenizer
+    from train_job.embedder import _batch_targets, _in_batch_loss
+
+    tokenizer, model = load_tokenizer(str(tiny_model_dir)), AutoModel.from_pretrained(tiny_model_dir)
+    pairs = [{"question": "what slows clotting", "positive": "warfarin slows blood clotting",
+              "answering": ["warfarin slows blood clotting"], "negatives": ["hand hygiene"]},
+             {"question": "what does warfarin slow", "positive": "blood clotting and inr",
+              "answering": ["blood clotting and inr"], "negatives": ["hand hygiene", "bleeding on admission"]},
+             {"question": "who was given warfarin", "positive": "the patient was given warfarin",
+              "answering": ["the patient was given warfarin"], "negatives": []}]
+
+    def gradients():
+        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        model.zero_grad(set_to_none=True)
+        return grads
+
+    def cached(mini_batch):
+        torch.manual_seed(0)
+        return cached_pair_loss_backward(model, tokenizer, pairs, 20.0, mini_batch, contextlib.nullcontext())
+
+    # Dropout on: the gradients of one graph over the same mini-batches drawn from the same seed, so the
+    # second pass replays the first pass's dropout masks.
+    model.train()
+    candidates, target, mask = _batch_targets(pairs)
+    texts = [pair["question"] for pair in pairs] + candidates
+    torch.manual_seed(0)
+    embedded = torch.cat([embed_batch(model, tokenize_for_embedding(tokenizer, texts[i : i + 2]))
+                          for i in range(0, len(texts), 2)])
+    reference = _in_batch_loss(embedded[: len(pairs)], embedded[len(pairs) :], target, mask, 20.0)
+    reference.backward()
+    expected = gradients()
+    assert cached(2) == pytest.approx(reference.item(), rel=1e-5)
+    for got, want in zip(gradients(), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+    # Dropout off: whatever the mini-batch, the whole batch's loss and gradients.
+    model.eval()
+    loss = pair_loss(model, tokenizer, pairs, 20.0)
+    loss.backward()
+    expected = gradients()
+    for mini_batch in (1, 3, 100):
+        assert cached(mini_batch) == pytest.approx(loss.item(), rel=1e-5)
+        for got, want in zip(gradients(), expected, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)

@@ -54,6 +54,9 @@ class EmbedderConfig:
     learning_rate: float = _flag("peak AdamW learning rate (linear warm-up over a tenth, then decay)", default=2e-5)
     batch_size: int = _flag("questions per worker per step: each is scored against every candidate of the batch",
                             default=32)
+    mini_batch_size: int = _flag(
+        "texts embedded at once, when > 0 and below a batch's questions and passages: any --batch-size in the "
+        "memory of this many, for one more forward pass (a gradient cache)", default=0)
     hard_negatives: int = _flag("read passages without the answer per question, best ranked first", default=1)
     scale: float = _flag("cosine similarities are multiplied by this before the softmax", default=20.0)
     cheap_dropout: bool = _flag(
@@ -69,6 +72,8 @@ class EmbedderConfig:
         for name in ("epochs", "batch_size", "num_workers", "cpus_per_worker", "learning_rate", "scale"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{dashed(name)} must be positive, got {getattr(self, name)}")
+        if self.mini_batch_size < 0:
+            raise ValueError(f"--mini-batch-size must be >= 0, got {self.mini_batch_size}")
         if self.hard_negatives < 0 or not 0 < self.validation_share < 1:
             raise ValueError("--hard-negatives must be >= 0 and --validation-share in (0, 1)")
         return self
@@ -89,20 +94,75 @@ def training_pairs(records: list[dict], hard_negatives: int) -> list[dict]:
     return pairs
 
 
-def pair_loss(model, tokenizer, pairs: list[dict], scale: float):
-    """The in-batch loss of ``pairs`` (see the module docstring)."""
+def _batch_targets(pairs: list[dict]):
+    """``(candidates, target, mask)``: the batch's distinct candidate passages, each question's positive
+    among them, and the candidates masked out of each question's softmax (its other answering ones)."""
     import torch
 
     candidates = list(dict.fromkeys(text for pair in pairs for text in [pair["positive"], *pair["negatives"]]))
     index = {text: i for i, text in enumerate(candidates)}
-    questions = embed_batch(model, tokenize_for_embedding(tokenizer, [pair["question"] for pair in pairs]))
-    passages = embed_batch(model, tokenize_for_embedding(tokenizer, candidates))
-    scores = scale * questions.float() @ passages.float().T
     target = torch.tensor([index[pair["positive"]] for pair in pairs])
-    mask = torch.zeros_like(scores, dtype=torch.bool)
+    mask = torch.zeros((len(pairs), len(candidates)), dtype=torch.bool)
     for row, pair in enumerate(pairs):
         mask[row, [index[text] for text in pair["answering"] if text in index and text != pair["positive"]]] = True
+    return candidates, target, mask
+
+
+def _in_batch_loss(questions, passages, target, mask, scale: float):
+    import torch
+
+    scores = scale * questions.float() @ passages.float().T
     return torch.nn.functional.cross_entropy(scores.masked_fill(mask, float("-inf")), target)
+
+
+def pair_loss(model, tokenizer, pairs: list[dict], scale: float):
+    """The in-batch loss of ``pairs`` (see the module docstring)."""
+    candidates, target, mask = _batch_targets(pairs)
+    questions = embed_batch(model, tokenize_for_embedding(tokenizer, [pair["question"] for pair in pairs]))
+    passages = embed_batch(model, tokenize_for_embedding(tokenizer, candidates))
+    return _in_batch_loss(questions, passages, target, mask, scale)
+
+
+def cached_pair_loss_backward(model, tokenizer, pairs: list[dict], scale: float, mini_batch: int, autocast) -> float:
+    """``pair_loss(...).backward()`` in the memory of ``mini_batch`` texts at a time, for batches larger
+    than the activations of all their texts would fit: a gradient cache (Gao et al. 2021, "Scaling Deep
+    Contrastive Learning Batch Size under Memory Limited Setup"; sentence-transformers'
+    ``CachedMultipleNegativesRankingLoss``). Every text is embedded without a graph, the loss's gradient
+    with respect to the embeddings is taken, then each mini-batch is embedded again with a graph, with
+    the random numbers (dropout) of its first pass, and backpropagated with its part of that gradient.
+    The gradients are those of one graph over the same mini-batches; the cost, one more forward pass.
+    Returns the loss."""
+    import contextlib
+
+    import torch
+
+    def random_state():  # dropout's generators: the CPU's, and a GPU's where the model is on one
+        return torch.get_rng_state(), torch.cuda.get_rng_state() if torch.cuda.is_available() else None
+
+    def set_random_state(state):
+        torch.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state(state[1])
+
+    candidates, target, mask = _batch_targets(pairs)
+    texts = [pair["question"] for pair in pairs] + candidates
+    chunks = [texts[begin : begin + mini_batch] for begin in range(0, len(texts), mini_batch)]
+    states, embeddings = [], []
+    with torch.no_grad(), autocast:
+        for chunk in chunks:
+            states.append(random_state())
+            embeddings.append(embed_batch(model, tokenize_for_embedding(tokenizer, chunk)).float())
+    cached = torch.cat(embeddings).requires_grad_()
+    loss = _in_batch_loss(cached[: len(pairs)], cached[len(pairs) :], target, mask, scale)
+    loss.backward()
+    for number, (chunk, state, gradient) in enumerate(zip(chunks, states, cached.grad.split(mini_batch))):
+        last = number == len(chunks) - 1  # data-parallel workers average gradients once, after the last
+        with (contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()):
+            set_random_state(state)
+            with autocast:
+                embedded = embed_batch(model, tokenize_for_embedding(tokenizer, chunk))
+            (embedded.float() * gradient).sum().backward()
+    return loss.item()
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -142,15 +202,20 @@ def train_loop_per_worker(loop_config: dict) -> None:
         bar = tqdm_ray.tqdm(total=math.ceil(len(order) / config.batch_size), unit="step",
                             desc=f"embedder epoch {epoch + 1}/{config.epochs}") if rank == 0 else None
         for begin in range(0, len(order), config.batch_size):
-            with autocast:
-                loss = pair_loss(model, tokenizer, [pairs[i] for i in order[begin : begin + config.batch_size]],
-                                 config.scale)
-            loss.backward()
+            batch = [pairs[i] for i in order[begin : begin + config.batch_size]]
+            if config.mini_batch_size:
+                loss = cached_pair_loss_backward(model, tokenizer, batch, config.scale, config.mini_batch_size,
+                                                 autocast)
+            else:
+                with autocast:
+                    loss = pair_loss(model, tokenizer, batch, config.scale)
+                loss.backward()
+                loss = loss.item()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
+            losses.append(loss)
             if bar is not None:
                 bar.update(1)
         metrics = {"epoch": epoch + 1, "loss": float(np.mean(losses)),

@@ -11,9 +11,10 @@ and built as a library (``OUTPUT_DIR/validation/library``, reused when there) as
 builds one; test: a library ``library_job evaluate`` built over the dev set (its ``squad/`` and
 ``index/``). In both, questions are sampled as ``evaluate`` samples them (``--max-questions``, seed 0).
 
-Each embedder embeds every passage of each library and the questions; the dense ranking is the exact
-dot product over all passages (what the index's flat search returns), the lexical one is the
-library's own, and hybrid fuses the two as served. A library built with one embedder thus measures
+Each embedder embeds every passage of each library (its own and its sentences' vectors, as a build
+does) and the questions; the dense ranking scores each passage by its best exact dot product (what
+the index's flat multivector search returns), the lexical one is the library's own, and hybrid
+fuses the two as served. A library built with one embedder thus measures
 any other without a rebuild. The embedder with the best validation dense recall@5 (then hybrid
 recall@1) is the chosen one; every embedder's test recall is reported beside it.
 """
@@ -88,8 +89,9 @@ class LibrarySet:
         self.lexical = [library.rankings(r["question"], None, FUSION_DEPTH, dense=False)[1] for r in self.questions]
 
     def recalls(self, embedder) -> dict:
-        passages = embedder.embed([p["text"] for p in self.passages])
-        scores = embedder.embed([r["question"] for r in self.questions]) @ passages.T
+        questions = embedder.embed([r["question"] for r in self.questions])
+        scores = np.stack([(questions @ vectors.T).max(axis=1)
+                           for vectors in embedder.embed_passages([p["text"] for p in self.passages])], axis=1)
         ranks = {mode: [] for mode in MODES}
         for row, lexical, document in zip(scores, self.lexical, self.documents):
             dense = [Hit(self.passages[i], float(row[i])) for i in np.argsort(-row)[:FUSION_DEPTH]]

@@ -6,10 +6,12 @@
 passages and their all-MiniLM-L6-v2 vectors are read from that LanceDB index, the questions are
 embedded once, and each store is built from them and asked the same questions:
 
-- ``lancedb``: one embedded LanceDB table (what qa_common.library.search uses): exact dot-product search
-  and its native BM25 full-text index (stemmed, stop words removed);
-- ``faiss+bm25s``: a faiss ``IndexFlatIP`` (exact) beside a bm25s index (PyStemmer's English
-  stemmer, English stop words), the two persisted side by side.
+- ``lancedb``: one embedded LanceDB table (what qa_common.library.search uses): exact multivector
+  search (a passage's best cosine over its own vector and its sentences') and its native BM25
+  full-text index (stemmed, stop words removed);
+- ``faiss+bm25s``: a faiss ``IndexFlatIP`` (exact) of every passage's and sentence's vector, a
+  passage scored by its best, beside a bm25s index (PyStemmer's English stemmer, English stop
+  words), the two persisted side by side.
 
 For each: build time, size on disk, query latency (p50/p95 per question, one thread of the
 caller), and recall@1/5/20 of the question's paragraph for lexical, dense and hybrid (reciprocal
@@ -27,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from bench import benchlib
-from qa_common.library.index import PASSAGE_COLUMNS, TABLE
+from qa_common.library.index import PASSAGE_COLUMNS, TABLE, VECTORS, vectors_column
 from qa_common.library.search import (
     FUSION_DEPTH, RRF_K, SEARCH_MODES, Hit, Library, document_rank, recall_at, reciprocal_rank_fusion,
 )
@@ -44,14 +46,14 @@ class LanceStore(Library):
 
     name = "lancedb"
 
-    def __init__(self, rows: list[dict], vectors: np.ndarray, directory: Path):
+    def __init__(self, rows: list[dict], vectors: list[np.ndarray], directory: Path):
         import lancedb
         import pyarrow as pa
         from lancedb.index import FTS
 
         started = time.perf_counter()
         columns = {name: [r[name] for r in rows] for name in PASSAGE_COLUMNS}
-        columns["vector"] = pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), vectors.shape[1])
+        columns[VECTORS] = vectors_column(vectors)
         self.table = lancedb.connect(str(directory)).create_table(TABLE, data=pa.table(columns))
         self.table.create_index("text", config=FTS())
         self.build_s = time.perf_counter() - started
@@ -63,15 +65,17 @@ class FaissBm25Store:
 
     name = "faiss+bm25s"
 
-    def __init__(self, rows: list[dict], vectors: np.ndarray, directory: Path):
+    def __init__(self, rows: list[dict], vectors: list[np.ndarray], directory: Path):
         import bm25s
         import faiss
         import Stemmer
 
         started = time.perf_counter()
         self.rows = [{name: r[name] for name in PASSAGE_COLUMNS} for r in rows]
-        self.vectors = faiss.IndexFlatIP(vectors.shape[1])
-        self.vectors.add(vectors)
+        self.owner = np.concatenate([np.full(len(v), i) for i, v in enumerate(vectors)])  # each vector's passage
+        self.most_per_passage = max(len(v) for v in vectors)
+        self.vectors = faiss.IndexFlatIP(vectors[0].shape[1])
+        self.vectors.add(np.concatenate(vectors))
         self.stemmer = Stemmer.Stemmer("english")
         self.bm25 = bm25s.BM25()
         self.bm25.index(bm25s.tokenize([r["text"] for r in rows], stopwords="en", stemmer=self.stemmer,
@@ -87,8 +91,13 @@ class FaissBm25Store:
         return (self._dense(vector, limit) if dense else []), (self._lexical(query, limit) if lexical else [])
 
     def _dense(self, vector, k):
-        scores, ids = self.vectors.search(vector[None], k)
-        return [Hit(self.rows[i], float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
+        """The ``k`` passages of the best vectors (enough vectors are searched to find ``k`` passages)."""
+        scores, ids = self.vectors.search(vector[None], min(self.vectors.ntotal, k * self.most_per_passage))
+        best: dict[int, float] = {}
+        for i, score in zip(ids[0], scores[0]):
+            if i >= 0:
+                best.setdefault(int(self.owner[i]), float(score))  # in falling order: the first is its best
+        return [Hit(self.rows[passage], score) for passage, score in list(best.items())[:k]]
 
     def _lexical(self, query, k):
         import bm25s
@@ -143,8 +152,8 @@ def main(argv=None) -> None:
     questions = [{"question": r["question"], "document": name_of[r["context"]]}
                  for r in sample_questions(records, args.max_questions, seed=args.seed)]
     library = Library(args.library)
-    rows = library.table.search().limit(None).select([*PASSAGE_COLUMNS, "vector"]).to_list()
-    vectors = np.asarray([row["vector"] for row in rows], dtype=np.float32)
+    rows = library.table.search().limit(None).select([*PASSAGE_COLUMNS, VECTORS]).to_list()
+    vectors = [np.asarray(row[VECTORS], dtype=np.float32) for row in rows]
     embedder = Embedder(library.manifest.embedder)
     started = time.perf_counter()
     question_vectors = embedder.embed([q["question"] for q in questions])

@@ -35,9 +35,9 @@ from pathlib import Path
 from qa_common.library.documents import SUFFIXES, DocumentError, ReadLimits
 from qa_common.library.embedding import EMBEDDER, embedding_dimension
 from qa_common.library.index import (
-    PASSAGE_COLUMNS, REPORT_FILE, FailedDocument, IndexedDocument, LibraryError, Manifest, build_lock,
+    PASSAGE_COLUMNS, REPORT_FILE, VECTORS, FailedDocument, IndexedDocument, LibraryError, Manifest, build_lock,
     check_collection_name, current_version, document_key, new_version, open_table, passage_id, passage_schema,
-    plan_build, publish_version, read_manifest, write_private,
+    plan_build, publish_version, read_manifest, vectors_column, write_private,
 )
 from qa_common.library.folder import LINK, list_documents
 from qa_common.library.passages import MAX_PASSAGE_WORDS, split_passages
@@ -79,7 +79,7 @@ def read_passages(row: dict, max_words: int, limits: dict) -> list[dict]:
 
 
 class EmbedPassages:
-    """Ray Data actor: a batch of passage rows -> the same rows with their ``vector``."""
+    """Ray Data actor: a batch of passage rows -> the same rows with their ``vectors``."""
 
     def __init__(self, embedder: str, threads: int):
         from qa_common.library.embedding import Embedder
@@ -90,9 +90,8 @@ class EmbedPassages:
     def __call__(self, batch):
         import pyarrow as pa
 
-        vectors = self.embedder.embed(batch.column("text").to_pylist())
         columns = {name: batch.column(name) for name in (*PASSAGE_COLUMNS, "sha256")}
-        columns["vector"] = pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), vectors.shape[1])
+        columns[VECTORS] = vectors_column(self.embedder.embed_passages(batch.column("text").to_pylist()))
         return pa.table(columns).cast(self.schema)
 
 
@@ -196,6 +195,8 @@ def _build_locked(args: argparse.Namespace, docs_dir: Path, library: Path, colle
     if Path(args.embedder).is_dir():  # a fine-tuned embedder: the service reads it from another working directory
         args.embedder = str(Path(args.embedder).resolve())
     previous = read_manifest(library) if current_version(library) else None
+    if previous:
+        open_table(library, previous.version)  # a table of an earlier format is refused before any work
     if previous and previous.embedder != args.embedder:
         raise LibraryError(f"{args.library} was built with embedder {previous.embedder!r}, not {args.embedder!r}: "
                            "build a new library (--library NEW_DIR) to change the embedder")

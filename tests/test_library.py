@@ -2,7 +2,9 @@
 (unreadable files, incremental rebuilds, atomic versions) and hybrid search."""
 
 import json
+import shutil
 
+import pyarrow as pa
 import pytest
 from library_helpers import ARTICLES, write_docx, write_library, write_pdf
 
@@ -10,8 +12,8 @@ from library_job import build as build_job
 from library_job.__main__ import main as library_job
 from qa_common.library.documents import Block, DocumentError, read_blocks
 from qa_common.library.embedding import Embedder
-from qa_common.library.index import CURRENT_FILE, read_manifest
-from qa_common.library.passages import split_passages
+from qa_common.library.index import CURRENT_FILE, PASSAGE_COLUMNS, TABLE, VECTORS, LibraryError, read_manifest
+from qa_common.library.passages import sentence_spans, split_passages
 from qa_common.library.search import Library
 
 
@@ -52,6 +54,11 @@ def test_passages_keep_one_page_and_section_and_a_word_bound():
     assert " ".join(p.text for p in passages if p.page == 1).replace("\n", " ") == f"short a short b {long}"
     assert [(p.text, p.page, p.section) for p in passages[-2:]] == [("next page", 2, "S"), ("other section", 2, "T")]
     assert all(p.text.endswith(".") for p in passages[1:-2])  # cut at sentence ends
+    # A passage's sentences (each gets a vector): cut after . ! ? ; : and between its blocks.
+    text = "Dose: 5 mg. Twice daily!\nGive with food\n\nCheck the INR; stop if over 4"
+    assert [text[a:b] for a, b in sentence_spans(text)] == [
+        "Dose:", "5 mg.", "Twice daily!", "Give with food", "Check the INR;", "stop if over 4"]
+    assert sentence_spans("") == [] and sentence_spans("No end") == [(0, 6)]
 
 
 @pytest.fixture(scope="module")
@@ -189,3 +196,55 @@ def test_the_bundled_sample_library_reads_whole_and_cites_the_handbook_page(loca
     [best] = Library(tmp_path / "index").search(question, embedder.embed([question])[0], 1)
     assert (best.passage["document"], best.passage["page"]) == ("ward-handbook.pdf", 4)
     assert "20 to 30 seconds" in best.passage["text"]
+
+
+def test_a_passage_is_scored_by_its_best_vector_its_sentences_read_in_context(built, embedder, capsys):
+    import lancedb
+    import numpy as np
+    import torch
+
+    root, docs, index = built
+    if not (index / CURRENT_FILE).exists():
+        build(docs, index, capsys)
+    library = Library(index)
+    rows = library.table.search().limit(None).select(["passage_id", "text", VECTORS]).to_list()
+    stored = {row["passage_id"]: np.asarray(row[VECTORS], dtype=np.float32) for row in rows}
+    for row in rows:  # the passage's own vector, then one per sentence
+        assert len(stored[row["passage_id"]]) == 1 + len(sentence_spans(row["text"]))
+        np.testing.assert_allclose(stored[row["passage_id"]][0], embedder.embed([row["text"]])[0], atol=1e-5)
+    question = "What reverses warfarin?"
+    vector = embedder.embed([question])[0]
+    hits = library.search(question, vector, 20, mode="dense")
+    assert len(hits) == len(rows)
+    for hit in hits:
+        assert hit.score == pytest.approx(float((stored[hit.passage["passage_id"]] @ vector).max()), abs=1e-5)
+    assert [hit.score for hit in hits] == sorted((hit.score for hit in hits), reverse=True)
+
+    # A sentence's vector is the passage's token states over its tokens: "It" read as warfarin.
+    text = "Warfarin thins the blood. It is reversed with vitamin K."
+    inputs = embedder.tokenizer(text, return_offsets_mapping=True, return_tensors="pt")
+    offsets = inputs.pop("offset_mapping")[0]
+    with torch.inference_mode():
+        hidden = embedder.model(**inputs).last_hidden_state[0]
+    second = (offsets[:, 1] > 0) & (offsets[:, 0] >= text.index("It"))
+    expected = torch.nn.functional.normalize(hidden[second].mean(0), dim=-1).numpy()
+    [vectors] = embedder.embed_passages([text])
+    assert vectors.shape == (3, embedder.dimension)
+    np.testing.assert_allclose(vectors[2], expected, atol=1e-5)
+    # A sentence past the embedder's cut has no vector.
+    [cut] = embedder.embed_passages(["Short first. " + "word " * 300 + "end. Past the cut."])
+    assert len(cut) == 3
+
+    # A library built before passages had sentence vectors is refused with what to do, by search and build.
+    old = root / "old-index"
+    shutil.copytree(index, old)
+    version = read_manifest(old).version
+    table = lancedb.connect(str(old / version)).open_table(TABLE)
+    kept = table.search().limit(None).select([*PASSAGE_COLUMNS, "sha256"]).to_arrow()
+    passage_vectors = np.stack([stored[pid][0] for pid in kept.column("passage_id").to_pylist()])
+    kept = kept.append_column("vector", pa.FixedSizeListArray.from_arrays(pa.array(passage_vectors.ravel()), 384))
+    lancedb.connect(str(old / version)).create_table(TABLE, data=kept, mode="overwrite")
+    with pytest.raises(LibraryError, match="earlier release, without sentence vectors: build the documents again"):
+        Library(old)
+    code, _, err = build(docs, old, capsys)
+    assert code == 2 and "earlier release" in err

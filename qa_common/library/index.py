@@ -39,6 +39,9 @@ TABLE = "passages"
 # What a citation names, then the passage's text: the rows' columns, in order, as search returns them.
 CITATION_FIELDS = ("passage_id", "collection", "document", "page", "section")
 PASSAGE_COLUMNS = (*CITATION_FIELDS, "text")
+# The passage's unit vector, then its sentences' (qa_common.library.embedding.Embedder.embed_passages):
+# one LanceDB multivector column, so a dense search scores a passage by the best of them.
+VECTORS = "vectors"
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # a collection's name
 BUILD_COMMAND = "python -m library_job build DOCS_DIR --library LIBRARY"
 
@@ -48,12 +51,21 @@ class LibraryError(ValueError):
 
 
 def passage_schema(dimension: int):
-    """The Arrow schema of a version's table: the passage columns, the document's content hash, the vector."""
+    """The Arrow schema of a version's table: the passage columns, the document's content hash, the vectors."""
     import pyarrow as pa
 
     types = {"page": pa.int32()}
     return pa.schema([(name, types.get(name, pa.string())) for name in PASSAGE_COLUMNS]
-                     + [("sha256", pa.string()), ("vector", pa.list_(pa.float32(), dimension))])
+                     + [("sha256", pa.string()), (VECTORS, pa.list_(pa.list_(pa.float32(), dimension)))])
+
+
+def vectors_column(vectors: list):
+    """:data:`VECTORS`'s Arrow column from each passage's (1 + sentences) x dimension array."""
+    import numpy as np
+    import pyarrow as pa
+
+    flat = pa.FixedSizeListArray.from_arrays(pa.array(np.concatenate(vectors).ravel()), vectors[0].shape[1])
+    return pa.ListArray.from_arrays(pa.array(np.cumsum([0] + [len(v) for v in vectors]), pa.int32()), flat)
 
 
 def check_collection_name(name: str) -> str:
@@ -228,11 +240,16 @@ def plan_build(documents: list[dict], previous: Manifest | None, collection: str
 
 
 def open_table(library: Path, version: str):
-    """The version's LanceDB table, None for a library with no passages."""
+    """The version's LanceDB table, None for a library with no passages. A table without
+    :data:`VECTORS` (built before passages had sentence vectors) is a LibraryError: it must be rebuilt."""
     import lancedb
 
     database = lancedb.connect(str(library / version))
-    return database.open_table(TABLE) if TABLE in database.table_names() else None
+    table = database.open_table(TABLE) if TABLE in database.table_names() else None
+    if table is not None and VECTORS not in table.schema.names:
+        raise LibraryError(f"{library} was built by an earlier release, without sentence vectors: build the "
+                           f"documents again into a new folder ({BUILD_COMMAND} with a new LIBRARY) and serve that")
+    return table
 
 
 def publish_version(library: Path, manifest: Manifest) -> None:

@@ -16,6 +16,9 @@ from dataclasses import dataclass
 from qa_common.library.documents import Block
 
 MAX_PASSAGE_WORDS = 150
+# Where a long block is cut, and where a passage's sentences end: after . ! ? ; : and between its
+# blocks (a list item or a heading ends without a full stop).
+SENTENCE_END = re.compile(r"(?<=[.!?;:])\s+|\n+")
 
 
 @dataclass(frozen=True)
@@ -34,7 +37,7 @@ def _pieces(text: str, max_words: int) -> list[str]:
     if _words(text) <= max_words:
         return [text]
     sentences = []
-    for sentence in re.split(r"(?<=[.!?;:])\s+", text):
+    for sentence in SENTENCE_END.split(text):
         words = sentence.split()
         sentences += [" ".join(words[i : i + max_words]) for i in range(0, len(words), max_words)]
     return _pack(sentences, max_words, " ")
@@ -52,6 +55,16 @@ def _pack(parts: Sequence[str], max_words: int, joiner: str) -> list[str]:
     if current:
         packed.append(joiner.join(current))
     return packed
+
+
+def sentence_spans(text: str) -> list[tuple[int, int]]:
+    """``(start, end)`` of each sentence of ``text`` (cut at :data:`SENTENCE_END`), blanks left out."""
+    spans, start = [], 0
+    for end in SENTENCE_END.finditer(text):
+        spans.append((start, end.start()))
+        start = end.end()
+    spans.append((start, len(text)))
+    return [(begin, end) for begin, end in spans if text[begin:end].strip()]
 
 
 def split_passages(blocks: Iterable[Block], max_words: int = MAX_PASSAGE_WORDS) -> list[Passage]:

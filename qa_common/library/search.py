@@ -1,8 +1,9 @@
 """Search over a library: a dense ranking, a lexical one, and their fusion.
 
 A store is anything with :meth:`PassageStore.rankings` (:class:`Library` is the LanceDB index on
-disk; ``bench.library_stores`` plugs in faiss + bm25s). Hybrid search fuses the dense ranking (dot
-product of unit vectors) and the lexical one (BM25 over stemmed words, so drug names, doses and
+disk; ``bench.library_stores`` plugs in faiss + bm25s). Hybrid search fuses the dense ranking (a
+passage scores the best cosine similarity of the question's vector with the passage's own vector
+and its sentences', ``qa_common.library.embedding``) and the lexical one (BM25 over stemmed words, so drug names, doses and
 abbreviations match by their letters) by reciprocal rank fusion, ``sum 1 / (RRF_K + rank)``
 (Cormack et al. 2009; k = 60).
 """
@@ -16,7 +17,7 @@ from typing import Protocol
 
 import numpy as np
 
-from qa_common.library.index import PASSAGE_COLUMNS, Manifest, current_version, open_table, read_manifest
+from qa_common.library.index import PASSAGE_COLUMNS, VECTORS, Manifest, current_version, open_table, read_manifest
 
 RRF_K = 60
 # Passages a question is read over unless it says: /v1/ask's default (ServeArgs.passages) and library_job
@@ -31,7 +32,7 @@ SEARCH_MODES = ("hybrid", "dense", "lexical")
 @dataclass(frozen=True)
 class Hit:
     passage: dict  # PASSAGE_COLUMNS
-    score: float  # the fused score (hybrid) or the ranking's own (dense: cosine; lexical: BM25)
+    score: float  # the fused score (hybrid) or the ranking's own (dense: the best cosine; lexical: BM25)
 
 
 class PassageStore(Protocol):
@@ -117,8 +118,9 @@ class Library:
             return [], []
         where = " AND ".join(f"{column} = {_quoted(value)}" for column, value in
                              (("collection", collection), ("document", document)) if value is not None) or None
-        dense_hits = self._ranked(self.table.search(np.asarray(vector, dtype=np.float32)).distance_type("dot"),
-                                  where, limit, "_distance") if dense else []
+        # A multivector column: LanceDB's distance is 1 - the best cosine of the passage's vectors (exact, no ANN index).
+        dense_hits = self._ranked(self.table.search(np.asarray(vector, dtype=np.float32), vector_column_name=VECTORS)
+                                  .distance_type("cosine"), where, limit, "_distance") if dense else []
         lexical_hits = self._ranked(self.table.search(query, query_type="fts"), where, limit, "_score") \
             if lexical and query.strip() else []
         return dense_hits, lexical_hits
@@ -136,5 +138,5 @@ class Library:
         if where:
             query = query.where(where, prefilter=True)
         rows = query.select([*PASSAGE_COLUMNS, score_column]).limit(limit).to_list()
-        to_score = (lambda value: 1.0 - value) if score_column == "_distance" else float  # dot distance is 1 - cos
+        to_score = (lambda value: 1.0 - value) if score_column == "_distance" else float
         return [Hit({column: row[column] for column in PASSAGE_COLUMNS}, to_score(row[score_column])) for row in rows]

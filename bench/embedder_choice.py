@@ -1,7 +1,7 @@
 """Which embedder retrieves best: chosen on a library of SQuAD training articles none of them trained
 on, reported on the open-domain dev library.
 
-    python -m bench.embedder_choice --embedders runs/embedder,runs/embedder-hn3/model \
+    python -m bench.embedder_choice --embedders sentence-transformers/all-MiniLM-L6-v2,runs/embedder/model \
         --exclude-articles-of runs/library-mined/train.json runs/library-mined/validation.json \
         --test-library runs/ask-dev-tuned/library
 
@@ -14,9 +14,9 @@ builds one; test: a library ``library_job evaluate`` built over the dev set (its
 Each embedder embeds every passage of each library (its own and its sentences' vectors, as a build
 does) and the questions; the dense ranking scores each passage by its best exact dot product (what
 the index's flat multivector search returns), the lexical one is the library's own, and hybrid
-fuses the two as served. A library built with one embedder thus measures
-any other without a rebuild. The embedder with the best validation dense recall@5 (then hybrid
-recall@1) is the chosen one; every embedder's test recall is reported beside it.
+fuses the two as served. A library built with one embedder thus measures any other without a
+rebuild. The embedder with the best validation dense recall@5 (then hybrid recall@1) is the chosen
+one; every embedder's test recall is reported beside it.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ class LibrarySet:
         self.questions = sample_questions([r for r in records if r["context"] in name_of], max_questions, seed=0)
         self.documents = [name_of[r["context"]] for r in self.questions]
         library = Library(str(folder / "index"))
-        rows = library.table.search().select(list(PASSAGE_COLUMNS)).limit(library.table.count_rows()).to_list()
+        rows = library.table.search().limit(None).select(list(PASSAGE_COLUMNS)).to_list()
         self.passages = [{key: row[key] for key in PASSAGE_COLUMNS} for row in rows]
         self.lexical = [library.rankings(r["question"], None, FUSION_DEPTH, dense=False)[1] for r in self.questions]
 

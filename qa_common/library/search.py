@@ -3,9 +3,9 @@
 A store is anything with :meth:`PassageStore.rankings` (:class:`Library` is the LanceDB index on
 disk; ``bench.library_stores`` plugs in faiss + bm25s). Hybrid search fuses the dense ranking (a
 passage scores the best cosine similarity of the question's vector with the passage's own vector
-and its sentences', ``qa_common.library.embedding``) and the lexical one (BM25 over stemmed words, so drug names, doses and
-abbreviations match by their letters) by reciprocal rank fusion, ``sum 1 / (RRF_K + rank)``
-(Cormack et al. 2009; k = 60).
+and its sentences', ``qa_common.library.embedding``) and the lexical one (BM25 over stemmed words,
+so drug names, doses and abbreviations match by their letters) by reciprocal rank fusion,
+``sum 1 / (RRF_K + rank)`` (Cormack et al. 2009; k = 60).
 """
 
 from __future__ import annotations

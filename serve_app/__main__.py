@@ -163,7 +163,8 @@ def main(argv=None) -> None:
         while True:
             time.sleep(3600)
     except (ValueError, FileNotFoundError) as error:  # bad model, arguments or config (pydantic's errors included)
-        sys.exit(f"error: {error}")
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
         print("Stopping.")
     finally:

@@ -14,7 +14,7 @@ from ray import serve
 from ray.serve import Application
 
 from qa_common import QAConfig, load_qa_config, resolve_model_path
-from qa_common.library.index import read_manifest
+from qa_common.library.index import open_table, read_manifest
 from qa_common.backends import ONNX_FILES, onnx_file
 from serve_app import request_ids
 from serve_app.auth import is_loopback, load_token_hashes
@@ -138,8 +138,8 @@ def build_app(args: ServeArgs | dict, options: dict[str, dict], *, bind_host: st
             f"QAModel max_ongoing_requests ({max_ongoing}) is below max_batch_size ({args.max_batch_size}): a replica "
             "never holds more requests than that at once, so its batches could not fill; raise it"
         )
-    if args.library:
-        read_manifest(Path(args.library))  # a missing index fails here, naming the command that builds it
+    if args.library:  # a missing index, or one of an earlier format, fails here, naming the command that builds it
+        open_table(Path(args.library), read_manifest(Path(args.library)).version)
     if args.feedback:
         load_or_create_key(args.feedback)  # an unwritable folder fails here; replicas then find the key made
     token_hashes = check_authentication(args, bind_host, token_hashes, warn=warn)

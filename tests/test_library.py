@@ -198,7 +198,7 @@ def test_the_bundled_sample_library_reads_whole_and_cites_the_handbook_page(loca
     assert "20 to 30 seconds" in best.passage["text"]
 
 
-def test_a_passage_is_scored_by_its_best_vector_its_sentences_read_in_context(built, embedder, capsys):
+def test_a_passage_is_scored_by_its_best_vector_its_sentences_read_in_context(built, embedder, capsys, tiny_model_dir):
     import lancedb
     import numpy as np
     import torch
@@ -248,3 +248,7 @@ def test_a_passage_is_scored_by_its_best_vector_its_sentences_read_in_context(bu
         Library(old)
     code, _, err = build(docs, old, capsys)
     assert code == 2 and "earlier release" in err
+    from serve_app.app import MODEL_DEPLOYMENT, build_app
+
+    with pytest.raises(LibraryError, match="earlier release"):  # python -m serve_app exits 2 with it
+        build_app({"model": str(tiny_model_dir), "library": str(old)}, {MODEL_DEPLOYMENT: {"max_ongoing_requests": 32}})

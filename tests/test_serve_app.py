@@ -168,13 +168,19 @@ def test_builder_rejects_unknown_or_impossible_qa_settings(tiny_model_dir):
         build_app({"model": str(tiny_model_dir), "qa": {"stride": 400}}, {})
 
 
-def test_builder_rejects_a_missing_model_and_batches_that_cannot_fill(tiny_model_dir, tmp_path):
+def test_builder_rejects_a_missing_model_and_batches_that_cannot_fill(tiny_model_dir, tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match="train_job"):
         build_app({"model": str(tmp_path / "nothing-here")}, {})
     with pytest.raises(ValueError, match="max_ongoing_requests"):
         build_app({"model": str(tiny_model_dir), "max_batch_size": 16}, {MODEL_DEPLOYMENT: {"max_ongoing_requests": 8}})
     with pytest.raises(ValueError, match="library_job build"):
         build_app({"model": str(tiny_model_dir), "library": str(tmp_path / "no-index")}, {MODEL_DEPLOYMENT: {"max_ongoing_requests": 32}})
+    # From the command line: exit 2 and what to fix, before any Ray starts.
+    from serve_app.__main__ import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--model", str(tiny_model_dir), "--library", str(tmp_path / "no-index")])
+    assert exited.value.code == 2 and "library_job build" in capsys.readouterr().err
 
 
 # --- the running service ----------------------------------------------------------------------

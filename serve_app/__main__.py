@@ -24,7 +24,7 @@ from qa_common import QAConfig
 from qa_common.config import add_dataclass_flags, dashed, flag_type, given_flags
 from serve_app.app import DEFAULT_CONFIG, MODEL_DEPLOYMENT, load_serve_config, model_to_serve, run_config
 from serve_app.retriever import RETRIEVER_DEPLOYMENT
-from serve_app.schemas import ServeArgs
+from serve_app.settings import ServeArgs
 
 # Flags of the Serve config's other sections: flag -> (section, key); section "http_options",
 # "autoscaling_config" (QAModel's) or "ray_actor_options" (QAModel's). Every ServeArgs field has a
@@ -46,7 +46,7 @@ NOT_FLAGS = ("model", "qa", "previous_model")
 
 def add_serve_args_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per ServeArgs field (help and default from the field), all defaulting to None: not given."""
-    group = parser.add_argument_group("application (ServeArgs; defaults as in serve_app.schemas)")
+    group = parser.add_argument_group("application (ServeArgs; defaults as in serve_app.settings)")
     for name, field in ServeArgs.model_fields.items():
         if name in NOT_FLAGS:
             continue

@@ -2,7 +2,7 @@
 autoscaled QA model (``serve_app.model``); this module builds and runs it.
 
 Deployment options (replicas, queues, autoscaling, CPUs/GPUs) are data: ``config.yaml`` next to this
-file; the application's settings are ``serve_app.schemas.ServeArgs``, with their defaults.
+file; the application's settings are ``serve_app.settings.ServeArgs``, with their defaults.
 """
 
 import logging
@@ -24,7 +24,7 @@ from serve_app.model import MODEL_DEPLOYMENT, QAModel
 from serve_app.feedback.keeper import FEEDBACK_DEPLOYMENT, FeedbackKeeper
 from serve_app.feedback.receipts import load_or_create_key
 from serve_app.retriever import RETRIEVER_DEPLOYMENT, Retriever
-from serve_app.schemas import ServeArgs
+from serve_app.settings import ServeArgs
 from serve_app.snapshot import snapshot
 
 DEFAULT_CONFIG = Path(__file__).with_name("config.yaml")

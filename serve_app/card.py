@@ -7,7 +7,8 @@ from pathlib import Path
 from qa_common import QAConfig
 from qa_common.backends import resolve_backend
 from qa_common.modeling import dtype_name
-from serve_app.schemas import MAX_QUESTION_CHARS, MAX_QUESTIONS_PER_REQUEST, ServeArgs
+from serve_app.schemas import MAX_QUESTION_CHARS, MAX_QUESTIONS_PER_REQUEST
+from serve_app.settings import ServeArgs
 from serve_app.snapshot import display_name, version_of
 
 

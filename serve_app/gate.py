@@ -15,7 +15,7 @@ from qa_common import Question, answer_questions, load_qa_config, read_squad, re
 from qa_common.backends import load_runner
 from qa_common.metric import score_predictions
 from serve_app.model import HEALTH_PROBE
-from serve_app.schemas import ServeArgs
+from serve_app.settings import ServeArgs
 
 
 class GateError(ValueError):

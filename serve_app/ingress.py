@@ -29,8 +29,9 @@ from serve_app.library_answers import NO_LIBRARY, cite, served_manifest
 from serve_app.http import UNAUTHORIZED, busy, crash_as_json, decode_json, error_as_json, error_responses, read_body
 from serve_app.schemas import (
     ASK_SHAPE, REQUEST_SHAPE, AnswerResponse, AskResponse,
-    InvalidRequest, ServeArgs, parse_ask, parse_questions, request_body_schema,
+    InvalidRequest, parse_ask, parse_questions, request_body_schema,
 )
+from serve_app.settings import ServeArgs
 from serve_app.work import DEADLINE, WorkItem
 
 INGRESS_DEPLOYMENT = "QAIngress"  # the deployment's name, as in config.yaml

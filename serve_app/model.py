@@ -19,7 +19,7 @@ from ray.serve.metrics import Histogram
 from qa_common import QAConfig, Question, answer_questions
 from qa_common.backends import load_runner
 from qa_common.modeling import torch_dtype
-from serve_app.schemas import ServeArgs
+from serve_app.settings import ServeArgs
 from serve_app.snapshot import version_of
 from serve_app.work import WorkItem, answer_in_chunks
 

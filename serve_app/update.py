@@ -165,7 +165,7 @@ def update(flags: argparse.Namespace) -> None:
 
     from serve_app.app import build_app, model_to_serve
     from serve_app.snapshot import snapshot
-    from serve_app.schemas import ServeArgs
+    from serve_app.settings import ServeArgs
 
     deployed = deployed_application(flags.app)
     application = copy.deepcopy(deployed["application"])

@@ -24,7 +24,7 @@ import yaml
 from cluster_files import (CLUSTER, KUBERAY, PARAMETERS, PLACEHOLDER, RAY_JOB, RAY_SERVICE, SERVE_CONFIG,
                            SERVE_CONFIG_KEYS, envsubst, installed_ray_version, load_launcher_config, load_manifest,
                            validate_with_ray_serve)
-from serve_app.schemas import ServeArgs
+from serve_app.settings import ServeArgs
 
 RAY_JOBS = ["rayjob-train.yaml", "rayjob-tune.yaml", "rayjob-predict.yaml"]
 ALL_MANIFESTS = [*RAY_JOBS, "rayservice.yaml"]

@@ -20,7 +20,7 @@ from qa_common.inference import OnnxRunner, TorchRunner
 from serve_app.app import build_app
 from serve_app.model import load_model
 from bench.local_service import free_port
-from serve_app.schemas import ServeArgs
+from serve_app.settings import ServeArgs
 
 pytest.importorskip("onnx", reason="exporting needs the onnx package (the onnx extra, part of dev)")
 

@@ -19,7 +19,7 @@ from bench.local_service import free_port, replica_counts
 from qa_common import QAConfig, Question, answer_questions, prepare_eval_features
 from serve_app.__main__ import configure, parse_args
 from serve_app.app import APP_NAME, INGRESS_DEPLOYMENT, MODEL_DEPLOYMENT, build_app, deployment_options, load_serve_config
-from serve_app.schemas import ServeArgs
+from serve_app.settings import ServeArgs
 
 MAX_BODY_BYTES = 65_536
 MAX_CONTEXT_CHARS = 20_000

@@ -6,9 +6,9 @@
 passages and their all-MiniLM-L6-v2 vectors are read from that LanceDB index, the questions are
 embedded once, and each store is built from them and asked the same questions:
 
-- ``lancedb``: one embedded LanceDB table (what qa_common.library.search uses): exact multivector
-  search (a passage's best cosine over its own vector and its sentences') and its native BM25
-  full-text index (stemmed, stop words removed);
+- ``lancedb``: one embedded LanceDB table indexed as a library's is (qa_common.library.index.index_table):
+  multivector search through an IVF_FLAT index (a passage's best cosine over its own vector and its
+  sentences') and its native BM25 full-text index (stemmed, stop words removed);
 - ``faiss+bm25s``: a faiss ``IndexFlatIP`` (exact) of every passage's and sentence's vector, a
   passage scored by its best, beside a bm25s index (PyStemmer's English stemmer, English stop
   words), the two persisted side by side.
@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from bench import benchlib
-from qa_common.library.index import PASSAGE_COLUMNS, TABLE, VECTORS, vectors_column
+from qa_common.library.index import PASSAGE_COLUMNS, TABLE, VECTORS, index_table, vectors_column
 from qa_common.library.search import (
     FUSION_DEPTH, RRF_K, SEARCH_MODES, Hit, Library, document_rank, recall_at, reciprocal_rank_fusion,
 )
@@ -49,13 +49,12 @@ class LanceStore(Library):
     def __init__(self, rows: list[dict], vectors: list[np.ndarray], directory: Path):
         import lancedb
         import pyarrow as pa
-        from lancedb.index import FTS
 
         started = time.perf_counter()
         columns = {name: [r[name] for r in rows] for name in PASSAGE_COLUMNS}
         columns[VECTORS] = vectors_column(vectors)
         self.table = lancedb.connect(str(directory)).create_table(TABLE, data=pa.table(columns))
-        self.table.create_index("text", config=FTS())
+        index_table(self.table)
         self.build_s = time.perf_counter() - started
         self.size = directory_size(directory)
 

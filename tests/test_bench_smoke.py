@@ -142,6 +142,24 @@ def test_predict_throughput(local_ray, tiny_model_dir, tmp_path, capsys):
     assert document["ratios"]["pipeline_1_actors_vs_single_process"] > 0
 
 
+def test_library_scale_asks_the_same_library_with_and_without_its_vector_index(tmp_path, capsys):
+    wards = ["cardiology", "oncology", "maternity", "geriatrics", "surgery", "neurology"]
+    distractors = [{"title": ward, "paragraphs": [{
+        "context": f"The {ward} ward opens its doors at {hour} o'clock. Visitors sign in at the {ward} desk.",
+        "qas": [{"id": f"{ward}-{hour}", "question": "Which ward?", "answers": [{"text": ward, "answer_start": 4}]}],
+    } for hour in range(4)]} for ward in wards]
+    train = tmp_path / "train.json"
+    train.write_text(json.dumps({"version": "1.1", "data": distractors}))
+    document = run_bench("library_scale", tmp_path / "scale.json", capsys, "--dev", str(FIXTURES / "tiny-squad.json"),
+                         "--train", str(train), "--distractors", "20", "--sizes", "6", "--questions", "6")
+    small, whole = document["results"]["sizes"]
+    assert small["passages"] == 6 and whole["passages"] == document["settings"]["passages"] >= 24
+    for size in (small, whole):  # the index returns the exact search's passages, and the index is on disk
+        assert size["same_ranking"] == 1.0 and size["indexed_recall@5"] == size["exact_recall@5"]
+        assert size["size_mb_indexed"] > size["size_mb_before"] and size["vectors"] > size["passages"]
+    assert document["ratios"]["same_ranking_largest"] == 1.0
+
+
 BENCH_SCRIPTS = sorted(path.stem for path in (REPO / "bench").glob("*.py")
                        if 'if __name__ == "__main__":' in path.read_text(encoding="utf-8"))
 

@@ -219,6 +219,10 @@ def test_a_passage_is_scored_by_its_best_vector_its_sentences_read_in_context(bu
     for hit in hits:
         assert hit.score == pytest.approx(float((stored[hit.passage["passage_id"]] @ vector).max()), abs=1e-5)
     assert [hit.score for hit in hits] == sorted((hit.score for hit in hits), reverse=True)
+    # Through the vector index a build made (an exact search reads every vector from disk per question).
+    assert {index.columns[0]: index.index_type for index in library.table.list_indices()}[VECTORS] == "IvfFlat"
+    plan = library.table.search(vector, vector_column_name=VECTORS).distance_type("cosine").limit(3).explain_plan()
+    assert "ANNSubIndex" in plan
 
     # A sentence's vector is the passage's token states over its tokens: "It" read as warfarin.
     text = "Warfarin thins the blood. It is reversed with vitamin K."

@@ -118,7 +118,7 @@ class Library:
             return [], []
         where = " AND ".join(f"{column} = {_quoted(value)}" for column, value in
                              (("collection", collection), ("document", document)) if value is not None) or None
-        # A multivector column: LanceDB's distance is 1 - the best cosine of the passage's vectors (exact, no ANN index).
+        # A multivector column: LanceDB's distance is 1 - the best cosine of the passage's vectors (index.index_table).
         dense_hits = self._ranked(self.table.search(np.asarray(vector, dtype=np.float32), vector_column_name=VECTORS)
                                   .distance_type("cosine"), where, limit, "_distance") if dense else []
         lexical_hits = self._ranked(self.table.search(query, query_type="fts"), where, limit, "_score") \

@@ -6,7 +6,9 @@ and vectors (read back from its table); Ray Data tasks read the new and changed 
 passages (:func:`qa_common.library.passages.split_passages`), a pool of actors embeds them
 (:class:`qa_common.library.embedding.Embedder`), and the driver streams them into the new
 version's table; then the version is published (:func:`qa_common.library.index.publish_version`).
-Documents that are gone from DOCS_DIR are dropped. Runs locally and with ``ray job submit`` (DOCS_DIR
+Documents that are gone from DOCS_DIR are dropped; with nothing to read or drop, a build publishes
+nothing, unless the served version lacks an index (:func:`qa_common.library.index.is_indexed`): then
+it is copied into one that has them, nothing embedded again. Runs locally and with ``ray job submit`` (DOCS_DIR
 and LIBRARY then on storage every node mounts).
 
 The documents are untrusted: each is read in a child process under limits (bytes, pages,
@@ -36,8 +38,8 @@ from qa_common.library.documents import SUFFIXES, DocumentError, ReadLimits
 from qa_common.library.embedding import EMBEDDER, embedding_dimension
 from qa_common.library.index import (
     PASSAGE_COLUMNS, REPORT_FILE, VECTORS, FailedDocument, IndexedDocument, LibraryError, Manifest, build_lock,
-    check_collection_name, current_version, document_key, new_version, open_table, passage_id, passage_schema,
-    plan_build, publish_version, read_manifest, vectors_column, write_private,
+    check_collection_name, current_version, document_key, is_indexed, new_version, open_table, passage_id,
+    passage_schema, plan_build, publish_version, read_manifest, vectors_column, write_private,
 )
 from qa_common.library.folder import LINK, list_documents
 from qa_common.library.passages import MAX_PASSAGE_WORDS, split_passages
@@ -103,11 +105,13 @@ def kept_rows(library: Path, version: str, kept: set[str]):
         yield batch.filter([key in kept for key in keys])
 
 
-def write_table(version_dir: Path, sources: list, schema) -> Counter:
-    """One Lance table in ``version_dir`` from every batch of ``sources`` (Ray datasets, iterators of
-    Arrow batches), streamed: the driver holds one block at a time. Returns the passages written per
-    document key. The driver writes it because Ray Data 2.60's ``write_lance`` needs pylance, which
-    fails with the pylance release LanceDB 0.40 pulls in; LanceDB itself needs none."""
+def write_table(version_dir: Path, embedded, kept, schema) -> Counter:
+    """One Lance table in ``version_dir``: the ``embedded`` passages (a Ray dataset, or None) streamed
+    in one commit, the driver holding one block at a time, then the ``kept`` ones (Arrow batches read
+    from the served version, or None) a batch per commit. Kept rows are read between LanceDB's calls,
+    never inside one: LanceDB reads the rows it is given on its event loop, where a query of another
+    table would wait on that same loop for ever (a rebuild that only deleted files hung so). Returns the passages written per document key. The driver writes the table because Ray
+    Data 2.60's ``write_lance`` needs pylance, which fails with the release LanceDB 0.40 pulls in."""
     import lancedb
     import pyarrow as pa
 
@@ -115,17 +119,21 @@ def write_table(version_dir: Path, sources: list, schema) -> Counter:
 
     written = Counter()
 
-    def batches():
-        for source in sources:
-            blocks = source.iter_batches(batch_size=None, batch_format="pyarrow") if hasattr(source, "iter_batches") \
-                else source
-            for block in blocks:
-                block = pa.table(block).cast(schema)
-                written.update(document_key(c, d) for c, d in zip(block.column("collection").to_pylist(),
-                                                                  block.column("document").to_pylist()))
-                yield from block.to_batches()
+    def counted(block) -> pa.Table:
+        block = pa.table(block).cast(schema)
+        written.update(document_key(c, d) for c, d in zip(block.column("collection").to_pylist(),
+                                                          block.column("document").to_pylist()))
+        return block
 
-    lancedb.connect(str(version_dir)).create_table(TABLE, data=pa.RecordBatchReader.from_batches(schema, batches()))
+    def new_batches():
+        for block in embedded.iter_batches(batch_size=None, batch_format="pyarrow") if embedded is not None else []:
+            yield from counted(block).to_batches()
+
+    table = lancedb.connect(str(version_dir)).create_table(TABLE, schema=schema)
+    table.add(pa.RecordBatchReader.from_batches(schema, new_batches()))
+    for batch in kept if kept is not None else []:
+        if batch.num_rows:
+            table.add(counted(batch))
     return written
 
 
@@ -153,16 +161,11 @@ def build_version(args: argparse.Namespace, library: Path, version: str, previou
                   plan: dict) -> tuple[Manifest, int]:
     """Write ``version``'s table (the kept rows and the new ones) and return its manifest and the
     number of passages embedded now."""
-    sources, failures = [], {}
-    if plan["read"]:
-        embedded, failures = read_and_embed(args, plan["read"])
-        sources += [embedded] if embedded is not None else []
+    embedded, failures = read_and_embed(args, plan["read"]) if plan["read"] else (None, {})
     ours = lambda doc: doc.collection != collection or document_key(doc.collection, doc.document) in plan["kept"]  # noqa: E731
     kept = {key: doc for key, doc in previous.documents.items() if ours(doc)} if previous else {}
-    if kept:
-        sources.append(kept_rows(library, previous.version, set(kept)))
-    written = write_table(library / version, sources, passage_schema(embedding_dimension(args.embedder))) \
-        if sources else Counter()
+    written = write_table(library / version, embedded, kept_rows(library, previous.version, set(kept)) if kept else None,
+                          passage_schema(embedding_dimension(args.embedder))) if embedded is not None or kept else Counter()
     manifest = Manifest(version=version, embedder=args.embedder, max_passage_words=args.max_passage_words,
                         documents=dict(kept),
                         failed={key: doc for key, doc in previous.failed.items() if ours(doc)} if previous else {})
@@ -195,8 +198,8 @@ def _build_locked(args: argparse.Namespace, docs_dir: Path, library: Path, colle
     if Path(args.embedder).is_dir():  # a fine-tuned embedder: the service reads it from another working directory
         args.embedder = str(Path(args.embedder).resolve())
     previous = read_manifest(library) if current_version(library) else None
-    if previous:
-        open_table(library, previous.version)  # a table of an earlier format is refused before any work
+    # A table of an earlier format is refused before any work.
+    previous_table = open_table(library, previous.version) if previous else None
     if previous and previous.embedder != args.embedder:
         raise LibraryError(f"{args.library} was built with embedder {previous.embedder!r}, not {args.embedder!r}: "
                            "build a new library (--library NEW_DIR) to change the embedder")
@@ -209,7 +212,9 @@ def _build_locked(args: argparse.Namespace, docs_dir: Path, library: Path, colle
     print(f"[library] collection {collection}: {len(documents)} documents ({len(plan['read']) - plan['changed']} new, "
           f"{plan['changed']} changed, {len(plan['kept'])} unchanged), {len(plan['removed'])} removed", flush=True)
     manifest = previous
-    if not (previous and not plan["read"] and not plan["removed"]):
+    up_to_date = previous and not plan["read"] and not plan["removed"] and \
+        (previous_table is None or is_indexed(previous_table))
+    if not up_to_date:
         connect_ray(args.address)
         version = new_version(library)
         try:

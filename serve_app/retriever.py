@@ -2,7 +2,7 @@
 
 It holds the index (:class:`qa_common.library.search.Library`: LanceDB tables opened from disk, so a
 replica's memory is the embedder and Lance's caches: the passages' text stays on disk, their vectors
-are held once searched, 1.5 KiB each, about 9 KiB a passage) and the sentence embedder the index
+are held once searched, 1.5 KiB each, about 8 KiB a passage) and the sentence embedder the index
 was built with. Before each search it checks whether a build has published a newer
 version and moves to it, so a rebuilt library is served without a restart. It scales to zero like
 the model; its health check embeds and searches once.

@@ -12,7 +12,9 @@ from library_job import build as build_job
 from library_job.__main__ import main as library_job
 from qa_common.library.documents import Block, DocumentError, read_blocks
 from qa_common.library.embedding import Embedder
-from qa_common.library.index import CURRENT_FILE, PASSAGE_COLUMNS, TABLE, VECTORS, LibraryError, read_manifest
+from qa_common.library.index import (
+    CURRENT_FILE, PASSAGE_COLUMNS, TABLE, VECTORS, LibraryError, is_indexed, read_manifest,
+)
 from qa_common.library.passages import sentence_spans, split_passages
 from qa_common.library.search import Library
 
@@ -141,6 +143,18 @@ def test_a_rebuild_reads_only_changed_files_and_drops_deleted_ones(built, embedd
     [best] = library.search("three hours", embedder.embed(["three hours"])[0], 1, mode="lexical")
     assert best.passage["text"] == "Stroke units now give the drug within three hours."
 
+    # A rebuild that only drops a file copies the rest, embedding nothing; the file back is one new passage.
+    text = (docs / "stroke.html").read_text()
+    (docs / "stroke.html").unlink()
+    code, out, _ = build(docs, index, capsys)
+    assert code == 0 and "(0 new, 0 changed, 3 unchanged), 1 removed" in out and "0 passages read and embedded" in out
+    assert library.refresh() is True and library.manifest.summary() == [{"name": "ward", "documents": 2, "passages": 3}]
+    assert {hit.passage["document"] for hit in library.search("x", embedder.embed(["x"])[0], 20, mode="dense")} == {
+        "hand-hygiene.pdf", "warfarin.docx"}
+    (docs / "stroke.html").write_text(text)
+    code, out, _ = build(docs, index, capsys)
+    assert code == 0 and "(1 new, 0 changed, 3 unchanged), 0 removed" in out and "1 passages read and embedded" in out
+
 
 def test_a_second_collection_is_kept_beside_the_first_and_bad_input_exits_2(built, capsys, tmp_path):
     root, docs, index = built
@@ -223,6 +237,13 @@ def test_a_passage_is_scored_by_its_best_vector_its_sentences_read_in_context(bu
     assert {index.columns[0]: index.index_type for index in library.table.list_indices()}[VECTORS] == "IvfFlat"
     plan = library.table.search(vector, vector_column_name=VECTORS).distance_type("cosine").limit(3).explain_plan()
     assert "ANNSubIndex" in plan
+    # A version without it (built by an earlier release) is copied into one with it, nothing embedded again.
+    library.table.drop_index(f"{VECTORS}_idx")
+    code, out, _ = build(docs, index, capsys)
+    assert code == 0 and "up to date" not in out and "0 passages read and embedded" in out
+    assert Library(index).version != library.version and is_indexed(Library(index).table)
+    code, out, _ = build(docs, index, capsys)
+    assert code == 0 and "up to date" in out
 
     # A sentence's vector is the passage's token states over its tokens: "It" read as warfarin.
     text = "Warfarin thins the blood. It is reversed with vitamin K."

@@ -263,6 +263,12 @@ def index_table(table) -> None:
     table.create_index(VECTORS, config=IvfFlat(distance_type="cosine"), replace=True)
 
 
+def is_indexed(table) -> bool:
+    """Whether ``table`` has the indexes :func:`index_table` makes (a version built before it had none
+    of its vectors: its search is exact and slow, and the next build copies it into one that has)."""
+    return {index.columns[0] for index in table.list_indices()} >= {"text", VECTORS}
+
+
 def publish_version(library: Path, manifest: Manifest) -> None:
     """Index the new version, write its manifest, then make it the one served (atomically and
     durably: a crash leaves either version whole); remove built versions older than the previous one."""

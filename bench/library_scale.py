@@ -103,7 +103,8 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dev", type=Path, default=benchlib.SQUAD_FULL_DEV, help="questions and their paragraphs")
     parser.add_argument("--train", type=Path, default=benchlib.SQUAD_FULL_TRAIN, help="where distractors come from")
-    parser.add_argument("--distractors", type=int, default=20_000, help="training paragraphs added (default: %(default)s)")
+    parser.add_argument("--distractors", type=int, default=20_000,
+                        help="training paragraphs added (default: %(default)s, more than SQuAD train's 18,891)")
     parser.add_argument("--sizes", default="2500,10000", help="library sizes in passages measured besides the whole")
     parser.add_argument("--questions", type=int, default=300, help="dev questions asked (default: %(default)s)")
     parser.add_argument("--embedder", default=EMBEDDER, help="sentence embedder (default: the packaged one)")
@@ -114,7 +115,7 @@ def main(argv=None) -> int:
 
     dev = read_squad(args.dev)
     dev_paragraphs = list(dict.fromkeys(r["context"] for r in dev))
-    distractors = [p for p in dict.fromkeys(r["context"] for r in read_squad(args.train))][:args.distractors]
+    distractors = list(dict.fromkeys(r["context"] for r in read_squad(args.train)))[:args.distractors]
     rows = library_passages(dev_paragraphs + distractors)
     number = {text: i for i, text in enumerate(dev_paragraphs)}
     questions = [{"question": r["question"], "document": f"{number[r['context']]:06d}.txt"}

@@ -8,8 +8,8 @@ passages (:func:`qa_common.library.passages.split_passages`), a pool of actors e
 version's table; then the version is published (:func:`qa_common.library.index.publish_version`).
 Documents that are gone from DOCS_DIR are dropped; with nothing to read or drop, a build publishes
 nothing, unless the served version lacks an index (:func:`qa_common.library.index.is_indexed`): then
-it is copied into one that has them, nothing embedded again. Runs locally and with ``ray job submit`` (DOCS_DIR
-and LIBRARY then on storage every node mounts).
+it is copied into one that has them, nothing embedded again. Runs locally and with ``ray job
+submit`` (DOCS_DIR and LIBRARY then on storage every node mounts).
 
 The documents are untrusted: each is read in a child process under limits (bytes, pages,
 characters, seconds, memory: :class:`qa_common.library.documents.ReadLimits`, a flag each), links
@@ -110,8 +110,9 @@ def write_table(version_dir: Path, embedded, kept, schema) -> Counter:
     in one commit, the driver holding one block at a time, then the ``kept`` ones (Arrow batches read
     from the served version, or None) a batch per commit. Kept rows are read between LanceDB's calls,
     never inside one: LanceDB reads the rows it is given on its event loop, where a query of another
-    table would wait on that same loop for ever (a rebuild that only deleted files hung so). Returns the passages written per document key. The driver writes the table because Ray
-    Data 2.60's ``write_lance`` needs pylance, which fails with the release LanceDB 0.40 pulls in."""
+    table would wait on that same loop for ever (a rebuild that only deleted files hung so). Returns
+    the passages written per document key. The driver writes the table because Ray Data 2.60's
+    ``write_lance`` needs pylance, which fails with the release LanceDB 0.40 pulls in."""
     import lancedb
     import pyarrow as pa
 
@@ -164,8 +165,10 @@ def build_version(args: argparse.Namespace, library: Path, version: str, previou
     embedded, failures = read_and_embed(args, plan["read"]) if plan["read"] else (None, {})
     ours = lambda doc: doc.collection != collection or document_key(doc.collection, doc.document) in plan["kept"]  # noqa: E731
     kept = {key: doc for key, doc in previous.documents.items() if ours(doc)} if previous else {}
-    written = write_table(library / version, embedded, kept_rows(library, previous.version, set(kept)) if kept else None,
-                          passage_schema(embedding_dimension(args.embedder))) if embedded is not None or kept else Counter()
+    written = Counter()
+    if embedded is not None or kept:
+        written = write_table(library / version, embedded, kept_rows(library, previous.version, set(kept)) if kept
+                              else None, passage_schema(embedding_dimension(args.embedder)))
     manifest = Manifest(version=version, embedder=args.embedder, max_passage_words=args.max_passage_words,
                         documents=dict(kept),
                         failed={key: doc for key, doc in previous.failed.items() if ours(doc)} if previous else {})

@@ -254,9 +254,9 @@ def open_table(library: Path, version: str):
 
 def index_table(table) -> None:
     """A version's two search indexes: BM25 over the text, and an IVF_FLAT index of :data:`VECTORS`.
-    Without the vector index LanceDB reads and decodes every vector from disk for each question (230
-    ms at 21k passages); with it they stay in memory in a few partitions and, up to LanceDB's default
-    of 20 probed, its answers are the exact search's (bench/library_scale.py)."""
+    Without the vector index LanceDB reads and decodes every vector from disk for each question (196
+    ms at 25k passages); with it they stay in memory, in partitions of about 4,096 passages, and up
+    to LanceDB's default of 20 probed its answers are the exact search's (15 ms; bench/library_scale.py)."""
     from lancedb.index import FTS, IvfFlat
 
     table.create_index("text", config=FTS(), replace=True)
@@ -264,8 +264,9 @@ def index_table(table) -> None:
 
 
 def is_indexed(table) -> bool:
-    """Whether ``table`` has the indexes :func:`index_table` makes (a version built before it had none
-    of its vectors: its search is exact and slow, and the next build copies it into one that has)."""
+    """Whether ``table`` has both indexes :func:`index_table` makes. A version built before builds
+    indexed the vectors has the text's only: its dense search reads every vector for each question,
+    and the next build copies it into a version that has both."""
     return {index.columns[0] for index in table.list_indices()} >= {"text", VECTORS}
 
 

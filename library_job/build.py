@@ -108,7 +108,7 @@ def kept_rows(library: Path, version: str, kept: set[str]):
 def write_table(version_dir: Path, embedded, kept, schema) -> Counter:
     """One Lance table in ``version_dir``: the ``embedded`` passages (a Ray dataset, or None) streamed
     in one commit, the driver holding one block at a time, then the ``kept`` ones (Arrow batches read
-    from the served version, or None) a batch per commit. Kept rows are read between LanceDB's calls,
+    from the served version) a batch per commit. Kept rows are read between LanceDB's calls,
     never inside one: LanceDB reads the rows it is given on its event loop, where a query of another
     table would wait on that same loop for ever (a rebuild that only deleted files hung so). Returns
     the passages written per document key. The driver writes the table because Ray Data 2.60's
@@ -126,13 +126,12 @@ def write_table(version_dir: Path, embedded, kept, schema) -> Counter:
                                                           block.column("document").to_pylist()))
         return block
 
-    def new_batches():
-        for block in embedded.iter_batches(batch_size=None, batch_format="pyarrow") if embedded is not None else []:
-            yield from counted(block).to_batches()
-
     table = lancedb.connect(str(version_dir)).create_table(TABLE, schema=schema)
-    table.add(pa.RecordBatchReader.from_batches(schema, new_batches()))
-    for batch in kept if kept is not None else []:
+    if embedded is not None:
+        blocks = embedded.iter_batches(batch_size=None, batch_format="pyarrow")
+        table.add(pa.RecordBatchReader.from_batches(schema, (batch for block in blocks
+                                                             for batch in counted(block).to_batches())))
+    for batch in kept:
         if batch.num_rows:
             table.add(counted(batch))
     return written
@@ -168,7 +167,7 @@ def build_version(args: argparse.Namespace, library: Path, version: str, previou
     written = Counter()
     if embedded is not None or kept:
         written = write_table(library / version, embedded, kept_rows(library, previous.version, set(kept)) if kept
-                              else None, passage_schema(embedding_dimension(args.embedder)))
+                              else (), passage_schema(embedding_dimension(args.embedder)))
     manifest = Manifest(version=version, embedder=args.embedder, max_passage_words=args.max_passage_words,
                         documents=dict(kept),
                         failed={key: doc for key, doc in previous.failed.items() if ours(doc)} if previous else {})

@@ -74,6 +74,42 @@ def test_train_limits(tiny_model_dir, tmp_path, capsys):
     assert document["ratios"]["preset_vs_before_windows_per_s"] == pytest.approx(rows[1]["windows_per_s"] / before)
 
 
+def test_step_roofline_counts_the_bytes_an_op_moves_and_the_flops_a_matmul_does():
+    import torch
+
+    from bench.step_roofline import OpMeter
+
+    a, b, c = torch.ones(1000), torch.ones(1000), torch.empty(1000)
+    x, y = torch.ones(8, 16, dtype=torch.bfloat16), torch.ones(16, 4, dtype=torch.bfloat16)
+    meter = OpMeter()
+    with meter.mode():
+        torch.add(a, b)  # two read, one written: 12,000 bytes
+        torch.add(a, b, out=c)  # the same, into c (written, not read)
+        a.mul_(2)  # read and written
+        c.copy_(b)  # b read, c written
+        a.view(10, 100).t()  # views: nothing moves
+        torch.mm(x, y)
+    ops = meter.ops
+    assert ops["add"]["bytes"] == 2 * 12_000 and ops["add"]["calls"] == 2
+    assert ops["mul_"]["bytes"] == 8_000 and ops["copy_"]["bytes"] == 8_000
+    assert ops["view"]["bytes"] == 0 and ops["t"]["bytes"] == 0 and ops["transpose"]["bytes"] == 0
+    assert ops["mm"]["flops"] == 2 * 8 * 16 * 4 and meter.matmul_shapes == {((8, 16), (16, 4), torch.bfloat16)}
+
+
+def test_step_roofline(tiny_model_dir, tmp_path, capsys):
+    document = run_bench("step_roofline", tmp_path / "roofline.json", capsys, "--model", str(tiny_model_dir),
+                         "--length", "32", "--steps", "1")
+    results, ratios = document["results"], document["ratios"]
+    assert "_fused_adamw_" in results["ops"] and results["matmul"]["flops"] > 0 and results["other"]["bytes"] > 0
+    assert len(results["machine"]["bandwidth_gb_s_by_bytes"]) == 14 and results["machine"]["matmul"]["gflop_per_s"] > 0
+    for name in ("step_share_of_matmul_rate", "best_share_without_fusion", "matmul_share_of_op_seconds"):
+        assert 0 < ratios[name] < 1
+    # the floor adds the other ops' bytes at the machine's bandwidth to its matmuls at the machine's rate
+    floor_other = sum(op["floor_seconds"] for name, op in results["ops"].items() if not op["flops"])
+    floor_matmul = ratios["loop_matmuls_share_of_matmul_rate"] * results["matmul"]["seconds"]
+    assert ratios["best_share_without_fusion"] == pytest.approx(floor_matmul / (floor_matmul + floor_other))
+
+
 def test_ray_overhead_names_rays_processes():
     from bench.ray_overhead import process_name
 

@@ -5,12 +5,13 @@ everything else against the machine's memory bandwidth.
     python -m bench.step_roofline --length 256
 
 ``bench.train_limits`` reports the loop's model FLOP/s as a share of the machine's matmul rate (the
-issue's "≥ 50 %"). This says why the share is what it is, op by op. One step of the preset as it trains
-(``train_job.optim.train_step`` with its ``--cheap-dropout`` and ``--max-batch-tokens``, bf16 autocast
-where the CPU has it; 16 windows of ``--length`` tokens) runs under a ``TorchDispatchMode`` that times
-every ATen op the forward, the backward and the optimiser dispatch, and counts what each moves: the
-bytes of its tensor arguments (read), of the arguments its schema says it writes, and of the tensors
-it returns new (views and allocations move nothing). Matmuls are counted in FLOPs.
+issue's "≥ 50 %"). This says why the share is what it is, op by op. One step of the preset as it
+trains (``train_job.optim.train_step`` with its ``--cheap-dropout`` and ``--max-batch-tokens``, bf16
+autocast where the CPU has it; a batch of the preset's size, ``--length`` tokens each) runs under a
+``TorchDispatchMode`` that times every ATen op the forward, the backward and the optimiser
+dispatch, and counts what each moves: the bytes of its tensor arguments (read), of the arguments
+its schema says it writes, and of the tensors it returns new (views and allocations move nothing).
+Matmuls are counted in FLOPs.
 
 The machine, in the same process and threads: its matmul rate at the step's own matmul shapes and
 dtypes (bf16 under autocast, float32 in its attention), each timed alone, and the bandwidth PyTorch's
@@ -33,6 +34,7 @@ from bench.preset_step import preset_config, preset_training, step_inputs
 
 DEFAULT_OUT = benchlib.RESULTS / "step_roofline.json"
 MATMULS = {"mm", "bmm", "addmm", "baddbmm", "addbmm"}
+NOT_READ = {"copy_", "fill_", "zero_"}  # in-place ops that overwrite their first argument without reading it
 REPEATS = 5  # timed repeats of each machine measurement, after one untimed
 BANDWIDTH_SIZES = (16, 29)  # log2 of the bytes an element-wise op moves, smallest and largest measured
 
@@ -61,9 +63,6 @@ def tensors(value):
 
 def nbytes(values) -> int:
     return sum(t.numel() * t.element_size() for t in values)
-
-
-NOT_READ = {"copy_", "fill_", "zero_"}  # in-place ops that overwrite their first argument without reading it
 
 
 class OpMeter:
@@ -137,7 +136,7 @@ def measure_step(args) -> dict:
             train(batch())
     ops = {name: {**{k: op[k] / args.steps for k in ("calls", "seconds", "bytes", "flops")}, "sizes": op["sizes"]}
            for name, op in meter.ops.items()}
-    return {"step_s": step_s, "ops": ops, "matmul_shapes": meter.matmul_shapes}
+    return {"step_s": step_s, "windows": config.per_device_batch_size, "ops": ops, "matmul_shapes": meter.matmul_shapes}
 
 
 def time_op(function) -> float:
@@ -194,13 +193,12 @@ def measure(args, workdir: Path, load_before: list[float]) -> int:
     ops = step["ops"]
     matmul = {k: sum(op[k] for name, op in ops.items() if name in MATMULS) for k in ("seconds", "flops")}
     other = {k: sum(op[k] for name, op in ops.items() if name not in MATMULS) for k in ("seconds", "bytes")}
-    sizes = [s for name, op in ops.items() if name not in MATMULS for s in op["sizes"]]
     curve = bandwidth_curve()
     machine = {"matmul": matmul_rate(step.pop("matmul_shapes")), "bandwidth_gb_s_by_bytes": curve}
-    floor_matmul = matmul["flops"] / (machine["matmul"]["gflop_per_s"] * 1e9)
-    floor_other = floor_seconds(sizes, curve) / args.steps
-    for op in ops.values():
+    for op in ops.values():  # a matmul recorded no sizes: its floor is its FLOPs at the matmul rate
         op["floor_seconds"] = floor_seconds(op.pop("sizes"), curve) / args.steps
+    floor_matmul = matmul["flops"] / (machine["matmul"]["gflop_per_s"] * 1e9)
+    floor_other = sum(op["floor_seconds"] for op in ops.values())
     ratios = {
         "step_share_of_matmul_rate": floor_matmul / step["step_s"],
         "matmul_share_of_op_seconds": matmul["seconds"] / (matmul["seconds"] + other["seconds"]),
@@ -221,7 +219,7 @@ def measure(args, workdir: Path, load_before: list[float]) -> int:
          "machine": f"{min(curve.values()):.0f}-{max(curve.values()):.0f} GB/s by size",
          "floor ms": floor_other * 1e3},
     ]
-    benchlib.print_table(f"One preset step, 16 windows of {args.length} tokens ({step['step_s'] * 1e3:.0f} ms uninstrumented)",
+    benchlib.print_table(f"One preset step, {step['windows']} windows of {args.length} tokens ({step['step_s'] * 1e3:.0f} ms uninstrumented)",
                          summary, ["part", "ms", "work", "achieved", "machine", "floor ms"])
     benchlib.print_table("The slowest other ops", rows, ["op", "calls", "ms", "MB", "GB/s", "floor ms", "share_of_step_op_time"])
     benchlib.print_table("Ratios", [{"ratio": k, "value": v} for k, v in ratios.items()], ["ratio", "value"])

@@ -25,6 +25,11 @@ from qa_common.features import LENGTH_MULTIPLE, prepare_eval_features, trim_padd
 # Windows per forward pass: on a CPU, larger batches gain nothing and hold more memory; a GPU wants more.
 FORWARD_BATCH_SIZE = 64
 FORWARD_BATCH_SIZE_GPU = 256
+# On a CPU a forward batch also holds at most this many tokens (windows x its longest): attention's
+# scores grow with rows x length², and 64 windows of 256 tokens held 410-640 MiB more than 16 and
+# ran 7-35 % slower in every backend, their float32 score matrices out of cache (BENCHMARKS.md,
+# "Forward batches of at most 4,096 tokens"). Short windows still fill a batch of 64.
+CPU_BATCH_TOKENS = 4096
 # On a CPU a forward batch ends before a window that would pad it by more than this share of its real
 # tokens. A question's few passages differ widely in length (108 to 256 tokens for a dev question's
 # eight): padded together, /v1/ask's reading took twice as long (BENCHMARKS.md). A GPU keeps whole
@@ -108,15 +113,18 @@ def as_runner(model_or_runner):
     return TorchRunner(model_or_runner) if isinstance(model_or_runner, torch.nn.Module) else model_or_runner
 
 
-def forward_batches(lengths: np.ndarray, batch_size: int, max_padding: float = MAX_PADDING) -> list[np.ndarray]:
+def forward_batches(lengths: np.ndarray, batch_size: int, max_padding: float = MAX_PADDING,
+                    max_tokens: float = math.inf) -> list[np.ndarray]:
     """Row indices in forward batches, shortest windows first: at most ``batch_size`` rows each, and a
     batch ends before a window that would make its padded tokens (rows x its longest) exceed its real
-    tokens by more than ``max_padding``. Thousands of windows sorted by length still fill whole
-    batches; a question's few windows of different lengths run in several small ones."""
+    tokens by more than ``max_padding``, or ``max_tokens`` (a window longer than that runs alone).
+    Thousands of windows sorted by length still fill whole batches; a question's few windows of
+    different lengths run in several small ones."""
     batches, current, real = [], [], 0
     for row in np.argsort(lengths, kind="stable"):
         length = int(lengths[row])
-        if current and (len(current) == batch_size or (len(current) + 1) * length > (1 + max_padding) * (real + length)):
+        padded = (len(current) + 1) * length
+        if current and (len(current) == batch_size or padded > max_tokens or padded > (1 + max_padding) * (real + length)):
             batches.append(np.array(current))
             current, real = [], 0
         current.append(row)
@@ -130,7 +138,7 @@ def predict_logits(runner, features: dict, *, batch_size: int = FORWARD_BATCH_SI
     """Start and end logits (float32, padded back to the features' length) for every feature.
 
     ``runner`` is a :class:`TorchRunner`, an :class:`OnnxRunner` or a PyTorch QA model. Features run
-    in :func:`forward_batches` (shortest first, padding bounded on a CPU), each cut to its longest
+    in :func:`forward_batches` (shortest first, padding and tokens bounded on a CPU), each cut to its longest
     window by :func:`trim_padding`, rounded up to the runner's ``length_multiple``.
     """
     runner = as_runner(runner)
@@ -138,9 +146,9 @@ def predict_logits(runner, features: dict, *, batch_size: int = FORWARD_BATCH_SI
     count, length = features["input_ids"].shape
     start_logits = np.full((count, length), -np.inf, dtype=np.float32)
     end_logits = np.full((count, length), -np.inf, dtype=np.float32)
-    max_padding = MAX_PADDING if runner.on_cpu else math.inf
+    max_padding, max_tokens = (MAX_PADDING, CPU_BATCH_TOKENS) if runner.on_cpu else (math.inf, math.inf)
     lengths = np.asarray(features["attention_mask"]).sum(axis=1)
-    for rows in forward_batches(lengths, batch_size, max_padding):
+    for rows in forward_batches(lengths, batch_size, max_padding, max_tokens):
         batch = trim_padding({name: np.asarray(features[name])[rows] for name in names},
                              multiple_of=runner.length_multiple)
         start, end = runner(batch)

@@ -47,6 +47,11 @@ def test_forward_batches_bound_padding_and_size_and_keep_every_window_once():
     assert len(forward_batches(lengths, 64, max_padding=10.0)) == 1
     uniform = np.full(200, 120)  # thousands of windows sorted by length fill whole batches
     assert [len(rows) for rows in forward_batches(uniform, 64)] == [64, 64, 64, 8]
+    # a token budget: 4,096 tokens are 16 windows of 256, 34 of 120, all 64 of 60; a longer window runs alone
+    assert [len(rows) for rows in forward_batches(np.full(40, 256), 64, max_tokens=4096)] == [16, 16, 8]
+    assert [len(rows) for rows in forward_batches(uniform, 64, max_tokens=4096)] == [34] * 5 + [30]
+    assert [len(rows) for rows in forward_batches(np.full(64, 60), 64, max_tokens=4096)] == [64]
+    assert [len(rows) for rows in forward_batches(np.array([5000, 5000]), 64, max_tokens=4096)] == [1, 1]
 
 
 def test_a_runner_off_the_cpu_gets_whole_batches(tiny_model_and_tokenizer):
@@ -74,6 +79,13 @@ def test_a_runner_off_the_cpu_gets_whole_batches(tiny_model_and_tokenizer):
     predict_logits(cpu, features)
     predict_logits(gpu, features)
     assert len(cpu.batches) > 1 and gpu.batches == [(5, 256)]
+
+    # 40 windows of 256 tokens: 16 at a time on a CPU (CPU_BATCH_TOKENS), one batch of 40 elsewhere
+    long = {"input_ids": np.ones((40, 256), dtype=np.int64), "attention_mask": np.ones((40, 256), dtype=np.int64)}
+    cpu, gpu = Recording(True), Recording(False)
+    predict_logits(cpu, long)
+    predict_logits(gpu, long)
+    assert cpu.batches == [(16, 256), (16, 256), (8, 256)] and gpu.batches == [(40, 256)]
 
 
 def test_pytorch_on_a_cpu_computes_batches_cut_to_a_few_widths_with_the_same_logits(tiny_model_and_tokenizer):

@@ -110,6 +110,18 @@ def test_step_roofline(tiny_model_dir, tmp_path, capsys):
     assert ratios["best_share_without_fusion"] == pytest.approx(floor_matmul / (floor_matmul + floor_other))
 
 
+def test_forward_batches(tiny_model_dir, tmp_path, capsys):
+    document = run_bench("forward_batches", tmp_path / "forward.json", capsys, "--model", str(tiny_model_dir),
+                         "--data", str(FIXTURES / "tiny-squad.jsonl"), "--questions", "20", "--backends", "torch,autocast")
+    runs = document["results"]["runs"]
+    assert [(run["backend"], run["variant"]) for run in runs] == [
+        ("torch", "windows"), ("torch", "tokens"), ("autocast", "windows"), ("autocast", "tokens")]
+    assert all(run["windows"] > 0 and run["windows_per_s"] > 0 and 0 <= run["f1"] <= 100 for run in runs)
+    assert document["ratios"]["torch_tokens_vs_windows_windows_per_s"] == pytest.approx(
+        runs[1]["windows_per_s"] / runs[0]["windows_per_s"])
+    assert document["settings"]["cpu_batch_tokens"] == 4096
+
+
 def test_ray_overhead_names_rays_processes():
     from bench.ray_overhead import process_name
 

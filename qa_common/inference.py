@@ -26,8 +26,8 @@ from qa_common.features import LENGTH_MULTIPLE, prepare_eval_features, trim_padd
 FORWARD_BATCH_SIZE = 64
 FORWARD_BATCH_SIZE_GPU = 256
 # On a CPU a forward batch also holds at most this many tokens (windows x its longest): attention's
-# scores grow with rows x length², and 64 windows of 256 tokens held 410-640 MiB more than 16 and
-# ran 7-35 % slower in every backend, their float32 score matrices out of cache (BENCHMARKS.md,
+# scores grow with rows x length², and batches of 64 windows of 256 tokens held 225-700 MiB more and
+# ran 1.16-1.26x slower in every backend, their float32 score matrices out of cache (BENCHMARKS.md,
 # "Forward batches of at most 4,096 tokens"). Short windows still fill a batch of 64.
 CPU_BATCH_TOKENS = 4096
 # On a CPU a forward batch ends before a window that would pad it by more than this share of its real

@@ -6,7 +6,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from qa_common.backends import BACKENDS, DEFAULT_MAX_F1_LOSS
 from qa_common.config import checked_overrides
-from qa_common.inference import FORWARD_BATCH_SIZE
+from qa_common.inference import CPU_BATCH_TOKENS, FORWARD_BATCH_SIZE
 from qa_common.library.index import BUILD_COMMAND
 from qa_common.library.search import PASSAGES_READ
 from qa_common.modeling import SERVING_DTYPES
@@ -21,7 +21,8 @@ class ServeArgs(BaseModel):
     model: str = Field(description="Model directory written by train_job, or any HF QA model dir / Hub name.")
     max_batch_size: int = Field(8, ge=1, description="Most questions answered in one model call.")
     batch_wait_timeout_s: float = Field(0.02, ge=0, description="How long a batch waits to fill up.")
-    forward_batch_size: int = Field(FORWARD_BATCH_SIZE, ge=1, description="Windows per forward pass inside one model call.")
+    forward_batch_size: int = Field(FORWARD_BATCH_SIZE, ge=1, description="Windows per forward pass inside one model "
+                                    f"call (on a CPU also at most {CPU_BATCH_TOKENS} tokens).")
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest accepted request body.")
     max_context_chars: int = Field(100_000, ge=1, description="Longest accepted context.")
     dtype: Literal[SERVING_DTYPES] = Field(

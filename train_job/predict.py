@@ -22,7 +22,7 @@ import time
 
 from qa_common import Question, SquadFormatError, answer_questions, load_qa_config
 from qa_common.backends import BACKENDS, DEFAULT_MAX_F1_LOSS, ONNX_FILES, load_runner, onnx_file, resolve_backend
-from qa_common.inference import FORWARD_BATCH_SIZE, FORWARD_BATCH_SIZE_GPU
+from qa_common.inference import CPU_BATCH_TOKENS, FORWARD_BATCH_SIZE, FORWARD_BATCH_SIZE_GPU
 from qa_common.metric import V1_NAMES, question_scores
 from qa_common.modeling import SERVING_DTYPES, check_model_dir, torch_dtype
 from train_job import run_dir
@@ -168,7 +168,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_actor_flags(parser, "model actors", gpus=True)
     parser.add_argument("--batch-size", type=at_least(1), default=256, help="questions per actor call (default: 256)")
     parser.add_argument("--forward-batch-size", type=at_least(1), default=None,
-                        help=f"windows per forward pass (default: {FORWARD_BATCH_SIZE} on CPU, {FORWARD_BATCH_SIZE_GPU} on GPU)")
+                        help=f"windows per forward pass (default: {FORWARD_BATCH_SIZE} on CPU, {FORWARD_BATCH_SIZE_GPU} on GPU); "
+                             f"on a CPU a pass also holds at most {CPU_BATCH_TOKENS} tokens")
     parser.add_argument("--backend", choices=BACKENDS, default="auto",
                         help="torch, onnx, onnx-int8 (files written by python -m qa_common.export_onnx) or auto "
                         "(default): on CPU the fastest exported backend within --max-f1-loss of PyTorch's F1, else "

@@ -34,8 +34,10 @@ VARIANTS = ("windows", "tokens")
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.forward_batches", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="model directory (exported with qa_common.export_onnx --int8 for onnx-int8)")
-    parser.add_argument("--data", type=Path, default=None, help="SQuAD-format questions (default: SQuAD dev in ../shared, else the quickstart's)")
+    parser.add_argument("--model", required=True,
+                        help="model directory (exported with qa_common.export_onnx --int8 for onnx-int8)")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="SQuAD-format questions (default: SQuAD dev in ../shared, else the quickstart's)")
     parser.add_argument("--questions", type=int, default=2000, help="questions whose windows are read (default: %(default)s)")
     parser.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated, of: " + ", ".join(BACKENDS))
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON result file (default: %(default)s)")

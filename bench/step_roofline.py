@@ -219,8 +219,8 @@ def measure(args, workdir: Path, load_before: list[float]) -> int:
          "machine": f"{min(curve.values()):.0f}-{max(curve.values()):.0f} GB/s by size",
          "floor ms": floor_other * 1e3},
     ]
-    benchlib.print_table(f"One preset step, {step['windows']} windows of {args.length} tokens ({step['step_s'] * 1e3:.0f} ms uninstrumented)",
-                         summary, ["part", "ms", "work", "achieved", "machine", "floor ms"])
+    title = f"One preset step, {step['windows']} windows of {args.length} tokens ({step['step_s'] * 1e3:.0f} ms uninstrumented)"
+    benchlib.print_table(title, summary, ["part", "ms", "work", "achieved", "machine", "floor ms"])
     benchlib.print_table("The slowest other ops", rows, ["op", "calls", "ms", "MB", "GB/s", "floor ms", "share_of_step_op_time"])
     benchlib.print_table("Ratios", [{"ratio": k, "value": v} for k, v in ratios.items()], ["ratio", "value"])
     benchlib.print_table("The machine's element-wise bandwidth (torch.add)",

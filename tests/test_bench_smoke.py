@@ -102,7 +102,8 @@ def test_step_roofline(tiny_model_dir, tmp_path, capsys):
     results, ratios = document["results"], document["ratios"]
     assert "_fused_adamw_" in results["ops"] and results["matmul"]["flops"] > 0 and results["other"]["bytes"] > 0
     assert len(results["machine"]["bandwidth_gb_s_by_bytes"]) == 14 and results["machine"]["matmul"]["gflop_per_s"] > 0
-    for name in ("step_share_of_matmul_rate", "best_share_without_fusion", "matmul_share_of_op_seconds"):
+    assert ratios["step_share_of_matmul_rate"] > 0  # timings of a tiny model beside other tests: no bound above
+    for name in ("best_share_without_fusion", "matmul_share_of_op_seconds"):  # shares of sums, below 1 by construction
         assert 0 < ratios[name] < 1
     # the floor adds the other ops' bytes at the machine's bandwidth to its matmuls at the machine's rate
     floor_other = sum(op["floor_seconds"] for name, op in results["ops"].items() if not op["flops"])

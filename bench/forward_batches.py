@@ -100,6 +100,8 @@ def main(argv=None) -> int:
 
 
 def measure(args, workdir: Path, load_before: list[float]) -> int:
+    from qa_common.inference import CPU_BATCH_TOKENS, FORWARD_BATCH_SIZE
+
     rows, ratios = [], {}
     for backend in args.backends:
         for variant in VARIANTS:
@@ -116,8 +118,6 @@ def measure(args, workdir: Path, load_before: list[float]) -> int:
     benchlib.print_table("predict_logits by forward batch", rows,
                          ["backend", "variant", "windows", "windows_per_s", "memory_growth_mib", "exact_match", "f1"])
     benchlib.print_table("Ratios", [{"ratio": k, "value": v} for k, v in ratios.items()], ["ratio", "value"])
-    from qa_common.inference import CPU_BATCH_TOKENS, FORWARD_BATCH_SIZE
-
     benchlib.write_json(args.out, "forward_batches", ratios, {"runs": rows},
                         {"model": args.model, "data": benchlib.data_label(args.data), "questions": args.questions,
                          "forward_batch_size": FORWARD_BATCH_SIZE, "cpu_batch_tokens": CPU_BATCH_TOKENS}, load_before)

@@ -10,7 +10,8 @@ second, and reports, over the training epoch only (from the training worker's fi
 to its last), each process's share of the machine's CPU time: the training worker, the driver, and
 each of Ray's own (GCS, raylet, dashboard, agents, Train's controller and helpers, idle workers);
 and the training worker's peak resident memory (``VmHWM``), the validation pass included, and its
-resident memory each second; and from the run's ``metrics.json`` its windows/s, loss and F1, so that
+resident memory each second, split by what holds it (``memory_split``: glibc's main heap, other
+anonymous memory, shared memory such as Ray's object store, mapped files); and from the run's ``metrics.json`` its windows/s, loss and F1, so that
 a setting's cost in speed and its effect on what was learned come with its memory.
 
     python -m bench.ray_overhead --out bench/results/ray_overhead_checkpointed.json -- --gradient-checkpointing
@@ -78,6 +79,35 @@ def resident_mib(pid: int, field: str = "VmRSS") -> float:
     return 0.0
 
 
+def memory_split(pid: int) -> dict[str, float]:
+    """The process's resident memory in MiB by what holds it, from ``/proc/<pid>/smaps``: ``heap``
+    (glibc's main arena, grown with ``brk``), ``anonymous`` (every other private anonymous mapping:
+    other threads' arenas, blocks glibc maps on their own, stacks), ``shared`` (shared memory, such as
+    Ray's object store mapped into a worker that reads from it) and ``files`` (libraries, mapped
+    files). Empty once the process is gone."""
+    split = {"heap": 0, "anonymous": 0, "shared": 0, "files": 0}
+    kind = "files"
+    try:
+        with open(f"/proc/{pid}/smaps") as smaps:
+            for line in smaps:
+                if line.startswith("Rss:"):
+                    split[kind] += int(line.split()[1])
+                elif not line[:1].isupper():  # a mapping's header: address range, permissions, ..., path
+                    fields = line.split(maxsplit=5)
+                    path = fields[5].strip() if len(fields) > 5 else ""
+                    if path == "[heap]":
+                        kind = "heap"
+                    elif fields[1][3] == "s" or path.startswith("/dev/shm") or path.startswith("/SYSV"):
+                        kind = "shared"
+                    elif not path or path.startswith("["):
+                        kind = "anonymous"
+                    else:
+                        kind = "files"
+    except OSError:
+        return {}
+    return {name: kib / 1024 for name, kib in split.items()}
+
+
 def process_name(argv: list[bytes]) -> str:
     """A readable name: Ray's actor or worker title, the binary, or the Python module run."""
     words = [word.decode(errors="replace") for word in argv if word]
@@ -100,6 +130,7 @@ def measure(args, workdir: Path, load_before: list[float]) -> int:
                "--output-dir", str(workdir / "run"), "--checkpoint-every-steps", "100000", *args.train_flags]
     before = set(process_times())
     samples, worker_peak_mib, worker_resident = [], 0.0, []  # worker_resident: (seconds since start, MiB)
+    worker_split, split_at_peak = [], {}  # (seconds since start, {kind: MiB}); the split at the largest sample
     child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while child.poll() is None:
         procs = {pid: value for pid, value in process_times().items() if pid not in before}
@@ -107,7 +138,13 @@ def measure(args, workdir: Path, load_before: list[float]) -> int:
         workers = [pid for pid, (name, _) in procs.items() if name == TRAINING_WORKER]
         worker_peak_mib = max([worker_peak_mib] + [resident_mib(pid, "VmHWM") for pid in workers])
         if workers:
-            worker_resident.append((round(samples[-1][0] - samples[0][0]), round(sum(map(resident_mib, workers)))))
+            second = round(samples[-1][0] - samples[0][0])
+            worker_resident.append((second, round(sum(map(resident_mib, workers)))))
+            split = {kind: sum(memory_split(pid).get(kind, 0.0) for pid in workers)
+                     for kind in ("heap", "anonymous", "shared", "files")}
+            worker_split.append((second, {kind: round(mib) for kind, mib in split.items()}))
+            if sum(split.values()) > sum(split_at_peak.values()):
+                split_at_peak = split
         time.sleep(1.0)
     if child.returncode != 0:
         raise SystemExit(f"train_job failed (exit {child.returncode}): {' '.join(command)}")
@@ -130,13 +167,17 @@ def measure(args, workdir: Path, load_before: list[float]) -> int:
               "train_windows_per_s": trained["train_samples_per_second"], "train_loss": trained["train_loss"],
               "validation_f1": trained["f1"]}
     benchlib.print_table("Ratios", [{"ratio": k, "value": v} for k, v in ratios.items()], ["ratio", "value"])
+    benchlib.print_table("The training worker's largest resident sample, by what holds it (MiB)",
+                         [{"held by": kind, "MiB": mib} for kind, mib in split_at_peak.items()], ["held by", "MiB"])
     benchlib.print_table(f"Ray's own processes over {seconds:.0f} s of training ({cpus} CPUs)", rows,
                          ["process", "share_of_cpu"])
     stolen = (end_stolen - start_stolen) / (seconds * cpus)
     print(f"CPU time stolen by the hypervisor over the epoch: {stolen:.1%}")
     benchlib.write_json(args.out, "ray_overhead", ratios,
                         {"processes": rows, "training_seconds": seconds, "stolen_share_of_cpu": stolen,
-                         "training_worker_resident_mib_per_second": worker_resident},
+                         "training_worker_resident_mib_per_second": worker_resident,
+                         "training_worker_resident_split_at_peak_mib": split_at_peak,
+                         "training_worker_resident_split_mib_per_second": worker_split},
                         {"command": command, "data": benchlib.data_label(data)}, load_before)
     return 0
 

@@ -163,6 +163,27 @@ def test_ray_overhead_reads_a_processs_memory_and_its_peak():
     assert resident_mib(2**22 + 1) == 0.0  # above Linux's largest pid: no such process
 
 
+def test_ray_overhead_splits_a_processs_memory_by_what_holds_it():
+    from multiprocessing import shared_memory
+
+    from bench.ray_overhead import memory_split, resident_mib
+
+    before = memory_split(os.getpid())
+    assert sum(before.values()) == pytest.approx(resident_mib(os.getpid()), abs=4)
+    block = bytearray(64 * 2**20)  # larger than glibc's mmap threshold: a private mapping of its own
+    shared = shared_memory.SharedMemory(create=True, size=32 * 2**20)  # /dev/shm, as Ray's object store
+    try:
+        shared.buf[:] = b"x" * shared.size
+        after = memory_split(os.getpid())
+        assert after["anonymous"] - before["anonymous"] == pytest.approx(64, abs=8)
+        assert after["shared"] - before["shared"] == pytest.approx(32, abs=4)
+    finally:
+        del block
+        shared.close()
+        shared.unlink()
+    assert memory_split(2**22 + 1) == {}
+
+
 def test_preprocess(local_ray, tiny_model_dir, tmp_path, capsys):
     document = run_bench(
         "preprocess", tmp_path / "preprocess.json", capsys,

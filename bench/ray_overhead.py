@@ -109,10 +109,15 @@ def memory_split(pid: int) -> dict[str, float]:
 
 
 def process_name(argv: list[bytes]) -> str:
-    """A readable name: Ray's actor or worker title, the binary, or the Python module run."""
+    """A readable name: Ray's actor or worker title, a title the process set, the binary, or the Python
+    module run."""
     words = [word.decode(errors="replace") for word in argv if word]
     if not words:
         return "?"
+    if len(words) == 1 and " " in words[0]:  # a title the process set itself, e.g. the dashboard's modules
+        words = words[0].split()
+        if not words[0].startswith("/"):
+            return words[0]
     if words[0].startswith("ray::"):
         return words[0].split()[0]
     binary = Path(words[0]).name

@@ -130,6 +130,10 @@ def test_ray_overhead_names_rays_processes():
     assert process_name([b"/usr/bin/python3.11", b"-m", b"train_job", b"--preset", b"squad-minilm"]) == "python train_job"
     assert process_name([b"/venv/bin/python", b"/venv/lib/ray/dashboard/dashboard.py", b"--x"]) == "python dashboard.py"
     assert process_name([b"/venv/lib/ray/core/src/ray/gcs/gcs_server", b"--port"]) == "gcs_server"
+    dashboard_module = b"ray-dashboard-MetricsHead-0 (/venv/bin/python -B -c \"from multiprocessing.forkserver " \
+                       b"import main; main(25, 27, ['/venv/lib/python3.11/site-packages'])\")"
+    assert process_name([dashboard_module, b""]) == "ray-dashboard-MetricsHead-0"
+    assert process_name([b"/venv/bin/python -m train_job --preset squad-minilm", b""]) == "python train_job"
 
 
 def test_a_services_free_port_is_one_neither_ray_nor_the_kernel_hands_out():

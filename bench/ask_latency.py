@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench import benchlib
+from bench import benchlib, models
 from bench.local_service import free_port, replica_counts, serve_app_config
 from serve_app.app import APP_NAME
 from serve_app.retriever import RETRIEVER_DEPLOYMENT
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     ratios = {"p50_ms_1_client": levels[0]["p50_ms"], "retriever_cold_start_s": round(cold_s, 2)}
     benchlib.write_json(args.out, "ask_latency", ratios,
                         {"cold_first_answer_s": round(cold_s, 2), "next_answer_s": round(warm_s, 2), "levels": levels},
-                        {"model": benchlib.model_summary(args.model), "backend": card["backend"],
+                        {"model": models.model_summary(args.model), "backend": card["backend"],
                          "reader_threads": card["threads"],
                          "passages": args.passages or card["passages"],
                          "data": benchlib.data_label(args.data), "requests": args.requests}, load_before)

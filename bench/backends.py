@@ -20,7 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench import benchlib
+from bench import benchlib, models
 
 DEFAULT_OUT = benchlib.RESULTS / "backends.json"
 # (label, serve_app backend, serve_app dtype)
@@ -139,7 +139,7 @@ def measure(args, workdir: Path, load_before: list[float]) -> int:
     settings = {key: (benchlib.data_label(value) if isinstance(value, Path) else value)
                 for key, value in vars(args).items() if key not in ("out", "configurations")}
     settings.update(eval_data=[benchlib.data_label(path) for path in args.eval_data],
-                    model_shape=benchlib.model_summary(model_dir), export=read_export_record(model_dir))
+                    model_shape=models.model_summary(model_dir), export=read_export_record(model_dir))
     benchlib.write_json(args.out, "backends", ratios, {"backends": rows}, settings, load_before)
     print("\n" + benchlib.markdown_table(rows))
     return 0 if all(row["errors"] == 0 for row in rows) else 1

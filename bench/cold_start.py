@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench import benchlib
+from bench import benchlib, models
 from serve_app.app import APP_NAME, MODEL_DEPLOYMENT
 from bench.local_service import free_port, replica_counts, serve_app_config, serving, wait_until
 from qa_common.backends import BACKENDS
@@ -32,7 +32,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.cold_start", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gpu", action="store_true", help="the replica on one GPU, bert-base shape")
-    parser.add_argument("--model", help=f"{benchlib.MODEL_HELP} (default: minilm on CPU, bert-base with --gpu)")
+    parser.add_argument("--model", help=f"{models.MODEL_HELP} (default: minilm on CPU, bert-base with --gpu)")
     parser.add_argument("--repeats", type=int, default=2, help="cold starts to time (default: %(default)s)")
     parser.add_argument("--downscale-to-zero-delay-s", type=float, default=2.0,
                         help="idle seconds before the last replica stops (default: %(default)s)")
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
 
 
 def measure(args, workdir: Path, load_before: list[float]) -> int:
-    model_dir = benchlib.prepare_model_dir(args.model, workdir / "model")
+    model_dir = models.prepare_model_dir(args.model, workdir / "model")
     autoscaling = {"min_replicas": 0, "initial_replicas": 1, "max_replicas": 1, "upscale_delay_s": 0,
                    "downscale_delay_s": 1, "downscale_to_zero_delay_s": args.downscale_to_zero_delay_s,
                    "look_back_period_s": 2}  # else a request keeps the replica up for Serve's default 30 s
@@ -106,7 +106,7 @@ def measure(args, workdir: Path, load_before: list[float]) -> int:
     benchlib.print_table("Cold start: 0 replicas -> first answer", rows,
                          ["repeat", "time_to_first_answer_s", "next_request_s", "idle_to_zero_s", "load_average"])
     settings = {key: (benchlib.data_label(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
-    settings.update(model_shape=benchlib.model_summary(model_dir), deploy_s=deploy_s, autoscaling=autoscaling)
+    settings.update(model_shape=models.model_summary(model_dir), deploy_s=deploy_s, autoscaling=autoscaling)
     settings.pop("out")
     benchlib.write_json(args.out, "cold_start", ratios, {"cold_starts": rows}, settings, load_before)
     return 0

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench import benchlib
+from bench import benchlib, models
 from qa_common import QAConfig
 from qa_common.config import add_dataclass_flags, given_flags
 
@@ -64,7 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.cuda_graph_latency", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gpu", action="store_true", help="on the GPU, bf16, compile mode reduce-overhead")
-    parser.add_argument("--model", help=f"{benchlib.MODEL_HELP} (default: bert-base with --gpu, bert-tiny on CPU)")
+    parser.add_argument("--model", help=f"{models.MODEL_HELP} (default: bert-base with --gpu, bert-tiny on CPU)")
     parser.add_argument("--data", type=Path, default=None, help="questions (default: bench.serve_load's)")
     parser.add_argument("--questions", type=int, default=200, help="timed questions per variant (default: %(default)s)")
     parser.add_argument("--lengths", default="128,256,384", help="token buckets (default: %(default)s)")
@@ -110,7 +110,7 @@ def measure(args, workdir: Path, load_before: list[float]) -> int:
     from qa_common.backends import load_runner
 
     device = "cuda" if args.gpu else "cpu"
-    model_dir = benchlib.prepare_model_dir(args.model, workdir / "model")
+    model_dir = models.prepare_model_dir(args.model, workdir / "model")
     eager, tokenizer, _ = load_runner(model_dir, "torch", device=device,
                                       dtype=torch.bfloat16 if args.gpu else torch.float32)
     config = load_qa_config(model_dir, **args.qa)
@@ -144,7 +144,7 @@ def measure(args, workdir: Path, load_before: list[float]) -> int:
     benchlib.print_table("Single-question latency in-process", rows, ["variant", "questions", "p50_ms", "p99_ms", "mean_ms"])
     settings = {key: (benchlib.data_label(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
     settings.pop("out")
-    settings.update(model_shape=benchlib.model_summary(model_dir), device=device)
+    settings.update(model_shape=models.model_summary(model_dir), device=device)
     benchlib.write_json(args.out, "cuda_graph_latency", ratios, {"variants": rows}, settings, load_before)
     return 0
 

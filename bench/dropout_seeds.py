@@ -14,8 +14,6 @@ The spread between seeds of one kind is the bound a difference between the kinds
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -63,8 +61,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.run:
         benchlib.quiet_libraries()
-        print(json.dumps(run_one(args)))
-        return 0
+        return benchlib.report_to_parent(run_one(args))
     return benchlib.run_in_workdir(measure, args, prefix="bench-dropout-")
 
 
@@ -76,10 +73,9 @@ def measure(args, workdir: Path, load_before: list[float]) -> int:
     for seed in args.seeds:
         for kind in KINDS:
             print(f"{kind} dropout, seed {seed}: {args.steps} steps in a fresh process", flush=True)
-            command = [sys.executable, "-m", "bench.dropout_seeds", "--run", kind, seed, "--features", str(features),
-                       "--steps", str(args.steps), "--model", args.model]
-            command += ["--threads", str(args.threads)] if args.threads else []
-            run = json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+            flags = ["--run", kind, seed, "--features", str(features), "--steps", str(args.steps), "--model", args.model]
+            flags += ["--threads", str(args.threads)] if args.threads else []
+            run = benchlib.in_fresh_process("bench.dropout_seeds", *flags)
             curve = np.array_split(np.array(run["losses"]), PARTS)
             rows.append({**run, "loss_per_eighth": [round(float(part.mean()), 3) for part in curve],
                          "loss_last_eighth": float(curve[-1].mean()), "loss_last_half": float(np.concatenate(curve[PARTS // 2:]).mean())})

@@ -31,7 +31,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench import benchlib
+from bench import benchlib, models
 from bench.local_service import free_port, serve_app_config
 from bench.simulated_clinicians import GROUPS, ask_all, score, send_feedback, split
 
@@ -228,7 +228,7 @@ def measure(args, workdir: Path, load_before: list[float]) -> int:
     settings = {key: (str(v) if isinstance(v, Path) else [str(p) for p in v] if isinstance(v, list) else v)
                 for key, v in vars(args).items() if key != "out"}
     settings.update(questions_total=len(records), documents=len(documents), squad_before_s=squad_before_s,
-                    model=benchlib.model_summary(args.model))
+                    model=models.model_summary(args.model))
     benchlib.write_json(args.out, "feedback_round", ratios, {"rounds": rounds, "squad_dev_before": squad["before"]},
                         settings, load_before)
     return 0

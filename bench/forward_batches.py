@@ -17,9 +17,7 @@ answers move with the batches; the others' only by float rounding).
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -94,8 +92,7 @@ def main(argv=None) -> int:
     args.data = args.data or (benchlib.SQUAD_FULL_DEV if benchlib.SQUAD_FULL_DEV.is_file() else benchlib.QUICKSTART_VALIDATION)
     if args.run:
         benchlib.quiet_libraries()
-        print(json.dumps(run(args)))
-        return 0
+        return benchlib.report_to_parent(run(args))
     return benchlib.run_in_workdir(measure, args, prefix="bench-forward-batches-")
 
 
@@ -105,10 +102,9 @@ def measure(args, workdir: Path, load_before: list[float]) -> int:
     rows, ratios = [], {}
     for backend in args.backends:
         for variant in VARIANTS:
-            child = subprocess.run([sys.executable, "-m", "bench.forward_batches", "--model", args.model,
-                                    "--data", str(args.data), "--questions", str(args.questions),
-                                    "--run", backend, variant], capture_output=True, text=True, check=True)
-            rows.append(json.loads(child.stdout.strip().splitlines()[-1]))
+            rows.append(benchlib.in_fresh_process("bench.forward_batches", "--model", args.model, "--data",
+                                                  str(args.data), "--questions", str(args.questions),
+                                                  "--run", backend, variant))
             print(f"{backend}, {variant}: {rows[-1]['windows_per_s']:.1f} windows/s, "
                   f"+{rows[-1]['memory_growth_mib']:.0f} MiB", flush=True)
         windows, tokens = rows[-2], rows[-1]

@@ -39,7 +39,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench import benchlib
+from bench import benchlib, models
 
 SUITE_DIR = benchlib.REPO / ".gpu-suite"
 SQUAD_FILES = {"train": "train-v1.1.reconstructed.json.gz", "dev": "dev-v1.1.reconstructed.json.gz"}
@@ -97,8 +97,8 @@ def suite_model(args, workdir: Path) -> str:
     """The model of the speed steps: the bert-base shape with random weights and MiniLM's tokenizer read
     from .gpu-suite (the GPU machine has no MiniLM package); BERT-tiny for --dry-run."""
     if args.dry_run:
-        return benchlib.prepare_model_dir("bert-tiny", workdir / "tiny-model")
-    return benchlib.prepare_model_dir("bert-base", workdir / "bert-base", tokenizer_source=str(args.tokenizer))
+        return models.prepare_model_dir("bert-tiny", workdir / "tiny-model")
+    return models.prepare_model_dir("bert-base", workdir / "bert-base", tokenizer_source=str(args.tokenizer))
 
 
 def step_commands(args, workdir: Path, model_dir: str) -> dict[str, list[str]]:

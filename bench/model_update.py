@@ -26,7 +26,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from bench import benchlib
+from bench import benchlib, models
 from bench.local_service import free_port, question_payloads, serve_app_config
 
 DEFAULT_OUT = benchlib.RESULTS / "model_update.json"
@@ -36,7 +36,7 @@ PHASES = ("steady", "update", "rollback")
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.model_update", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model-a", default="minilm", help=f"the model served first: {benchlib.MODEL_HELP}")
+    parser.add_argument("--model-a", default="minilm", help=f"the model served first: {models.MODEL_HELP}")
     parser.add_argument("--model-b", default="minilm", help="the model updated to (same choices; minilm: "
                         "the packaged MiniLM with another fresh QA head)")
     parser.add_argument("--data", type=Path, default=None, help="SQuAD-format questions (default: the SQuAD sample "
@@ -131,8 +131,8 @@ def measure(args, workdir: Path, load_before: list[float]) -> int:
     from serve_app.app import run_config
     from serve_app.auth import hash_token
 
-    model_a = benchlib.prepare_model_dir(args.model_a, workdir / "a" / "model", seed=0)
-    model_b = benchlib.prepare_model_dir(args.model_b, workdir / "b" / "model", seed=1)
+    model_a = models.prepare_model_dir(args.model_a, workdir / "a" / "model", seed=0)
+    model_b = models.prepare_model_dir(args.model_b, workdir / "b" / "model", seed=1)
     payloads = question_payloads(args.data, 512)
     token = "update-" + os.urandom(16).hex()
     hashes = workdir / "token-hashes.txt"
@@ -160,8 +160,8 @@ def measure(args, workdir: Path, load_before: list[float]) -> int:
                                                                           steady["p99_ms"]) for name in PHASES[1:]}
     benchlib.write_json(args.out, "model_update", ratios, results,
                         {"clients": args.clients, "duration_s": args.duration_s, "replica_cpus": args.replica_cpus,
-                         "cpus": args.cpus, "model_a": benchlib.model_summary(model_a),
-                         "model_b": benchlib.model_summary(model_b), "data": benchlib.data_label(args.data)},
+                         "cpus": args.cpus, "model_a": models.model_summary(model_a),
+                         "model_b": models.model_summary(model_b), "data": benchlib.data_label(args.data)},
                         load_before)
     ok = all(set(results[name]["statuses"]) == {"200"} for name in PHASES)
     return 0 if ok else 1

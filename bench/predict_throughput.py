@@ -31,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench import benchlib
+from bench import benchlib, models
 from bench.local_service import windows_per_payload
 from qa_common.inference import FORWARD_BATCH_SIZE
 
@@ -43,7 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.predict_throughput", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gpu", action="store_true", help="one GPU actor, bert-base shape, bf16, the data x 20")
-    parser.add_argument("--model", help=f"{benchlib.MODEL_HELP} (default: minilm on CPU, bert-base with --gpu)")
+    parser.add_argument("--model", help=f"{models.MODEL_HELP} (default: minilm on CPU, bert-base with --gpu)")
     parser.add_argument("--data", type=Path, default=None,
                         help=f"SQuAD-format questions (default: {benchlib.data_label(benchlib.default_eval_data())})")
     parser.add_argument("--repeat", type=int, default=None, help="repeat the questions N times (default: 1; 20 with --gpu)")
@@ -206,7 +206,7 @@ def main(argv=None) -> int:
 
 
 def measure(args, workdir: Path, load_before: list[float]) -> int:
-    model_dir = benchlib.prepare_model_dir(args.model, workdir / "model")
+    model_dir = models.prepare_model_dir(args.model, workdir / "model")
     records = benchmark_records(args)
     data = write_jsonl(records, workdir / "questions.jsonl")
     windows = count_windows(model_dir, records)
@@ -224,7 +224,7 @@ def measure(args, workdir: Path, load_before: list[float]) -> int:
 
     memory = []
     if args.memory:
-        memory_model = benchlib.prepare_model_dir(args.memory_model, workdir / "memory-model")
+        memory_model = models.prepare_model_dir(args.memory_model, workdir / "memory-model")
         for count in args.memory_questions:
             print(f"[bench] driver memory, {count} questions ...", flush=True)
             path = write_repeated_jsonl(args.data, count, workdir / f"repeated-{count}.jsonl")
@@ -254,7 +254,7 @@ def measure(args, workdir: Path, load_before: list[float]) -> int:
         benchlib.print_table("Driver peak memory", memory,
                              ["questions", "input_mib", "driver_peak_rss_mib", "seconds", "actors", "load_average"])
     settings = {key: (benchlib.data_label(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
-    settings.update(model_shape=benchlib.model_summary(model_dir), questions=len(records), windows=windows)
+    settings.update(model_shape=models.model_summary(model_dir), questions=len(records), windows=windows)
     settings.pop("out")
     benchlib.write_json(args.out, "predict_throughput", ratios, {"runs": runs, "memory": memory}, settings, load_before)
     return 0

@@ -30,7 +30,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from bench import benchlib
+from bench import benchlib, models
 from serve_app.app import APP_NAME, MODEL_DEPLOYMENT
 from bench.local_service import free_port, question_payloads, serve_app_config, serving, windows_per_payload
 from qa_common.backends import BACKENDS
@@ -44,7 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.serve_load", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gpu", action="store_true", help="one GPU replica, bert-base shape, bigger batches and load")
-    parser.add_argument("--model", help=f"{benchlib.MODEL_HELP} (default: minilm on CPU, bert-base with --gpu)")
+    parser.add_argument("--model", help=f"{models.MODEL_HELP} (default: minilm on CPU, bert-base with --gpu)")
     parser.add_argument("--data", type=Path, default=None,
                         help="questions to ask (default: ../shared SQuAD sample dev article if present, "
                              "else train_job/quickstart_data/quickstart-validation.jsonl)")
@@ -181,11 +181,11 @@ def main(argv=None) -> int:
 
 
 def measure(args, workdir: Path, load_before: list[float]) -> int:
-    model_dir = benchlib.prepare_model_dir(args.model, workdir / "model")
+    model_dir = models.prepare_model_dir(args.model, workdir / "model")
     payloads = question_payloads(args.data, args.warmup + args.requests)
     windows = windows_per_payload(payloads, model_dir)
     print(f"[bench] {args.requests} timed requests ({sum(windows[args.warmup:])} windows) from "
-          f"{benchlib.data_label(args.data)}; model {benchlib.model_summary(model_dir)}", flush=True)
+          f"{benchlib.data_label(args.data)}; model {models.model_summary(model_dir)}", flush=True)
     port = free_port()
     rows = []
     with benchlib.local_ray(args.cpus):
@@ -208,7 +208,7 @@ def measure(args, workdir: Path, load_before: list[float]) -> int:
                          ["mode", "backend", "max_batch_size", "answered", "errors", "requests_per_s", "windows_per_s", "p50_ms",
                           "p90_ms", "p99_ms", "questions_per_model_call", "load_average"])
     settings = {key: (benchlib.data_label(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
-    settings.update(model_shape=benchlib.model_summary(model_dir), timed_windows=sum(windows[args.warmup :]))
+    settings.update(model_shape=models.model_summary(model_dir), timed_windows=sum(windows[args.warmup :]))
     settings.pop("out")
     benchlib.write_json(args.out, "serve_load", ratios, {"modes": rows}, settings, load_before)
     return 0 if all(row["answered"] for row in rows) else 1

@@ -27,7 +27,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from bench import benchlib
+from bench import benchlib, models
 from serve_app.app import APP_NAME, MODEL_DEPLOYMENT
 from bench.local_service import free_port, replica_counts, serve_app_config, serving
 
@@ -37,7 +37,7 @@ DEFAULT_OUT = benchlib.RESULTS / "serve_soak.json"
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.serve_soak", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="minilm", help=f"{benchlib.MODEL_HELP} (default: %(default)s)")
+    parser.add_argument("--model", default="minilm", help=f"{models.MODEL_HELP} (default: %(default)s)")
     parser.add_argument("--data", type=Path, default=None, help="SQuAD-format questions (default: the SQuAD sample "
                         "dev article if present, else train_job/data/quickstart-validation.jsonl)")
     parser.add_argument("--clients", type=int, default=100, help="concurrent clients (default: %(default)s)")
@@ -174,7 +174,7 @@ def main(argv=None) -> int:
 def measure(args, workdir: Path, load_before: list[float]) -> int:
     from serve_app.auth import hash_token
 
-    model_dir = benchlib.prepare_model_dir(args.model, workdir / "model")
+    model_dir = models.prepare_model_dir(args.model, workdir / "model")
     short, long = payloads(args.data, args.long_chars)
     token = "soak-" + os.urandom(16).hex()
     hashes = workdir / "token-hashes.txt"
@@ -185,7 +185,7 @@ def measure(args, workdir: Path, load_before: list[float]) -> int:
     app["args"]["token_hashes_file"] = str(hashes)
     deadline_s = app["args"].get("request_deadline_s", 30)
     print(f"[bench] {args.clients} clients x {args.duration_s:g} s, 1 in {args.long_every} with {args.long_chars:,} "
-          f"characters, replica killed at {args.kill_at_s:g} s; model {benchlib.model_summary(model_dir)}", flush=True)
+          f"characters, replica killed at {args.kill_at_s:g} s; model {models.model_summary(model_dir)}", flush=True)
     with benchlib.local_ray(args.cpus):
         with serving(config) as base_url:
             result = asyncio.run(soak(base_url, token, short, long, args, deadline_s))
@@ -206,7 +206,7 @@ def measure(args, workdir: Path, load_before: list[float]) -> int:
     benchlib.print_table("Ratios (targets: 0, 0, 0, True)", [{"ratio": k, "value": v} for k, v in targets.items()],
                          ["ratio", "value"])
     settings = {key: (benchlib.data_label(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
-    settings.update(model_shape=benchlib.model_summary(model_dir), deadline_s=deadline_s)
+    settings.update(model_shape=models.model_summary(model_dir), deadline_s=deadline_s)
     settings.pop("out")
     benchlib.write_json(args.out, "serve_soak", targets, {"soak": summary}, settings, load_before)
     met = (summary["outside_200_503"] == 0 and summary["rejected_503_without_retry_after"] == 0

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench import benchlib
+from bench import benchlib, models
 from qa_common import QAConfig
 from qa_common.config import add_dataclass_flags, given_flags
 
@@ -111,7 +111,7 @@ def measure(args, workdir: Path, load_before: list[float]) -> int:
     benchlib.print_table("Ratios", [{"ratio": k, "value": v} for k, v in ratios.items()], ["ratio", "value"])
     settings = {key: (benchlib.data_label(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
     settings.update(qa=args.qa.to_dict(), train_questions=len(train_records), train_windows=count,
-                    dev_questions=len(dev_records), model_shape=benchlib.model_summary(args.model))
+                    dev_questions=len(dev_records), model_shape=models.model_summary(args.model))
     settings.pop("out")
     benchlib.write_json(args.out, "squad_finetune", ratios, {"metrics": metrics}, settings, load_before)
     return 0

@@ -30,9 +30,7 @@ where the CPU has it):
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import threading
 import time
@@ -240,8 +238,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.run_variant:
         benchlib.quiet_libraries()
-        print(json.dumps(run_variant(args)))
-        return 0
+        return benchlib.report_to_parent(run_variant(args))
     return benchlib.run_in_workdir(measure, args, prefix="bench-limits-")
 
 
@@ -255,10 +252,8 @@ def measure(args, workdir: Path, load_before: list[float]) -> int:
     runs = []
     for variant in args.variants:
         print(f"variant {variant}: {args.steps} steps in a fresh process", flush=True)
-        child = subprocess.run([sys.executable, "-m", "bench.train_limits", "--run-variant", variant, "--features",
-                                str(features_path), "--steps", str(args.steps), "--model", args.model],
-                               capture_output=True, text=True, check=True)
-        runs.append(json.loads(child.stdout.strip().splitlines()[-1]))
+        runs.append(benchlib.in_fresh_process("bench.train_limits", "--run-variant", variant, "--features",
+                                              str(features_path), "--steps", str(args.steps), "--model", args.model))
     profiles = [profile_step(args, median_length, variant) for variant in PROFILED] if args.profile_steps else []
     rate = matmul_rate(args, median_length)
     rows = []

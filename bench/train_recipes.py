@@ -22,7 +22,7 @@ import os
 import time
 from pathlib import Path
 
-from bench import benchlib
+from bench import benchlib, models
 from qa_common import QAConfig
 from qa_common.config import add_dataclass_flags, given_flags
 
@@ -31,7 +31,7 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
     """The model, data, batch and precision flags of every training benchmark."""
     parser.add_argument("--gpu", action="store_true",
                         help="GPU mode: bert-base shape, fp16 seed / bf16 ours, larger batch and more data")
-    parser.add_argument("--model", help=f"{benchlib.MODEL_HELP} (default: bert-mini on CPU, bert-base with --gpu)")
+    parser.add_argument("--model", help=f"{models.MODEL_HELP} (default: bert-mini on CPU, bert-base with --gpu)")
     parser.add_argument("--data", type=Path, default=None,
                         help="SQuAD-format training questions (default: ../shared SQuAD sample article if present, "
                              "else train_job/quickstart_data/quickstart-train.jsonl)")
@@ -74,7 +74,7 @@ def prepare(args, workdir: Path) -> dict:
     """The model directory, the training questions (also as a file) and their windows, printed."""
     from qa_common import load_tokenizer, read_squad
 
-    model_dir = benchlib.prepare_model_dir(args.model, workdir / "model")
+    model_dir = models.prepare_model_dir(args.model, workdir / "model")
     records = training_records(args)
     train_file = workdir / "train.jsonl"
     train_file.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
@@ -82,7 +82,7 @@ def prepare(args, workdir: Path) -> dict:
     features = training_features(records, load_tokenizer(model_dir), args.qa)
     lengths = features["attention_mask"].sum(axis=1)
     print(f"[bench] {len(records)} training questions -> {len(lengths)} windows of {args.qa.max_length} tokens, "
-          f"mean real length {lengths.mean():.0f}; model {benchlib.model_summary(model_dir)}", flush=True)
+          f"mean real length {lengths.mean():.0f}; model {models.model_summary(model_dir)}", flush=True)
     return {"model_dir": model_dir, "records": records, "train_file": train_file, "features": features,
             "lengths": lengths}
 
@@ -91,7 +91,7 @@ def settings_of(args, prepared: dict) -> dict:
     """The settings block of a result file."""
     settings = {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
     settings.update(data=benchlib.data_label(args.data), eval_data=benchlib.data_label(args.eval_data),
-                    model_shape=benchlib.model_summary(prepared["model_dir"]), train_questions=len(prepared["records"]),
+                    model_shape=models.model_summary(prepared["model_dir"]), train_questions=len(prepared["records"]),
                     train_features=int(len(prepared["lengths"])), mean_window_tokens=float(prepared["lengths"].mean()))
     settings.pop("out")
     return settings

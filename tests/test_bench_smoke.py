@@ -123,6 +123,17 @@ def test_forward_batches(tiny_model_dir, tmp_path, capsys):
     assert document["settings"]["cpu_batch_tokens"] == 4096
 
 
+def test_a_fresh_process_returns_its_last_line_and_stops_the_benchmark_with_its_errors(tmp_path):
+    from bench.benchlib import in_fresh_process
+
+    good, bad = tmp_path / "good.json", tmp_path / "bad.json"
+    good.write_text('{"windows_per_s": [1.5, 2]}')
+    bad.write_text("not JSON")
+    assert in_fresh_process("json.tool", "--compact", str(good)) == {"windows_per_s": [1.5, 2]}
+    with pytest.raises(SystemExit, match=r"(?s)python -m json.tool .*bad.json failed \(exit 1\).*Expecting value"):
+        in_fresh_process("json.tool", str(bad))
+
+
 def test_ray_overhead_names_rays_processes():
     from bench.ray_overhead import process_name
 

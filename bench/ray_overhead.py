@@ -11,7 +11,8 @@ to its last), each process's share of the machine's CPU time: the training worke
 each of Ray's own (GCS, raylet, dashboard, agents, Train's controller and helpers, idle workers);
 and the training worker's peak resident memory (``VmHWM``), the validation pass included, and its
 resident memory each second, split by what holds it (``memory_split``: glibc's main heap, other
-anonymous memory, shared memory such as Ray's object store, mapped files); and from the run's ``metrics.json`` its windows/s, loss and F1, so that
+anonymous memory, shared memory such as Ray's object store, mapped files; plotted beside the JSON
+as a PNG of the same name); and from the run's ``metrics.json`` its windows/s, loss and F1, so that
 a setting's cost in speed and its effect on what was learned come with its memory.
 
     python -m bench.ray_overhead --out bench/results/ray_overhead_checkpointed.json -- --gradient-checkpointing
@@ -108,6 +109,28 @@ def memory_split(pid: int) -> dict[str, float]:
     return {name: kib / 1024 for name, kib in split.items()}
 
 
+def plot_memory(split_per_second: list, path: Path, title: str) -> None:
+    """The training worker's resident memory over the run, stacked by what holds it (``memory_split``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = ["files", "shared", "heap", "anonymous"]
+    labels = {"files": "mapped files (library code)", "shared": "shared memory (Ray's object store)",
+              "heap": "glibc's main heap", "anonymous": "thread arenas, stacks, other anonymous"}
+    seconds = [second for second, _ in split_per_second]
+    fig, ax = plt.subplots(figsize=(7, 4.6))
+    ax.stackplot(seconds, *[[split[kind] for _, split in split_per_second] for kind in kinds],
+                 labels=[labels[kind] for kind in kinds], alpha=0.8)
+    ax.axhline(1536, color="black", linewidth=0.8, linestyle=":", label="1.5 GiB")
+    ax.set_xlabel("seconds since the run started")
+    ax.set_ylabel("resident MiB")
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize=8)
+    benchlib.save_figure(fig, path)
+
+
 def process_name(argv: list[bytes]) -> str:
     """A readable name: Ray's actor or worker title, a title the process set, the binary, or the Python
     module run."""
@@ -178,6 +201,9 @@ def measure(args, workdir: Path, load_before: list[float]) -> int:
                          ["process", "share_of_cpu"])
     stolen = (end_stolen - start_stolen) / (seconds * cpus)
     print(f"CPU time stolen by the hypervisor over the epoch: {stolen:.1%}")
+    plot_memory(worker_split, args.out.with_suffix(".png"),
+                f"Training worker, {args.questions:,} questions: peak {worker_peak_mib:,.0f} MiB, "
+                f"{ratios['train_windows_per_s']:.1f} windows/s")
     benchlib.write_json(args.out, "ray_overhead", ratios,
                         {"processes": rows, "training_seconds": seconds, "stolen_share_of_cpu": stolen,
                          "training_worker_resident_mib_per_second": worker_resident,

@@ -199,6 +199,14 @@ def test_ray_overhead_splits_a_processs_memory_by_what_holds_it():
     assert memory_split(2**22 + 1) == {}
 
 
+def test_ray_overhead_plots_the_workers_memory_by_what_holds_it(tmp_path):
+    from bench.ray_overhead import plot_memory
+
+    series = [(second, {"heap": 100 + second, "anonymous": 300, "shared": 20, "files": 250}) for second in range(30)]
+    plot_memory(series, tmp_path / "memory.png", "a test")
+    assert (tmp_path / "memory.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_preprocess(local_ray, tiny_model_dir, tmp_path, capsys):
     document = run_bench(
         "preprocess", tmp_path / "preprocess.json", capsys,

@@ -12,6 +12,7 @@ import pytest
 
 from conftest import FIXTURES
 from qa_common import QAConfig, Question, answer_questions, load_model_and_tokenizer, read_squad, squad_metrics
+from train_job.allocator import tcmalloc_library
 from train_job.config import TrainConfig
 from train_job.data import TrainingUnits
 from train_job.run import run
@@ -51,6 +52,8 @@ def test_two_workers_train_evaluate_and_export(uninterrupted):
     assert saved["num_workers"] == 2 and saved["eval_examples"] == len(references)
     assert saved["training_dropout"] == "cheap" and "fp32, cheap dropout)" in (output_dir / "model/README.md").read_text()
     assert saved["gradient_checkpointing"] is True
+    # --allocator auto: the workers preloaded tcmalloc where it is installed (CI installs it)
+    assert saved["allocator"] == ("tcmalloc" if tcmalloc_library() else "glibc")
     assert "gradient_checkpointing" not in json.loads((output_dir / "model/config.json").read_text())
     assert saved["train_samples_per_second"] > 0 and saved["train_runtime_s"] > 0
     assert f"| {saved['exact_match']:.2f} | {saved['f1']:.2f} |" in (output_dir / "model/README.md").read_text()
@@ -72,9 +75,11 @@ def test_two_workers_with_one_validation_question_report_what_one_process_answer
     # must be those of the exported model answering the same question in this process. Its batches are
     # also cut into parts (--max-batch-tokens): DDP all-reduces once per step, after the last part,
     # with DDP's join for a last step one worker may not take.
-    metrics = run(tiny_config(tiny_model_dir, tmp_path, epochs=1, max_eval_samples=1, max_batch_tokens=96))
+    metrics = run(tiny_config(tiny_model_dir, tmp_path, epochs=1, max_eval_samples=1, max_batch_tokens=96,
+                              allocator="glibc"))
     assert metrics["history"][-1]["train_features_seen"] == metrics["train_features"] and metrics["eval_examples"] == 1
     assert metrics["max_batch_tokens"] == 96 and np.isfinite(metrics["train_loss"])
+    assert metrics["allocator"] == "glibc"  # glibc asked for: nothing preloaded
     predictions = json.loads((tmp_path / "predictions.json").read_text())
     [record] = [r for r in read_squad(FIXTURES / "tiny-squad.json") if r["id"] in predictions]
     model, tokenizer = load_model_and_tokenizer(str(tmp_path / "model"))

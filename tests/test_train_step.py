@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from train_job.allocator import tcmalloc_library
 from train_job.config import TrainConfig
 
 
@@ -187,3 +188,38 @@ print(default, faults())
     # Kept: the pages are reused. A margin of a few fault-ins: a loaded machine (CI) once faulted
     # one of ten allocations in again, which a bound of exactly a tenth did not allow.
     assert kept < default / 4
+
+
+def test_allocator_choice_preloads_tcmalloc_into_the_workers_where_installed(monkeypatch):
+    from train_job import allocator, config
+
+    monkeypatch.setattr(allocator, "tcmalloc_library", lambda: "libtcmalloc_minimal.so.4")
+    assert allocator.worker_runtime_env("auto") == {"env_vars": {"LD_PRELOAD": "libtcmalloc_minimal.so.4"}}
+    assert allocator.worker_runtime_env("tcmalloc") == allocator.worker_runtime_env("auto")
+    assert allocator.worker_runtime_env("glibc") == {}
+    monkeypatch.setattr(allocator, "tcmalloc_library", lambda: None)
+    assert allocator.worker_runtime_env("auto") == {}
+    monkeypatch.setattr(config, "tcmalloc_library", lambda: None)
+    values = dict(train_file="train.json", holdout_questions=10)
+    with pytest.raises(ValueError, match="apt-get install libtcmalloc-minimal4.*--allocator glibc"):
+        config.TrainConfig(**values, allocator="tcmalloc").validate()
+    with pytest.raises(ValueError, match="--allocator must be one of auto, tcmalloc, glibc"):
+        config.TrainConfig(**values, allocator="jemalloc").validate()
+    assert config.TrainConfig(**values).validate().allocator == "auto"
+
+
+@pytest.mark.skipif(not tcmalloc_library(),
+                    reason="needs tcmalloc (Debian: apt-get install libtcmalloc-minimal4)")
+def test_a_worker_started_with_tcmalloc_preloaded_runs_on_it_and_leaves_glibc_alone():
+    import os
+    import subprocess
+    import sys
+
+    from train_job.allocator import worker_runtime_env
+
+    program = "from train_job.allocator import set_up_allocator; print(set_up_allocator())"
+    env = {**os.environ, **worker_runtime_env("tcmalloc")["env_vars"]}
+    preloaded = subprocess.run([sys.executable, "-c", program], env=env, capture_output=True, text=True, check=True)
+    plain = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, check=True)
+    assert (preloaded.stdout.strip(), plain.stdout.strip()) == ("tcmalloc", "glibc")
+    assert preloaded.stderr == ""  # the loader found the library by its name

@@ -1,23 +1,64 @@
-"""Keep freed memory in the process for the next training step instead of handing it back to the kernel.
+"""The training workers' memory allocator: tcmalloc where installed, else glibc keeping freed memory.
 
-A training step allocates and frees the same few hundred megabytes of activations every time. glibc's
-defaults return large blocks to the kernel as soon as they are freed (blocks over 32 MB are mapped and
-unmapped one by one; a heap's free top is trimmed past 2x the last such block), so the next step
-faults every page in again, zero-filled by the kernel: in a Ray Train worker, where the loop runs in
-a thread of its own with its own malloc arena, about 375,000 page faults per step of the squad-minilm
-preset and 15 % of the machine's CPU time in the kernel. Serving blocks up to 256 MB from the heap and
-trimming it only past 1 GB free made the preset's steps 1.19x faster (BENCHMARKS.md, "Training near
-the machine's limit"); the worker's peak memory is still the step's peak.
+A training step allocates and frees the same few hundred megabytes of activations every time, from
+two threads (the loop's and PyTorch's OpenMP helper), in a Ray worker whose other threads (Ray's,
+gRPC's) have arenas of their own. glibc's defaults return large blocks to the kernel as soon as they
+are freed, so the next step faults every page in again (375,000 page faults per step of the
+squad-minilm preset, 15 % of the machine's CPU in the kernel); told to keep them (``keep_freed_memory``:
+blocks up to 256 MB from the heap, trimmed only past 1 GB free) it runs 1.19x faster, but each arena
+keeps its own high-water mark: between steps 57-64 % of what the arenas hold is free. gperftools'
+tcmalloc (Debian/Ubuntu ``libtcmalloc-minimal4``), preloaded into the workers' processes, keeps freed
+memory too but shares it between threads: the preset's worker 1,251 MiB at peak instead of
+1,614-1,619, no slower, the same losses (BENCHMARKS.md, "Training near the machine's limit").
+jemalloc was as light but 0.76x the speed.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+from pathlib import Path
 
+ALLOCATORS = ("auto", "tcmalloc", "glibc")
+DEFAULT_ALLOCATOR = "auto"  # tcmalloc where installed
+TCMALLOC = "tcmalloc_minimal"  # gperftools' allocator without its profilers
+TCMALLOC_PACKAGE = "libtcmalloc-minimal4"  # Debian's and Ubuntu's package of it
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 MMAP_THRESHOLD = 256 * 2**20  # blocks up to this size come from the heap and are reused
 TRIM_THRESHOLD = 2**30  # free memory at a heap's top is returned to the kernel only past this
+
+
+def tcmalloc_library() -> str | None:
+    """tcmalloc's shared library as the dynamic loader finds it (its soname), None where not installed."""
+    return ctypes.util.find_library(TCMALLOC)
+
+
+def worker_runtime_env(choice: str) -> dict:
+    """The Ray runtime environment of training workers for ``--allocator`` ``choice``: tcmalloc
+    preloaded for ``auto`` and ``tcmalloc`` where the library is installed, nothing otherwise. Looked
+    up where the run is started: a cluster's worker nodes need the same package (cluster/Dockerfile
+    installs it), and a worker on a node without it starts on glibc, as ``allocator`` in the run's
+    metrics then says."""
+    library = tcmalloc_library() if choice != "glibc" else None
+    return {"env_vars": {"LD_PRELOAD": library}} if library else {}
+
+
+def active_allocator() -> str:
+    """``tcmalloc`` when this process runs on it (it is mapped), else ``glibc`` (the C library's own)."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return "glibc"
+    return "tcmalloc" if f"lib{TCMALLOC}" in maps else "glibc"
+
+
+def set_up_allocator() -> str:
+    """In a CPU training worker: on glibc keep freed memory for the next step (``keep_freed_memory``);
+    returns the allocator the process runs on, for the run's metrics."""
+    allocator = active_allocator()
+    if allocator == "glibc":
+        keep_freed_memory()
+    return allocator
 
 
 def keep_freed_memory() -> bool:

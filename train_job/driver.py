@@ -7,6 +7,7 @@ import os
 import time
 
 from train_job import checkpoint
+from train_job.allocator import worker_runtime_env
 from train_job.config import TrainConfig, TrainJobError
 from train_job.data import feature_datasets, training_units
 from train_job.loop import steps_per_epoch, train_loop_per_worker
@@ -100,6 +101,7 @@ def build_trainer(config: TrainConfig, data: PreparedData, *, name: str, storage
         run_config=RunConfig(
             name=name,
             storage_path=storage_path,
+            worker_runtime_env=worker_runtime_env(config.allocator),
             failure_config=FailureConfig(max_failures=config.max_failures, controller_failure_limit=0),
             # Mid-epoch checkpoints have no F1 (Ray logs that it is missing): they rank last, but the latest is always kept.
             checkpoint_config=CheckpointConfig(

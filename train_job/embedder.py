@@ -39,6 +39,7 @@ from qa_common.config import add_dataclass_flags, dashed, given_flags
 from qa_common.config import setting as _flag
 from qa_common.library.embedding import EMBEDDER, Embedder, embed_batch, tokenize_for_embedding
 from qa_common.library.search import recall_at
+from train_job.allocator import DEFAULT_ALLOCATOR, worker_runtime_env
 from train_job.ray_cluster import ADDRESS_HELP, connect_ray
 
 RECALL_AT = (1, 5)
@@ -173,7 +174,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     from transformers import AutoModel
 
     from qa_common.modeling import load_tokenizer, resolve_model_path
-    from train_job.allocator import keep_freed_memory
+    from train_job.allocator import set_up_allocator
     from train_job.dropout import training_dropout
     from train_job.optim import build_optimizer, build_scheduler, resolve_precision
 
@@ -181,7 +182,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(max(1, math.ceil(config.cpus_per_worker)))
-    keep_freed_memory()  # as train_job's CPU workers: the loop's thread would fault its activations in every step
+    set_up_allocator()  # as train_job's CPU workers (train_job/allocator.py)
     torch.manual_seed(config.seed)
     pairs = ray.get(loop_config["pairs"])
     tokenizer = load_tokenizer(config.model)
@@ -271,7 +272,8 @@ def train(config: EmbedderConfig) -> dict:
             train_loop_config={"config": dataclasses.asdict(config), "pairs": ray.put(pairs)},
             scaling_config=ScalingConfig(num_workers=config.num_workers,
                                          resources_per_worker={"CPU": config.cpus_per_worker}),
-            run_config=RunConfig(name="embedder", storage_path=storage),
+            run_config=RunConfig(name="embedder", storage_path=storage,
+                                 worker_runtime_env=worker_runtime_env(DEFAULT_ALLOCATOR)),
         ).fit()
         model_dir = output / "model"
         shutil.rmtree(model_dir, ignore_errors=True)

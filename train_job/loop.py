@@ -23,7 +23,7 @@ from ray.experimental import tqdm_ray
 from qa_common import load_model_and_tokenizer, trim_padding
 from qa_common.features import LENGTH_MULTIPLE
 from train_job import checkpoint
-from train_job.allocator import keep_freed_memory
+from train_job.allocator import active_allocator, set_up_allocator
 from train_job.collectives import all_reduce_sum, gather_objects
 from train_job.config import TrainConfig
 from train_job.data import TrainingUnits, epoch_batches, epoch_shard, training_units
@@ -102,7 +102,7 @@ def set_up(config: TrainConfig, loop_config: dict) -> Worker:
         # Ray sets OMP_NUM_THREADS to the whole CPUs reserved: 1.9 (a 2-core machine less a Tune trial
         # driver's 0.1) would run one thread, at half speed.
         torch.set_num_threads(max(1, math.ceil(config.cpus_per_worker)))
-        keep_freed_memory()
+    allocator = set_up_allocator() if device.type == "cpu" else active_allocator()
     torch.manual_seed(config.seed)
     resumed_from = ray.train.get_checkpoint()
     state = {"epoch": 0, "step": 0, "step_in_epoch": 0, "epoch_so_far": dict(EPOCH_START), "train_runtime_s": 0.0,
@@ -121,7 +121,7 @@ def set_up(config: TrainConfig, loop_config: dict) -> Worker:
     if config.gradient_checkpointing:
         checkpoint_layers(model)
     applied = {"training_dropout": dropout,
-               "gradient_checkpointing": model.is_gradient_checkpointing}
+               "gradient_checkpointing": model.is_gradient_checkpointing, "allocator": allocator}
     model = ray.train.torch.prepare_model(model)
     if config.compile:
         # Trimmed batches change length every step: compile for dynamic shapes once, not per length.

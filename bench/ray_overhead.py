@@ -202,10 +202,11 @@ def measure(args, workdir: Path, load_before: list[float]) -> int:
     stolen = (end_stolen - start_stolen) / (seconds * cpus)
     print(f"CPU time stolen by the hypervisor over the epoch: {stolen:.1%}")
     plot_memory(worker_split, args.out.with_suffix(".png"),
-                f"Training worker, {args.questions:,} questions: peak {worker_peak_mib:,.0f} MiB, "
-                f"{ratios['train_windows_per_s']:.1f} windows/s")
+                f"Training worker on {trained['allocator']}, {args.questions:,} questions: "
+                f"peak {worker_peak_mib:,.0f} MiB, {ratios['train_windows_per_s']:.1f} windows/s")
     benchlib.write_json(args.out, "ray_overhead", ratios,
                         {"processes": rows, "training_seconds": seconds, "stolen_share_of_cpu": stolen,
+                         "training_worker_allocator": trained["allocator"],
                          "training_worker_resident_mib_per_second": worker_resident,
                          "training_worker_resident_split_at_peak_mib": split_at_peak,
                          "training_worker_resident_split_mib_per_second": worker_split},

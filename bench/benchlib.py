@@ -257,11 +257,13 @@ def run_in_workdir(measure, args, prefix: str) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def in_fresh_process(module: str, *flags: str) -> dict:
-    """``python -m <module> <flags>`` in a child process, for a measurement that must not inherit this
-    one's state (its allocator's heap, oneDNN's primitives, what it imported), and the JSON object the
-    child printed last (``report_to_parent``). A child that fails stops the benchmark with its errors."""
-    child = subprocess.run([sys.executable, "-m", module, *flags], capture_output=True, text=True)
+def in_fresh_process(module: str, *flags: str, env: dict[str, str] | None = None) -> dict:
+    """``python -m <module> <flags>`` in a child process (with ``env`` added to its environment), for a
+    measurement that must not inherit this one's state (its allocator's heap, oneDNN's primitives, what
+    it imported), and the JSON object the child printed last (``report_to_parent``). A child that fails
+    stops the benchmark with its errors."""
+    child = subprocess.run([sys.executable, "-m", module, *flags], capture_output=True, text=True,
+                           env={**os.environ, **(env or {})})
     if child.returncode != 0:
         raise SystemExit(f"python -m {module} {shlex.join(flags)} failed (exit {child.returncode}):\n"
                          f"{child.stderr[-4000:]}")

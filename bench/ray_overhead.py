@@ -82,10 +82,10 @@ def resident_mib(pid: int, field: str = "VmRSS") -> float:
 
 def memory_split(pid: int) -> dict[str, float]:
     """The process's resident memory in MiB by what holds it, from ``/proc/<pid>/smaps``: ``heap``
-    (glibc's main arena, grown with ``brk``), ``anonymous`` (every other private anonymous mapping:
-    other threads' arenas, blocks glibc maps on their own, stacks), ``shared`` (shared memory, such as
-    Ray's object store mapped into a worker that reads from it) and ``files`` (libraries, mapped
-    files). Empty once the process is gone."""
+    (the segment grown with ``brk``: glibc's main arena, or tcmalloc's pages), ``anonymous`` (every
+    other private anonymous mapping: other threads' arenas, blocks glibc maps on their own, stacks),
+    ``shared`` (shared memory, such as Ray's object store mapped into a worker that reads from it) and
+    ``files`` (libraries, mapped files). Empty once the process is gone."""
     split = {"heap": 0, "anonymous": 0, "shared": 0, "files": 0}
     kind = "files"
     try:
@@ -118,7 +118,8 @@ def plot_memory(split_per_second: list, path: Path, title: str) -> None:
 
     kinds = ["files", "shared", "heap", "anonymous"]
     labels = {"files": "mapped files (library code)", "shared": "shared memory (Ray's object store)",
-              "heap": "glibc's main heap", "anonymous": "thread arenas, stacks, other anonymous"}
+              "heap": "the heap segment (glibc's main arena; tcmalloc's pages)",
+              "anonymous": "thread arenas, stacks, other anonymous"}
     seconds = [second for second, _ in split_per_second]
     fig, ax = plt.subplots(figsize=(7, 4.6))
     ax.stackplot(seconds, *[[split[kind] for _, split in split_per_second] for kind in kinds],

@@ -19,7 +19,8 @@ where the CPU has it):
    fuse AdamW as the loop now does: ``buckets``: batches cut to a multiple of 32 tokens; ``now``: that
    and ``train_job.dropout``'s cheap dropout, as ``--cheap-dropout`` does; ``attention-dropout-0``: that
    and ``--attention-dropout 0``; ``checkpointed``: ``now`` and ``--gradient-checkpointing``;
-   ``preset``: ``now`` and the preset's ``--max-batch-tokens``, the step as the preset takes it. A
+   ``preset``: ``now`` and the preset's ``--max-batch-tokens``, the step as the preset takes it;
+   ``preset-tcmalloc``: that on tcmalloc, as workers run where it is installed (``--allocator``). A
    variant named more than once runs again, in the order given (alternate them: ``--variants
    before,preset,before,preset``), and its ratios are over the mean of its runs.
 3. **The machine's rate** at the model's own matmuls: every matmul of a training step at the median
@@ -41,6 +42,7 @@ import numpy as np
 
 from bench import benchlib
 from bench.preset_step import prepare_features, preset_config, preset_steps, preset_training, step_inputs
+from train_job.allocator import worker_runtime_env
 
 DEFAULT_OUT = benchlib.RESULTS / "train_limits.json"
 
@@ -53,6 +55,7 @@ class Variant(NamedTuple):
     keep_freed_memory: bool  # train_job.allocator, as every CPU worker now sets it
     preset_parts: bool = False  # the preset's --max-batch-tokens: gradients added up over parts of a batch
     fused_adamw: bool = True  # one AdamW kernel for all parameters, as the loop builds it on a CPU now
+    allocator: str = "glibc"  # train_job --allocator: tcmalloc is preloaded into the variant's process
 
 
 VARIANTS = {
@@ -63,6 +66,8 @@ VARIANTS = {
     "attention-dropout-0": Variant(None, 0.0, True, False, True),  # and --attention-dropout 0: fused attention
     "checkpointed": Variant(None, None, True, True, True),  # "now" and --gradient-checkpointing
     "preset": Variant(None, None, True, False, True, preset_parts=True),  # "now" and the preset's --max-batch-tokens: as it trains
+    # the preset's step on tcmalloc, as its workers run where the library is installed (--allocator auto)
+    "preset-tcmalloc": Variant(None, None, True, False, True, preset_parts=True, allocator="tcmalloc"),
 }
 PROFILED = {"buckets": (None, False), "now": (None, True), "attention-dropout-0": (0.0, True)}
 KINDS = {  # profiler op name prefixes -> kind
@@ -107,11 +112,14 @@ def run_variant(args) -> dict:
 
     import torch
 
-    from train_job.allocator import keep_freed_memory
+    from train_job.allocator import active_allocator, keep_freed_memory
     from train_job.optim import resolve_precision
 
     variant = VARIANTS[args.run_variant]
-    if variant.keep_freed_memory:
+    if active_allocator() != variant.allocator:
+        raise SystemExit(f"variant {args.run_variant} runs on {variant.allocator}, "
+                         f"this process on {active_allocator()}")
+    if variant.keep_freed_memory and variant.allocator == "glibc":
         keep_freed_memory()
     steps = preset_steps(args.model, dict(np.load(args.features)), args.steps, length_multiple=variant.length_multiple,
                          attention_dropout=variant.attention_dropout, cheap_dropout=variant.cheap_dropout,
@@ -134,7 +142,8 @@ def run_variant(args) -> dict:
                 started, windows, tokens = time.perf_counter(), 0, 0
 
     in_a_thread(take_steps)
-    return {"variant": args.run_variant, "precision": resolve_precision(preset_config().precision, torch.device("cpu")),
+    return {"variant": args.run_variant, "allocator": active_allocator(),
+            "precision": resolve_precision(preset_config().precision, torch.device("cpu")),
             "steps": args.steps, "tenths": tenths,
             "resident_mib_before_steps": rss_start, "peak_resident_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "loss_first_tenth": float(np.mean(losses[:tenth])), "loss_last_tenth": float(np.mean(losses[-tenth:])),
@@ -253,7 +262,8 @@ def measure(args, workdir: Path, load_before: list[float]) -> int:
     for variant in args.variants:
         print(f"variant {variant}: {args.steps} steps in a fresh process", flush=True)
         runs.append(benchlib.in_fresh_process("bench.train_limits", "--run-variant", variant, "--features",
-                                              str(features_path), "--steps", str(args.steps), "--model", args.model))
+                                              str(features_path), "--steps", str(args.steps), "--model", args.model,
+                                              env=worker_runtime_env(VARIANTS[variant].allocator).get("env_vars")))
     profiles = [profile_step(args, median_length, variant) for variant in PROFILED] if args.profile_steps else []
     rate = matmul_rate(args, median_length)
     rows = []
@@ -263,7 +273,7 @@ def measure(args, workdir: Path, load_before: list[float]) -> int:
         windows_per_s = sum(t["seconds"] * t["windows_per_s"] for t in settled) / sum(t["seconds"] for t in settled)
         padded = sum(t["padded_tokens"] for t in settled) / sum(t["seconds"] * t["windows_per_s"] for t in settled)
         loop_gflop_s = windows_per_s * model_gflop_per_window(args, padded, padded)
-        rows.append({"variant": run["variant"], "windows_per_s": windows_per_s,
+        rows.append({"variant": run["variant"], "allocator": run["allocator"], "windows_per_s": windows_per_s,
                      "second_tenth_windows_per_s": settled[0]["windows_per_s"],
                      "last_tenth_windows_per_s": settled[-1]["windows_per_s"],
                      "last_vs_second_tenth": settled[-1]["windows_per_s"] / settled[0]["windows_per_s"],

@@ -15,6 +15,7 @@ import pytest
 from bench_helpers import REPO, run_bench
 
 from conftest import FIXTURES
+from train_job.allocator import tcmalloc_library
 
 SMALL_WINDOWS = ["--max-length", "48", "--stride", "16", "--max-question-length", "20"]
 
@@ -132,6 +133,16 @@ def test_a_fresh_process_returns_its_last_line_and_stops_the_benchmark_with_its_
     assert in_fresh_process("json.tool", "--compact", str(good)) == {"windows_per_s": [1.5, 2]}
     with pytest.raises(SystemExit, match=r"(?s)python -m json.tool .*bad.json failed \(exit 1\).*Expecting value"):
         in_fresh_process("json.tool", str(bad))
+
+
+@pytest.mark.skipif(not tcmalloc_library(), reason="needs tcmalloc (Debian: apt-get install libtcmalloc-minimal4)")
+def test_train_limits_runs_the_presets_step_on_tcmalloc_and_it_learns_the_same(tiny_model_dir, tmp_path, capsys):
+    document = run_bench("train_limits", tmp_path / "limits.json", capsys, "--model", str(tiny_model_dir),
+                         "--data", str(FIXTURES / "tiny-squad.jsonl"), "--questions", "20", "--steps", "10",
+                         "--profile-steps", "0", "--variants", "preset,preset-tcmalloc")
+    glibc, tcmalloc = document["results"]["variants"]
+    assert (glibc["allocator"], tcmalloc["allocator"]) == ("glibc", "tcmalloc")
+    assert tcmalloc["losses"] == glibc["losses"]  # the allocator changes where tensors live, not what is computed
 
 
 def test_ray_overhead_names_rays_processes():

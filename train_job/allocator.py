@@ -8,9 +8,9 @@ squad-minilm preset, 15 % of the machine's CPU in the kernel); told to keep them
 blocks up to 256 MB from the heap, trimmed only past 1 GB free) it runs 1.19x faster, but each arena
 keeps its own high-water mark: between steps 57-64 % of what the arenas hold is free. gperftools'
 tcmalloc (Debian/Ubuntu ``libtcmalloc-minimal4``), preloaded into the workers' processes, keeps freed
-memory too but shares it between threads: the preset's worker 1,251 MiB at peak instead of
-1,614-1,619, no slower, the same losses (BENCHMARKS.md, "Training near the machine's limit").
-jemalloc was as light but 0.76x the speed.
+memory too but in one heap all threads share: the preset's worker on 8,000 questions peaked at
+1,323 MiB instead of 1,817 at 1.09x the windows/s, the same losses (BENCHMARKS.md, "tcmalloc for
+the training workers"). jemalloc was as light but 0.76x the speed.
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ import numpy as np
 
 from bench import benchlib
 from bench.preset_step import prepare_features, preset_config, preset_steps, preset_training, step_inputs
-from train_job.allocator import worker_runtime_env
+from train_job.allocator import TCMALLOC_PACKAGE, tcmalloc_library, worker_runtime_env
 
 DEFAULT_OUT = benchlib.RESULTS / "train_limits.json"
 
@@ -87,7 +87,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--model", default="sentence-transformers/all-MiniLM-L6-v2", help="model (default: %(default)s)")
     parser.add_argument("--questions", type=int, default=3000, help="training questions sampled (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=300, help="steps per variant (default: %(default)s)")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, of: " + ", ".join(VARIANTS))
+    runnable = [name for name, variant in VARIANTS.items() if variant.allocator != "tcmalloc" or tcmalloc_library()]
+    parser.add_argument("--variants", default=",".join(runnable),
+                        help="comma-separated, of: " + ", ".join(VARIANTS) + " (default: those this machine can run)")
     parser.add_argument("--profile-steps", type=int, default=3, help="steps profiled (0: no profile; default: %(default)s)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON result file (default: %(default)s)")
     parser.add_argument("--run-variant", default=None, help=argparse.SUPPRESS)  # internal: one variant, in a child
@@ -97,6 +99,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = set(args.variants) - set(VARIANTS)
     if unknown:
         parser.error(f"unknown --variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
+    if any(VARIANTS[name].allocator == "tcmalloc" for name in args.variants) and not tcmalloc_library():
+        parser.error(f"--variants preset-tcmalloc needs tcmalloc (Debian/Ubuntu: apt-get install {TCMALLOC_PACKAGE}); "
+                     "or leave it out")
     return args
 
 

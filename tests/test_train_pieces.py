@@ -250,3 +250,26 @@ def test_a_model_that_declines_every_validation_question_says_so_on_its_card(thr
     assert (DECLINES_EVERYTHING in card) is warned
     assert f"{threshold:.4f}" in card
     assert not declines_everything({**metrics, "no_answer_threshold": 0.0}, config()), "a v1 model never abstains"
+
+
+def test_training_windows_travel_in_the_smallest_types_and_batch_as_before():
+    from qa_common import trim_padding
+    from train_job.data import compact_tokens
+
+    features = {"input_ids": np.array([[101, 30521, 102, 0], [101, 7, 102, 5]], dtype=np.int32),
+                "token_type_ids": np.array([[0, 0, 1, 0], [0, 0, 1, 1]], dtype=np.int32),
+                "attention_mask": np.array([[1, 1, 1, 0], [1, 1, 1, 1]], dtype=np.int32),
+                "start_positions": np.array([1, 0]), "group": np.array([70000, 70001])}
+    compact = compact_tokens(features)
+    assert [compact[name].dtype for name in ("input_ids", "token_type_ids", "attention_mask")] == \
+        [np.uint16, np.uint8, np.uint8]
+    assert compact["start_positions"] is features["start_positions"] and compact["group"] is features["group"]
+
+    def as_batch(columns: dict) -> dict:  # as train_job.loop makes a step's batch
+        return {name: torch.as_tensor(values, dtype=torch.long) for name, values in trim_padding(columns).items()}
+
+    for name in features:
+        np.testing.assert_array_equal(compact[name], features[name])
+    assert all(torch.equal(batch, as_batch(features)[name]) for name, batch in as_batch(compact).items())
+    large_vocabulary = compact_tokens({"input_ids": np.array([[101, 119546]], dtype=np.int32)})
+    assert large_vocabulary["input_ids"].dtype == np.uint32  # ids past 65,535 keep 4 bytes

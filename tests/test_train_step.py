@@ -2,6 +2,7 @@
 gradient checkpointing, the optimiser, and the allocator settings of a training worker."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -193,8 +194,17 @@ print(default, faults())
 def test_allocator_choice_preloads_tcmalloc_into_the_workers_where_installed(monkeypatch):
     from train_job import allocator, config
 
+    from ray._private.utils import update_envs  # what Ray applies to a worker's environment as it starts it
+
     monkeypatch.setattr(allocator, "tcmalloc_library", lambda: "libtcmalloc_minimal.so.4")
-    assert allocator.worker_runtime_env("auto") == {"env_vars": {"LD_PRELOAD": "libtcmalloc_minimal.so.4"}}
+    env_vars = allocator.worker_runtime_env("auto")["env_vars"]
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    update_envs(env_vars)
+    assert os.environ["LD_PRELOAD"].strip(":") == "libtcmalloc_minimal.so.4"
+    monkeypatch.setenv("LD_PRELOAD", "libnode-own.so")  # what the node preloads already is kept
+    update_envs(env_vars)
+    assert os.environ["LD_PRELOAD"].split(":") == ["libtcmalloc_minimal.so.4", "libnode-own.so"]
+    monkeypatch.delenv("LD_PRELOAD")
     assert allocator.worker_runtime_env("tcmalloc") == allocator.worker_runtime_env("auto")
     assert allocator.worker_runtime_env("glibc") == {}
     monkeypatch.setattr(allocator, "tcmalloc_library", lambda: None)

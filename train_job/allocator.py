@@ -38,9 +38,10 @@ def worker_runtime_env(choice: str) -> dict:
     preloaded for ``auto`` and ``tcmalloc`` where the library is installed, nothing otherwise. Looked
     up where the run is started: a cluster's worker nodes need the same package (cluster/Dockerfile
     installs it), and a worker on a node without it starts on glibc, as ``allocator`` in the run's
-    metrics then says."""
+    metrics then says. Ray expands ``${LD_PRELOAD}`` from the node's environment as it starts a
+    worker, so what the node already preloads stays preloaded, after tcmalloc."""
     library = tcmalloc_library() if choice != "glibc" else None
-    return {"env_vars": {"LD_PRELOAD": library}} if library else {}
+    return {"env_vars": {"LD_PRELOAD": f"{library}:${{LD_PRELOAD}}"}} if library else {}
 
 
 def active_allocator() -> str:

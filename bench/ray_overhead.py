@@ -16,6 +16,9 @@ as a PNG of the same name); and from the run's ``metrics.json`` its windows/s, l
 a setting's cost in speed and its effect on what was learned come with its memory.
 
     python -m bench.ray_overhead --out bench/results/ray_overhead_checkpointed.json -- --gradient-checkpointing
+
+The run's model is written to a scratch directory and removed with it, unless ``--output-dir`` is
+among the train_job flags (then it is kept there, for ``train_job.predict`` or ``bench.squad_accuracy``).
 """
 
 from __future__ import annotations
@@ -152,14 +155,24 @@ def process_name(argv: list[bytes]) -> str:
     return binary
 
 
+def run_output_dir(train_flags: list[str], default: Path) -> Path:
+    """Where the measured run writes its model: ``--output-dir`` among the train_job flags (the model is
+    then kept, to be evaluated), else ``default`` in the benchmark's scratch directory."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--output-dir", type=Path, default=default)
+    return parser.parse_known_args(train_flags)[0].output_dir
+
+
 def measure(args, workdir: Path, load_before: list[float]) -> int:
     data = benchlib.SQUAD_FULL_TRAIN if benchlib.SQUAD_FULL_TRAIN.is_file() else benchlib.QUICKSTART_TRAIN
+    output_dir = run_output_dir(args.train_flags, workdir / "run")
     command = [sys.executable, "-m", "train_job", "--preset", "squad-minilm", "--train-file", str(data),
                "--max-train-samples", str(args.questions), "--holdout-questions", "100", "--max-eval-samples", "100",
-               "--output-dir", str(workdir / "run"), "--checkpoint-every-steps", "100000", *args.train_flags]
+               "--output-dir", str(output_dir), "--checkpoint-every-steps", "100000", *args.train_flags]
     before = set(process_times())
     samples, worker_peak_mib, worker_resident = [], 0.0, []  # worker_resident: (seconds since start, MiB)
     worker_split, split_at_peak = [], {}  # (seconds since start, {kind: MiB}); the split at the largest sample
+    launched = time.monotonic()
     child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while child.poll() is None:
         procs = {pid: value for pid, value in process_times().items() if pid not in before}
@@ -175,6 +188,7 @@ def measure(args, workdir: Path, load_before: list[float]) -> int:
             if sum(split.values()) > sum(split_at_peak.values()):
                 split_at_peak = split
         time.sleep(1.0)
+    command_seconds = time.monotonic() - launched
     if child.returncode != 0:
         raise SystemExit(f"train_job failed (exit {child.returncode}): {' '.join(command)}")
     busy = [i for i, (_, procs, _) in enumerate(samples) if any(name == TRAINING_WORKER for name, _ in procs.values())]
@@ -188,7 +202,7 @@ def measure(args, workdir: Path, load_before: list[float]) -> int:
     worker = shares.pop(TRAINING_WORKER, 0.0)
     rows = sorted(({"process": name, "share_of_cpu": share} for name, share in shares.items() if share > 0),
                   key=lambda row: -row["share_of_cpu"])
-    trained = json.loads((workdir / "run" / "metrics.json").read_text())
+    trained = json.loads((output_dir / "metrics.json").read_text())
     ratios = {"ray_own_processes_share_of_cpu": sum(row["share_of_cpu"] for row in rows),
               "training_worker_share_of_cpu": worker, "driver_share_of_cpu": driver,
               "training_worker_peak_resident_mib": worker_peak_mib,
@@ -206,7 +220,8 @@ def measure(args, workdir: Path, load_before: list[float]) -> int:
                 f"Training worker on {trained['allocator']}, {args.questions:,} questions: "
                 f"peak {worker_peak_mib:,.0f} MiB, {ratios['train_windows_per_s']:.1f} windows/s")
     benchlib.write_json(args.out, "ray_overhead", ratios,
-                        {"processes": rows, "training_seconds": seconds, "stolen_share_of_cpu": stolen,
+                        {"processes": rows, "training_seconds": seconds, "command_seconds": command_seconds,
+                         "stolen_share_of_cpu": stolen,
                          "training_worker_allocator": trained["allocator"],
                          "training_worker_resident_mib_per_second": worker_resident,
                          "training_worker_resident_split_at_peak_mib": split_at_peak,

@@ -10,6 +10,7 @@ import importlib
 import json
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
 from bench_helpers import REPO, run_bench
@@ -156,6 +157,14 @@ def test_ray_overhead_names_rays_processes():
                        b"import main; main(25, 27, ['/venv/lib/python3.11/site-packages'])\")"
     assert process_name([dashboard_module, b""]) == "ray-dashboard-MetricsHead-0"
     assert process_name([b"/venv/bin/python -m train_job --preset squad-minilm", b""]) == "python train_job"
+
+
+def test_ray_overhead_keeps_the_model_where_the_train_flags_say():
+    from bench.ray_overhead import run_output_dir
+
+    scratch = Path("/tmp/scratch/run")
+    assert run_output_dir(["--gradient-checkpointing"], scratch) == scratch
+    assert run_output_dir(["--negative-ratio", "0.25", "--output-dir", "runs/m"], scratch) == Path("runs/m")
 
 
 def test_a_services_free_port_is_one_neither_ray_nor_the_kernel_hands_out():

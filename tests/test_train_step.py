@@ -198,13 +198,13 @@ def test_allocator_choice_preloads_tcmalloc_into_the_workers_where_installed(mon
 
     monkeypatch.setattr(allocator, "tcmalloc_library", lambda: "libtcmalloc_minimal.so.4")
     env_vars = allocator.worker_runtime_env("auto")["env_vars"]
-    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    # monkeypatch restores this process's LD_PRELOAD afterwards, whatever update_envs wrote into it
+    monkeypatch.setenv("LD_PRELOAD", "")
     update_envs(env_vars)
     assert os.environ["LD_PRELOAD"].strip(":") == "libtcmalloc_minimal.so.4"
     monkeypatch.setenv("LD_PRELOAD", "libnode-own.so")  # what the node preloads already is kept
     update_envs(env_vars)
     assert os.environ["LD_PRELOAD"].split(":") == ["libtcmalloc_minimal.so.4", "libnode-own.so"]
-    monkeypatch.delenv("LD_PRELOAD")
     assert allocator.worker_runtime_env("tcmalloc") == allocator.worker_runtime_env("auto")
     assert allocator.worker_runtime_env("glibc") == {}
     monkeypatch.setattr(allocator, "tcmalloc_library", lambda: None)
@@ -228,7 +228,9 @@ def test_a_worker_started_with_tcmalloc_preloaded_runs_on_it_and_leaves_glibc_al
     from train_job.allocator import worker_runtime_env
 
     program = "from train_job.allocator import set_up_allocator; print(set_up_allocator())"
-    env = {**os.environ, **worker_runtime_env("tcmalloc")["env_vars"]}
+    # the worker's LD_PRELOAD as Ray starts it: ${LD_PRELOAD} replaced by what this process preloads
+    preload = worker_runtime_env("tcmalloc")["env_vars"]["LD_PRELOAD"]
+    env = {**os.environ, "LD_PRELOAD": preload.replace("${LD_PRELOAD}", os.environ.get("LD_PRELOAD", ""))}
     preloaded = subprocess.run([sys.executable, "-c", program], env=env, capture_output=True, text=True, check=True)
     plain = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, check=True)
     assert (preloaded.stdout.strip(), plain.stdout.strip()) == ("tcmalloc", "glibc")

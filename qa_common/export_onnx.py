@@ -33,12 +33,11 @@ import numpy as np
 from qa_common.backends import EXPORT_RECORD_FILE, ONNX_FILES, onnx_session
 from qa_common.config import QAConfig, load_qa_config
 from qa_common.decoding import decode_predictions
-from qa_common.features import prepare_eval_features
+from qa_common.features import MODEL_INPUTS, prepare_eval_features
 from qa_common.inference import OnnxRunner, TorchRunner, predict_logits
 from qa_common.metric import evaluate_answers
 
 OPSET = 17
-INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 OUTPUT_NAMES = ("start_logits", "end_logits")
 # Dynamic int8 recipes tried by --int8 (quantize_dynamic keyword arguments). Per-channel weight scales
 # keep more precision in matrices whose columns differ in range; the QA head is the last projection
@@ -60,7 +59,7 @@ def export_torchscript_onnx(model, tokenizer, path: Path) -> None:
     # Two windows of different lengths, so the traced graph applies the padding mask.
     example = tokenizer(["Which drug?", "Why?"], ["Warfarin was stopped on admission.", "Bleeding."],
                         padding=True, return_tensors="pt")
-    names = [name for name in INPUT_NAMES if name in example]
+    names = [name for name in MODEL_INPUTS if name in example]
     with warnings.catch_warnings():  # the tracer's notes on shape checks it freezes: the mask stays an input
         warnings.simplefilter("ignore")
         torch.onnx.export(

@@ -25,6 +25,9 @@ import numpy as np
 
 from qa_common.config import QAConfig
 
+# The token columns a BERT QA model reads, in its forward's order (an ONNX export's inputs keep it).
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
 
 class UnsupportedTokenizerError(ValueError):
     """The tokenizer breaks an assumption of the windowing (right padding, room for the context)."""

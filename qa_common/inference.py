@@ -20,7 +20,7 @@ import numpy as np
 from qa_common.config import QAConfig
 from qa_common.decoding import decode_spans
 from qa_common.passage_decoding import decode_passages
-from qa_common.features import LENGTH_MULTIPLE, prepare_eval_features, trim_padding
+from qa_common.features import LENGTH_MULTIPLE, MODEL_INPUTS, prepare_eval_features, trim_padding
 
 # Windows per forward pass: on a CPU, larger batches gain nothing and hold more memory; a GPU wants more.
 FORWARD_BATCH_SIZE = 64
@@ -65,7 +65,7 @@ def contexts_of(question: Question | PassagesQuestion) -> tuple[str, ...]:
 class TorchRunner:
     """Start and end logits from a PyTorch QA model (on whatever device and dtype it is on)."""
 
-    input_names = ("input_ids", "attention_mask", "token_type_ids")
+    input_names = MODEL_INPUTS
 
     def __init__(self, model):
         self.model = model

@@ -1,9 +1,9 @@
 """``QAIngress``, the HTTP side of the service (one small replica that never scales to zero).
 
 It serves the web page, checks the bearer token, validates requests, counts the model windows each
-needs (413 over the budget) and fans each question out to the model deployment through a
-``DeploymentHandle``, within a per-request deadline (503 with Retry-After beyond it, or when the
-model's queue is full). A question whose model replica dies under it is asked again once. Every
+needs (413 over the budget) and fans each question out to the model deployment
+(:class:`serve_app.calls.DeploymentCalls`: within a per-request deadline, 503 with Retry-After beyond
+it or when a queue is full, a question whose model replica dies under it asked again once). Every
 request leaves one JSON line in the audit log (ids, sizes, times, statuses; never text), and every
 answer response names the model version that made it (``X-Model-Version``).
 """
@@ -15,8 +15,6 @@ import time
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import HTMLResponse
 from ray import serve
-from ray.exceptions import RayActorError
-from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 
@@ -25,14 +23,15 @@ from serve_app import audit, pages
 from serve_app.feedback.receipts import MAX_RECEIPTS_HEADER, RECEIPT_HEADER, issue, load_or_create_key
 from serve_app.feedback.request import FEEDBACK_SHAPE, parse_feedback
 from serve_app.auth import TokenChecker
+from serve_app.calls import DeploymentCalls
 from serve_app.library_answers import NO_LIBRARY, cite, served_manifest
-from serve_app.http import UNAUTHORIZED, busy, crash_as_json, decode_json, error_as_json, error_responses, read_body
+from serve_app.http import UNAUTHORIZED, crash_as_json, decode_json, error_as_json, error_responses, read_body
 from serve_app.schemas import (
     ASK_SHAPE, REQUEST_SHAPE, AnswerResponse, AskResponse,
     InvalidRequest, parse_ask, parse_questions, request_body_schema,
 )
 from serve_app.settings import ServeArgs
-from serve_app.work import DEADLINE, WorkItem
+from serve_app.work import WorkItem
 
 INGRESS_DEPLOYMENT = "QAIngress"  # the deployment's name, as in config.yaml
 MODEL_VERSION_HEADER = "X-Model-Version"
@@ -64,9 +63,6 @@ class QAIngress:
     def __init__(self, model: DeploymentHandle, args: ServeArgs, model_path: str, qa_config: QAConfig,
                  model_card: dict, token_hashes: list[str], deployed: dict | None = None,
                  retriever: DeploymentHandle | None = None, feedback: DeploymentHandle | None = None):
-        self.model = model
-        self.retriever = retriever
-        self.feedback = feedback
         self.receipt_key = load_or_create_key(args.feedback) if feedback is not None else None
         self.deployed = deployed
         self.args = args
@@ -75,6 +71,7 @@ class QAIngress:
         self.model_card = model_card
         self.tokens = TokenChecker(token_hashes) if token_hashes else None
         self.log = audit.configure(args.audit_log, model_card["version"])
+        self.calls = DeploymentCalls(model, retriever, feedback, self.log.rejections, args.retry_after_s)
         self.index_html = pages.INDEX_PAGE.read_text(encoding="utf-8")
         self.docs_assets = pages.load_docs_assets()
         self.openapi_schema = None
@@ -175,7 +172,7 @@ class QAIngress:
             WorkItem(Question(q.question, q.context, q.top_k, q.max_answer_length, q.allow_no_answer), count, deadline)
             for q, count in zip(questions, windows)
         ]
-        results, versions = await self.ask_model(items, deadline)
+        results, versions = await self.calls.answers(items, deadline)
         response.headers[MODEL_VERSION_HEADER] = request.state.audit["model_version"] = ",".join(sorted(set(versions)))
         request.state.audit["abstained"] = sum(answers[0]["answer"] == "" for answers in results)
         if self.receipt_key is not None:
@@ -208,7 +205,7 @@ class QAIngress:
     )
     async def ask(self, request: Request, response: Response):
         self.authenticate(request)
-        if self.retriever is None:
+        if self.calls.retriever is None:
             raise HTTPException(404, NO_LIBRARY)
         deadline = time.time() + self.args.request_deadline_s
         payload = decode_json(await read_body(request, self.args.max_body_bytes))
@@ -216,7 +213,8 @@ class QAIngress:
             ask = parse_ask(payload)
         except InvalidRequest as error:
             raise HTTPException(422, str(error)) from None
-        found = await self.search_library(ask, deadline)
+        found = await self.calls.search(ask.question, ask.passages or self.args.passages, ask.collection,
+                                       ask.document, deadline)
         passages = found["passages"]
         texts = tuple(passage["text"] for passage in passages)
         windows = await asyncio.to_thread(count_windows, self.tokenizer, [ask.question] * len(texts), list(texts),
@@ -230,7 +228,7 @@ class QAIngress:
         if texts:
             item = WorkItem(PassagesQuestion(ask.question, texts, ask.top_k, ask.max_answer_length,
                                              ask.allow_no_answer), sum(windows), deadline)
-            [answers], [version] = await self.ask_model([item], deadline)
+            [answers], [version] = await self.calls.answers([item], deadline)
             response.headers[MODEL_VERSION_HEADER] = request.state.audit["model_version"] = version
             if self.receipt_key is not None:
                 response.headers[RECEIPT_HEADER] = issue(self.receipt_key, "ask", version, found["version"],
@@ -240,16 +238,6 @@ class QAIngress:
         request.state.audit["abstained"] = int(answers[0]["answer"] == "")
         return {"answers": [cite(answer, passages) for answer in answers], "passages_read": len(texts),
                 "index_version": found["version"]}
-
-    async def search_library(self, ask, deadline: float) -> dict:
-        """The retriever's passages for ``ask``, within the deadline (503 when busy, late or lost)."""
-        call = self.retriever.search.remote(ask.question, ask.passages or self.args.passages, ask.collection,
-                                            ask.document)
-        try:
-            return await asyncio.wait_for(call, timeout=max(0.0, deadline - time.time()))
-        except (asyncio.TimeoutError, BackPressureError, RayActorError) as error:
-            call.cancel()
-            raise self.turned_away(error, "library") from None
 
     @api.post(
         "/v1/feedback", status_code=201,
@@ -262,19 +250,15 @@ class QAIngress:
     )
     async def rate(self, request: Request, response: Response) -> dict:
         self.authenticate(request)
-        if self.feedback is None:
+        if self.calls.feedback is None:
             raise HTTPException(404, NO_FEEDBACK)
         payload = decode_json(await read_body(request, self.args.max_body_bytes))
         try:
             rating = parse_feedback(payload)
         except InvalidRequest as error:
             raise HTTPException(422, str(error)) from None
-        call = self.feedback.record.remote(rating, request.state.audit["token_id"])
-        try:
-            outcome = await asyncio.wait_for(call, timeout=self.args.request_deadline_s)
-        except (asyncio.TimeoutError, BackPressureError, RayActorError) as error:
-            call.cancel()
-            raise self.turned_away(error, "feedback store") from None
+        outcome = await self.calls.record(rating, request.state.audit["token_id"],
+                                          time.time() + self.args.request_deadline_s)
         if "error" in outcome:
             raise HTTPException(outcome["status"], outcome["error"])
         request.state.audit.update(feedback_id=outcome["feedback_id"], verdict=outcome["verdict"],
@@ -283,43 +267,3 @@ class QAIngress:
             self.log.rated.inc(tags={"model_version": outcome["model_version"], "verdict": outcome["verdict"]})
         response.status_code = outcome["status"]
         return {"feedback_id": outcome["feedback_id"], "created": outcome["created"]}
-
-    def turned_away(self, error: Exception, what: str) -> HTTPException:
-        """The 503 for a call to the ``what`` deployment that was too late, queued out or lost (counted)."""
-        reason, why = {
-            asyncio.TimeoutError: ("deadline", "no answer within the deadline"),
-            BackPressureError: ("queue_full", f"the {what}'s queue is full"),
-        }.get(type(error), ("replica_lost", f"the {what} replica stopped"))
-        self.log.rejections.inc(tags={"reason": reason})
-        return busy(self.args.retry_after_s, why)
-
-    async def ask_model(self, items: list[WorkItem], deadline: float) -> tuple[list[list[dict]], list[str]]:
-        """Every item's answers and the model version that made each, or the HTTP error of the first
-        item that has none."""
-        tasks = [asyncio.ensure_future(self.ask_with_one_retry(item)) for item in items]
-        try:
-            outcomes = await asyncio.wait_for(asyncio.gather(*tasks), timeout=max(0.0, deadline - time.time()))
-        except (asyncio.TimeoutError, BackPressureError, RayActorError) as error:
-            for task in tasks:
-                task.cancel()
-            raise self.turned_away(error, "model") from None
-        for position, outcome in enumerate(outcomes):
-            if outcome.get("error") == DEADLINE:
-                self.log.rejections.inc(tags={"reason": "deadline"})
-                raise busy(self.args.retry_after_s, "no answer within the deadline")
-            if "error" in outcome:
-                raise HTTPException(500, f"the model failed on question {position} ({outcome['type']}); try again")
-        return [outcome["answers"] for outcome in outcomes], [outcome["model_version"] for outcome in outcomes]
-
-    async def ask_with_one_retry(self, item: WorkItem) -> dict:
-        """Answering is idempotent: when the replica dies under the question, ask once more (within the deadline)."""
-        for attempt in (1, 2):
-            response = self.model.answer.remote(item)
-            try:
-                return await response
-            except asyncio.CancelledError:
-                response.cancel()
-                raise
-            except RayActorError:
-                if attempt == 2 or time.time() >= item.deadline:
-                    raise

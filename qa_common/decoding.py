@@ -29,7 +29,9 @@ the ``top_k`` answers never increase with rank; uncalibrated, they sum to at mos
 candidate is left out when its span overlaps one ranked above it (the same words with more or fewer
 around them: "Denver Broncos" after "the Denver Broncos") or its text, normalised as SQuAD scores it,
 equals one ranked above it (the same answer found in a duplicate passage). Each answer keeps its own
-score, so the top answer and its score never depend on ``top_k``.
+score, so the top answer and its score never depend on ``top_k``. Read over several passages, the
+spans that read as one answer are first merged into it (:func:`merge_same_answers`): its score is
+their summed share of the softmax, and answers are ranked by it.
 
 **The null answer ("not in this document", SQuAD 2.0).** As in Hugging Face's ``run_qa.py
 --version_2_with_negative``: the null score is the [CLS] token's start + end logit, the *minimum*
@@ -55,7 +57,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -118,6 +120,7 @@ class Candidates:
     null_score: float
     best_span_score: float  # -inf when there is no valid span
     no_answer_probability: float
+    copies: tuple[tuple[tuple[int, int], ...], ...] = ()  # per candidate, the spans merged into it (merge_same_answers)
 
     def scores(self, config: QAConfig | None = None) -> np.ndarray:
         """The candidates' ``score``: the softmax of their logits, through ``config``'s calibration."""
@@ -183,13 +186,46 @@ def rank_candidates(
     return Candidates(spans, span_scores, null_score, best_span_score, p_no_answer)
 
 
-def distinct_answers(spans: Sequence[tuple[int, int]], texts: Sequence[str], top_k: int) -> list[int]:
+def merge_same_answers(candidates: Candidates, texts: Sequence[str]) -> tuple[Candidates, list[str]]:
+    """``candidates`` with the spans that read as one answer (their ``texts`` equal once normalised as
+    SQuAD scores them) merged into one candidate, and the merged candidates' texts.
+
+    A merged answer is its best span, with the other spans in ``copies``, and the logit
+    ``log(sum(exp(logit)))`` of all of them, so its share of the softmax is the sum of theirs: the
+    same answer found in three of the passages read is as likely as its three spans together, where
+    a lone span in a distractor passage has only its own share (evidence aggregation over passages,
+    Wang et al. 2018, "Evidence Aggregation for Answer Re-Ranking in Open-Domain Question Answering").
+    The merged candidates are ranked by that logit, except that the null answer stays first when it
+    is first (the model abstains: :func:`rank_candidates`' rule decides that, not the merged shares),
+    its logit then raised to the best merged one's where that is higher, as :func:`rank_candidates`
+    raises it to the best span's, so that scores never increase with rank.
+    The null answer merges with nothing, and neither do ``no_answer_probability`` and the best span's
+    score, which stay those of the single spans.
+    """
+    members: dict[object, list[int]] = {}
+    for index, (span, text) in enumerate(zip(candidates.spans, texts)):
+        members.setdefault(NULL_SPAN if span == NULL_SPAN else normalize_answer(text), []).append(index)
+    groups = list(members.values())  # in the order of each answer's best span
+    logits = [float(np.logaddexp.reduce([candidates.logits[i] for i in group])) for group in groups]
+    abstains = bool(candidates.spans) and candidates.spans[0] == NULL_SPAN
+    if abstains:
+        logits[0] = max(logits)
+    order = sorted(range(len(groups)), key=lambda g: (not (abstains and g == 0), -logits[g]))
+    merged = replace(candidates, spans=[candidates.spans[groups[g][0]] for g in order],
+                     logits=[logits[g] for g in order],
+                     copies=tuple(tuple(candidates.spans[i] for i in groups[g][1:]) for g in order))
+    return merged, [texts[groups[g][0]] for g in order]
+
+
+def distinct_answers(spans: Sequence[tuple[int, int]], texts: Sequence[str], top_k: int,
+                     copies: Sequence[Sequence[tuple[int, int]]] = ()) -> list[int]:
     """Indices of the first ``top_k`` candidates that are different answers, in rank order.
 
     ``spans`` are character spans in one coordinate system (passages laid end to end never overlap).
     A candidate is skipped when its normalised text equals a kept one's (its span then stands for
     that answer too) or its span overlaps a kept answer's span or one of those stand-ins: in a
     duplicate passage, "Blood clotting, in the body" is the kept "blood clotting" with more around it.
+    ``copies[i]``, where given, are more stand-ins of candidate ``i`` (the spans merged into it).
     The null span (:data:`NULL_SPAN`) is its own answer and overlaps nothing.
     """
     kept: list[int] = []
@@ -206,6 +242,7 @@ def distinct_answers(spans: Sequence[tuple[int, int]], texts: Sequence[str], top
             if key in kept_texts:
                 continue
             kept_texts.add(key)
+            taken.extend(copies[index] if copies else ())
         kept.append(index)
     return kept
 

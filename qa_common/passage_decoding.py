@@ -2,8 +2,8 @@
 
 The passages are laid end to end, one character apart, so that a window's offsets stay unique and no
 span crosses from one passage into the next; :mod:`qa_common.decoding` then ranks every passage's
-spans together, and each answer is mapped back to its passage. The search's order enters as a log
-prior on each passage's spans (:func:`with_rank_prior`).
+spans together, the spans that read as one answer are merged into it, and each answer is mapped back
+to its passage. The search's order enters as a log prior on each passage's spans (:func:`with_rank_prior`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from qa_common.config import QAConfig
-from qa_common.decoding import NO_ANSWER, NULL_SPAN, distinct_answers, rank_candidates
+from qa_common.decoding import NO_ANSWER, NULL_SPAN, Candidates, distinct_answers, merge_same_answers, rank_candidates
 
 PASSAGE_SEPARATOR = "\n"  # between passages read as one candidate set: no answer span crosses it
 
@@ -46,6 +46,16 @@ def with_rank_prior(start_logits: np.ndarray, window_passages: Sequence[int], we
     return shifted
 
 
+def passage_candidates(start_logits: np.ndarray, end_logits: np.ndarray, joined_offsets: np.ndarray, context: str,
+                       config: QAConfig) -> tuple[Candidates, list[str]]:
+    """One question's ranked answers over its passages laid end to end (``context``, the offsets moved
+    there by :func:`passages_laid_end_to_end`) and their texts: :func:`rank_candidates`, then the spans
+    that read as one answer merged into it (:func:`merge_same_answers`). ``config`` as it is used."""
+    candidates = rank_candidates(start_logits, end_logits, joined_offsets, config)
+    texts = [context[start:end] if (start, end) != NULL_SPAN else "" for start, end in candidates.spans]
+    return merge_same_answers(candidates, texts)
+
+
 def decode_passages(
     start_logits: np.ndarray,
     end_logits: np.ndarray,
@@ -60,29 +70,31 @@ def decode_passages(
 
     Window ``i`` is a window of ``passages[window_passages[i]]`` (its offsets into that passage).
     The passages are laid end to end (one character apart, so no span crosses from one into the
-    next) and decoded as one example by :func:`rank_candidates`: the score's softmax spans every
-    passage's candidates, so scores compare across passages and documents, and the null score is
-    the minimum over all their windows, so the answer is "not in these passages" only when no
+    next) and decoded as one example (:func:`passage_candidates`): the score's softmax spans every
+    passage's candidates, so scores compare across passages and documents; an answer found in
+    several passages (or twice in one) is one answer with their shares summed; and the null score
+    is the minimum over all their windows, so the answer is "not in these passages" only when no
     passage draws the model away from [CLS]. Each answer adds ``passage``, the index of its passage
-    (-1 for the null answer), with ``start``/``end`` into that passage's text. The threshold and
-    calibration are ``config.over_passages()``: those fitted over a library's retrievals where the
-    model has them, and so is the weight of the search's order (:func:`with_rank_prior`): ``passages``
-    come best first, as the search ranked them.
+    (-1 for the null answer), with ``start``/``end`` into that passage's text: where the answer was
+    found several times, its best span's. The threshold and calibration are
+    ``config.over_passages()``: those fitted over a library's retrievals where the model has them,
+    and so is the weight of the search's order (:func:`with_rank_prior`): ``passages`` come best
+    first, as the search ranked them.
     """
     config = config.over_passages()
     start_logits = with_rank_prior(start_logits, window_passages, config.passage_rank_weight)
     bases, joined_offsets = passages_laid_end_to_end(offsets, window_passages, passages)
-    candidates = rank_candidates(start_logits, end_logits, joined_offsets, config)
+    candidates, texts = passage_candidates(start_logits, end_logits, joined_offsets,
+                                           PASSAGE_SEPARATOR.join(passages), config)
     if not candidates.spans:
         return [{**NO_ANSWER, "passage": -1}]
     starts = np.array([start for start, _ in candidates.spans], dtype=np.int64)
     of_passage = np.where(starts >= 0, np.searchsorted(bases, starts, side="right") - 1, -1).tolist()
     located = [(p, NULL_SPAN if p < 0 else (start - int(bases[p]), end - int(bases[p])))
                for p, (start, end) in zip(of_passage, candidates.spans)]  # (passage, span in it) of each candidate
-    texts = [passages[p][span[0]:span[1]] if p >= 0 else "" for p, span in located]
     probabilities = candidates.scores(config)
     return [
         {"answer": texts[i], "score": float(probabilities[i]), "start": located[i][1][0], "end": located[i][1][1],
          "no_answer_probability": candidates.no_answer_probability, "passage": located[i][0]}
-        for i in distinct_answers(candidates.spans, texts, top_k)
+        for i in distinct_answers(candidates.spans, texts, top_k, candidates.copies)
     ]

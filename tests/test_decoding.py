@@ -252,10 +252,37 @@ def test_passages_are_read_as_one_candidate_set_with_offsets_into_their_own_pass
         assert passages[answer["passage"]][answer["start"] : answer["end"]] == answer["answer"]
     # One softmax over both passages: the scores' ratio is exp of the logit sums' difference (10 - 4).
     assert answers[0]["score"] / heparin["score"] == pytest.approx(math.exp(6.0), rel=1e-4)
-    # One passage: exactly decode_spans, with passage 0.
-    alone = decode_passages(strong_start, strong_end, OFFSETS[None], [0], [CONTEXT], QAConfig(), top_k=3)
-    assert alone == [{**a, "passage": 0} for a in decode_spans(strong_start, strong_end, OFFSETS[None], CONTEXT,
-                                                               QAConfig(), top_k=3)]
+    # One passage: decode_spans' answer, with passage 0 (its list differs where two spans read as one
+    # answer: "the body" and "body." are merged over passages, below).
+    [alone] = decode_passages(strong_start, strong_end, OFFSETS[None], [0], [CONTEXT], QAConfig())
+    assert alone == {**decode_spans(strong_start, strong_end, OFFSETS[None], CONTEXT, QAConfig())[0], "passage": 0}
+
+
+def test_an_answer_found_in_several_passages_has_the_share_of_all_its_spans():
+    other = "Heparin is given as a bolus."
+    other_offsets = np.array([[-1, -1], [-1, -1], [-1, -1], [-1, -1], [0, 7], [8, 10], [11, 16], [17, 19],
+                              [20, 21], [22, 27], [27, 28], [-1, -1], [-1, -1]])
+    heparin = _logits({4: 3.25}, {4: 3.25})  # "Heparin": 6.5
+    clotting = _logits({6: 3.0}, {7: 3.0})  # "blood clotting": 6.0 in each passage that holds it
+    copy = "Warfarin slows Blood clotting in the body."  # the same answer once normalised
+
+    def read(passages, windows, top_k=1):
+        offsets = np.stack([other_offsets if passage == other else OFFSETS for passage in passages])
+        start, end = (np.vstack([w[i] for w in windows]) for i in (0, 1))
+        return decode_passages(start, end, offsets, list(range(len(passages))), passages, QAConfig(), top_k=top_k)
+
+    assert read([other, CONTEXT], [heparin, clotting])[0]["answer"] == "Heparin"  # once: 6.0 < 6.5
+    answers = read([other, CONTEXT, copy], [heparin, clotting, clotting], top_k=2)
+    assert [(a["answer"], a["passage"]) for a in answers] == [("blood clotting", 1), ("Heparin", 0)]
+    # Its score is both spans' shares of the one softmax: 2 e^6 against e^6.5.
+    assert answers[0]["score"] / answers[1]["score"] == pytest.approx(2 * math.exp(-0.5), rel=1e-4)
+    # Abstaining stays first, with a score no lower than the merged answer's.
+    config = QAConfig(version_2_with_negative=True, no_answer_threshold=0.0)
+    offsets = np.stack([other_offsets, OFFSETS, OFFSETS])
+    start, end = (np.vstack([w[i] for w in (heparin, clotting, clotting)]) for i in (0, 1))
+    abstained = decode_passages(start, end, offsets, [0, 1, 2], [other, CONTEXT, copy], config, top_k=2)
+    assert [a["answer"] for a in abstained] == ["", "blood clotting"]
+    assert abstained[0]["score"] >= abstained[1]["score"]
 
 
 def test_a_passage_the_search_ranks_lower_must_convince_the_reader_more():

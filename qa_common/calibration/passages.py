@@ -9,8 +9,9 @@ import numpy as np
 from qa_common.calibration.measures import expected_calibration_error
 from qa_common.calibration.paragraphs import fit, fit_score_map, score_outcomes, uncalibrated
 from qa_common.config import FITTED_SETTINGS, QAConfig
-from qa_common.decoding import NULL_SPAN, calibrated_scores, rank_candidates
+from qa_common.decoding import calibrated_scores
 from qa_common.metric import evaluate_answers
+from qa_common.passage_decoding import passage_candidates
 
 
 def passage_groups(records: Sequence[dict]) -> list[tuple[str, tuple[str, ...], list[str], str]]:
@@ -84,26 +85,25 @@ def calibrate_passages(runner, tokenizer, groups: Sequence[tuple[str, Sequence[s
         report.update(f1_at_one_paragraph_threshold=one_paragraph["f1"], f1_at_passages_threshold=chosen["f1"])
     calibrated, fitted = fit(logits, contexts, golds, raw)
     unmapped = calibrated.replace(score_calibration=())
-    softmax, correct = score_outcomes([rank_candidates(*question, unmapped) for question in logits], contexts, golds,
-                                      unmapped)
+    # The score map is chosen, and refitted, on the answers as served: the same answer's spans merged.
+    softmax, correct = score_outcomes([passage_candidates(*question, context, unmapped)[0]
+                                       for question, context in zip(logits, contexts)], contexts, golds, unmapped)
     chosen, score_map, errors = choose_score_map(softmax, correct, {"one_paragraph": config.score_calibration,
-                                                                    "refit": calibrated.score_calibration},
+                                                                    "refit": fit_score_map(softmax, correct)},
                                                  articles=[article for *_, article in groups])
     calibrated = calibrated.replace(score_calibration=score_map)
-    report = {**fitted, **report, "score_map": chosen, "score_ece_cross_fitted": errors}
+    report = {**fitted, **report, "score_map": chosen, "score_knots": len(score_map), "score_ece_cross_fitted": errors}
     return config.replace(passages_calibration={name: getattr(calibrated, name) for name in FITTED_SETTINGS}), report
 
 
 def span_answers(logits: Sequence[tuple], contexts: Sequence[str], config: QAConfig) -> dict[str, dict]:
-    """Each question's best span (decoded without abstention) with its no-answer probability, as
-    :func:`qa_common.metric.evaluate_answers` takes them."""
+    """Each question's best answer (decoded without abstention, as :func:`passage_candidates` ranks
+    them) with its no-answer probability, as :func:`qa_common.metric.evaluate_answers` takes them."""
     spans = config.replace(version_2_with_negative=False)
     answers = {}
     for index, ((start, end, offsets), context) in enumerate(zip(logits, contexts)):
-        best = rank_candidates(start, end, offsets, spans)
-        span = best.spans[0] if best.spans else NULL_SPAN
-        answers[str(index)] = {"answer": context[span[0] : span[1]] if span != NULL_SPAN else "",
-                               "no_answer_probability": best.no_answer_probability}
+        best, texts = passage_candidates(start, end, offsets, context, spans)
+        answers[str(index)] = {"answer": texts[0] if texts else "", "no_answer_probability": best.no_answer_probability}
     return answers
 
 

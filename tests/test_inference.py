@@ -5,6 +5,7 @@ from qa_common import (
     QAConfig, Question, answer_questions, decode_spans, load_model_and_tokenizer, predict_logits,
     prepare_eval_features, resolve_model_path,
 )
+from qa_common.metric import normalize_answer
 
 
 def test_answers_point_into_their_own_context(tiny_model_and_tokenizer, fixture_records, small_config):
@@ -164,6 +165,6 @@ def test_a_question_over_several_passages_answers_from_one_of_them(tiny_model_an
     assert answers and {a["passage"] for a in answers} <= set(range(len(contexts)))
     for answer in answers:
         assert contexts[answer["passage"]][answer["start"]:answer["end"]] == answer["answer"]
-    # The best span over all passages is its own passage's best span, read alone.
-    alone = answer_questions(model, tokenizer, [Question(record["question"], c) for c in contexts], small_config)
-    assert alone[answers[0]["passage"]][0]["answer"] == answers[0]["answer"]
+    # Different answers: the spans that read as one answer over all passages are one answer
+    # (qa_common.decoding.merge_same_answers; what it ranks first: tests/test_decoding.py).
+    assert len({normalize_answer(a["answer"]) for a in answers}) == len(answers)

@@ -58,6 +58,9 @@ def test_a_library_is_read_with_the_calibration_fitted_over_its_retrievals(absta
     over = PassagesQuestion(question["question"], tuple(sorted({r["context"] for r in records})))
     alone = Question(question["question"], question["context"])
     passages = config.over_passages()
+    # The report describes the map kept, on the answers as served.
+    assert report["score_knots"] == len(passages.score_calibration)
+    assert (report["score_ece_after"] == report["score_ece_before"]) == (report["score_map"] == "none")
     assert passages.no_answer_scale == config.passages_calibration["no_answer_scale"] != one_paragraph.no_answer_scale
     [[raw]] = answer_questions(model, tokenizer, [over], uncalibrated(one_paragraph))
     [[served]] = answer_questions(model, tokenizer, [over], config)

@@ -92,7 +92,10 @@ def calibrate_passages(runner, tokenizer, groups: Sequence[tuple[str, Sequence[s
                                                                     "refit": fit_score_map(softmax, correct)},
                                                  articles=[article for *_, article in groups])
     calibrated = calibrated.replace(score_calibration=score_map)
-    report = {**fitted, **report, "score_map": chosen, "score_knots": len(score_map), "score_ece_cross_fitted": errors}
+    mapped = calibrated_scores(np.asarray(softmax, dtype=np.float64), calibrated)
+    report = {**fitted, **report, "score_map": chosen, "score_knots": len(score_map), "score_ece_cross_fitted": errors,
+              "score_ece_before": expected_calibration_error(softmax, correct),
+              "score_ece_after": expected_calibration_error(mapped, correct)}
     return config.replace(passages_calibration={name: getattr(calibrated, name) for name in FITTED_SETTINGS}), report
 
 

@@ -36,11 +36,27 @@ def _knots(value) -> tuple[tuple[float, float], ...]:
     return knots
 
 
+def _confidence_weights(value) -> tuple[float, ...]:
+    """``answer_confidence`` as a tuple of finite numbers: none, or the intercept and one weight per feature."""
+    from qa_common.confidence import FEATURES  # imports the decoder, which imports this module
+
+    try:
+        weights = None if isinstance(value, (str, bytes, dict)) else \
+            tuple(float(w) for w in value if not isinstance(w, bool))
+    except (TypeError, ValueError):
+        weights = None
+    if weights is None or len(weights) != len(value) or len(weights) not in (0, len(FEATURES) + 1) \
+            or not all(math.isfinite(w) for w in weights):
+        raise ValueError(f"QAConfig.answer_confidence must be empty or {len(FEATURES) + 1} finite numbers (the "
+                         f"intercept, then a weight for each of {', '.join(FEATURES)}), got {value!r}")
+    return weights
+
+
 POSITIVE_INTEGERS = ("max_length", "stride", "max_question_length", "n_best", "max_answer_length")
 # Fitted, so training has no flags for them: the no-answer threshold and the calibration (by training, on its
 # validation split) and the weight of a passage's search rank (over a library's retrievals).
 FITTED_SETTINGS = ("no_answer_threshold", "score_calibration", "no_answer_scale", "no_answer_bias",
-                   "passage_rank_weight")
+                   "passage_rank_weight", "answer_confidence")
 
 
 @dataclass(frozen=True)
@@ -76,6 +92,10 @@ class QAConfig:
         "over several retrieved passages, a span of the passage at search rank r has its logit lowered by this "
         "times ln r, so a passage the search ranks lower must convince the reader more (fitted over a library's "
         "retrievals; 0: the search's order is ignored)", default=0.0)
+    answer_confidence: tuple[float, ...] = setting(
+        "over several retrieved passages, the intercept and weights of the logistic model of an answer's features "
+        "(qa_common.confidence.FEATURES) whose probability the score map calibrates in place of the softmax share "
+        "(fitted over a library's retrievals; empty: the softmax share)", default=(), flag=False)
     passages_calibration: dict = setting(
         "the fitted settings above (any of " + ", ".join(FITTED_SETTINGS) + ") for a question read over several "
         "retrieved passages at once, as a library is asked: fitted over the library's own retrievals by "
@@ -101,6 +121,7 @@ class QAConfig:
         if isinstance(self.no_answer_bias, bool) or not isinstance(self.no_answer_bias, (int, float)) \
                 or not math.isfinite(self.no_answer_bias):
             raise ValueError(f"QAConfig.no_answer_bias must be a finite number, got {self.no_answer_bias!r}")
+        object.__setattr__(self, "answer_confidence", _confidence_weights(self.answer_confidence))
         weight = self.passage_rank_weight
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < math.inf:
             raise ValueError(f"QAConfig.passage_rank_weight must be a finite number >= 0, got {weight!r}")

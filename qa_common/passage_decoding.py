@@ -12,8 +12,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from qa_common.confidence import confidence_scores
 from qa_common.config import QAConfig
-from qa_common.decoding import NO_ANSWER, NULL_SPAN, Candidates, distinct_answers, merge_same_answers, rank_candidates
+from qa_common.decoding import (NO_ANSWER, NULL_SPAN, Candidates, calibrated_scores, distinct_answers, merge_same_answers,
+                                rank_candidates)
 
 PASSAGE_SEPARATOR = "\n"  # between passages read as one candidate set: no answer span crosses it
 
@@ -79,7 +81,9 @@ def decode_passages(
     found several times, its best span's. The threshold and calibration are
     ``config.over_passages()``: those fitted over a library's retrievals where the model has them,
     and so is the weight of the search's order (:func:`with_rank_prior`): ``passages`` come best
-    first, as the search ranked them.
+    first, as the search ranked them. Where that fit found one, the score is the calibrated
+    probability of a logistic model of what is known of the answer (:mod:`qa_common.confidence`) in
+    place of its share of the softmax.
     """
     config = config.over_passages()
     start_logits = with_rank_prior(start_logits, window_passages, config.passage_rank_weight)
@@ -92,9 +96,11 @@ def decode_passages(
     of_passage = np.where(starts >= 0, np.searchsorted(bases, starts, side="right") - 1, -1).tolist()
     located = [(p, NULL_SPAN if p < 0 else (start - int(bases[p]), end - int(bases[p])))
                for p, (start, end) in zip(of_passage, candidates.spans)]  # (passage, span in it) of each candidate
-    probabilities = candidates.scores(config)
+    shown = distinct_answers(candidates.spans, texts, top_k, candidates.copies)
+    probabilities = calibrated_scores(confidence_scores(candidates, texts, bases, shown, config.answer_confidence),
+                                      config) if config.answer_confidence else candidates.scores(config)[shown]
     return [
-        {"answer": texts[i], "score": float(probabilities[i]), "start": located[i][1][0], "end": located[i][1][1],
+        {"answer": texts[i], "score": float(score), "start": located[i][1][0], "end": located[i][1][1],
          "no_answer_probability": candidates.no_answer_probability, "passage": located[i][0]}
-        for i in distinct_answers(candidates.spans, texts, top_k, candidates.copies)
+        for i, score in zip(shown, probabilities)
     ]

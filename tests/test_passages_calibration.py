@@ -49,8 +49,14 @@ def test_a_library_is_read_with_the_calibration_fitted_over_its_retrievals(absta
     assert weight == report["passage_rank_weight"] and by_weight[str(weight)] == max(by_weight.values())
     assert report["f1_at_passages_threshold"] == pytest.approx(by_weight[str(weight)], abs=1e-4)
     assert report["f1_at_passages_threshold"] >= report["f1_at_one_paragraph_threshold"]
+    # The logistic confidence is kept exactly when it ranked right answers first better on held-out articles;
+    # a map of the share fitted on one paragraph is no map of it.
+    kept, selective = config.passages_calibration["answer_confidence"], report["selective_cross_fitted"]
+    assert report["answer_confidence"] == ("logistic model" if kept else "softmax share")
+    assert bool(kept) == (selective["logistic model"]["risk_coverage_area"] < selective["softmax share"]["risk_coverage_area"])
     errors = report["score_ece_cross_fitted"]
-    assert set(errors) == {"none", "one_paragraph", "refit"} and report["score_map"] == min(errors, key=errors.get)
+    assert set(errors) == {"none", "refit"} | (set() if kept else {"one_paragraph"})
+    assert report["score_map"] == min(errors, key=errors.get)
 
     # Read over passages, the answer is decided and scored with the passages' settings.
     model, tokenizer = load_model_and_tokenizer(str(model_dir))

@@ -35,3 +35,12 @@ def answered_at_precision(scores: Sequence[float], correct: Sequence[bool], prec
     right = np.cumsum(np.asarray(correct, dtype=np.float64)[order])
     met = np.flatnonzero(right / np.arange(1, len(order) + 1) >= precision)
     return float((met[-1] + 1) / len(order)) if len(met) else 0.0
+
+
+def risk_coverage_area(scores: Sequence[float], correct: Sequence[bool]) -> float:
+    """The area under the risk-coverage curve (Geifman & El-Yaniv, 2017): the error rate of the answers
+    kept, highest score first, averaged over every coverage from one answer to all of them. Lower is a
+    ranking that puts right answers first; it does not depend on what the scores' values say."""
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    wrong = np.cumsum(1.0 - np.asarray(correct, dtype=np.float64)[order])
+    return float(np.mean(wrong / np.arange(1, len(order) + 1))) if len(order) else 0.0

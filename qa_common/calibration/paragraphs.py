@@ -147,7 +147,14 @@ def calibrate(runner, tokenizer, records: Sequence[dict], config: QAConfig) -> t
 
 
 def describe(report: dict) -> str:
-    if report["score_knots"]:
+    if "score_map" in report:  # over passages, where the score and its map were chosen
+        mapped = f"through the {report['score_map']} map" if report["score_knots"] else "unmapped"
+        text = (f"score: the {report['answer_confidence']}, {mapped}, expected calibration error "
+                f"{report['score_ece_before']:.3f} -> {report['score_ece_after']:.3f}")
+        if report["selective_cross_fitted"]:
+            text += " (answered at 80 % precision on held-out articles: " + ", ".join(
+                f"{name} {figures['answered_at_80']:.1%}" for name, figures in report["selective_cross_fitted"].items()) + ")"
+    elif report["score_knots"]:
         text = (f"score: isotonic map of {report['score_knots']} knots, expected calibration error "
                 f"{report['score_ece_before']:.3f} -> {report['score_ece_after']:.3f}")
     else:

@@ -224,7 +224,8 @@ def evaluate(args: argparse.Namespace) -> dict:
     served = load_qa_config(model_dir).over_passages()
     metrics = {**summarise(results, args.passages, prefixes), "documents": len(set(name_of.values())),
                "served_settings": {"no_answer_threshold": served.no_answer_threshold,
-                                   "passage_rank_weight": served.passage_rank_weight},
+                                   "passage_rank_weight": served.passage_rank_weight,
+                                   "score": "logistic model" if served.answer_confidence else "softmax share"},
                "one_document_per": "file" if documents is None else args.one_document_per, "model": model_dir,
                "data": str(args.data), "index_s": round(indexed_s, 1),
                "answer_s": round(time.perf_counter() - started - indexed_s, 1)}

@@ -40,7 +40,8 @@ def test_every_question_is_asked_of_the_whole_library_and_scored_both_ways(absta
     present = [r for r in asked if r["title"] != absent]
     assert metrics["questions"] == len(asked) and metrics["absent_questions"] == len(asked) - len(present) > 0
     assert metrics["documents"] == 3 and metrics["one_document_per"] == "paragraph"
-    assert metrics["served_settings"] == {"no_answer_threshold": 0.35, "passage_rank_weight": 1.0}
+    assert metrics["served_settings"] == {"no_answer_threshold": 0.35, "passage_rank_weight": 1.0,
+                                          "score": "softmax share"}
     for mode in ("hybrid", "dense", "lexical"):
         recalls = [metrics[f"{mode}_recall@{k}"] for k in (1, 5, 20)]
         assert recalls == sorted(recalls) and recalls[-1] == 1.0  # three paragraphs: all are in the top 20

@@ -54,7 +54,8 @@ def _confidence_weights(value) -> tuple[float, ...]:
 
 POSITIVE_INTEGERS = ("max_length", "stride", "max_question_length", "n_best", "max_answer_length")
 # Fitted, so training has no flags for them: the no-answer threshold and the calibration (by training, on its
-# validation split) and the weight of a passage's search rank (over a library's retrievals).
+# validation split), and the weight of a passage's search rank and the answer confidence's weights (over a
+# library's retrievals).
 FITTED_SETTINGS = ("no_answer_threshold", "score_calibration", "no_answer_scale", "no_answer_bias",
                    "passage_rank_weight", "answer_confidence")
 

@@ -21,7 +21,9 @@ A question asked of a library is read over its top retrieved passages at once, w
 passages and "the library does not hold it" change both the score and the null score: its
 threshold and calibrators are fitted apart, in that setting (``passages_calibration``,
 :func:`calibrate_passages`, on questions mined from a library by ``python -m library_job mine``),
-and decoding over passages uses them (:meth:`qa_common.QAConfig.over_passages`).
+and decoding over passages uses them (:meth:`qa_common.QAConfig.over_passages`). There the score
+may be a logistic model of the answer's features (:mod:`qa_common.confidence`) in place of its share
+of the softmax, kept where it ranks right answers first better on held-out articles.
 
 ``python -m qa_common.calibration MODEL_DIR --validation-file FILE [--over-passages]`` (re)fits a
 model directory's calibration on a SQuAD-format file and prints the expected calibration error

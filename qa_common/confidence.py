@@ -10,7 +10,7 @@ in the model's ``passages_calibration``), ranks answers by how likely they are t
 than the share alone; the score map is then fitted on its output. It is the calibrator of Kamath,
 Jia & Liang (2020, "Selective Question Answering under Domain Shift"), which fits a classifier on
 the reader's own top-answer probabilities and lengths to decide when to answer, with a logistic
-model (a few weights, read without any library) in place of their random forest. It changes the
+model (ten numbers, applied with NumPy alone) in place of their random forest. It changes the
 score and nothing else: every answer, its rank and the abstention stay those of the decoder.
 """
 
@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from qa_common.decoding import NULL_SPAN, Candidates, _softmax
+from qa_common.decoding import NULL_SPAN, Candidates
 
 # One column per feature, in this order; ``answer_confidence`` is the intercept then one weight each.
 FEATURES = (
@@ -48,7 +48,7 @@ def answer_features(candidates: Candidates, texts: Sequence[str], bases: np.ndar
     merged candidates, as :func:`qa_common.passage_decoding.passage_candidates` returns them; ``bases``:
     where each passage starts in the text laid end to end,
     :func:`qa_common.passage_decoding.passages_laid_end_to_end`)."""
-    shares = _softmax(np.asarray(candidates.logits, dtype=np.float64))
+    shares = candidates.scores()  # the softmax, uncalibrated
     top_two = np.sort(shares)[::-1][:2]
     rows = []
     for index in which:

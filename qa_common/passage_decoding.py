@@ -92,15 +92,15 @@ def decode_passages(
                                            PASSAGE_SEPARATOR.join(passages), config)
     if not candidates.spans:
         return [{**NO_ANSWER, "passage": -1}]
-    starts = np.array([start for start, _ in candidates.spans], dtype=np.int64)
+    shown = distinct_answers(candidates.spans, texts, top_k, candidates.copies)
+    starts = np.array([candidates.spans[i][0] for i in shown], dtype=np.int64)
     of_passage = np.where(starts >= 0, np.searchsorted(bases, starts, side="right") - 1, -1).tolist()
     located = [(p, NULL_SPAN if p < 0 else (start - int(bases[p]), end - int(bases[p])))
-               for p, (start, end) in zip(of_passage, candidates.spans)]  # (passage, span in it) of each candidate
-    shown = distinct_answers(candidates.spans, texts, top_k, candidates.copies)
+               for p, (start, end) in zip(of_passage, (candidates.spans[i] for i in shown))]  # (passage, span in it)
     probabilities = calibrated_scores(confidence_scores(candidates, texts, bases, shown, config.answer_confidence),
                                       config) if config.answer_confidence else candidates.scores(config)[shown]
     return [
-        {"answer": texts[i], "score": float(score), "start": located[i][1][0], "end": located[i][1][1],
-         "no_answer_probability": candidates.no_answer_probability, "passage": located[i][0]}
-        for i, score in zip(shown, probabilities)
+        {"answer": texts[i], "score": float(score), "start": span[0], "end": span[1],
+         "no_answer_probability": candidates.no_answer_probability, "passage": passage}
+        for i, score, (passage, span) in zip(shown, probabilities, located)
     ]

@@ -9,7 +9,7 @@ import numpy as np
 
 from qa_common.calibration.measures import answered_at_precision, expected_calibration_error, risk_coverage_area
 from qa_common.calibration.paragraphs import MIN_SCORE_QUESTIONS, fit, fit_score_map, score_outcomes, uncalibrated
-from qa_common.confidence import answer_confidence, answer_features, fit_answer_confidence
+from qa_common.confidence import FEATURES, answer_confidence, answer_features, fit_answer_confidence
 from qa_common.config import FITTED_SETTINGS, QAConfig
 from qa_common.decoding import calibrated_scores
 from qa_common.metric import evaluate_answers
@@ -171,7 +171,7 @@ def choose_confidence(softmax: Sequence[float], features: Sequence[np.ndarray | 
     answered = np.array([row is not None for row in features], dtype=bool)
     if answered.sum() < MIN_SCORE_QUESTIONS or right[answered].all() or not right[answered].any():
         return (), softmax.tolist(), {}
-    x = np.zeros((len(features), len(next(row for row in features if row is not None))))
+    x = np.zeros((len(features), len(FEATURES)))
     x[answered] = [row for row in features if row is not None]
     folds = held_out_folds(len(softmax), articles, seed)
     crossed = np.zeros_like(softmax)

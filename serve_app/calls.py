@@ -67,9 +67,8 @@ class DeploymentCalls:
                 task.cancel()
             raise self.turned_away(error, "model") from None
         for position, outcome in enumerate(outcomes):
-            if outcome.get("error") == DEADLINE:
-                self.rejections.inc(tags={"reason": "deadline"})
-                raise busy(self.retry_after_s, "no answer within the deadline")
+            if outcome.get("error") == DEADLINE:  # the replica saw the deadline pass: the same 503 as ours
+                raise self.turned_away(asyncio.TimeoutError(), "model")
             if "error" in outcome:
                 raise HTTPException(500, f"the model failed on question {position} ({outcome['type']}); try again")
         return [outcome["answers"] for outcome in outcomes], [outcome["model_version"] for outcome in outcomes]

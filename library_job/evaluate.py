@@ -7,8 +7,9 @@ that way already; Ray Data ``map_batches`` on a pool of actors (:class:`LibraryA
 library, its embedder and the reader) retrieves for each question with each search mode, reads the
 hybrid top ``--passages`` as one candidate set (what ``POST /v1/ask`` does) and, for comparison,
 the gold paragraph alone. Reports retrieval recall@1/5/20 per mode (a question's paragraph is
-retrieved when one of its passages is), end-to-end EM/F1 and the same reader's EM/F1 with the gold
-paragraph, and the served response end to end (its top answer, "not in the library" included):
+retrieved when one of its passages is), recall@1/5 of the passages read as the reader ranks them
+(``reader_recall@k``, k up to ``--passages``: :func:`qa_common.passage_relevance`), end-to-end
+EM/F1 and the same reader's EM/F1 with the gold paragraph, and the served response end to end (its top answer, "not in the library" included):
 its score's expected calibration error against exact match, the share of questions answered at
 >= 80 % and >= 90 % precision (highest scores first, the rest declined) and a reliability diagram
 (``OUTPUT/metrics.json``, ``OUTPUT/reliability.png``; ``OUTPUT/answers.jsonl``: per question the
@@ -29,7 +30,10 @@ import json
 import time
 from pathlib import Path
 
-from qa_common import PassagesQuestion, Question, SquadFormatError, decode_passages, decode_spans, load_qa_config, read_squad
+import numpy as np
+
+from qa_common import (PassagesQuestion, Question, SquadFormatError, decode_passages, decode_spans, load_qa_config,
+                       passage_relevance, read_squad)
 from qa_common.calibration import answered_at_precision, expected_calibration_error, reliability
 from qa_common.library.search import FUSION_DEPTH, PASSAGES_READ, SEARCH_MODES, document_rank, recall_at, reciprocal_rank_fusion
 from qa_common.inference import question_logits
@@ -73,7 +77,7 @@ class LibraryAsker:
 
         rows = batch.to_pylist()
         vectors = self.embedder.embed([row["question"] for row in rows])
-        read, gold = [], []
+        read, gold, read_hits = [], [], []
         for row, vector in zip(rows, vectors):
             # Each ranking once, fused as Library.search("hybrid") fuses them.
             dense, lexical = self.library.rankings(row["question"], vector, FUSION_DEPTH)
@@ -81,11 +85,15 @@ class LibraryAsker:
             for mode, hits in ranked.items():
                 row[f"{mode}_rank"] = document_rank(hits[: max(RECALL_AT)], row["document"])
             hybrid = ranked["hybrid"][: self.passages]
+            read_hits.append(hybrid)
             row["read"] = [hit.passage["document"] for hit in hybrid]
             read.append(PassagesQuestion(row["question"], tuple(hit.passage["text"] for hit in hybrid)))
             gold.append(Question(row["question"], row["context"]))
         logits = list(question_logits(self.runner, self.tokenizer, [*read, *gold], self.config))
-        for row, question, passage_logits, gold_logits in zip(rows, read, logits[: len(rows)], logits[len(rows):]):
+        for row, question, hits, passage_logits, gold_logits in zip(rows, read, read_hits, logits[: len(rows)],
+                                                                    logits[len(rows):]):
+            order = np.argsort(-passage_relevance(*passage_logits, len(question.passages)), kind="stable")
+            row["reader_rank"] = document_rank([hits[p] for p in order], row["document"])
             golds = [] if row["absent"] else row["answers"]["text"]  # absent: "not in the library" is right
             for prefix, config in self.settings.items():
                 best = decode_passages(*passage_logits, question.passages, config)[0]
@@ -122,6 +130,8 @@ def summarise(rows: list[dict], passages: int, prefixes=("",)) -> dict:
     for mode in SEARCH_MODES:
         for k in RECALL_AT:
             metrics[f"{mode}_recall@{k}"] = recall_at([row[f"{mode}_rank"] for row in present], k)
+    for k in (k for k in RECALL_AT if k <= passages):  # the hybrid top `passages`, as the reader ranks them
+        metrics[f"reader_recall@{k}"] = recall_at([row["reader_rank"] for row in present], k)
     for prefix in ("", "gold_paragraph_"):
         for name in ("exact_match", "f1"):
             metrics[f"{prefix}{name}"] = round(100 * sum(row[f"{prefix}{name}"] for row in present) / count, 2)

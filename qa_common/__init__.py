@@ -8,12 +8,12 @@ from qa_common.inference import PassagesQuestion, Question, answer_questions, pr
 from qa_common.metric import evaluate_answers, normalize_answer, score_answer, squad_metrics, squad_v2_metrics
 from qa_common.modeling import MINILM, load_model_and_tokenizer, load_tokenizer, resolve_model_path
 from qa_common.negatives import synthesise_negatives
-from qa_common.passage_decoding import decode_passages
+from qa_common.passage_decoding import decode_passages, passage_relevance
 
 __all__ = [
     "MINILM", "NO_ANSWER", "PassagesQuestion", "QA_CONFIG_FILE", "QAConfig", "Question", "SquadFormatError", "answer_questions", "count_windows",
     "decode_passages", "decode_predictions", "decode_spans", "evaluate_answers", "length_grouped_batches", "load_qa_config", "load_hub_squad",
-    "load_model_and_tokenizer", "load_tokenizer",
+    "load_model_and_tokenizer", "load_tokenizer", "passage_relevance",
     "normalize_answer", "predict_logits", "prepare_eval_features", "prepare_train_features",
     "read_squad", "resolve_model_path", "save_qa_config", "score_answer", "squad_metrics", "squad_v2_metrics",
     "synthesise_negatives", "trim_padding", "validate_records",

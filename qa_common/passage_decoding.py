@@ -4,6 +4,7 @@ The passages are laid end to end, one character apart, so that a window's offset
 span crosses from one passage into the next; :mod:`qa_common.decoding` then ranks every passage's
 spans together, the spans that read as one answer are merged into it, and each answer is mapped back
 to its passage. The search's order enters as a log prior on each passage's spans (:func:`with_rank_prior`).
+:func:`passage_relevance` ranks the passages read by what the reader found in each.
 """
 
 from __future__ import annotations
@@ -46,6 +47,27 @@ def with_rank_prior(start_logits: np.ndarray, window_passages: Sequence[int], we
     shifted = np.array(start_logits, dtype=np.float32)
     shifted[:, 1:] -= (weight * np.log1p(np.asarray(window_passages, dtype=np.float64)))[:, None].astype(np.float32)
     return shifted
+
+
+def passage_relevance(start_logits: np.ndarray, end_logits: np.ndarray, offsets: np.ndarray,
+                      window_passages: Sequence[int], passages: int) -> np.ndarray:
+    """Per passage read, how strongly the reader finds an answer in it: over the passage's windows,
+    the best start logit plus the best end logit among its context tokens, less the window's null
+    answer ([CLS] start + end). ``-inf`` for a passage with no window.
+
+    The reader as a re-ranker of the search's passages (it reads each with the question, as a
+    cross-encoder does; Nogueira & Cho 2019, arXiv 1901.04085), at no cost beyond the reading. The
+    best start and end are taken apart (not the best valid span) and the search's order is not in
+    it: on open-domain SQuAD dev, this order of the eight passages read puts the question's
+    paragraph first for 0.860 of the questions, against the search's 0.812 (ACCURACY.md). Decoding
+    keeps the search's order for its prior: read in this order, F1 fell by a point.
+    """
+    context = np.asarray(offsets)[:, :, 0] >= 0  # question and special tokens carry offset -1
+    best = (np.where(context, start_logits, -np.inf).max(axis=1) + np.where(context, end_logits, -np.inf).max(axis=1)
+            - np.asarray(start_logits)[:, 0] - np.asarray(end_logits)[:, 0])
+    relevance = np.full(passages, -np.inf)
+    np.maximum.at(relevance, np.asarray(window_passages, dtype=np.int64), best)
+    return relevance
 
 
 def passage_candidates(start_logits: np.ndarray, end_logits: np.ndarray, joined_offsets: np.ndarray, context: str,

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from qa_common import NO_ANSWER, QAConfig, decode_passages, decode_predictions, decode_spans
+from qa_common import NO_ANSWER, QAConfig, decode_passages, decode_predictions, decode_spans, passage_relevance
 from qa_common.decoding import NULL_SPAN, distinct_answers, rank_candidates
 
 CONTEXT = "Warfarin slows blood clotting in the body."
@@ -326,3 +326,16 @@ def test_the_null_answer_over_passages_is_the_least_null_window_and_names_no_pas
     mixed = [np.vstack([drawn_to_null[0], answering[0]]), np.vstack([drawn_to_null[1], answering[1]])]
     [best] = decode_passages(*mixed, np.stack([OFFSETS, OFFSETS]), [0, 1], [CONTEXT, CONTEXT], config)
     assert (best["answer"], best["passage"]) == ("blood clotting", 1)
+
+
+def test_passages_are_ranked_by_what_the_reader_finds_in_each_against_its_null():
+    # Passage 0: two windows, the better one's best start 3 + best end 2 against a null of 1; passage 1:
+    # a stronger span but a stronger null (8 - 7); passage 2: no window; passage 3: the strongest span,
+    # on question tokens only, where no answer can be.
+    windows = [_logits({0: 0.5, 6: 1.0}, {0: 0.5, 7: 1.0}), _logits({0: 0.5, 5: 3.0}, {0: 0.5, 9: 2.0}),
+               _logits({0: 4.0, 6: 4.0}, {0: 3.0, 7: 4.0}), _logits({1: 20.0, 6: 1.0}, {2: 20.0, 7: 1.0})]
+    start, end = np.vstack([w[0] for w in windows]), np.vstack([w[1] for w in windows])
+    relevance = passage_relevance(start, end, np.stack([OFFSETS] * 4), [0, 0, 1, 3], 4)
+    assert relevance[0] == pytest.approx(3.0 + 2.0 - 1.0) and relevance[1] == pytest.approx(8.0 - 7.0)
+    assert relevance[2] == -np.inf and relevance[3] == pytest.approx(2.0)
+    assert list(np.argsort(-relevance, kind="stable")) == [0, 3, 1, 2]

@@ -4,12 +4,14 @@ question asked of all of it, with the abstaining tiny model as the reader."""
 import json
 import shutil
 
+import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
 from conftest import FIXTURES
 from qa_common import (PassagesQuestion, Question, answer_questions, load_model_and_tokenizer, load_qa_config,
-                       read_squad, save_qa_config)
+                       passage_relevance, read_squad, save_qa_config)
+from qa_common.inference import question_logits
 from qa_common.calibration import answered_at_precision, expected_calibration_error
 from qa_common.metric import question_scores, score_answer
 from qa_common.splits import absent_articles
@@ -47,6 +49,9 @@ def test_every_question_is_asked_of_the_whole_library_and_scored_both_ways(absta
         assert recalls == sorted(recalls) and recalls[-1] == 1.0  # three paragraphs: all are in the top 20
     rows = {row["id"]: row for row in map(json.loads, (tmp_path / "out" / "answers.jsonl").read_text().splitlines())}
     assert set(rows) == {r["id"] for r in asked}
+    # The passages read (two) as the reader ranks them: recall at no depth beyond them.
+    assert "reader_recall@5" not in metrics and metrics["reader_recall@1"] == pytest.approx(
+        sum(rows[r["id"]]["reader_rank"] == 1 for r in present) / len(present), abs=1e-4)
 
     # Scored as the reader answers: with the gold paragraph alone, and over the passages the hybrid search read.
     model, tokenizer = load_model_and_tokenizer(str(model_dir))
@@ -80,6 +85,10 @@ def test_every_question_is_asked_of_the_whole_library_and_scored_both_ways(absta
         row = rows[record["id"]]
         assert len(row["read"]) == 2 and row["document"] == next(n for n, t in documents.items() if t == record["context"])
         assert (row["hybrid_rank"] == 1) == (row["read"][0] == row["document"])
+        [logits] = question_logits(model, tokenizer, [PassagesQuestion(record["question"], tuple(
+            documents[name] for name in row["read"]))], config)
+        first = row["read"][int(np.argmax(passage_relevance(*logits, 2)))]
+        assert (row["reader_rank"] == 1) == (first == row["document"])
 
     assert library_job(["evaluate", "--model", str(model_dir), "--data", str(tmp_path / "none.json"),
                         "--output", str(tmp_path / "x")]) == 2

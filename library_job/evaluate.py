@@ -9,9 +9,10 @@ hybrid top ``--passages`` as one candidate set (what ``POST /v1/ask`` does) and,
 the gold paragraph alone. Reports retrieval recall@1/5/20 per mode (a question's paragraph is
 retrieved when one of its passages is), recall@1/5 of the passages read as the reader ranks them
 (``reader_recall@k``, k up to ``--passages``: :func:`qa_common.passage_relevance`), end-to-end
-EM/F1 and the same reader's EM/F1 with the gold paragraph, and the served response end to end (its top answer, "not in the library" included):
-its score's expected calibration error against exact match, the share of questions answered at
->= 80 % and >= 90 % precision (highest scores first, the rest declined) and a reliability diagram
+EM/F1 and the same reader's EM/F1 with the gold paragraph, and the served response end to end (its
+top answer, "not in the library" included): its score's expected calibration error against exact
+match, the share of questions answered at >= 80 % and >= 90 % precision (highest scores first, the
+rest declined) and a reliability diagram
 (``OUTPUT/metrics.json``, ``OUTPUT/reliability.png``; ``OUTPUT/answers.jsonl``: per question the
 ranks and answers).
 

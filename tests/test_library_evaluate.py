@@ -11,8 +11,8 @@ from sklearn.metrics import roc_auc_score
 from conftest import FIXTURES
 from qa_common import (PassagesQuestion, Question, answer_questions, load_model_and_tokenizer, load_qa_config,
                        passage_relevance, read_squad, save_qa_config)
-from qa_common.inference import question_logits
 from qa_common.calibration import answered_at_precision, expected_calibration_error
+from qa_common.inference import question_logits
 from qa_common.metric import question_scores, score_answer
 from qa_common.splits import absent_articles
 from library_job import squad_library
@@ -49,7 +49,7 @@ def test_every_question_is_asked_of_the_whole_library_and_scored_both_ways(absta
         assert recalls == sorted(recalls) and recalls[-1] == 1.0  # three paragraphs: all are in the top 20
     rows = {row["id"]: row for row in map(json.loads, (tmp_path / "out" / "answers.jsonl").read_text().splitlines())}
     assert set(rows) == {r["id"] for r in asked}
-    # The passages read (two) as the reader ranks them: recall at no depth beyond them.
+    # The two passages read, as the reader ranks them: recall at depths up to two only.
     assert "reader_recall@5" not in metrics and metrics["reader_recall@1"] == pytest.approx(
         sum(rows[r["id"]]["reader_rank"] == 1 for r in present) / len(present), abs=1e-4)
 

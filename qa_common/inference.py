@@ -19,7 +19,7 @@ import numpy as np
 
 from qa_common.config import QAConfig
 from qa_common.decoding import decode_spans
-from qa_common.passage_decoding import decode_passages
+from qa_common.passage_decoding import decode_passages, passage_relevance
 from qa_common.features import LENGTH_MULTIPLE, MODEL_INPUTS, prepare_eval_features, trim_padding
 
 # Windows per forward pass: on a CPU, larger batches gain nothing and hold more memory; a GPU wants more.
@@ -189,16 +189,28 @@ def answer_questions(
     All questions are tokenised together and their windows run through the model in shared
     batches, which is what makes dynamic batching in the server pay off.
     """
+    return [reading["answers"] for reading in read_questions(runner, tokenizer, questions, config, batch_size=batch_size)]
+
+
+def read_questions(
+    runner, tokenizer, questions: Sequence[Question | PassagesQuestion], config: QAConfig, *, batch_size: int = FORWARD_BATCH_SIZE
+) -> list[dict]:
+    """For each question ``{"answers": ...}`` (:func:`answer_questions`' answers); a
+    :class:`PassagesQuestion`'s also has ``"passage_order"``: the indices of its passages, the one
+    the reader finds an answer in most strongly first (:func:`qa_common.passage_decoding.passage_relevance`)."""
     if not questions:
         return []
-    answers = []
+    readings = []
     for question, (start, end, offsets, passages) in zip(
             questions, question_logits(runner, tokenizer, questions, config, batch_size=batch_size)):
         settings = config.replace(max_answer_length=question.max_answer_length,
                                   version_2_with_negative=question.allow_no_answer)
         if isinstance(question, PassagesQuestion):
-            answers.append(decode_passages(start, end, offsets, passages, question.passages, settings,
-                                           top_k=question.top_k))
+            relevance = passage_relevance(start, end, offsets, passages, len(question.passages))
+            readings.append({"answers": decode_passages(start, end, offsets, passages, question.passages, settings,
+                                                        top_k=question.top_k),
+                             "passage_order": np.argsort(-relevance, kind="stable").tolist()})
         else:
-            answers.append(decode_spans(start, end, offsets, question.context, settings, top_k=question.top_k))
-    return answers
+            readings.append({"answers": decode_spans(start, end, offsets, question.context, settings,
+                                                     top_k=question.top_k)})
+    return readings

@@ -56,9 +56,9 @@ class DeploymentCalls:
         """The feedback store's outcome of storing ``rating`` from ``token_id``."""
         return await self.within(self.feedback.record.remote(rating, token_id), deadline, "feedback store")
 
-    async def answers(self, items: list[WorkItem], deadline: float) -> tuple[list[list[dict]], list[str]]:
-        """Every item's answers and the model version that made each, or the HTTP error of the first
-        item that has none."""
+    async def answers(self, items: list[WorkItem], deadline: float) -> list[dict]:
+        """Every item's outcome (``{"answers", "model_version", ...}``: ``QAModel.answer``), or the HTTP
+        error of the first item that has none."""
         tasks = [asyncio.ensure_future(self.ask_with_one_retry(item)) for item in items]
         try:
             outcomes = await asyncio.wait_for(asyncio.gather(*tasks), timeout=max(0.0, deadline - time.time()))
@@ -71,7 +71,7 @@ class DeploymentCalls:
                 raise self.turned_away(asyncio.TimeoutError(), "model")
             if "error" in outcome:
                 raise HTTPException(500, f"the model failed on question {position} ({outcome['type']}); try again")
-        return [outcome["answers"] for outcome in outcomes], [outcome["model_version"] for outcome in outcomes]
+        return outcomes
 
     async def ask_with_one_retry(self, item: WorkItem) -> dict:
         """Answering is idempotent: when the replica dies under the question, ask once more (within the deadline)."""

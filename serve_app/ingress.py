@@ -24,7 +24,7 @@ from serve_app.feedback.receipts import MAX_RECEIPTS_HEADER, RECEIPT_HEADER, iss
 from serve_app.feedback.request import FEEDBACK_SHAPE, parse_feedback
 from serve_app.auth import TokenChecker
 from serve_app.calls import DeploymentCalls
-from serve_app.library_answers import NO_LIBRARY, cite, served_manifest
+from serve_app.library_answers import NO_LIBRARY, cite, served_manifest, source
 from serve_app.http import UNAUTHORIZED, crash_as_json, decode_json, error_as_json, error_responses, read_body
 from serve_app.schemas import (
     ASK_SHAPE, REQUEST_SHAPE, AnswerResponse, AskResponse,
@@ -172,7 +172,9 @@ class QAIngress:
             WorkItem(Question(q.question, q.context, q.top_k, q.max_answer_length, q.allow_no_answer), count, deadline)
             for q, count in zip(questions, windows)
         ]
-        results, versions = await self.calls.answers(items, deadline)
+        outcomes = await self.calls.answers(items, deadline)
+        results = [outcome["answers"] for outcome in outcomes]
+        versions = [outcome["model_version"] for outcome in outcomes]
         response.headers[MODEL_VERSION_HEADER] = request.state.audit["model_version"] = ",".join(sorted(set(versions)))
         request.state.audit["abstained"] = sum(answers[0]["answer"] == "" for answers in results)
         if self.receipt_key is not None:
@@ -199,7 +201,8 @@ class QAIngress:
         description=f"Body: {ASK_SHAPE}. The library's best passages (hybrid search) are read as one candidate "
         "set, so scores compare across documents. Each answer cites its document, page, section and passage; "
         "start and end are offsets into `passage`. 'Not in these documents' is answer \"\" with start = end = -1 "
-        f"and no citation. `{MODEL_VERSION_HEADER}` names the model version that answered.",
+        "and no citation. `sources` lists every passage read, where the reader found an answer most strongly "
+        f"first. `{MODEL_VERSION_HEADER}` names the model version that answered.",
         responses=error_responses(400, 401, 404, 413, 422, 503, 500),
         openapi_extra={"security": [{"bearer": []}]},
     )
@@ -228,16 +231,17 @@ class QAIngress:
         if texts:
             item = WorkItem(PassagesQuestion(ask.question, texts, ask.top_k, ask.max_answer_length,
                                              ask.allow_no_answer), sum(windows), deadline)
-            [answers], [version] = await self.calls.answers([item], deadline)
+            [outcome] = await self.calls.answers([item], deadline)
+            answers, version, order = outcome["answers"], outcome["model_version"], outcome["passage_order"]
             response.headers[MODEL_VERSION_HEADER] = request.state.audit["model_version"] = version
             if self.receipt_key is not None:
                 response.headers[RECEIPT_HEADER] = issue(self.receipt_key, "ask", version, found["version"],
                                                          ask.question, [p["passage_id"] for p in passages], answers)
         else:  # an empty library, or filters that match nothing: nothing to rate
-            answers = [{**NO_ANSWER, "passage": -1}]
+            answers, order = [{**NO_ANSWER, "passage": -1}], []
         request.state.audit["abstained"] = int(answers[0]["answer"] == "")
         return {"answers": [cite(answer, passages) for answer in answers], "passages_read": len(texts),
-                "index_version": found["version"]}
+                "sources": [source(passages[p]) for p in order], "index_version": found["version"]}
 
     @api.post(
         "/v1/feedback", status_code=201,

@@ -1,4 +1,4 @@
-"""What the ingress makes of the document library: citations, and the manifest it reports."""
+"""What the ingress makes of the document library: citations, sources, and the manifest it reports."""
 
 from pathlib import Path
 
@@ -16,6 +16,11 @@ def cite(answer: dict, passages: list[dict]) -> dict:
     return {**{key: value for key, value in answer.items() if key != "passage"},
             **{field: passage[field] if passage else None for field in CITATION_FIELDS},
             "passage": passage["text"] if passage else None}
+
+
+def source(passage: dict) -> dict:
+    """A passage read, as ``/v1/ask``'s ``sources`` list it: where it is, not its text."""
+    return {field: passage[field] for field in CITATION_FIELDS}
 
 
 def served_manifest(library: str | None) -> Manifest:

@@ -1,7 +1,7 @@
 """``QAModel``, the Ray Serve deployment that holds the model.
 
 Its ``answer`` method takes one question, and ``@serve.batch`` gathers concurrent questions; each
-batch runs as ``qa_common.answer_questions`` calls of at most ``max_windows_per_call`` windows (a
+batch runs as ``qa_common.read_questions`` calls of at most ``max_windows_per_call`` windows (a
 "model call", counted in ``describe()``), with the deadline checked between calls. It may scale to
 zero; a request arriving then waits in the handle's queue for the cold start. ``check_health`` runs
 a tiny forward pass, so a replica that cannot run the model is replaced. Every outcome names the
@@ -16,7 +16,7 @@ import ray
 from ray import serve
 from ray.serve.metrics import Histogram
 
-from qa_common import QAConfig, Question, answer_questions
+from qa_common import QAConfig, Question, answer_questions, read_questions
 from qa_common.backends import load_runner
 from qa_common.modeling import torch_dtype
 from serve_app.settings import ServeArgs
@@ -55,23 +55,23 @@ class QAModel:
 
     @serve.batch
     async def answer(self, items: list[WorkItem]) -> list[dict]:
-        """Per item ``{"answers": [...]}``, or ``{"error": ...}`` for that item alone (see serve_app.work),
-        with this replica's ``model_version``."""
+        """Per item ``{"answers": [...]}`` (a library question's with its ``passage_order``), or ``{"error":
+        ...}`` for that item alone (see serve_app.work), with this replica's ``model_version``."""
         self.batch_questions.observe(len(items))
         outcomes = await answer_in_chunks(items, self.max_windows_per_call, self.model_call)
         return [{**outcome, "model_version": self.version} for outcome in outcomes]
 
-    async def model_call(self, items: list[WorkItem]) -> list[list[dict]]:
+    async def model_call(self, items: list[WorkItem]) -> list[dict]:
         self.model_calls += 1
         started = time.perf_counter()
         # In a thread, so the replica keeps queueing the next batch while the model runs.
-        answers = await asyncio.to_thread(
-            answer_questions, self.runner, self.tokenizer, [item.question for item in items], self.qa_config,
+        read = await asyncio.to_thread(
+            read_questions, self.runner, self.tokenizer, [item.question for item in items], self.qa_config,
             batch_size=self.forward_batch_size,
         )
         self.call_seconds.observe(time.perf_counter() - started)
         self.call_windows.observe(sum(item.windows for item in items))
-        return answers
+        return read
 
     async def check_health(self) -> None:
         """Serve's health check: a replica that cannot run a forward pass raises, and is replaced."""

@@ -131,14 +131,19 @@ class Answer(BaseModel):
     )
 
 
-class Citation(BaseModel):
-    """Where a library answer comes from; all null for 'not in these documents'."""
+class Source(BaseModel):
+    """Where a passage of the library is."""
 
     collection: str | None
     document: str | None = Field(description="The document's path inside its collection's folder.")
     page: int | None = Field(description="1-based page of a PDF; null for formats without pages.")
     section: str | None = Field(description="The nearest heading above the passage ('' before the first).")
     passage_id: str | None
+
+
+class Citation(Source):
+    """Where a library answer comes from; all null for 'not in these documents'."""
+
     passage: str | None = Field(description="The passage's text: passage[start:end] == answer.")
 
 
@@ -149,6 +154,9 @@ class LibraryAnswer(Answer, Citation):
 class AskResponse(BaseModel):
     answers: list[LibraryAnswer] = Field(description="Ranked best first; 'not in these documents' in its place.")
     passages_read: int = Field(description="How many passages were retrieved and read.")
+    sources: list[Source] = Field(description="The passages read, the one the reader finds an answer in most "
+                                  "strongly first (its best span against its 'no answer'), whether or not an answer "
+                                  "comes from it: where else to read.")
     index_version: str = Field(description="The library index version searched.")
 
 

@@ -2,7 +2,8 @@
 
 Pure asyncio and no Ray, so that it is testable on its own. A *work item* is one question with the
 number of windows its context makes (the ingress counts them) and the time after which nobody
-waits for its answer. Each outcome is ``{"answers": [...]}`` or ``{"error": KIND}`` with
+waits for its answer. Each outcome is what the model made of it (``{"answers": [...], ...}``,
+``qa_common.read_questions``) or ``{"error": KIND}`` with
 ``KIND`` one of :data:`DEADLINE` and :data:`FAILED` (then ``"type"``: the exception's class name,
 never its message, which may quote the input).
 """
@@ -46,11 +47,12 @@ def plan_chunks(windows: Sequence[int], budget: int) -> list[list[int]]:
 async def answer_in_chunks(
     items: Sequence[WorkItem],
     budget: int,
-    answer_chunk: Callable[[list[WorkItem]], Awaitable[list[list[dict]]]],
+    answer_chunk: Callable[[list[WorkItem]], Awaitable[list[dict]]],
     *,
     now: Callable[[], float] = time.time,
 ) -> list[dict]:
-    """One outcome per item: ``answer_chunk`` answers chunks of items of at most ``budget`` windows.
+    """One outcome per item: ``answer_chunk`` reads chunks of items of at most ``budget`` windows
+    (an outcome per item of the chunk).
 
     Before each chunk, items past their deadline are dropped (outcome ``DEADLINE``). When a chunk
     fails, each of its items runs alone, so that one bad question fails only itself.
@@ -67,7 +69,7 @@ async def answer_in_chunks(
         if not live:
             return
         try:
-            answers = await answer_chunk([items[index] for index in live])
+            read = await answer_chunk([items[index] for index in live])
         except Exception as error:  # noqa: BLE001 - any failure of the model call is contained here
             if len(live) == 1:
                 outcomes[live[0]] = {"error": FAILED, "type": type(error).__name__}
@@ -75,8 +77,8 @@ async def answer_in_chunks(
             for index in live:
                 await run([index])
             return
-        for index, item_answers in zip(live, answers):
-            outcomes[index] = {"answers": item_answers}
+        for index, outcome in zip(live, read):
+            outcomes[index] = outcome
 
     for chunk in plan_chunks([item.windows for item in items], budget):
         await run(chunk)

@@ -12,6 +12,7 @@ import json
 import time
 
 import httpx
+import numpy as np
 import pytest
 from conftest import V2_DATA, shared_ray
 from library_helpers import write_library
@@ -19,7 +20,9 @@ from serve_helpers import AUTH, TOKEN, service_config, serving
 from test_serve_page import ask_and_wait, headless_chromium
 from test_serve_page import pytestmark as needs_chromium
 
-from qa_common import PassagesQuestion, Question, answer_questions, load_model_and_tokenizer, load_qa_config, read_squad
+from qa_common import (PassagesQuestion, Question, answer_questions, load_model_and_tokenizer, load_qa_config,
+                       passage_relevance, read_squad)
+from qa_common.inference import question_logits
 from library_job.__main__ import main as library_job
 from qa_common.library.embedding import Embedder
 from qa_common.library.search import Library
@@ -77,6 +80,20 @@ def test_an_answer_cites_its_document_page_and_passage_and_equals_the_reader_ove
     assert [(a["answer"], a["start"], hits[a["passage"]].passage["passage_id"] if a["passage"] >= 0 else None)
             for a in expected] == [(a["answer"], a["start"], a["passage_id"]) for a in body["answers"]]
     assert [a["score"] for a in body["answers"]] == pytest.approx([a["score"] for a in expected], abs=1e-5)
+    # Every passage read is a source, where it is and not its text, the reader's strongest first: for
+    # some of these questions not the search's first.
+    reordered = 0
+    for asked in (question, "What does INR stand for?", "Within how many hours should a clot-dissolving drug be given?",
+                  "How long should hands be rubbed?"):
+        sources = ask(service, {"question": asked}).json()["sources"]
+        read = library.search(asked, Embedder().embed([asked])[0], SERVED_PASSAGES)
+        [logits] = question_logits(model, tokenizer, [PassagesQuestion(asked, tuple(h.passage["text"] for h in read))],
+                                   load_qa_config(service["model"]))
+        order = np.argsort(-passage_relevance(*logits, len(read)), kind="stable")
+        assert [s["passage_id"] for s in sources] == [read[p].passage["passage_id"] for p in order]
+        assert all(s == {key: rows[s["passage_id"]][key] for key in s} and "passage" not in s for s in sources)
+        reordered += order[0] != 0
+    assert reordered
 
     # Asked of the PDF alone, every answer comes from it and cites the page its passage is on. (Which page the
     # tiny reader prefers depends on its training's dropout masks, so the page itself is not asserted.)
@@ -100,7 +117,7 @@ def test_a_question_no_document_answers_is_not_found_in_these_documents(service)
     assert body["answers"][0]["document"] == "stroke.html" and body["answers"][0]["answer"]
     # A filter that matches nothing reads nothing and says so.
     body = ask(service, {"question": "What does INR stand for?", "collection": "elsewhere"}).json()
-    assert body["passages_read"] == 0 and body["answers"][0]["start"] == -1
+    assert body["passages_read"] == 0 and body["answers"][0]["start"] == -1 and body["sources"] == []
 
 
 @pytest.mark.parametrize("body, where", [
@@ -203,7 +220,8 @@ SELECT_FIRST_WORDS = """(() => {
 @needs_chromium
 def test_the_page_asks_the_library_shows_the_cited_passage_and_takes_a_correction(service, tmp_path):
     question = "Which spores are not killed by alcohol?"
-    expected = next(a for a in ask(service, {"question": question, "top_k": 3}).json()["answers"] if a["start"] >= 0)
+    body = ask(service, {"question": question, "top_k": 3}).json()
+    expected = next(a for a in body["answers"] if a["start"] >= 0)
     with headless_chromium(service["url"] + "/", tmp_path / "profile") as page:
         page.type_into("#token", TOKEN)
         page.type_into("#question", question)  # the token's change event: the page asks for the collections
@@ -219,7 +237,10 @@ def test_the_page_asks_the_library_shows_the_cited_passage_and_takes_a_correctio
             marked: document.querySelector('#passage-view mark').textContent,
             passageSource: document.getElementById('passage-source').textContent,
             notFound: !document.getElementById('library-not-found').hidden,
+            sources: Array.from(document.querySelectorAll('#library-sources li'), (li) => li.textContent),
         })""")
+        assert shown["sources"] == [" · ".join([s["document"], *([f"page {s['page']}"] if s["page"] else []),
+                                                *([s["section"]] if s["section"] else [])]) for s in body["sources"]]
         # Wrong, and the right words selected in the passage shown: the first three words, say.
         assert page.evaluate("!document.getElementById('feedback').hidden")
         page.click("#rate-wrong")

@@ -28,7 +28,7 @@ def test_each_chunk_is_one_call_within_the_budget():
 
     async def answer_chunk(items):
         calls.append([item.question.question for item in items])
-        return [[{"answer": item.question.question}] for item in items]
+        return [{"answers": [{"answer": item.question.question}]} for item in items]
 
     items = [_item("a", 2), _item("b", 2), _item("c", 3), _item("d", 1)]
     outcomes = asyncio.run(answer_in_chunks(items, 4, answer_chunk, now=lambda: 0.0))
@@ -40,7 +40,7 @@ def test_a_failing_question_gets_its_own_error_and_the_others_are_answered():
     async def answer_chunk(items):
         if any(item.question.question == "bad" for item in items):
             raise ValueError("text of the question that must not leak")
-        return [[{"answer": item.question.question}] for item in items]
+        return [{"answers": [{"answer": item.question.question}]} for item in items]
 
     items = [_item("a"), _item("bad"), _item("c")]
     outcomes = asyncio.run(answer_in_chunks(items, 10, answer_chunk, now=lambda: 0.0))
@@ -55,7 +55,7 @@ def test_the_deadline_is_checked_between_chunks():
     async def answer_chunk(items):
         calls.append(len(items))
         clock["now"] += 10  # each model call takes 10 s
-        return [[{"answer": "x"}] for _ in items]
+        return [{"answers": [{"answer": "x"}]} for _ in items]
 
     items = [_item("a", 1, deadline=5), _item("b", 1, deadline=5), _item("c", 1, deadline=50)]
     outcomes = asyncio.run(answer_in_chunks(items, 1, answer_chunk, now=lambda: clock["now"]))

@@ -238,9 +238,11 @@ def test_the_page_asks_the_library_shows_the_cited_passage_and_takes_a_correctio
             passageSource: document.getElementById('passage-source').textContent,
             notFound: !document.getElementById('library-not-found').hidden,
             sources: Array.from(document.querySelectorAll('#library-sources li'), (li) => li.textContent),
+            sourcesShown: !document.getElementById('library-sources-block').hidden,
         })""")
-        assert shown["sources"] == [" · ".join([s["document"], *([f"page {s['page']}"] if s["page"] else []),
-                                                *([s["section"]] if s["section"] else [])]) for s in body["sources"]]
+        cited = [" · ".join([s["document"], *([f"page {s['page']}"] if s["page"] else []),
+                             *([s["section"]] if s["section"] else [])]) for s in body["sources"]]
+        assert shown["sourcesShown"] and shown["sources"] == cited
         # Wrong, and the right words selected in the passage shown: the first three words, say.
         assert page.evaluate("!document.getElementById('feedback').hidden")
         page.click("#rate-wrong")

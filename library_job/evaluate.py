@@ -8,13 +8,12 @@ library, its embedder and the reader) retrieves for each question with each sear
 hybrid top ``--passages`` as one candidate set (what ``POST /v1/ask`` does) and, for comparison,
 the gold paragraph alone. Reports retrieval recall@1/5/20 per mode (a question's paragraph is
 retrieved when one of its passages is), recall@1/5 of the passages read as the reader ranks them
-(``reader_recall@k``, k up to ``--passages``: :func:`qa_common.passage_relevance`), end-to-end
-EM/F1 and the same reader's EM/F1 with the gold paragraph, and the served response end to end (its
-top answer, "not in the library" included): its score's expected calibration error against exact
-match, the share of questions answered at >= 80 % and >= 90 % precision (highest scores first, the
-rest declined) and a reliability diagram
-(``OUTPUT/metrics.json``, ``OUTPUT/reliability.png``; ``OUTPUT/answers.jsonl``: per question the
-ranks and answers).
+(``reader_recall@k``, k up to ``--passages``: :func:`qa_common.passage_decoding.passage_order`),
+end-to-end EM/F1 and the same reader's EM/F1 with the gold paragraph, and the served response end
+to end (its top answer, "not in the library" included): its score's expected calibration error
+against exact match, the share of questions answered at >= 80 % and >= 90 % precision (highest
+scores first, the rest declined) and a reliability diagram (``OUTPUT/metrics.json``,
+``OUTPUT/reliability.png``; ``OUTPUT/answers.jsonl``: per question the ranks and answers).
 
 ``--absent-articles F`` leaves a seeded share of the articles out of the library: their questions
 are still asked, declining is their right answer, and the no-answer probability's ROC AUC for
@@ -31,13 +30,11 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
-
-from qa_common import (PassagesQuestion, Question, SquadFormatError, decode_passages, decode_spans, load_qa_config,
-                       passage_relevance, read_squad)
+from qa_common import PassagesQuestion, Question, SquadFormatError, decode_passages, decode_spans, load_qa_config, read_squad
 from qa_common.calibration import answered_at_precision, expected_calibration_error, reliability
 from qa_common.library.search import FUSION_DEPTH, PASSAGES_READ, SEARCH_MODES, document_rank, recall_at, reciprocal_rank_fusion
 from qa_common.inference import question_logits
+from qa_common.passage_decoding import passage_order
 from qa_common.metric import question_scores
 from qa_common.modeling import check_model_dir
 from qa_common.splits import absent_articles, sample_questions
@@ -93,7 +90,7 @@ class LibraryAsker:
         logits = list(question_logits(self.runner, self.tokenizer, [*read, *gold], self.config))
         for row, question, hits, passage_logits, gold_logits in zip(rows, read, read_hits, logits[: len(rows)],
                                                                     logits[len(rows):]):
-            order = np.argsort(-passage_relevance(*passage_logits, len(question.passages)), kind="stable")
+            order = passage_order(*passage_logits, len(question.passages))
             row["reader_rank"] = document_rank([hits[p] for p in order], row["document"])
             golds = [] if row["absent"] else row["answers"]["text"]  # absent: "not in the library" is right
             for prefix, config in self.settings.items():

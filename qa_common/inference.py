@@ -19,7 +19,7 @@ import numpy as np
 
 from qa_common.config import QAConfig
 from qa_common.decoding import decode_spans
-from qa_common.passage_decoding import decode_passages, passage_relevance
+from qa_common.passage_decoding import decode_passages, passage_order
 from qa_common.features import LENGTH_MULTIPLE, MODEL_INPUTS, prepare_eval_features, trim_padding
 
 # Windows per forward pass: on a CPU, larger batches gain nothing and hold more memory; a GPU wants more.
@@ -197,7 +197,7 @@ def read_questions(
 ) -> list[dict]:
     """For each question ``{"answers": ...}`` (:func:`answer_questions`' answers); a
     :class:`PassagesQuestion`'s also has ``"passage_order"``: the indices of its passages, the one
-    the reader finds an answer in most strongly first (:func:`qa_common.passage_decoding.passage_relevance`)."""
+    the reader finds an answer in most strongly first (:func:`qa_common.passage_decoding.passage_order`)."""
     if not questions:
         return []
     readings = []
@@ -206,10 +206,9 @@ def read_questions(
         settings = config.replace(max_answer_length=question.max_answer_length,
                                   version_2_with_negative=question.allow_no_answer)
         if isinstance(question, PassagesQuestion):
-            relevance = passage_relevance(start, end, offsets, passages, len(question.passages))
             readings.append({"answers": decode_passages(start, end, offsets, passages, question.passages, settings,
                                                         top_k=question.top_k),
-                             "passage_order": np.argsort(-relevance, kind="stable").tolist()})
+                             "passage_order": passage_order(start, end, offsets, passages, len(question.passages))})
         else:
             readings.append({"answers": decode_spans(start, end, offsets, question.context, settings,
                                                      top_k=question.top_k)})

@@ -4,7 +4,7 @@ The passages are laid end to end, one character apart, so that a window's offset
 span crosses from one passage into the next; :mod:`qa_common.decoding` then ranks every passage's
 spans together, the spans that read as one answer are merged into it, and each answer is mapped back
 to its passage. The search's order enters as a log prior on each passage's spans (:func:`with_rank_prior`).
-:func:`passage_relevance` ranks the passages read by what the reader found in each.
+:func:`passage_relevance` ranks the passages read by what the reader found in each (:func:`passage_order`).
 """
 
 from __future__ import annotations
@@ -68,6 +68,14 @@ def passage_relevance(start_logits: np.ndarray, end_logits: np.ndarray, offsets:
     relevance = np.full(passages, -np.inf)
     np.maximum.at(relevance, np.asarray(window_passages, dtype=np.int64), best)
     return relevance
+
+
+def passage_order(start_logits: np.ndarray, end_logits: np.ndarray, offsets: np.ndarray,
+                  window_passages: Sequence[int], passages: int) -> list[int]:
+    """The indices of the ``passages`` read, the one of highest :func:`passage_relevance` first (ties
+    in the search's order)."""
+    relevance = passage_relevance(start_logits, end_logits, offsets, window_passages, passages)
+    return np.argsort(-relevance, kind="stable").tolist()
 
 
 def passage_candidates(start_logits: np.ndarray, end_logits: np.ndarray, joined_offsets: np.ndarray, context: str,

@@ -36,8 +36,15 @@ def keep_mask(shape: torch.Size, p: float) -> tuple[torch.Tensor, float]:
     words = torch.empty((count + 3) // 4, dtype=torch.int64).random_()
     lanes = words.view(torch.int16)[:count].view(shape)
     dropped = round(p * 2**RANDOM_BITS)
-    keep = (lanes & (2**RANDOM_BITS - 1)) >= dropped
+    keep = lanes.bitwise_and_(2**RANDOM_BITS - 1) >= dropped  # in place: the draws are this call's own
     return keep, 2**RANDOM_BITS / (2**RANDOM_BITS - dropped)
+
+
+def ones_and_zeros(keep: torch.Tensor) -> torch.Tensor:
+    """``keep`` as the factor that zeroes the dropped elements: its 0/1 bytes seen as uint8. A float
+    times it is the float times the boolean, bit for bit, but PyTorch's CPU kernels multiply by a
+    boolean through a slow casting path: 3.4x the time at the attention's size (BENCHMARKS.md)."""
+    return keep.view(torch.uint8)
 
 
 def cheap_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
@@ -46,7 +53,7 @@ def cheap_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Ten
     if not training or p == 0.0:
         return x
     keep, scale = keep_mask(x.shape, p)
-    return torch.where(keep, x * scale, 0)
+    return (x * ones_and_zeros(keep)).mul_(scale)
 
 
 class CheapDropout(torch.nn.Dropout):
@@ -64,29 +71,35 @@ class _DroppedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, query, key, value, mask, scaling: float, p: float):
-        scores = torch.matmul(query.float() * scaling, key.float().transpose(2, 3))
+        dtypes = query.dtype, key.dtype, value.dtype
+        # Contiguous float32 copies, made once and kept for the backward: q, k and v arrive as views
+        # of the heads' transpose, which every matmul would otherwise copy again (and the backward
+        # cast again); they are small next to the length x length matrices kept with them.
+        query, key, value = (t.to(torch.float32, memory_format=torch.contiguous_format) for t in (query, key, value))
+        scores = torch.matmul(query * scaling, key.transpose(2, 3))
         if mask is not None:
             scores += mask
         probabilities = torch.softmax(scores, dim=-1)
         del scores
         keep, scale = keep_mask(probabilities.shape, p)
-        output = torch.matmul(probabilities * keep, value.float()).mul_(scale)
+        output = torch.matmul(probabilities * ones_and_zeros(keep), value).mul_(scale)
         ctx.save_for_backward(query, key, value, probabilities, keep)
-        ctx.scaling, ctx.scale = scaling, scale
-        return output.to(value.dtype)
+        ctx.scaling, ctx.scale, ctx.dtypes = scaling, scale, dtypes
+        return output.to(dtypes[2])
 
     @staticmethod
     def backward(ctx, grad_output):
         query, key, value, probabilities, keep = ctx.saved_tensors
-        grad_output = grad_output.float()
-        grad_value = torch.matmul((probabilities * keep).transpose(2, 3), grad_output).mul_(ctx.scale)
-        grad_dropped = torch.matmul(grad_output, value.float().transpose(2, 3)).mul_(keep)
+        grad_output = grad_output.to(torch.float32, memory_format=torch.contiguous_format)  # two matmuls read it
+        grad_value = torch.matmul((probabilities * ones_and_zeros(keep)).transpose(2, 3), grad_output).mul_(ctx.scale)
+        grad_dropped = torch.matmul(grad_output, value.transpose(2, 3)).mul_(ones_and_zeros(keep))
         # softmax's backward, fused; the dropout's scale and the scores' scaling are applied below
         grad_scores = torch._softmax_backward_data(grad_dropped, probabilities, -1, torch.float32)
         factor = ctx.scale * ctx.scaling
-        grad_query = torch.matmul(grad_scores, key.float()).mul_(factor)
-        grad_key = torch.matmul(grad_scores.transpose(2, 3), query.float()).mul_(factor)
-        return grad_query.to(query.dtype), grad_key.to(key.dtype), grad_value.to(value.dtype), None, None, None
+        grad_query = torch.matmul(grad_scores, key).mul_(factor)
+        grad_key = torch.matmul(grad_scores.transpose(2, 3), query).mul_(factor)
+        grads = (grad.to(dtype) for grad, dtype in zip((grad_query, grad_key, grad_value), ctx.dtypes))
+        return *grads, None, None, None
 
 
 def attention(module, query, key, value, attention_mask, scaling=None, dropout: float = 0.0, **kwargs):

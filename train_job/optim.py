@@ -89,20 +89,6 @@ def build_scheduler(optimizer, *, warmup_steps: int, total_steps: int) -> torch.
     )
 
 
-@contextlib.contextmanager
-def weights_cast_once():
-    """Autocast keeps its copies of the weights in its dtype until the outermost autocast region
-    closes, so a region per part of a batch would cast every weight again in each part's forward.
-    This holds one region open over the parts (the weights do not change between them) and closes
-    it before the update, which does."""
-    torch.autocast_increment_nesting()
-    try:
-        yield
-    finally:
-        if torch.autocast_decrement_nesting() == 0:
-            torch.clear_autocast_cache()
-
-
 def train_step(model, batch: dict, *, optimizer, scheduler, scaler, autocast, max_grad_norm: float = 1.0,
                max_tokens: int | None = None):
     """Forward, backward, clip, update; returns the loss (a tensor, not synchronised to the host):
@@ -116,15 +102,14 @@ def train_step(model, batch: dict, *, optimizer, scheduler, scaler, autocast, ma
     """
     parts = micro_batches(batch, max_tokens)
     loss = None
-    with weights_cast_once():
-        for index, (part, share) in enumerate(parts):
-            # Under DDP the gradients are all-reduced once, in the last part's backward.
-            last = index == len(parts) - 1
-            with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
-                with autocast:
-                    part_loss = model_loss(model, part) * share
-                scaler.scale(part_loss).backward()
-            loss = part_loss.detach() if loss is None else loss + part_loss.detach()
+    for index, (part, share) in enumerate(parts):
+        # Under DDP the gradients are all-reduced once, in the last part's backward.
+        last = index == len(parts) - 1
+        with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
+            with autocast:
+                part_loss = model_loss(model, part) * share
+            scaler.scale(part_loss).backward()
+        loss = part_loss.detach() if loss is None else loss + part_loss.detach()
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
     if not scaler.is_enabled() and not torch.isfinite(grad_norm):

@@ -12,8 +12,11 @@ each of Ray's own (GCS, raylet, dashboard, agents, Train's controller and helper
 and the training worker's peak resident memory (``VmHWM``), the validation pass included, and its
 resident memory each second, split by what holds it (``memory_split``: glibc's main heap, other
 anonymous memory, shared memory such as Ray's object store, mapped files; plotted beside the JSON
-as a PNG of the same name); and from the run's ``metrics.json`` its windows/s, loss and F1, so that
-a setting's cost in speed and its effect on what was learned come with its memory.
+as a PNG of the same name, the rate by tenth below it); and from the run's ``metrics.json`` its
+windows/s, loss and F1, so that a setting's cost in speed and its effect on what was learned come
+with its memory. Whether the rate holds over the epoch: the run reports to tensorboard, and the
+bench reads its windows/s at each of the bar's twenty updates (the wall time of each event) as the
+rate over each tenth of the epoch, beside the training worker's share of the CPU over the same tenth.
 
     python -m bench.ray_overhead --out bench/results/ray_overhead_checkpointed.json -- --gradient-checkpointing
 
@@ -32,6 +35,7 @@ import time
 from pathlib import Path
 
 from bench import benchlib
+from train_job import run_dir
 
 DEFAULT_OUT = benchlib.RESULTS / "ray_overhead.json"
 TRAINING_WORKER = "ray::RayTrainWorker"
@@ -112,8 +116,9 @@ def memory_split(pid: int) -> dict[str, float]:
     return {name: kib / 1024 for name, kib in split.items()}
 
 
-def plot_memory(split_per_second: list, path: Path, title: str) -> None:
-    """The training worker's resident memory over the run, stacked by what holds it (``memory_split``)."""
+def plot_run(split_per_second: list, tenths: list[dict], path: Path, title: str) -> None:
+    """The training worker's resident memory over the run, stacked by what holds it (``memory_split``),
+    and below it the epoch's windows/s by tenth (``rate_per_tenth``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -124,7 +129,7 @@ def plot_memory(split_per_second: list, path: Path, title: str) -> None:
               "heap": "the heap segment (glibc's main arena; tcmalloc's pages)",
               "anonymous": "thread arenas, stacks, other anonymous"}
     seconds = [second for second, _ in split_per_second]
-    fig, ax = plt.subplots(figsize=(7, 4.6))
+    fig, (ax, rate) = plt.subplots(2, 1, figsize=(7, 6.8), height_ratios=[3, 1.4])
     ax.stackplot(seconds, *[[split[kind] for _, split in split_per_second] for kind in kinds],
                  labels=[labels[kind] for kind in kinds], alpha=0.8)
     ax.axhline(1536, color="black", linewidth=0.8, linestyle=":", label="1.5 GiB")
@@ -132,6 +137,11 @@ def plot_memory(split_per_second: list, path: Path, title: str) -> None:
     ax.set_ylabel("resident MiB")
     ax.set_title(title, fontsize=10)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize=8)
+    numbers = [tenth["tenth"] for tenth in tenths]
+    rate.bar(numbers, [tenth["windows_per_s"] for tenth in tenths], color="tab:gray")
+    rate.set_xticks(numbers)
+    rate.set_xlabel("tenth of the epoch")
+    rate.set_ylabel("windows/s")
     benchlib.save_figure(fig, path)
 
 
@@ -163,12 +173,40 @@ def run_output_dir(train_flags: list[str], default: Path) -> Path:
     return parser.parse_known_args(train_flags)[0].output_dir
 
 
+def rate_per_tenth(output_dir: Path, windows_per_step: float) -> list[dict]:
+    """The epoch's windows/s over each tenth of its steps, from the run's tensorboard events (the bar's
+    updates, each with its step and wall time): windows per step over the seconds
+    between the updates that bound the tenth. Each tenth's ``started`` and ``ended`` wall times let
+    the caller line it up with the CPU samples."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((output_dir / run_dir.TENSORBOARD).iterdir()))).Reload()
+    points = [(event.step, event.wall_time) for event in events.Scalars("train/windows_per_s")]
+    last = points[-1][0]
+    bounds = [min(points, key=lambda point: abs(point[0] - last * tenth / 10)) for tenth in range(11)]
+    bounds[0] = points[0]  # the first update, a twentieth in: the tenth before it includes the first step's set-up
+    return [{"tenth": tenth + 1, "steps": (start[0], end[0]), "started": start[1], "ended": end[1],
+             "windows_per_s": windows_per_step * (end[0] - start[0]) / (end[1] - start[1])}
+            for tenth, (start, end) in enumerate(zip(bounds, bounds[1:]))]
+
+
+def worker_share_between(samples: list, started: float, ended: float) -> float:
+    """The training worker's share of the machine's CPU between two wall times, from ``samples``."""
+    inside = [(moment, procs) for moment, procs, _ in samples if started <= moment <= ended]
+    if len(inside) < 2:
+        return float("nan")
+    cpu = lambda procs: sum(cpu for name, cpu in procs.values() if name == TRAINING_WORKER)
+    (first, first_procs), (final, final_procs) = inside[0], inside[-1]
+    return (cpu(final_procs) - cpu(first_procs)) / ((final - first) * os.cpu_count())
+
+
 def measure(args, workdir: Path, load_before: list[float]) -> int:
     data = benchlib.SQUAD_FULL_TRAIN if benchlib.SQUAD_FULL_TRAIN.is_file() else benchlib.QUICKSTART_TRAIN
     output_dir = run_output_dir(args.train_flags, workdir / "run")
     command = [sys.executable, "-m", "train_job", "--preset", "squad-minilm", "--train-file", str(data),
                "--max-train-samples", str(args.questions), "--holdout-questions", "100", "--max-eval-samples", "100",
-               "--output-dir", str(output_dir), "--checkpoint-every-steps", "100000", *args.train_flags]
+               "--output-dir", str(output_dir), "--checkpoint-every-steps", "100000", "--report-to", "tensorboard",
+               *args.train_flags]
     before = set(process_times())
     samples, worker_peak_mib, worker_resident = [], 0.0, []  # worker_resident: (seconds since start, MiB)
     worker_split, split_at_peak = [], {}  # (seconds since start, {kind: MiB}); the split at the largest sample
@@ -176,7 +214,7 @@ def measure(args, workdir: Path, load_before: list[float]) -> int:
     child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while child.poll() is None:
         procs = {pid: value for pid, value in process_times().items() if pid not in before}
-        samples.append((time.monotonic(), procs, stolen_seconds()))
+        samples.append((time.time(), procs, stolen_seconds()))  # wall time: tensorboard's events carry it
         workers = [pid for pid, (name, _) in procs.items() if name == TRAINING_WORKER]
         worker_peak_mib = max([worker_peak_mib] + [resident_mib(pid, "VmHWM") for pid in workers])
         if workers:
@@ -203,26 +241,33 @@ def measure(args, workdir: Path, load_before: list[float]) -> int:
     rows = sorted(({"process": name, "share_of_cpu": share} for name, share in shares.items() if share > 0),
                   key=lambda row: -row["share_of_cpu"])
     trained = json.loads((output_dir / "metrics.json").read_text())
+    # the preset's batches are windows, not whole questions: each step takes a batch on every worker
+    tenths = rate_per_tenth(output_dir, trained["per_device_batch_size"] * trained["num_workers"])
+    for tenth in tenths:
+        tenth["training_worker_share_of_cpu"] = worker_share_between(samples, tenth["started"], tenth["ended"])
     ratios = {"ray_own_processes_share_of_cpu": sum(row["share_of_cpu"] for row in rows),
               "training_worker_share_of_cpu": worker, "driver_share_of_cpu": driver,
               "training_worker_peak_resident_mib": worker_peak_mib,
               # the run's own figures: what a setting costs in speed, and whether it changed what was learned
               "train_windows_per_s": trained["train_samples_per_second"], "train_loss": trained["train_loss"],
-              "validation_f1": trained["f1"]}
+              "validation_f1": trained["f1"],
+              # steady: the last tenth of the epoch against the second (the first includes the warm-up)
+              "last_vs_second_tenth_windows_per_s": tenths[-1]["windows_per_s"] / tenths[1]["windows_per_s"]}
     benchlib.print_table("Ratios", [{"ratio": k, "value": v} for k, v in ratios.items()], ["ratio", "value"])
     benchlib.print_table("The training worker's largest resident sample, by what holds it (MiB)",
                          [{"held by": kind, "MiB": mib} for kind, mib in split_at_peak.items()], ["held by", "MiB"])
     benchlib.print_table(f"Ray's own processes over {seconds:.0f} s of training ({cpus} CPUs)", rows,
                          ["process", "share_of_cpu"])
+    benchlib.print_table("The epoch by tenths", tenths, ["tenth", "steps", "windows_per_s", "training_worker_share_of_cpu"])
     stolen = (end_stolen - start_stolen) / (seconds * cpus)
     print(f"CPU time stolen by the hypervisor over the epoch: {stolen:.1%}")
-    plot_memory(worker_split, args.out.with_suffix(".png"),
+    plot_run(worker_split, tenths, args.out.with_suffix(".png"),
                 f"Training worker on {trained['allocator']}, {args.questions:,} questions: "
                 f"peak {worker_peak_mib:,.0f} MiB, {ratios['train_windows_per_s']:.1f} windows/s")
     benchlib.write_json(args.out, "ray_overhead", ratios,
                         {"processes": rows, "training_seconds": seconds, "command_seconds": command_seconds,
                          "stolen_share_of_cpu": stolen,
-                         "training_worker_allocator": trained["allocator"],
+                         "training_worker_allocator": trained["allocator"], "tenths": tenths,
                          "training_worker_resident_mib_per_second": worker_resident,
                          "training_worker_resident_split_at_peak_mib": split_at_peak,
                          "training_worker_resident_split_mib_per_second": worker_split},

@@ -219,12 +219,35 @@ def test_ray_overhead_splits_a_processs_memory_by_what_holds_it():
     assert memory_split(2**22 + 1) == {}
 
 
-def test_ray_overhead_plots_the_workers_memory_by_what_holds_it(tmp_path):
-    from bench.ray_overhead import plot_memory
+def test_ray_overhead_plots_the_workers_memory_and_the_rate_by_tenth(tmp_path):
+    from bench.ray_overhead import plot_run
 
     series = [(second, {"heap": 100 + second, "anonymous": 300, "shared": 20, "files": 250}) for second in range(30)]
-    plot_memory(series, tmp_path / "memory.png", "a test")
+    plot_run(series, [{"tenth": n, "windows_per_s": 12.0 + n % 3} for n in range(1, 11)], tmp_path / "memory.png", "a test")
     assert (tmp_path / "memory.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_ray_overhead_reads_the_rate_of_each_tenth_of_the_epoch(tmp_path):
+    """The bar's updates at steps 5, 10, ..., 100; a step takes 1 s up to step 50, 2 s after: the
+    first half's tenths at 16 windows/s, the second half's at 8; the worker's CPU share by tenth."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from bench.ray_overhead import TRAINING_WORKER, rate_per_tenth, worker_share_between
+
+    wall = lambda step: 1000.0 + (step if step <= 50 else 50 + 2 * (step - 50))
+    writer = SummaryWriter(log_dir=str(tmp_path / "tensorboard" / "run"))
+    for step in range(5, 101, 5):
+        writer.add_scalar("train/windows_per_s", 0.0, step, walltime=wall(step))
+    writer.close()
+    tenths = rate_per_tenth(tmp_path, windows_per_step=16)
+    assert [tenth["steps"] for tenth in tenths[:2]] == [(5, 10), (10, 20)]
+    assert [round(tenth["windows_per_s"], 6) for tenth in tenths] == [16.0] * 5 + [8.0] * 5
+
+    # the worker busy on one of two CPUs until 1050, on both after; another process all the while
+    samples = [(1000.0 + s, {1: (TRAINING_WORKER, s if s <= 50 else 50 + 2 * (s - 50)), 2: ("raylet", s)}, 0.0)
+               for s in range(0, 151)]
+    assert worker_share_between(samples, tenths[1]["started"], tenths[1]["ended"]) == pytest.approx(0.5)
+    assert worker_share_between(samples, tenths[-1]["started"], tenths[-1]["ended"]) == pytest.approx(1.0)
 
 
 def test_preprocess(local_ray, tiny_model_dir, tmp_path, capsys):

@@ -175,16 +175,16 @@ def run_output_dir(train_flags: list[str], default: Path) -> Path:
 
 def rate_per_tenth(output_dir: Path, windows_per_step: float) -> list[dict]:
     """The epoch's windows/s over each tenth of its steps, from the run's tensorboard events (the bar's
-    updates, each with its step and wall time): windows per step over the seconds
-    between the updates that bound the tenth. Each tenth's ``started`` and ``ended`` wall times let
-    the caller line it up with the CPU samples."""
+    updates, each with its step and wall time): windows per step over the seconds between the updates
+    nearest the tenth's bounds. The bar's first update comes a twentieth in, so the first tenth is
+    the half after it, without the first step's set-up. Each tenth's ``started`` and ``ended`` wall
+    times line it up with the CPU samples."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(next((output_dir / run_dir.TENSORBOARD).iterdir()))).Reload()
     points = [(event.step, event.wall_time) for event in events.Scalars("train/windows_per_s")]
     last = points[-1][0]
     bounds = [min(points, key=lambda point: abs(point[0] - last * tenth / 10)) for tenth in range(11)]
-    bounds[0] = points[0]  # the first update, a twentieth in: the tenth before it includes the first step's set-up
     return [{"tenth": tenth + 1, "steps": (start[0], end[0]), "started": start[1], "ended": end[1],
              "windows_per_s": windows_per_step * (end[0] - start[0]) / (end[1] - start[1])}
             for tenth, (start, end) in enumerate(zip(bounds, bounds[1:]))]
@@ -262,8 +262,8 @@ def measure(args, workdir: Path, load_before: list[float]) -> int:
     stolen = (end_stolen - start_stolen) / (seconds * cpus)
     print(f"CPU time stolen by the hypervisor over the epoch: {stolen:.1%}")
     plot_run(worker_split, tenths, args.out.with_suffix(".png"),
-                f"Training worker on {trained['allocator']}, {args.questions:,} questions: "
-                f"peak {worker_peak_mib:,.0f} MiB, {ratios['train_windows_per_s']:.1f} windows/s")
+             f"Training worker on {trained['allocator']}, {args.questions:,} questions: "
+             f"peak {worker_peak_mib:,.0f} MiB, {ratios['train_windows_per_s']:.1f} windows/s")
     benchlib.write_json(args.out, "ray_overhead", ratios,
                         {"processes": rows, "training_seconds": seconds, "command_seconds": command_seconds,
                          "stolen_share_of_cpu": stolen,

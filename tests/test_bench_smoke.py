@@ -243,11 +243,12 @@ def test_ray_overhead_reads_the_rate_of_each_tenth_of_the_epoch(tmp_path):
     assert [tenth["steps"] for tenth in tenths[:2]] == [(5, 10), (10, 20)]
     assert [round(tenth["windows_per_s"], 6) for tenth in tenths] == [16.0] * 5 + [8.0] * 5
 
-    # the worker busy on one of two CPUs until 1050, on both after; another process all the while
+    # the worker busy on one CPU until 1050, on two after; another process all the while
     samples = [(1000.0 + s, {1: (TRAINING_WORKER, s if s <= 50 else 50 + 2 * (s - 50)), 2: ("raylet", s)}, 0.0)
                for s in range(0, 151)]
-    assert worker_share_between(samples, tenths[1]["started"], tenths[1]["ended"]) == pytest.approx(0.5)
-    assert worker_share_between(samples, tenths[-1]["started"], tenths[-1]["ended"]) == pytest.approx(1.0)
+    cpus = os.cpu_count()  # a share of the whole machine
+    assert worker_share_between(samples, tenths[1]["started"], tenths[1]["ended"]) == pytest.approx(1 / cpus)
+    assert worker_share_between(samples, tenths[-1]["started"], tenths[-1]["ended"]) == pytest.approx(2 / cpus)
 
 
 def test_preprocess(local_ray, tiny_model_dir, tmp_path, capsys):

@@ -38,18 +38,19 @@ def prepare_features(args, path: Path) -> dict:
 
 def preset_training(model_name: str, total_steps: int, *, attention_dropout: float | None = None,
                     cheap_dropout: bool = False, gradient_checkpointing: bool = False, dropout_seed: int | None = None,
-                    max_tokens: int | None = None, fused_adamw: bool | None = None):
+                    max_tokens: int | None = None, fused_adamw: bool | None = None, sparse_lookup: bool = True):
     """``(model, step)``: the preset's model, optimiser, schedule and autocast as ``train_job``'s loop builds
     them, ``step(batch)`` taking one training step and returning its loss. ``dropout_seed`` re-seeds the
     generator once the model is loaded, so only the dropout masks differ from the run's own; ``max_tokens``
-    is ``--max-batch-tokens`` (None: the whole batch at once); ``fused_adamw`` None is the loop's choice."""
+    is ``--max-batch-tokens`` (None: the whole batch at once); ``fused_adamw`` None is the loop's choice;
+    ``sparse_lookup`` False keeps the word embedding's gradient dense, as the loop did before."""
     import torch
 
     from qa_common import load_model_and_tokenizer
     from train_job.dropout import use_cheap_dropout
     from train_job.loop import AUTOCAST_DTYPES
     from train_job.optim import (build_optimizer, build_scheduler, checkpoint_layers, resolve_precision,
-                                 set_attention_dropout, train_step)
+                                 set_attention_dropout, sparse_lookup_gradients, train_step)
 
     config = preset_config()
     torch.manual_seed(config.seed)
@@ -59,6 +60,8 @@ def preset_training(model_name: str, total_steps: int, *, attention_dropout: flo
         use_cheap_dropout(model)
     if gradient_checkpointing:
         checkpoint_layers(model)
+    if sparse_lookup:
+        sparse_lookup_gradients(model, torch.device("cpu"))
     if dropout_seed is not None:
         torch.manual_seed(dropout_seed)
     precision = resolve_precision(config.precision, torch.device("cpu"))
@@ -75,7 +78,7 @@ def preset_training(model_name: str, total_steps: int, *, attention_dropout: flo
 def preset_steps(model_name: str, features: dict, steps: int, *, length_multiple: int | None = None,
                  attention_dropout: float | None = None, cheap_dropout: bool = False, dropout_seed: int | None = None,
                  threads: int | None = None, gradient_checkpointing: bool = False, max_tokens: int | None = None,
-                 fused_adamw: bool | None = None):
+                 fused_adamw: bool | None = None, sparse_lookup: bool = True):
     """The preset's training steps in this process, as ``train_job``'s loop takes them (:func:`preset_training`,
     its length-grouped batch order and padding cut to ``length_multiple``): yields each step's windows,
     padded tokens and loss. The model is loaded before the first step is asked for."""
@@ -90,7 +93,7 @@ def preset_steps(model_name: str, features: dict, steps: int, *, length_multiple
     torch.set_num_threads(threads or os.cpu_count())
     _, step = preset_training(model_name, steps, attention_dropout=attention_dropout, cheap_dropout=cheap_dropout,
                               gradient_checkpointing=gradient_checkpointing, dropout_seed=dropout_seed,
-                              max_tokens=max_tokens, fused_adamw=fused_adamw)
+                              max_tokens=max_tokens, fused_adamw=fused_adamw, sparse_lookup=sparse_lookup)
     lengths = features["attention_mask"].sum(axis=1)
     rng = np.random.default_rng(config.seed)
     batches = epoch_batches(rng.permutation(len(lengths)), lengths, config.per_device_batch_size, rng, GROUP_BATCHES)

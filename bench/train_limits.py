@@ -20,7 +20,9 @@ where the CPU has it):
    and ``train_job.dropout``'s cheap dropout, as ``--cheap-dropout`` does; ``attention-dropout-0``: that
    and ``--attention-dropout 0``; ``checkpointed``: ``now`` and ``--gradient-checkpointing``;
    ``preset``: ``now`` and the preset's ``--max-batch-tokens``, the step as the preset takes it;
-   ``preset-tcmalloc``: that on tcmalloc, as workers run where it is installed (``--allocator``). A
+   ``preset-tcmalloc``: that on tcmalloc, as workers run where it is installed (``--allocator``);
+   ``preset-tcmalloc-dense-lookup``: that with the word embedding's gradient dense in every backward, as
+   before ``train_job.optim.sparse_lookup_gradients`` (``before`` has it dense too). A
    variant named more than once runs again, in the order given (alternate them: ``--variants
    before,preset,before,preset``), and its ratios are over the mean of its runs.
 3. **The machine's rate** at the model's own matmuls: every matmul of a training step at the median
@@ -56,11 +58,12 @@ class Variant(NamedTuple):
     preset_parts: bool = False  # the preset's --max-batch-tokens: gradients added up over parts of a batch
     fused_adamw: bool = True  # one AdamW kernel for all parameters, as the loop builds it on a CPU now
     allocator: str = "glibc"  # train_job --allocator: tcmalloc is preloaded into the variant's process
+    sparse_lookup: bool = True  # the word embedding's gradient sparse until the update, as the loop takes it on a CPU now
 
 
 VARIANTS = {
     # The loop the issue measured: a new shape nearly every step, AdamW a loop over the parameters.
-    "before": Variant(1, None, False, False, False, fused_adamw=False),
+    "before": Variant(1, None, False, False, False, fused_adamw=False, sparse_lookup=False),
     "buckets": Variant(None, None, False, False, True),  # batches cut to LENGTH_MULTIPLE, PyTorch's dropout
     "now": Variant(None, None, True, False, True),  # buckets and --cheap-dropout (train_job.dropout)
     "attention-dropout-0": Variant(None, 0.0, True, False, True),  # and --attention-dropout 0: fused attention
@@ -68,6 +71,9 @@ VARIANTS = {
     "preset": Variant(None, None, True, False, True, preset_parts=True),  # "now" and the preset's --max-batch-tokens: as it trains
     # the preset's step on tcmalloc, as its workers run where the library is installed (--allocator auto)
     "preset-tcmalloc": Variant(None, None, True, False, True, preset_parts=True, allocator="tcmalloc"),
+    # that with a dense word-embedding gradient in every part's backward: the preset's step before the sparse one
+    "preset-tcmalloc-dense-lookup": Variant(None, None, True, False, True, preset_parts=True, allocator="tcmalloc",
+                                            sparse_lookup=False),
 }
 PROFILED = {"buckets": (None, False), "now": (None, True), "attention-dropout-0": (0.0, True)}
 KINDS = {  # profiler op name prefixes -> kind
@@ -130,7 +136,7 @@ def run_variant(args) -> dict:
                          attention_dropout=variant.attention_dropout, cheap_dropout=variant.cheap_dropout,
                          gradient_checkpointing=variant.checkpointing,
                          max_tokens=preset_config().max_batch_tokens if variant.preset_parts else None,
-                         fused_adamw=variant.fused_adamw)
+                         fused_adamw=variant.fused_adamw, sparse_lookup=variant.sparse_lookup)
     tenth, tenths, losses = max(1, args.steps // 10), [], []
     rss_start = resident_mib()
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from train_job.loss import micro_batches
-from train_job.optim import train_step
+from train_job.optim import build_optimizer, sparse_lookup_gradients, train_step
 
 
 def batch_of(rows: int, length: int, groups: list[int] | None = None, seed: int = 0) -> dict:
@@ -65,3 +65,34 @@ def test_a_step_over_parts_makes_the_whole_batchs_update(tiny_model_and_tokenize
     assert sum(u.abs().sum() for u in whole_update) > 0
     for ours, theirs in zip(parts_update, whole_update):
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
+
+
+def test_a_sparse_lookup_gradient_makes_the_dense_steps_update_over_parts(tiny_model_and_tokenizer):
+    """On a CPU the word embedding's backward names only the rows read, added up over the parts, and
+    is made dense once before clipping and fused AdamW (which takes no sparse gradient): the update is
+    the dense path's, to float rounding."""
+    model, _ = tiny_model_and_tokenizer
+    batch = batch_of(10, 16, seed=2)
+
+    def step(sparse: bool):
+        copied = copy.deepcopy(model)
+        if sparse:
+            assert sparse_lookup_gradients(copied, torch.device("cpu"))
+        lookup = copied.get_input_embeddings()
+        seen = []
+        lookup.weight.register_hook(lambda gradient: seen.append(gradient.is_sparse))
+        optimizer = build_optimizer(copied, learning_rate=1e-3, weight_decay=0.01)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+        before = lookup.weight.detach().clone()
+        train_step(copied, batch, optimizer=optimizer, scheduler=scheduler, scaler=torch.amp.GradScaler("cpu", enabled=False),
+                   autocast=torch.autocast("cpu", enabled=False), max_tokens=40)
+        return seen, lookup.weight.detach() - before, [p.detach() for p in copied.parameters()]
+
+    dense_seen, dense_update, dense_after = step(False)
+    sparse_seen, sparse_update, sparse_after = step(True)
+    assert dense_seen == [False] * 5 and sparse_seen == [True] * 5  # one backward per part of two windows
+    assert dense_update.abs().sum() > 0
+    torch.testing.assert_close(sparse_update, dense_update, rtol=1e-4, atol=1e-7)
+    for ours, theirs in zip(sparse_after, dense_after):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
+    assert not sparse_lookup_gradients(copy.deepcopy(model), torch.device("cuda"))  # a GPU's dense lookup is cheap

@@ -52,6 +52,7 @@ def test_two_workers_train_evaluate_and_export(uninterrupted):
     assert saved["num_workers"] == 2 and saved["eval_examples"] == len(references)
     assert saved["training_dropout"] == "cheap" and "fp32, cheap dropout)" in (output_dir / "model/README.md").read_text()
     assert saved["gradient_checkpointing"] is True
+    assert saved["sparse_lookup_gradient"] is True  # all-reduced sparse between the two workers (Gloo)
     # --allocator auto: the workers preloaded tcmalloc where it is installed (CI installs it)
     assert saved["allocator"] == ("tcmalloc" if tcmalloc_library() else "glibc")
     assert "gradient_checkpointing" not in json.loads((output_dir / "model/config.json").read_text())

@@ -29,7 +29,7 @@ from train_job.config import TrainConfig
 from train_job.data import TrainingUnits, epoch_batches, epoch_shard, training_units
 from train_job.dropout import training_dropout
 from train_job.optim import (build_optimizer, build_scheduler, checkpoint_layers, resolve_precision,
-                             set_attention_dropout, train_step)
+                             set_attention_dropout, sparse_lookup_gradients, train_step)
 from train_job.tracking import Trackers
 from train_job.validation import describe_scores, evaluate, my_questions
 
@@ -53,7 +53,7 @@ class Worker:
     scaler: torch.amp.GradScaler
     autocast: torch.autocast
     precision: str  # config.precision with "auto" resolved for this worker's device
-    applied: dict  # what --cheap-dropout and --gradient-checkpointing came to on this device, read off the model
+    applied: dict  # what --cheap-dropout, --gradient-checkpointing and the CPU-only choices came to, read off the model
     state: dict  # counters, history, RNG states: saved with every checkpoint
     resumed: bool
     loop_config: dict  # what the driver passed: the run's name, fingerprint, test seams
@@ -120,8 +120,8 @@ def set_up(config: TrainConfig, loop_config: dict) -> Worker:
     dropout = training_dropout(model, config.cheap_dropout, device)
     if config.gradient_checkpointing:
         checkpoint_layers(model)
-    applied = {"training_dropout": dropout,
-               "gradient_checkpointing": model.is_gradient_checkpointing, "allocator": allocator}
+    applied = {"training_dropout": dropout, "gradient_checkpointing": model.is_activation_checkpointing,
+               "sparse_lookup_gradient": sparse_lookup_gradients(model, device), "allocator": allocator}
     model = ray.train.torch.prepare_model(model)
     if config.compile:
         # Trimmed batches change length every step: compile for dynamic shapes once, not per length.

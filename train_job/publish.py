@@ -49,6 +49,7 @@ def publish_run(checkpoint, checkpoint_metrics: dict, config: TrainConfig, outpu
         "training_precision": checkpoint_metrics["training_precision"],
         "training_dropout": checkpoint_metrics["training_dropout"],
         "gradient_checkpointing": checkpoint_metrics["gradient_checkpointing"],
+        "sparse_lookup_gradient": checkpoint_metrics["sparse_lookup_gradient"],
         "allocator": checkpoint_metrics["allocator"],
         "max_batch_tokens": config.max_batch_tokens,
         "model": config.model,

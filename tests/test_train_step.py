@@ -134,7 +134,7 @@ def test_gradient_checkpointing_replays_the_cheap_dropout_masks_and_gives_the_sa
         torch.manual_seed(7)
         loss = model(**inputs).loss
         loss.backward()
-        return float(loss), {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+        return loss.item(), {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
 
     loss, plain = gradients(False)
     checkpointed_loss, checkpointed = gradients(True)

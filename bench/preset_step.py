@@ -86,8 +86,7 @@ def preset_steps(model_name: str, features: dict, steps: int, *, length_multiple
 
     from qa_common import trim_padding
     from train_job.data import epoch_batches
-    from qa_common.features import LENGTH_MULTIPLE
-    from train_job.loop import GROUP_BATCHES
+    from train_job.loop import GROUP_BATCHES, TRAIN_LENGTH_MULTIPLE
 
     config = preset_config()
     torch.set_num_threads(threads or os.cpu_count())
@@ -103,7 +102,7 @@ def preset_steps(model_name: str, features: dict, steps: int, *, length_multiple
         for rows in batches:
             batch = {name: torch.as_tensor(values, dtype=torch.long)
                      for name, values in trim_padding({n: v[rows] for n, v in features.items()},
-                                                      multiple_of=length_multiple or LENGTH_MULTIPLE).items()}
+                                                      multiple_of=length_multiple or TRAIN_LENGTH_MULTIPLE).items()}
             loss = step(batch)
             yield {"windows": len(rows), "padded_tokens": batch["input_ids"].numel(), "loss": float(loss)}
 

@@ -16,13 +16,15 @@ where the CPU has it):
    at its peak. ``before``: the loop the issue measured (batches cut to their longest window, a new
    shape nearly every step; PyTorch's dropout; glibc's default thresholds; AdamW a loop over the
    parameters); the others keep freed memory as every CPU worker now does (``train_job.allocator``) and
-   fuse AdamW as the loop now does: ``buckets``: batches cut to a multiple of 32 tokens; ``now``: that
+   fuse AdamW as the loop now does: ``buckets``: batches cut to the loop's multiple of tokens
+   (``train_job.loop.TRAIN_LENGTH_MULTIPLE``; 32 before 2026-12-07); ``now``: that
    and ``train_job.dropout``'s cheap dropout, as ``--cheap-dropout`` does; ``attention-dropout-0``: that
    and ``--attention-dropout 0``; ``checkpointed``: ``now`` and ``--gradient-checkpointing``;
    ``preset``: ``now`` and the preset's ``--max-batch-tokens``, the step as the preset takes it;
    ``preset-tcmalloc``: that on tcmalloc, as workers run where it is installed (``--allocator``);
    ``preset-tcmalloc-dense-lookup``: that with the word embedding's gradient dense in every backward, as
-   before ``train_job.optim.sparse_lookup_gradients`` (``before`` has it dense too). A
+   before ``train_job.optim.sparse_lookup_gradients`` (``before`` has it dense too);
+   ``preset-tcmalloc-32``: ``preset-tcmalloc`` with batches cut to a multiple of 32 tokens. A
    variant named more than once runs again, in the order given (alternate them: ``--variants
    before,preset,before,preset``), and its ratios are over the mean of its runs.
 3. **The machine's rate** at the model's own matmuls: every matmul of a training step at the median
@@ -64,13 +66,15 @@ class Variant(NamedTuple):
 VARIANTS = {
     # The loop the issue measured: a new shape nearly every step, AdamW a loop over the parameters.
     "before": Variant(1, None, False, False, False, fused_adamw=False, sparse_lookup=False),
-    "buckets": Variant(None, None, False, False, True),  # batches cut to LENGTH_MULTIPLE, PyTorch's dropout
+    "buckets": Variant(None, None, False, False, True),  # batches cut to TRAIN_LENGTH_MULTIPLE, PyTorch's dropout
     "now": Variant(None, None, True, False, True),  # buckets and --cheap-dropout (train_job.dropout)
     "attention-dropout-0": Variant(None, 0.0, True, False, True),  # and --attention-dropout 0: fused attention
     "checkpointed": Variant(None, None, True, True, True),  # "now" and --gradient-checkpointing
     "preset": Variant(None, None, True, False, True, preset_parts=True),  # "now" and the preset's --max-batch-tokens: as it trains
     # the preset's step on tcmalloc, as its workers run where the library is installed (--allocator auto)
     "preset-tcmalloc": Variant(None, None, True, False, True, preset_parts=True, allocator="tcmalloc"),
+    # that with batches cut to a multiple of 32 tokens (serving's), as the loop cut them before
+    "preset-tcmalloc-32": Variant(32, None, True, False, True, preset_parts=True, allocator="tcmalloc"),
     # that with a dense word-embedding gradient in every part's backward: the preset's step before the sparse one
     "preset-tcmalloc-dense-lookup": Variant(None, None, True, False, True, preset_parts=True, allocator="tcmalloc",
                                             sparse_lookup=False),

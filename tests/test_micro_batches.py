@@ -96,3 +96,4 @@ def test_a_sparse_lookup_gradient_makes_the_dense_steps_update_over_parts(tiny_m
     for ours, theirs in zip(sparse_after, dense_after):
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
     assert not sparse_lookup_gradients(copy.deepcopy(model), torch.device("cuda"))  # a GPU's dense lookup is cheap
+    assert not sparse_lookup_gradients(copy.deepcopy(model), torch.device("cpu"), compiled=True)  # inductor: no sparse backward

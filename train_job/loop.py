@@ -34,7 +34,7 @@ from train_job.validation import describe_scores, evaluate, my_questions
 
 GROUP_BATCHES = 32  # length grouping sorts this many batches' worth of features at a time
 # Training batches are cut to a multiple of this many tokens: 6 % padding over the preset's windows against
-# 10 % at qa_common's 32 (serving's multiple), 1.08x the windows/s (12 shapes within 256 tokens instead of 6).
+# 10 % at qa_common's 32 (serving's multiple), 1.07x the windows/s (12 shapes within 256 tokens instead of 6).
 # 8 was 1.10x but took bert-base past 3 GB (BENCHMARKS.md, "Batches cut to a multiple of 16 tokens").
 TRAIN_LENGTH_MULTIPLE = 16
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -124,7 +124,7 @@ def set_up(config: TrainConfig, loop_config: dict) -> Worker:
     if config.gradient_checkpointing:
         checkpoint_layers(model)
     applied = {"training_dropout": dropout, "gradient_checkpointing": model.is_activation_checkpointing,
-               "sparse_lookup_gradient": sparse_lookup_gradients(model, device), "allocator": allocator}
+               "sparse_lookup_gradient": sparse_lookup_gradients(model, device, config.compile), "allocator": allocator}
     model = ray.train.torch.prepare_model(model)
     if config.compile:
         # Trimmed batches change length every step: compile for dynamic shapes once, not per length.

@@ -52,19 +52,22 @@ def checkpoint_layers(model: torch.nn.Module) -> None:
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
 
-def sparse_lookup_gradients(model: torch.nn.Module, device: torch.device) -> bool:
+def sparse_lookup_gradients(model: torch.nn.Module, device: torch.device, compiled: bool = False) -> bool:
     """On a CPU, make the word embedding's backward sparse: its gradient names only the rows the batch's
     tokens read. Returns whether it did (an ``applied`` fact of the run).
 
     A dense lookup gradient is a zeroed vocabulary x hidden matrix (47 MB for MiniLM) per backward, and
-    with ``--max-batch-tokens`` one backward per part of a batch, each added into the last: 66 ms of the
-    preset's step on the EPYC VM against 22 ms sparse (BENCHMARKS.md, "A sparse lookup gradient").
+    with ``--max-batch-tokens`` one backward per part of a batch, each added into the last: 66 ms a step
+    against 22 ms sparse, timed alone at the preset's parts on the EPYC VM; 1.015x the preset's windows/s
+    (BENCHMARKS.md, "A sparse lookup gradient").
     :func:`densify_gradients` makes it dense once per step, before clipping and the update, so the
     optimiser and everything after the backward see what they saw; DDP all-reduces a sparse gradient
     (Gloo), so it is set before the model is wrapped. The sums differ from the dense path's by float
-    rounding only (the same terms, added in another order). On a GPU the dense path is cheap: unchanged.
+    rounding only (the same terms, added in another order). On a GPU the dense path is cheap, and a
+    ``compiled`` model (``--compile``) keeps it too: inductor cannot compile the sparse backward and
+    breaks the graph around it.
     """
-    if device.type != "cpu":
+    if device.type != "cpu" or compiled:
         return False
     embedding = model.get_input_embeddings()
     if not isinstance(embedding, torch.nn.Embedding):

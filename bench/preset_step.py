@@ -84,9 +84,8 @@ def preset_steps(model_name: str, features: dict, steps: int, *, length_multiple
     padded tokens and loss. The model is loaded before the first step is asked for."""
     import torch
 
-    from qa_common import trim_padding
     from train_job.data import epoch_batches
-    from train_job.loop import GROUP_BATCHES, TRAIN_LENGTH_MULTIPLE
+    from train_job.loop import GROUP_BATCHES, TRAIN_LENGTH_MULTIPLE, training_batch
 
     config = preset_config()
     torch.set_num_threads(threads or os.cpu_count())
@@ -100,9 +99,7 @@ def preset_steps(model_name: str, features: dict, steps: int, *, length_multiple
 
     def take_steps():
         for rows in batches:
-            batch = {name: torch.as_tensor(values, dtype=torch.long)
-                     for name, values in trim_padding({n: v[rows] for n, v in features.items()},
-                                                      multiple_of=length_multiple or TRAIN_LENGTH_MULTIPLE).items()}
+            batch = training_batch(features, rows, multiple_of=length_multiple or TRAIN_LENGTH_MULTIPLE)
             loss = step(batch)
             yield {"windows": len(rows), "padded_tokens": batch["input_ids"].numel(), "loss": float(loss)}
 

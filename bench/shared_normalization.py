@@ -44,10 +44,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    from qa_common import load_model_and_tokenizer, prepare_train_features, read_squad, trim_padding
+    from qa_common import load_model_and_tokenizer, prepare_train_features, read_squad
     from train_job.presets import PRESETS
     from train_job.data import epoch_batches, training_units
-    from train_job.loop import GROUP_BATCHES, TRAIN_LENGTH_MULTIPLE
+    from train_job.loop import GROUP_BATCHES, training_batch
     from train_job.optim import build_optimizer, build_scheduler, resolve_precision, train_step
     from qa_common import QAConfig
 
@@ -77,8 +77,7 @@ def main(argv=None) -> int:
         windows, started = 0, time.perf_counter()
         for batch_units in steps:
             rows = units.windows(batch_units)
-            batch = {name: torch.as_tensor(values, dtype=torch.long) for name, values in  # as the loop builds it
-                     trim_padding({n: v[rows] for n, v in features.items()}, multiple_of=TRAIN_LENGTH_MULTIPLE).items()
+            batch = {name: values for name, values in training_batch(features, rows).items()  # as the loop builds it
                      if shared or name != "group"}
             train_step(model, batch, optimizer=optimizer, scheduler=scheduler, scaler=scaler, autocast=autocast)
             windows += len(rows)

@@ -123,8 +123,9 @@ def set_up(config: TrainConfig, loop_config: dict) -> Worker:
     dropout = training_dropout(model, config.cheap_dropout, device)
     if config.gradient_checkpointing:
         checkpoint_layers(model)
+    sparse_lookup = sparse_lookup_gradients(model, device, config.compile)  # before DDP wraps the model
     applied = {"training_dropout": dropout, "gradient_checkpointing": model.is_activation_checkpointing,
-               "sparse_lookup_gradient": sparse_lookup_gradients(model, device, config.compile), "allocator": allocator}
+               "sparse_lookup_gradient": sparse_lookup, "allocator": allocator}
     model = ray.train.torch.prepare_model(model)
     if config.compile:
         # Trimmed batches change length every step: compile for dynamic shapes once, not per length.
@@ -181,8 +182,7 @@ def train_epoch(worker: Worker, train_features: dict, units: TrainingUnits, epoc
     with worker.model.join() if worker.world_size > 1 else contextlib.nullcontext():
         for step_in_epoch in range(first_step, len(batches) + 1):
             rows = units.windows(batches[step_in_epoch - 1])
-            batch = {name: torch.as_tensor(values, dtype=torch.long, device=worker.device) for name, values in
-                     trim_padding({n: v[rows] for n, v in train_features.items()}, multiple_of=TRAIN_LENGTH_MULTIPLE).items()}
+            batch = training_batch(train_features, rows, worker.device)
             try:
                 loss = train_step(worker.model, batch, optimizer=worker.optimizer, scheduler=worker.scheduler,
                                   scaler=worker.scaler, autocast=worker.autocast, max_tokens=config.max_batch_tokens)
@@ -224,6 +224,13 @@ def train_epoch(worker: Worker, train_features: dict, units: TrainingUnits, epoc
         "training_precision": worker.precision,
         **worker.applied,
     }
+
+
+def training_batch(features: dict, rows, device: torch.device | None = None,
+                   multiple_of: int = TRAIN_LENGTH_MULTIPLE) -> dict[str, torch.Tensor]:
+    """The features' ``rows`` as one training batch: padding cut to ``multiple_of`` tokens, long tensors."""
+    trimmed = trim_padding({name: values[rows] for name, values in features.items()}, multiple_of=multiple_of)
+    return {name: torch.as_tensor(values, dtype=torch.long, device=device) for name, values in trimmed.items()}
 
 
 def progress_bar(worker: Worker, epoch: int, steps_per_epoch: int, done: int):

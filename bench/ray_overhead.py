@@ -10,9 +10,10 @@ second, and reports, over the training epoch only (from the training worker's fi
 to its last), each process's share of the machine's CPU time: the training worker, the driver, and
 each of Ray's own (GCS, raylet, dashboard, agents, Train's controller and helpers, idle workers);
 and the training worker's peak resident memory (``VmHWM``), the validation pass included, and its
-resident memory each second, split by what holds it (``memory_split``: glibc's main heap, other
-anonymous memory, shared memory such as Ray's object store, mapped files; plotted beside the JSON
-as a PNG of the same name, the rate by tenth below it); and from the run's ``metrics.json`` its
+resident memory each second, every ten seconds split by what holds it (``memory_split``: glibc's main
+heap, other anonymous memory, shared memory such as Ray's object store, mapped files; plotted beside
+the JSON as a PNG of the same name, the rate by tenth below it); its own sampling's share of the CPU
+(``sampler_share_of_cpu``: time the run did not get); and from the run's ``metrics.json`` its
 windows/s, loss and F1, so that a setting's cost in speed and its effect on what was learned come
 with its memory. Whether the rate holds over the epoch: the run reports to tensorboard, and the
 bench reads its windows/s at each of the bar's twenty updates (the wall time of each event) as the
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -40,6 +42,9 @@ from train_job import run_dir
 DEFAULT_OUT = benchlib.RESULTS / "ray_overhead.json"
 TRAINING_WORKER = "ray::RayTrainWorker"
 TICKS = os.sysconf("SC_CLK_TCK")
+# Reading the worker's smaps walks its 1,300-odd mappings (30 ms); once a second that made this bench
+# take 5 % of a 2-core machine from the run it measures. Its resident size is still read each second.
+SPLIT_EVERY_S = 10
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -116,7 +121,7 @@ def memory_split(pid: int) -> dict[str, float]:
     return {name: kib / 1024 for name, kib in split.items()}
 
 
-def plot_run(split_per_second: list, tenths: list[dict], path: Path, title: str) -> None:
+def plot_run(split_over_time: list, tenths: list[dict], path: Path, title: str) -> None:
     """The training worker's resident memory over the run, stacked by what holds it (``memory_split``),
     and below it the epoch's windows/s by tenth (``rate_per_tenth``)."""
     import matplotlib
@@ -128,9 +133,9 @@ def plot_run(split_per_second: list, tenths: list[dict], path: Path, title: str)
     labels = {"files": "mapped files (library code)", "shared": "shared memory (Ray's object store)",
               "heap": "the heap segment (glibc's main arena; tcmalloc's pages)",
               "anonymous": "thread arenas, stacks, other anonymous"}
-    seconds = [second for second, _ in split_per_second]
+    seconds = [second for second, _ in split_over_time]
     fig, (ax, rate) = plt.subplots(2, 1, figsize=(7, 6.8), height_ratios=[3, 1.4])
-    ax.stackplot(seconds, *[[split[kind] for _, split in split_per_second] for kind in kinds],
+    ax.stackplot(seconds, *[[split[kind] for _, split in split_over_time] for kind in kinds],
                  labels=[labels[kind] for kind in kinds], alpha=0.8)
     ax.axhline(1536, color="black", linewidth=0.8, linestyle=":", label="1.5 GiB")
     ax.set_xlabel("seconds since the run started")
@@ -200,6 +205,39 @@ def worker_share_between(samples: list, started: float, ended: float) -> float:
     return (cpu(final_procs) - cpu(first_procs)) / ((final - first) * os.cpu_count())
 
 
+def sample_run(command: list[str], worker: str, split_every_s: float = SPLIT_EVERY_S) -> dict:
+    """Run ``command`` and sample every process it starts, once a second until it exits: its
+    ``returncode`` and ``seconds``; ``samples``, each
+    ``(wall time, {pid: (name, CPU seconds)}, stolen seconds)`` (wall time: tensorboard's events carry
+    it); the ``worker`` processes' peak (``peak_mib``), resident memory each second (``resident``:
+    ``(second, MiB)``) and its split every ``split_every_s`` (``split``: ``(second, {kind: MiB})``;
+    ``split_at_peak``, the largest); and ``sampler_seconds``, this sampling's own CPU time: time the
+    run did not get."""
+    before, own_before = set(process_times()), resource.getrusage(resource.RUSAGE_SELF)
+    launched = time.monotonic()
+    child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    samples, peak_mib, resident, split_over_time, split_at_peak = [], 0.0, [], [], {}
+    while child.poll() is None:
+        procs = {pid: value for pid, value in process_times().items() if pid not in before}
+        samples.append((time.time(), procs, stolen_seconds()))
+        workers = [pid for pid, (name, _) in procs.items() if name == worker]
+        peak_mib = max([peak_mib] + [resident_mib(pid, "VmHWM") for pid in workers])
+        if workers:
+            second = round(samples[-1][0] - samples[0][0])
+            resident.append((second, round(sum(map(resident_mib, workers)))))
+            if not split_over_time or second - split_over_time[-1][0] >= split_every_s:
+                split = {kind: sum(memory_split(pid).get(kind, 0.0) for pid in workers)
+                         for kind in ("heap", "anonymous", "shared", "files")}
+                split_over_time.append((second, {kind: round(mib) for kind, mib in split.items()}))
+                if sum(split.values()) > sum(split_at_peak.values()):
+                    split_at_peak = split
+        time.sleep(1.0)
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    return {"returncode": child.returncode, "seconds": time.monotonic() - launched, "samples": samples,
+            "peak_mib": peak_mib, "resident": resident, "split": split_over_time, "split_at_peak": split_at_peak,
+            "sampler_seconds": own.ru_utime + own.ru_stime - own_before.ru_utime - own_before.ru_stime}
+
+
 def measure(args, workdir: Path, load_before: list[float]) -> int:
     data = benchlib.SQUAD_FULL_TRAIN if benchlib.SQUAD_FULL_TRAIN.is_file() else benchlib.QUICKSTART_TRAIN
     output_dir = run_output_dir(args.train_flags, workdir / "run")
@@ -207,28 +245,11 @@ def measure(args, workdir: Path, load_before: list[float]) -> int:
                "--max-train-samples", str(args.questions), "--holdout-questions", "100", "--max-eval-samples", "100",
                "--output-dir", str(output_dir), "--checkpoint-every-steps", "100000", "--report-to", "tensorboard",
                *args.train_flags]
-    before = set(process_times())
-    samples, worker_peak_mib, worker_resident = [], 0.0, []  # worker_resident: (seconds since start, MiB)
-    worker_split, split_at_peak = [], {}  # (seconds since start, {kind: MiB}); the split at the largest sample
-    launched = time.monotonic()
-    child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while child.poll() is None:
-        procs = {pid: value for pid, value in process_times().items() if pid not in before}
-        samples.append((time.time(), procs, stolen_seconds()))  # wall time: tensorboard's events carry it
-        workers = [pid for pid, (name, _) in procs.items() if name == TRAINING_WORKER]
-        worker_peak_mib = max([worker_peak_mib] + [resident_mib(pid, "VmHWM") for pid in workers])
-        if workers:
-            second = round(samples[-1][0] - samples[0][0])
-            worker_resident.append((second, round(sum(map(resident_mib, workers)))))
-            split = {kind: sum(memory_split(pid).get(kind, 0.0) for pid in workers)
-                     for kind in ("heap", "anonymous", "shared", "files")}
-            worker_split.append((second, {kind: round(mib) for kind, mib in split.items()}))
-            if sum(split.values()) > sum(split_at_peak.values()):
-                split_at_peak = split
-        time.sleep(1.0)
-    command_seconds = time.monotonic() - launched
-    if child.returncode != 0:
-        raise SystemExit(f"train_job failed (exit {child.returncode}): {' '.join(command)}")
+    run = sample_run(command, TRAINING_WORKER)
+    command_seconds, samples, worker_peak_mib = run["seconds"], run["samples"], run["peak_mib"]
+    worker_split, split_at_peak = run["split"], run["split_at_peak"]
+    if run["returncode"] != 0:
+        raise SystemExit(f"train_job failed (exit {run['returncode']}): {' '.join(command)}")
     busy = [i for i, (_, procs, _) in enumerate(samples) if any(name == TRAINING_WORKER for name, _ in procs.values())]
     (started, start_procs, start_stolen), (ended, end_procs, end_stolen) = samples[busy[0]], samples[busy[-1]]
     seconds, cpus = ended - started, os.cpu_count()
@@ -247,6 +268,7 @@ def measure(args, workdir: Path, load_before: list[float]) -> int:
         tenth["training_worker_share_of_cpu"] = worker_share_between(samples, tenth["started"], tenth["ended"])
     ratios = {"ray_own_processes_share_of_cpu": sum(row["share_of_cpu"] for row in rows),
               "training_worker_share_of_cpu": worker, "driver_share_of_cpu": driver,
+              "sampler_share_of_cpu": run["sampler_seconds"] / (command_seconds * cpus),
               "training_worker_peak_resident_mib": worker_peak_mib,
               # the run's own figures: what a setting costs in speed, and whether it changed what was learned
               "train_windows_per_s": trained["train_samples_per_second"], "train_loss": trained["train_loss"],
@@ -268,9 +290,9 @@ def measure(args, workdir: Path, load_before: list[float]) -> int:
                         {"processes": rows, "training_seconds": seconds, "command_seconds": command_seconds,
                          "stolen_share_of_cpu": stolen,
                          "training_worker_allocator": trained["allocator"], "tenths": tenths,
-                         "training_worker_resident_mib_per_second": worker_resident,
+                         "training_worker_resident_mib_per_second": run["resident"],
                          "training_worker_resident_split_at_peak_mib": split_at_peak,
-                         "training_worker_resident_split_mib_per_second": worker_split},
+                         "training_worker_resident_split_mib": worker_split},
                         {"command": command, "data": benchlib.data_label(data)}, load_before)
     return 0
 

@@ -219,6 +219,24 @@ def test_ray_overhead_splits_a_processs_memory_by_what_holds_it():
     assert memory_split(2**22 + 1) == {}
 
 
+def test_ray_overhead_samples_the_run_each_second_and_splits_its_memory_less_often():
+    import sys
+
+    from bench.ray_overhead import sample_run
+
+    # a stand-in for the training worker: 96 MiB written, then five seconds of sleep
+    child = [sys.executable, "-c", "import time; block = bytearray(96 * 2**20); time.sleep(5)"]
+    run = sample_run(child, "python -c", split_every_s=3)
+    assert run["returncode"] == 0 and run["seconds"] >= 5
+    assert len(run["samples"]) >= 5 and len(run["resident"]) >= 5
+    assert all(name == "python -c" for _, procs, _ in run["samples"] for name, _ in procs.values())  # its own only
+    seconds = [second for second, _ in run["split"]]
+    assert 2 <= len(seconds) < len(run["resident"]) and all(b - a >= 3 for a, b in zip(seconds, seconds[1:]))
+    assert run["peak_mib"] >= 96 and max(mib for _, mib in run["resident"]) >= 96
+    assert run["split_at_peak"]["anonymous"] + run["split_at_peak"]["heap"] >= 96
+    assert 0 <= run["sampler_seconds"] < run["seconds"] / 4  # it sleeps between samples
+
+
 def test_ray_overhead_plots_the_workers_memory_and_the_rate_by_tenth(tmp_path):
     from bench.ray_overhead import plot_run
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -213,7 +212,7 @@ def sample_run(command: list[str], worker: str, split_every_s: float = SPLIT_EVE
     ``(second, MiB)``) and its split every ``split_every_s`` (``split``: ``(second, {kind: MiB})``;
     ``split_at_peak``, the largest); and ``sampler_seconds``, this sampling's own CPU time: time the
     run did not get."""
-    before, own_before = set(process_times()), resource.getrusage(resource.RUSAGE_SELF)
+    before, own_before = set(process_times()), time.process_time()
     launched = time.monotonic()
     child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     samples, peak_mib, resident, split_over_time, split_at_peak = [], 0.0, [], [], {}
@@ -232,10 +231,9 @@ def sample_run(command: list[str], worker: str, split_every_s: float = SPLIT_EVE
                 if sum(split.values()) > sum(split_at_peak.values()):
                     split_at_peak = split
         time.sleep(1.0)
-    own = resource.getrusage(resource.RUSAGE_SELF)
     return {"returncode": child.returncode, "seconds": time.monotonic() - launched, "samples": samples,
             "peak_mib": peak_mib, "resident": resident, "split": split_over_time, "split_at_peak": split_at_peak,
-            "sampler_seconds": own.ru_utime + own.ru_stime - own_before.ru_utime - own_before.ru_stime}
+            "sampler_seconds": time.process_time() - own_before}
 
 
 def measure(args, workdir: Path, load_before: list[float]) -> int:

@@ -9,6 +9,7 @@ only that they are there.
 import importlib
 import json
 import os
+import statistics
 import subprocess
 from pathlib import Path
 
@@ -371,3 +372,17 @@ def test_ask_latency_asks_for_the_passages_given_else_leaves_the_services_defaul
 
     assert ask_body("Who?", None) == {"question": "Who?"}
     assert ask_body("Who?", 8) == {"question": "Who?", "passages": 8}
+
+
+def test_machine_drift_times_the_same_work_in_rounds(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "drift.json"
+    document = run_bench("machine_drift", out, capsys, "--model", str(tiny_model_dir), "--length", "32",
+                         "--steps-per-round", "2", "--minutes", "0.05", "--opening-minutes", "0.02")
+    rounds, ratios = document["results"]["rounds"], document["ratios"]
+    starts = [r["started_s"] for r in rounds]
+    assert len(rounds) >= 2 and starts == sorted(starts) and starts[-1] < 0.05 * 60
+    assert all(r["median_step_ms"] > 0 for r in rounds)
+    opening = [r["median_step_ms"] for r in rounds if r["started_s"] < 0.02 * 60]
+    rest = [r["median_step_ms"] for r in rounds if r["started_s"] >= 0.02 * 60]
+    assert ratios["rest_vs_opening_step_time"] == pytest.approx(statistics.median(rest) / statistics.median(opening), abs=5e-4)
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

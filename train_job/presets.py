@@ -23,7 +23,7 @@ PRESETS: dict[str, dict] = {
         "cpus_per_worker": None,
         "qa": {"max_length": 256, "stride": 96},
     },
-    # A SQuAD model worth serving, trained on a 2-core CPU: 53 min where the CPU has AMX, 72 min on one without
+    # A SQuAD model worth serving, trained on a 2-core CPU: 53 min where the CPU has AMX, 66 min on one without
     # (ACCURACY.md: how it was sized, what it scores): the packaged MiniLM, a seeded sample spread over every
     # article, negatives, validation on held-out articles so the data set's own validation split stays a clean test.
     # A quarter as many negatives as questions: the time half as many took buys 6,000 more questions, and

@@ -13,7 +13,7 @@ It times that work in rounds for ``--minutes``.
 Start it on a machine that has been idle for a few minutes. Then a fall in the rate is the machine
 (a clock that boosts and settles, neighbours on a shared host), not the code. Run it again with a
 trained model's directory: the same time says that what the weights have learned (subnormal values,
-say) does not change the step's cost.
+say) does not change the step's cost, at least on these random windows.
 
 Reported: each round's median step and when it started; the median step of the first
 ``--opening-minutes`` against that of the rest; a PNG of the rounds beside the JSON.

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from bench import benchlib
-from bench.preset_step import preset_config, step_inputs
+from bench.preset_step import preset_autocast, preset_config, step_inputs
 
 DEFAULT_OUT = benchlib.RESULTS / "machine_drift.json"
 
@@ -57,9 +57,7 @@ def fixed_work(model_name: str, length: int, batches: int):
 
     from qa_common import load_model_and_tokenizer
     from train_job.dropout import use_cheap_dropout
-    from train_job.loop import AUTOCAST_DTYPES
     from train_job.loss import micro_batches, model_loss
-    from train_job.optim import resolve_precision
 
     config = preset_config()
     torch.set_num_threads(os.cpu_count())
@@ -67,8 +65,7 @@ def fixed_work(model_name: str, length: int, batches: int):
     if config.cheap_dropout:
         use_cheap_dropout(model)
     model.train()
-    precision = resolve_precision(config.precision, torch.device("cpu"))
-    autocast = torch.autocast("cpu", dtype=AUTOCAST_DTYPES.get(precision), enabled=precision in AUTOCAST_DTYPES)
+    autocast = preset_autocast()
     inputs = [step_inputs(model, length, config.per_device_batch_size, seed=seed) for seed in range(batches)]
 
     def work() -> list[float]:

@@ -36,6 +36,16 @@ def prepare_features(args, path: Path) -> dict:
     return {"data": benchlib.data_label(Path(data)), "questions": len(records), "windows": len(features["input_ids"])}
 
 
+def preset_autocast():
+    """The preset's autocast on this CPU, as ``train_job``'s loop builds it (bf16 where the CPU computes it natively)."""
+    import torch
+
+    from train_job.loop import AUTOCAST_DTYPES
+    from train_job.optim import resolve_precision
+
+    precision = resolve_precision(preset_config().precision, torch.device("cpu"))
+    return torch.autocast("cpu", dtype=AUTOCAST_DTYPES.get(precision), enabled=precision in AUTOCAST_DTYPES)
+
 def preset_training(model_name: str, total_steps: int, *, attention_dropout: float | None = None,
                     cheap_dropout: bool = False, gradient_checkpointing: bool = False, dropout_seed: int | None = None,
                     max_tokens: int | None = None, fused_adamw: bool | None = None, sparse_lookup: bool = True):
@@ -48,9 +58,8 @@ def preset_training(model_name: str, total_steps: int, *, attention_dropout: flo
 
     from qa_common import load_model_and_tokenizer
     from train_job.dropout import use_cheap_dropout
-    from train_job.loop import AUTOCAST_DTYPES
-    from train_job.optim import (build_optimizer, build_scheduler, checkpoint_layers, resolve_precision,
-                                 set_attention_dropout, sparse_lookup_gradients, train_step)
+    from train_job.optim import (build_optimizer, build_scheduler, checkpoint_layers, set_attention_dropout,
+                                 sparse_lookup_gradients, train_step)
 
     config = preset_config()
     torch.manual_seed(config.seed)
@@ -64,8 +73,7 @@ def preset_training(model_name: str, total_steps: int, *, attention_dropout: flo
         sparse_lookup_gradients(model, torch.device("cpu"))
     if dropout_seed is not None:
         torch.manual_seed(dropout_seed)
-    precision = resolve_precision(config.precision, torch.device("cpu"))
-    autocast = torch.autocast("cpu", dtype=AUTOCAST_DTYPES.get(precision), enabled=precision in AUTOCAST_DTYPES)
+    autocast = preset_autocast()
     optimizer = build_optimizer(model, learning_rate=config.learning_rate, weight_decay=config.weight_decay,
                                 fused=fused_adamw)
     scheduler = build_scheduler(optimizer, warmup_steps=int(config.warmup_ratio * total_steps), total_steps=total_steps)

@@ -12,7 +12,8 @@ questions that were on it.
 Reports requests, status counts, p50/p95/p99 of the answered (200) requests, throughput, 503s (and
 whether each carried Retry-After), and answers whose offsets do not match the context. Targets:
 nothing outside 200/503, Retry-After on every 503, p99 of the answered within the deadline, no
-offset mismatches. Bounded in time: the load stops at ``--duration-s``, and requests still open
+offset mismatches, and the killed replica replaced (one RUNNING within ``--replaced-within-s`` of the
+load's end). Bounded in time: the load stops at ``--duration-s``, and requests still open
 ``--drain-s`` later are counted as unfinished.
 """
 
@@ -29,7 +30,7 @@ from pathlib import Path
 
 from bench import benchlib, models
 from serve_app.app import APP_NAME, MODEL_DEPLOYMENT
-from bench.local_service import free_port, replica_counts, serve_app_config, serving
+from bench.local_service import free_port, replica_counts, serve_app_config, serving, wait_until
 
 DEFAULT_OUT = benchlib.RESULTS / "serve_soak.json"
 
@@ -50,6 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--cpus", type=int, default=os.cpu_count(), help="CPUs of the local Ray (default: %(default)s)")
     parser.add_argument("--drain-s", type=float, default=None, help="wait this long for open requests after the load "
                         "(default: the deadline + 10)")
+    parser.add_argument("--replaced-within-s", type=float, default=120, help="after the load, wait this long for "
+                        "the killed replica's replacement to be RUNNING (default: %(default)s)")
     parser.add_argument("--ignore-retry-after", dest="honour_retry_after", action="store_false",
                         help="send the next request at once after a 503 (default: wait Retry-After, as a good client does)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON result file (default: %(default)s)")
@@ -139,6 +142,18 @@ async def soak(base_url: str, token: str, short: list[dict], long: list[dict], a
     return {"records": records, **events}
 
 
+def wait_for_one_running_replica(timeout_s: float) -> tuple[dict[str, int], float]:
+    """The model's replica states once one replica is RUNNING again (a replacement loads the model, which takes
+    tens of seconds on a loaded machine), or as they are after ``timeout_s``; and the seconds it took."""
+    started = time.monotonic()
+    try:
+        wait_until(lambda: replica_counts(APP_NAME, MODEL_DEPLOYMENT) == {"RUNNING": 1}, timeout_s=timeout_s,
+                   what="the model's replica to be RUNNING", interval_s=0.5)
+    except TimeoutError:
+        pass
+    return replica_counts(APP_NAME, MODEL_DEPLOYMENT), round(time.monotonic() - started, 1)
+
+
 def summarise(result: dict, deadline_s: float) -> dict:
     records = result["records"]
     statuses = Counter(str(r["status"]) for r in records)
@@ -189,28 +204,30 @@ def measure(args, workdir: Path, load_before: list[float]) -> int:
     with benchlib.local_ray(args.cpus):
         with serving(config) as base_url:
             result = asyncio.run(soak(base_url, token, short, long, args, deadline_s))
-            replicas_after = replica_counts(APP_NAME, MODEL_DEPLOYMENT)
+            replicas_after, waited_s = wait_for_one_running_replica(args.replaced_within_s)
 
-    summary = {**summarise(result, deadline_s), "replicas_after": replicas_after}
+    summary = {**summarise(result, deadline_s), "replicas_after": replicas_after,
+               "replica_running_s_after_load": waited_s}
     benchlib.print_table("Soak", [summary], ["requests", "answered", "rejected_503", "outside_200_503", "p50_ms",
                                              "p95_ms", "p99_ms", "answered_per_s", "offset_mismatches"])
     print(f"statuses {summary['statuses']}; 503 without Retry-After: {summary['rejected_503_without_retry_after']}; "
           f"p99 within the {deadline_s:g} s deadline: {summary['p99_within_deadline']}; replica killed at "
-          f"{summary['killed_at_s']}; replicas after: {replicas_after}")
+          f"{summary['killed_at_s']}; replicas after: {replicas_after}, {waited_s:.1f} s after the load")
     targets = {
         "outside_200_503": summary["outside_200_503"],
         "rejected_503_without_retry_after": summary["rejected_503_without_retry_after"],
         "offset_mismatches": summary["offset_mismatches"],
         "p99_within_deadline": summary["p99_within_deadline"],
+        "replica_replaced": replicas_after == {"RUNNING": 1},
     }
-    benchlib.print_table("Ratios (targets: 0, 0, 0, True)", [{"ratio": k, "value": v} for k, v in targets.items()],
-                         ["ratio", "value"])
+    benchlib.print_table("Ratios (targets: 0, 0, 0, True, True)",
+                         [{"ratio": k, "value": v} for k, v in targets.items()], ["ratio", "value"])
     settings = {key: (benchlib.data_label(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
     settings.update(model_shape=models.model_summary(model_dir), deadline_s=deadline_s)
     settings.pop("out")
     benchlib.write_json(args.out, "serve_soak", targets, {"soak": summary}, settings, load_before)
     met = (summary["outside_200_503"] == 0 and summary["rejected_503_without_retry_after"] == 0
-           and summary["offset_mismatches"] == 0 and summary["p99_within_deadline"])
+           and summary["offset_mismatches"] == 0 and summary["p99_within_deadline"] and targets["replica_replaced"])
     return 0 if met else 1
 
 

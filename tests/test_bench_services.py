@@ -60,4 +60,4 @@ def test_serve_soak(tiny_model_dir, tmp_path, capsys, leaves_no_application):
     soak = document["results"]["soak"]
     assert soak["answered"] > 0 and soak["answered_long"] > 0 and soak["killed_at_s"] >= 3
     assert soak["outside_200_503"] == 0 and soak["offset_mismatches"] == 0
-    assert soak["replicas_after"] == {"RUNNING": 1}
+    assert soak["replicas_after"] == {"RUNNING": 1} and document["ratios"]["replica_replaced"] is True

@@ -105,7 +105,8 @@ def main(argv=None) -> int:
 
 
 def measure(args, workdir: Path, load_before: list[float]) -> int:
-    model_name = args.model or preset_config().model
+    config = preset_config()
+    model_name = args.model or config.model
     work = fixed_work(model_name, args.length, args.steps_per_round)
     work()  # oneDNN's primitives and the allocator's first blocks: not the machine's speed
     rounds, first = [], time.perf_counter()
@@ -121,7 +122,7 @@ def measure(args, workdir: Path, load_before: list[float]) -> int:
     benchlib.print_table("Ratios", [{"ratio": k, "value": v} for k, v in ratios.items()], ["ratio", "value"])
     benchlib.print_table("Rounds", rounds, ["round", "started_s", "median_step_ms"])
     plot_rounds(rounds, args.opening_minutes, args.out.with_suffix(".png"),
-                f"The same forward and backward, {args.length} tokens x {preset_config().per_device_batch_size}, "
+                f"The same forward and backward, {args.length} tokens x {config.per_device_batch_size}, "
                 f"round after round")
     benchlib.write_json(args.out, "machine_drift", ratios, {"rounds": rounds},
                         {"model": model_name, "minutes": args.minutes, "opening_minutes": args.opening_minutes,

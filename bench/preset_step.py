@@ -46,6 +46,7 @@ def preset_autocast():
     precision = resolve_precision(preset_config().precision, torch.device("cpu"))
     return torch.autocast("cpu", dtype=AUTOCAST_DTYPES.get(precision), enabled=precision in AUTOCAST_DTYPES)
 
+
 def preset_training(model_name: str, total_steps: int, *, attention_dropout: float | None = None,
                     cheap_dropout: bool = False, gradient_checkpointing: bool = False, dropout_seed: int | None = None,
                     max_tokens: int | None = None, fused_adamw: bool | None = None, sparse_lookup: bool = True):

@@ -22,6 +22,9 @@ none does when the search missed.
   the ``--articles`` asked about: questions read over the library that is served, for fitting a
   model's calibration over passages (``python -m qa_common.calibration --over-passages``) where
   ``evaluate`` reports it. The distractors a question meets, and so its scores, shift with the library.
+  Its questions read as many passages as ``/v1/ask`` does unless ``--passages`` says otherwise: the
+  threshold and the search order's weight fitted over five passages decline more and weigh less
+  than eight need.
 
 Writes OUTPUT/train.json (the groups), OUTPUT/validation.json, OUTPUT/mined.json (counts, recall)
 and the library under OUTPUT/library.
@@ -45,6 +48,7 @@ from train_job.cli import at_least
 from train_job.ray_cluster import ActorPool, add_actor_flags, add_address_flag, connect_ray
 from library_job.squad_library import add_embedder_flag, build_library, paragraph_documents
 
+TRAINING_PASSAGES = 5  # what the squad-minilm-library preset's reader was trained on
 VALIDATION_NEGATIVES = 0.5  # unanswerable validation questions per answerable one, as the squad-minilm preset's
 SUMMARY = "multi-passage training data: each question with the passages the library's hybrid search returns"
 
@@ -127,10 +131,18 @@ def split_articles(records: list[dict], args: argparse.Namespace) -> tuple[list[
     return asked, validation, library, absent
 
 
+def passages_per_question(args: argparse.Namespace) -> int:
+    """``--passages``, else as many as the mined questions are used with: a calibration's as served."""
+    if args.passages is not None:
+        return args.passages
+    return PASSAGES_READ if args.whole_library else TRAINING_PASSAGES
+
+
 def mine(args: argparse.Namespace) -> dict:
     import ray.data
 
     records, validation, in_library, absent = split_articles(read_squad(args.data), args)
+    passages = passages_per_question(args)
     documents = paragraph_documents(in_library)
     name_of = {text: name for name, text in documents.items()}
     questions = sample_questions(records, args.max_questions, seed=args.seed)
@@ -145,7 +157,7 @@ def mine(args: argparse.Namespace) -> dict:
           f"library ({len(absent)} absent), {len(questions)} questions, {pool.actors} actor(s)", flush=True)
     rows = [{"id": r["id"], "question": r["question"]} for r in questions]
     found = ray.data.from_items(rows).map_batches(
-        PassageFinder, fn_constructor_kwargs={"library": str(library.resolve()), "passages": args.passages,
+        PassageFinder, fn_constructor_kwargs={"library": str(library.resolve()), "passages": passages,
                                               "threads": pool.threads},
         batch_size=args.batch_size, compute=ray.data.ActorPoolStrategy(size=pool.actors), batch_format="pyarrow",
         **pool.per_actor)
@@ -165,7 +177,7 @@ def mine(args: argparse.Namespace) -> dict:
     write_records(output / "train.json", train)
     if validation:
         write_records(output / "validation.json", validation)
-    summary = {"questions": len(questions), "records": len(train), "passages_read": args.passages,
+    summary = {"questions": len(questions), "records": len(train), "passages_read": passages,
                "paragraphs": len(documents), "whole_library": args.whole_library, **counts,
                "gold_read_share": round(counts["gold_read"] / max(1, len(questions) - counts["absent"]), 4),
                "validation_questions": len(validation), "data": str(args.data), "index_s": round(indexed_s, 1),
@@ -183,9 +195,10 @@ def write_records(path: Path, records: list[dict]) -> None:
 def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="SQuAD-format training file (e.g. SQuAD's train-v1.1.json)")
     parser.add_argument("--output", required=True, help="output directory (train.json, validation.json, the library)")
-    parser.add_argument("--passages", type=at_least(1), default=5,
-                        help="passages per question (default: %(default)s, what the squad-minilm-library preset was "
-                             f"trained and calibrated on; /v1/ask reads {PASSAGES_READ} unless told)")
+    parser.add_argument("--passages", type=at_least(1), default=None,
+                        help=f"passages per question (default: {TRAINING_PASSAGES}, what the squad-minilm-library "
+                             f"preset was trained on; with --whole-library {PASSAGES_READ}, what /v1/ask reads, so "
+                             "a calibration is fitted as it is served)")
     add_embedder_flag(parser)
     parser.add_argument("--articles", type=at_least(1), default=None, help="a seeded N of the file's articles (default: all)")
     parser.add_argument("--absent-articles", type=float, default=0.1,

@@ -70,6 +70,17 @@ def test_a_whole_library_holds_the_articles_not_asked_about_and_leaves_the_absen
         split_articles(records, mine_args("--whole-library", "--validation-questions", "4"))
 
 
+def test_calibration_questions_read_as_many_passages_as_the_service_and_training_ones_as_trained():
+    from library_job.mine import TRAINING_PASSAGES, passages_per_question
+    from qa_common.library.search import PASSAGES_READ
+
+    assert TRAINING_PASSAGES != PASSAGES_READ  # else this test could not tell the two defaults apart
+    assert passages_per_question(mine_args()) == TRAINING_PASSAGES
+    assert passages_per_question(mine_args("--whole-library")) == PASSAGES_READ
+    assert passages_per_question(mine_args("--whole-library", "--passages", "3")) == 3
+    assert passages_per_question(mine_args("--passages", "3")) == 3
+
+
 def test_every_question_is_read_over_the_passages_the_library_returns(local_ray, tiny_model_dir, tmp_path):
     data = FIXTURES / "tiny-squad.json"
     out = tmp_path / "mined"

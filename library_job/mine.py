@@ -48,8 +48,8 @@ from train_job.cli import at_least
 from train_job.ray_cluster import ActorPool, add_actor_flags, add_address_flag, connect_ray
 from library_job.squad_library import add_embedder_flag, build_library, paragraph_documents
 
-# What the squad-minilm-library preset's reader is trained on: trained on eight, as /v1/ask reads, it scored the
-# same end to end for 1.7x the time (ACCURACY.md, "The reader trained on eight passages").
+# What the squad-minilm-library preset's reader is trained on; trained on eight, as /v1/ask reads, it scored no
+# better end to end at a higher cost (ACCURACY.md, "The reader trained on eight passages").
 TRAINING_PASSAGES = 5
 VALIDATION_NEGATIVES = 0.5  # unanswerable validation questions per answerable one, as the squad-minilm preset's
 SUMMARY = "multi-passage training data: each question with the passages the library's hybrid search returns"
